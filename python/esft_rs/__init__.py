@@ -1,0 +1,19 @@
+"""esft-rs: Expert-Specialized Fine-Tuning for Mixture-of-Experts models.
+
+The byte-bound work (safetensors, merging, routing histograms) runs in the Rust
+core ``esft_rs._core``; tensor work (forward passes, training) uses torch, which
+is imported only by the functions that need it.
+"""
+
+from esft_rs._core import __version__
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.inspect import Inspection, inspect
+
+__all__ = [
+    "EsftError",
+    "Inspection",
+    "InvalidFileError",
+    "MismatchError",
+    "__version__",
+    "inspect",
+]

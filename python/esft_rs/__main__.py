@@ -1,0 +1,5 @@
+"""``python -m esft_rs`` runs the CLI."""
+
+from esft_rs.cli import run
+
+run()

@@ -1,0 +1,53 @@
+"""The ``esft-rs`` command line.
+
+Each command lives in its own module and imports torch (if at all) inside its
+function body, so ``esft-rs --help`` and byte-level commands start fast.
+Bad input (``EsftError``/``OSError``) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from esft_rs import __version__
+from esft_rs.cli.inspect_cmd import inspect_cmd
+from esft_rs.errors import EsftError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="esft-rs")
+def main() -> None:
+    """Expert-Specialized Fine-Tuning (ESFT) for Mixture-of-Experts models.
+
+    Profile routing on task data, select the experts a task uses, train only
+    those, and merge the resulting adapter into the base checkpoint.
+    """
+
+
+main.add_command(inspect_cmd)
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit with code 2 (bad input)."""
+    click.echo(f"esft-rs: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+def run() -> None:
+    """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    try:
+        code = main.main(standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except (EsftError, OSError) as e:
+        fail(str(e))
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,26 @@
+"""Tensor naming of MoE checkpoints, answered by the Rust core (its single source of truth)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from esft_rs import _core
+
+
+class TensorRole(NamedTuple):
+    """What a checkpoint tensor is, from its name alone."""
+
+    kind: str  # routed_expert | fused_experts | shared_expert | shared_expert_gate | router
+    #            | layer_other | global
+    layer: int | None
+    expert: int | None
+
+
+def classify(name: str) -> TensorRole:
+    """Classify a tensor name, e.g. ``model.layers.3.mlp.experts.12.up_proj.weight``."""
+    return TensorRole(*_core.classify_tensor(name))
+
+
+def canonical(name: str) -> str:
+    """Map legacy official-adapter names (``layers.L...``) to ``model.layers.L...``."""
+    return _core.canonical_name(name)

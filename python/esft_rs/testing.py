@@ -1,0 +1,116 @@
+"""Synthetic MoE checkpoints in Hugging Face layout, for tests, benches and examples.
+
+Weights are random bytes from numpy (no torch), written with the safetensors
+package, so the files are exactly what the reference writer produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """A DeepSeek-V2-style layout: dense first layers, routed + shared experts after."""
+
+    layers: int = 4
+    first_k_dense: int = 1
+    experts: int = 8
+    shared_experts: int = 2
+    hidden: int = 32
+    intermediate: int = 16  # per routed expert
+    dense_intermediate: int = 64
+    vocab: int = 64
+    fused: bool = False  # experts as [E, ...] tensors instead of one tensor per expert
+
+
+def moe_tensor_shapes(s: MoEShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Names and shapes in checkpoint order (DeepSeek-V2 naming)."""
+    h, i = s.hidden, s.intermediate
+    yield "model.embed_tokens.weight", (s.vocab, h)
+    for layer in range(s.layers):
+        p = f"model.layers.{layer}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield f"{p}.self_attn.{proj}.weight", (h, h)
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+        if layer < s.first_k_dense:
+            d = s.dense_intermediate
+            yield f"{p}.mlp.gate_proj.weight", (d, h)
+            yield f"{p}.mlp.up_proj.weight", (d, h)
+            yield f"{p}.mlp.down_proj.weight", (h, d)
+            continue
+        yield f"{p}.mlp.gate.weight", (s.experts, h)
+        if s.fused:
+            yield f"{p}.mlp.experts.gate_up_proj", (s.experts, 2 * i, h)
+            yield f"{p}.mlp.experts.down_proj", (s.experts, h, i)
+        else:
+            for e in range(s.experts):
+                yield f"{p}.mlp.experts.{e}.gate_proj.weight", (i, h)
+                yield f"{p}.mlp.experts.{e}.up_proj.weight", (i, h)
+                yield f"{p}.mlp.experts.{e}.down_proj.weight", (h, i)
+        if s.shared_experts:
+            si = i * s.shared_experts
+            yield f"{p}.mlp.shared_experts.gate_proj.weight", (si, h)
+            yield f"{p}.mlp.shared_experts.up_proj.weight", (si, h)
+            yield f"{p}.mlp.shared_experts.down_proj.weight", (h, si)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (s.vocab, h)
+
+
+def random_tensors(
+    s: MoEShape, seed: int = 0, dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        for name, shape in moe_tensor_shapes(s)
+    }
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: dict[str, np.ndarray],
+    shards: int = 1,
+    config: dict[str, object] | None = None,
+) -> Path:
+    """Write ``tensors`` as ``model.safetensors`` or as ``shards`` files plus an index.
+
+    Tensors are split into shards in insertion order with roughly equal bytes,
+    named ``model-0000k-of-0000n.safetensors`` as ``save_pretrained`` does.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    if shards <= 1:
+        save_file(tensors, out / "model.safetensors", metadata=meta)
+        return out
+    total = sum(t.nbytes for t in tensors.values())
+    budget = total / shards
+    groups: list[dict[str, np.ndarray]] = [{}]
+    filled = 0
+    for name, t in tensors.items():
+        if filled >= budget * len(groups) and len(groups) < shards:
+            groups.append({})
+        groups[-1][name] = t
+        filled += t.nbytes
+    weight_map = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, out / fname, metadata=meta)
+        weight_map.update(dict.fromkeys(group, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    return out

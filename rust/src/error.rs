@@ -1,0 +1,92 @@
+//! Typed errors of the core. Every variant names the file it concerns, so that
+//! the CLI can print one line that says where and what.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a file is not a valid safetensors file (mirrors the reference checks).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("file is {0} bytes, shorter than the 8-byte header length")]
+    HeaderTooSmall(u64),
+    #[error("header length {0} exceeds the 100000000-byte limit")]
+    HeaderTooLarge(u64),
+    #[error("header length {len} points past the end of the file ({file_len} bytes)")]
+    HeaderPastEnd { len: u64, file_len: u64 },
+    #[error("header is not valid UTF-8")]
+    HeaderNotUtf8,
+    #[error("header is not a JSON object")]
+    HeaderNotObject,
+    #[error("header is not valid JSON: {0}")]
+    HeaderJson(String),
+    #[error("duplicate tensor name {0:?}")]
+    DuplicateTensor(String),
+    #[error("tensor {name:?}: {reason}")]
+    BadTensorInfo { name: String, reason: String },
+    #[error("__metadata__ must map strings to strings: {0}")]
+    BadMetadata(String),
+    #[error("tensor {name:?}: shape {shape:?} overflows the size computation")]
+    Overflow { name: String, shape: Vec<u64> },
+    #[error("tensor {name:?}: {dtype} shape {shape:?} needs {expected} bytes but data_offsets span {actual}")]
+    SizeMismatch {
+        name: String,
+        dtype: String,
+        shape: Vec<u64>,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("tensor {name:?}: {dtype} shape {shape:?} does not fill a whole number of bytes")]
+    Misaligned {
+        name: String,
+        dtype: String,
+        shape: Vec<u64>,
+    },
+    #[error("tensor {name:?}: data_offsets [{start}, {end}] are not contiguous with the previous tensor (expected start {expected})")]
+    BadOffsets {
+        name: String,
+        start: u64,
+        end: u64,
+        expected: u64,
+    },
+    #[error("data section is {actual} bytes but the tensors cover {expected}")]
+    DataLength { expected: u64, actual: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Format { path: PathBuf, source: FormatError },
+    /// A file that parses but does not say what we need (bad index, bad config).
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    /// Inputs that are each valid but do not fit together.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl Error {
+    pub fn io(path: &Path, source: io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn format(path: &Path, source: FormatError) -> Self {
+        Error::Format {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Checkpoint tensor naming: the one place that knows how MoE families name
+//! their experts, routers and shared experts (see shared/DESIGN.md).
+//!
+//! Recognised, under any prefix ending in `layers.L.` (`model.`, or
+//! `language_model.model.` for multimodal wrappers):
+//! - routed expert E, per-expert layout: `mlp.experts.E.*` (DeepSeek, Qwen-MoE,
+//!   OLMoE) or `block_sparse_moe.experts.E.*` (Mixtral);
+//! - fused routed experts: `mlp.experts.NAME` with no expert index, e.g.
+//!   `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]; expert e is slice e of dim 0;
+//! - shared experts: `mlp.shared_experts.*` (DeepSeek), `mlp.shared_expert.*` and
+//!   `mlp.shared_expert_gate.*` (Qwen2-MoE);
+//! - router: `mlp.gate.*` (incl. DeepSeek-V3 `e_score_correction_bias`),
+//!   `block_sparse_moe.gate.*`, `mlp.router.*` (gpt-oss).
+//!
+//! Legacy official ESFT adapters name tensors `layers.L...` without `model.`.
+
+use std::borrow::Cow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// One routed expert's tensor in the per-expert layout.
+    RoutedExpert { layer: u32, expert: u32 },
+    /// A tensor holding all routed experts of a layer along dim 0.
+    FusedExperts { layer: u32 },
+    SharedExpert { layer: u32 },
+    /// Qwen2-MoE's sigmoid gate on the shared expert.
+    SharedExpertGate { layer: u32 },
+    Router { layer: u32 },
+    /// Anything else inside a decoder layer (attention, norms, dense MLP).
+    LayerOther { layer: u32 },
+    /// Outside the decoder layers (embeddings, final norm, lm_head).
+    Global,
+}
+
+impl Role {
+    pub fn layer(self) -> Option<u32> {
+        match self {
+            Role::RoutedExpert { layer, .. }
+            | Role::FusedExperts { layer }
+            | Role::SharedExpert { layer }
+            | Role::SharedExpertGate { layer }
+            | Role::Router { layer }
+            | Role::LayerOther { layer } => Some(layer),
+            Role::Global => None,
+        }
+    }
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            Role::RoutedExpert { .. } => "routed_expert",
+            Role::FusedExperts { .. } => "fused_experts",
+            Role::SharedExpert { .. } => "shared_expert",
+            Role::SharedExpertGate { .. } => "shared_expert_gate",
+            Role::Router { .. } => "router",
+            Role::LayerOther { .. } => "layer_other",
+            Role::Global => "global",
+        }
+    }
+
+    pub fn is_moe(self) -> bool {
+        !matches!(self, Role::LayerOther { .. } | Role::Global)
+    }
+}
+
+const MOE_BLOCKS: [&str; 2] = ["mlp", "block_sparse_moe"];
+
+/// Classifies a tensor name (legacy `layers.L` names included).
+pub fn classify(name: &str) -> Role {
+    let name = canonical(name);
+    let Some((layer, rest)) = split_layer(&name) else {
+        return Role::Global;
+    };
+    let Some((block, rest)) = rest.split_once('.') else {
+        return Role::LayerOther { layer };
+    };
+    if !MOE_BLOCKS.contains(&block) {
+        return Role::LayerOther { layer };
+    }
+    let (module, tail) = rest.split_once('.').unwrap_or((rest, ""));
+    match module {
+        "experts" => {
+            let index = tail.split('.').next().unwrap_or("");
+            match index.parse::<u32>() {
+                Ok(expert) if tail.len() > index.len() => Role::RoutedExpert { layer, expert },
+                _ if !tail.is_empty() => Role::FusedExperts { layer },
+                _ => Role::LayerOther { layer },
+            }
+        }
+        "shared_experts" | "shared_expert" => Role::SharedExpert { layer },
+        "shared_expert_gate" => Role::SharedExpertGate { layer },
+        "gate" | "router" => Role::Router { layer },
+        _ => Role::LayerOther { layer },
+    }
+}
+
+/// Maps legacy official-adapter names (`layers.L...`) to checkpoint names
+/// (`model.layers.L...`); other names are returned unchanged.
+pub fn canonical(name: &str) -> Cow<'_, str> {
+    if name.starts_with("layers.") {
+        Cow::Owned(format!("model.{name}"))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// Finds `layers.L.` (at the start or after a dot) and returns L and the rest.
+fn split_layer(name: &str) -> Option<(u32, &str)> {
+    let mut search = 0;
+    while let Some(pos) = name[search..].find("layers.") {
+        let at = search + pos;
+        if at == 0 || name.as_bytes()[at - 1] == b'.' {
+            let after = &name[at + "layers.".len()..];
+            if let Some((num, rest)) = after.split_once('.') {
+                if let Ok(layer) = num.parse::<u32>() {
+                    return Some((layer, rest));
+                }
+            }
+        }
+        search = at + 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families() {
+        let c = classify;
+        assert_eq!(c("model.layers.3.mlp.experts.12.gate_proj.weight"), Role::RoutedExpert { layer: 3, expert: 12 });
+        assert_eq!(c("layers.3.mlp.experts.12.down_proj.weight"), Role::RoutedExpert { layer: 3, expert: 12 });
+        assert_eq!(c("model.layers.0.block_sparse_moe.experts.7.w2.weight"), Role::RoutedExpert { layer: 0, expert: 7 });
+        assert_eq!(c("model.layers.5.mlp.experts.gate_up_proj"), Role::FusedExperts { layer: 5 });
+        assert_eq!(c("model.layers.5.mlp.experts.down_proj"), Role::FusedExperts { layer: 5 });
+        assert_eq!(c("model.layers.2.mlp.shared_experts.up_proj.weight"), Role::SharedExpert { layer: 2 });
+        assert_eq!(c("model.layers.2.mlp.shared_expert.up_proj.weight"), Role::SharedExpert { layer: 2 });
+        assert_eq!(c("model.layers.2.mlp.shared_expert_gate.weight"), Role::SharedExpertGate { layer: 2 });
+        assert_eq!(c("model.layers.2.mlp.gate.weight"), Role::Router { layer: 2 });
+        assert_eq!(c("model.layers.2.mlp.gate.e_score_correction_bias"), Role::Router { layer: 2 });
+        assert_eq!(c("model.layers.2.block_sparse_moe.gate.weight"), Role::Router { layer: 2 });
+        assert_eq!(c("model.layers.0.mlp.gate_proj.weight"), Role::LayerOther { layer: 0 });
+        assert_eq!(c("model.layers.0.self_attn.q_proj.weight"), Role::LayerOther { layer: 0 });
+        assert_eq!(c("language_model.model.layers.4.mlp.experts.1.up_proj.weight"), Role::RoutedExpert { layer: 4, expert: 1 });
+        assert_eq!(c("model.embed_tokens.weight"), Role::Global);
+        assert_eq!(c("lm_head.weight"), Role::Global);
+        assert_eq!(c("model.players.1.mlp.gate.weight"), Role::Global);
+    }
+}

@@ -1,0 +1,95 @@
+//! The dtypes of the safetensors reference, with their sizes in bits.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum Dtype {
+    BOOL,
+    F4,
+    F6_E2M3,
+    F6_E3M2,
+    U8,
+    I8,
+    F8_E5M2,
+    F8_E4M3,
+    F8_E8M0,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    C64,
+    F64,
+    I64,
+    U64,
+}
+
+const ALL: [(Dtype, &str, u64); 20] = [
+    (Dtype::BOOL, "BOOL", 8),
+    (Dtype::F4, "F4", 4),
+    (Dtype::F6_E2M3, "F6_E2M3", 6),
+    (Dtype::F6_E3M2, "F6_E3M2", 6),
+    (Dtype::U8, "U8", 8),
+    (Dtype::I8, "I8", 8),
+    (Dtype::F8_E5M2, "F8_E5M2", 8),
+    (Dtype::F8_E4M3, "F8_E4M3", 8),
+    (Dtype::F8_E8M0, "F8_E8M0", 8),
+    (Dtype::I16, "I16", 16),
+    (Dtype::U16, "U16", 16),
+    (Dtype::F16, "F16", 16),
+    (Dtype::BF16, "BF16", 16),
+    (Dtype::I32, "I32", 32),
+    (Dtype::U32, "U32", 32),
+    (Dtype::F32, "F32", 32),
+    (Dtype::C64, "C64", 64),
+    (Dtype::F64, "F64", 64),
+    (Dtype::I64, "I64", 64),
+    (Dtype::U64, "U64", 64),
+];
+
+impl Dtype {
+    fn entry(self) -> (Dtype, &'static str, u64) {
+        // ALL lists every variant, so the search always finds it.
+        ALL.iter().copied().find(|(d, _, _)| *d == self).unwrap_or((self, "?", 8))
+    }
+
+    pub fn name(self) -> &'static str {
+        self.entry().1
+    }
+
+    /// Size of one element in bits (sub-byte dtypes pack several per byte).
+    pub fn bits(self) -> u64 {
+        self.entry().2
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        ALL.iter().find(|(_, n, _)| *n == s).map(|(d, _, _)| *d).ok_or(())
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for (d, n, _) in ALL {
+            assert_eq!(n.parse::<Dtype>(), Ok(d));
+            assert_eq!(d.name(), n);
+        }
+        assert!("F128".parse::<Dtype>().is_err());
+    }
+}

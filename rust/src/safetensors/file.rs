@@ -1,0 +1,59 @@
+//! A safetensors file opened through a read-only memory map. Parsing touches
+//! only the header pages; tensor bytes are read lazily by whoever slices them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::header::{self, Header, TensorInfo};
+use crate::error::{Error, FormatError, Result};
+
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    pub header: Header,
+    pub file_len: u64,
+    map: Mmap,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::invalid(path, "is a directory, expected a .safetensors file"));
+        }
+        let file_len = meta.len();
+        if file_len < 8 {
+            return Err(Error::format(path, FormatError::HeaderTooSmall(file_len)));
+        }
+        // SAFETY: the map is read-only and private to this process. A file
+        // truncated by another process while mapped would fault; that is the
+        // accepted contract of every mmap-based safetensors reader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let header = header::parse(&map, file_len).map_err(|e| Error::format(path, e))?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            header,
+            file_len,
+            map,
+        })
+    }
+
+    /// The raw bytes of one tensor, straight from the map.
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.header.data_start() + t.start) as usize;
+        let end = (self.header.data_start() + t.end) as usize;
+        // Offsets were validated against the file length at open.
+        &self.map[start..end]
+    }
+
+    /// The header bytes, prefix included, exactly as stored.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.map[..self.header.data_start() as usize]
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.header.tensors.iter().find(|t| t.name == name)
+    }
+}

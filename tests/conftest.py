@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
+
+CLI = [sys.executable, "-m", "esft_rs"]
+
+
+def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``esft-rs`` entry point in a subprocess."""
+    proc = subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"esft-rs {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tiny_shape() -> MoEShape:
+    return MoEShape(layers=3, experts=4, shared_experts=1, hidden=8, intermediate=4, vocab=16)
+
+
+@pytest.fixture
+def single_ckpt(tmp_path: Path, tiny_shape: MoEShape) -> Path:
+    return write_checkpoint(tmp_path / "single", random_tensors(tiny_shape, seed=1))
+
+
+@pytest.fixture
+def sharded_ckpt(tmp_path: Path, tiny_shape: MoEShape) -> Path:
+    return write_checkpoint(
+        tmp_path / "sharded", random_tensors(tiny_shape, seed=2), shards=3, config={"x": 1}
+    )
