@@ -36,7 +36,8 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(VENV)/bin/esft-rs demo
+	$(PY) -c "from esft_rs.testing import *; write_checkpoint('demo-out/base', random_tensors(MoEShape()), shards=2)"
+	$(VENV)/bin/esft-rs inspect demo-out/base --no-tensors
 
 # Shows that a release wheel installs into a clean virtualenv and runs.
 wheel-check: setup

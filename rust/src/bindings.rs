@@ -2,6 +2,7 @@
 //! maps core errors onto the Python exception hierarchy, and releases the GIL
 //! around all file and compute work.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pyo3::create_exception;
@@ -9,6 +10,7 @@ use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
+use crate::expert_config::ExpertConfig;
 use crate::{inspect, naming};
 
 create_exception!(_core, EsftError, PyException, "Base class of all esft-rs errors.");
@@ -62,6 +64,33 @@ fn canonical_name(name: &str) -> String {
     naming::canonical(name).into_owned()
 }
 
+/// Parses and validates an expert config (official JSON); `origin` names it in errors.
+/// Returns (experts by layer, shared_experts, non_expert_modules).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn parse_expert_config(
+    text: &str,
+    origin: PathBuf,
+) -> PyResult<(BTreeMap<u32, Vec<u32>>, bool, bool)> {
+    let c = ExpertConfig::parse(text, &origin).map_err(to_py)?;
+    Ok((c.experts, c.shared_experts, c.non_expert_modules))
+}
+
+/// Serializes an expert config in the official JSON shape.
+#[pyfunction]
+fn dump_expert_config(
+    experts: BTreeMap<u32, Vec<u32>>,
+    shared_experts: bool,
+    non_expert_modules: bool,
+) -> String {
+    ExpertConfig {
+        experts,
+        shared_experts,
+        non_expert_modules,
+    }
+    .to_json()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -72,5 +101,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(inspect_json, m)?)?;
     m.add_function(wrap_pyfunction!(classify_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_name, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_expert_config, m)?)?;
+    m.add_function(wrap_pyfunction!(dump_expert_config, m)?)?;
     Ok(())
 }

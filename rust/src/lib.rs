@@ -4,6 +4,7 @@
 //! can be tested with `cargo test` and reused without an interpreter.
 
 pub mod error;
+pub mod expert_config;
 pub mod inspect;
 pub mod naming;
 pub mod safetensors;

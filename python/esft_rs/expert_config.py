@@ -1,0 +1,38 @@
+"""The official ESFT expert config; its format is defined once, in the Rust core.
+
+``{"experts": {"<layer>": [ids]}, "shared_experts": bool, "non_expert_modules": bool}``
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esft_rs import _core
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    shared_experts: bool = False
+    non_expert_modules: bool = False
+
+    @classmethod
+    def parse(cls, text: str, origin: str | os.PathLike[str] = "<expert config>") -> ExpertConfig:
+        experts, shared, non_expert = _core.parse_expert_config(text, os.fspath(origin))
+        return cls(experts, shared, non_expert)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ExpertConfig:
+        return cls.parse(Path(path).read_text(), path)
+
+    def to_json(self) -> str:
+        return _core.dump_expert_config(self.experts, self.shared_experts, self.non_expert_modules)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(v) for v in self.experts.values())

@@ -1,0 +1,113 @@
+//! The official ESFT expert config, the one definition of its format:
+//! `{"experts": {"<layer>": [expert ids]}, "shared_experts": bool, "non_expert_modules": bool}`.
+//! Expert ids keep their order (the official files list them by descending score).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExpertConfig {
+    /// Decoder-layer index -> selected routed expert ids.
+    pub experts: BTreeMap<u32, Vec<u32>>,
+    pub shared_experts: bool,
+    pub non_expert_modules: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    experts: BTreeMap<String, Vec<Value>>,
+    #[serde(default)]
+    shared_experts: bool,
+    #[serde(default)]
+    non_expert_modules: bool,
+}
+
+#[derive(Serialize)]
+struct RawOut<'a> {
+    experts: BTreeMap<String, &'a Vec<u32>>,
+    shared_experts: bool,
+    non_expert_modules: bool,
+}
+
+impl ExpertConfig {
+    /// Parses and validates config JSON; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(origin, format!("not an expert config: {e}")))?;
+        let mut experts = BTreeMap::new();
+        for (layer, ids) in raw.experts {
+            let l: u32 = layer.parse().map_err(|_| {
+                Error::invalid(origin, format!("layer key {layer:?} is not a non-negative integer"))
+            })?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let e = id.as_u64().and_then(|e| u32::try_from(e).ok()).ok_or_else(|| {
+                    Error::invalid(origin, format!("layer {l}: expert id {id} is not a non-negative integer"))
+                })?;
+                if out.contains(&e) {
+                    return Err(Error::invalid(origin, format!("layer {l}: expert {e} listed twice")));
+                }
+                out.push(e);
+            }
+            experts.insert(l, out);
+        }
+        Ok(ExpertConfig {
+            experts,
+            shared_experts: raw.shared_experts,
+            non_expert_modules: raw.non_expert_modules,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Official JSON shape; layer keys as strings in the official (lexicographic) order.
+    pub fn to_json(&self) -> String {
+        let out = RawOut {
+            experts: self.experts.iter().map(|(l, ids)| (l.to_string(), ids)).collect(),
+            shared_experts: self.shared_experts,
+            non_expert_modules: self.non_expert_modules,
+        };
+        // Serializing maps of strings and integers cannot fail.
+        serde_json::to_string(&out).unwrap_or_default()
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.experts.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let p = Path::new("cfg.json");
+        let text = r#"{"experts": {"10": [3, 1], "2": [5]}, "shared_experts": false, "non_expert_modules": true}"#;
+        let c = ExpertConfig::parse(text, p).unwrap();
+        assert_eq!(c.experts[&10], vec![3, 1]);
+        assert!(c.non_expert_modules);
+        assert_eq!(ExpertConfig::parse(&c.to_json(), p).unwrap(), c);
+        assert!(c.to_json().starts_with(r#"{"experts":{"10":[3,1],"2":[5]}"#));
+        for bad in [
+            r#"{"experts": {"x": [1]}}"#,
+            r#"{"experts": {"1": [-1]}}"#,
+            r#"{"experts": {"1": [1, 1]}}"#,
+            r#"{"experts": {"1": [1]}, "typo": true}"#,
+            r#"{"layers": {}}"#,
+            "[]",
+        ] {
+            let err = ExpertConfig::parse(bad, p).unwrap_err().to_string();
+            assert!(err.starts_with("cfg.json: "), "{err}");
+        }
+    }
+}
