@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRESETS",
-    "ModelConfig",
     "MoEModel",
+    "ModelConfig",
     "RouterOutput",
     "init_model",
     "load_model",

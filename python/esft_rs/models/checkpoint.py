@@ -21,7 +21,7 @@ FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 
 
 def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names) into ``directory``.
+    """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names).
 
     Files appear complete or not at all (written aside, then renamed).
     """
