@@ -29,7 +29,7 @@ def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> Path:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(tensors.values())).dtype
     cfg = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     tmp = out / (WEIGHTS_NAME + ".tmp")

@@ -182,18 +182,19 @@ class ReferenceMoE(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, S, V] for token ids [B, S].
 
-        ``attention_mask`` [B, S] (1 = token, 0 = padding) hides padding keys and
-        numbers positions by real tokens only, so left or right padding both work.
-        Padded positions still pass through every layer (and router): callers that
-        count routing mask them out.
+        ``attention_mask`` [B, S] (1 = token, 0 = padding): real tokens get the same
+        logits as without padding, left or right. Padded positions still pass through
+        every layer (and router): callers that count routing mask them out.
         """
         b, s = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        if attention_mask is None or bool(attention_mask.all()):
+        keep = None if attention_mask is None else attention_mask.bool()
+        # Right padding (packed rows) needs no mask: causal attention already keeps
+        # real tokens from seeing it, and positions count from 0 either way.
+        if keep is None or bool((keep[:, 1:] <= keep[:, :-1]).all()):
             positions = torch.arange(s, device=input_ids.device).expand(b, s)
             mask = None
         else:
-            keep = attention_mask.bool()
             positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             # Each query also sees itself, so rows of pure padding stay finite.
@@ -216,7 +217,6 @@ def _rope_tables(
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
 
 
 def blank(cfg: ModelConfig) -> ReferenceMoE:
