@@ -1,0 +1,221 @@
+"""``esft-rs demo``: ESFT end to end on a built-in MoE, the paper's findings in miniature.
+
+1. pretrain a base on a mix of general tasks (cached under the user's cache dir);
+2. profile routing on every task and select experts for the downstream task;
+3. fine-tune with FFT, ESFT-Token, ESFT-Gate and random experts at ESFT-Token's budget;
+4. measure downstream accuracy, general accuracy before/after, trainable share, adapter bytes;
+5. merge the ESFT adapter with the Rust merge and check the reloaded model scores the same.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from esft_rs.demo import tasks as T
+from esft_rs.demo.evaluate import exact_match
+from esft_rs.demo.settings import Settings, cache_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.routing import RoutingStats
+    from esft_rs.tokenizer import Tokenizer
+
+METHODS = ("fft", "esft_token", "esft_gate", "random")
+#: Short in-memory runs: no validation split, no resumable checkpoints, one micro-step
+#: per step (the items are short, so a step of a few rows is a fair batch).
+_QUIET_RUN = {"val_ratio": 0.0, "eval_steps": 10**9, "save_steps": 10**9,
+              "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+
+
+@dataclass
+class Data:
+    """Packed training rows and held-out items of every task."""
+
+    general_train: dict[str, torch.Tensor]
+    finetune_train: dict[str, torch.Tensor]
+    downstream_test: list[tuple[str, str]]
+    general_test: dict[str, list[tuple[str, str]]]
+    profile_rows: dict[str, dict[str, torch.Tensor]]
+
+
+def _pack(items: list[tuple[str, str]], path: Path, tok: Tokenizer, s: Settings
+          ) -> dict[str, torch.Tensor]:
+    from esft_rs.data import read_task_data
+
+    packed = read_task_data(T.write_jsonl(items, path)).pack(
+        tok, seq_length=s.seq_length, random_concat_ratio=0.2, seed=s.seed
+    )
+    return packed._asdict()
+
+
+def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
+    """Generate every task's items (written as chat JSONL under ``out/data``) and pack them."""
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    general_train: list[tuple[str, str]] = []
+    general_test: dict[str, list[tuple[str, str]]] = {}
+    for task in T.GENERAL:
+        train, test = T.split(task, s.pretrain_items, s.general_test_items, s.seed)
+        general_train += train
+        general_test[task.name] = test
+    T.random.Random(s.seed).shuffle(general_train)
+    ft_task = T.TASKS[s.finetune_task]
+    ft_train, ft_test = T.split(ft_task, s.finetune_items, s.test_items, s.seed)
+    profile_rows = {
+        task.name: _pack(T.examples(task, s.profile_items, s.seed + 1),
+                         folder / f"profile-{task.name}.jsonl", tok, s)
+        for task in T.GENERAL + T.DOWNSTREAM
+    }
+    return Data(
+        general_train=_pack(general_train, folder / "general-train.jsonl", tok, s),
+        finetune_train=_pack(ft_train, folder / f"{ft_task.name}-train.jsonl", tok, s),
+        downstream_test=ft_test,
+        general_test=general_test,
+        profile_rows=profile_rows,
+    )
+
+
+def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
+    """The base model directory, pretrained once per settings and cached."""
+    from esft_rs.models import init_model, save_model
+    from esft_rs.training import train
+
+    final = cache_dir() / "demo" / f"base-{s.base_key()}"
+    if (final / "config.json").is_file():
+        return final
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    init = save_model(init_model(s.preset, seed=s.seed), work / "init")
+    result = train(
+        init, data.general_train, work / "run", mode="full", steps=s.pretrain_steps,
+        learning_rate=s.pretrain_lr, per_device_batch_size=s.batch_size,
+        seq_length=s.seq_length, warmup_steps=s.pretrain_steps // 20, lr_scheduler="cosine",
+        weight_decay=0.0, seed=s.seed, device="cpu", progress=progress, **_QUIET_RUN,
+    )
+    save_model(result.model, work / "model")
+    (work / "model").rename(final)
+    shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def profile_tasks(model: torch.nn.Module, data: Data, s: Settings, progress: bool
+                  ) -> dict[str, RoutingStats]:
+    from esft_rs.profiling import profile
+
+    out = {}
+    for name, rows in tqdm(data.profile_rows.items(), desc="profile", disable=not progress,
+                           unit="task"):
+        ids, mask = rows["input_ids"], rows["attention_mask"]
+        batches = [(ids[i : i + s.batch_size], mask[i : i + s.batch_size])
+                   for i in range(0, len(ids), s.batch_size)]
+        out[name] = profile(model, batches, metadata={"task": name})
+    return out
+
+
+def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data) -> float:
+    """Mean exact match over the general tasks (each task weighs the same)."""
+    accs = [exact_match(model, tok, items) for items in data.general_test.values()]
+    return sum(accs) / len(accs)
+
+
+def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
+    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``."""
+    import torch
+
+    from esft_rs import inspect
+    from esft_rs.demo.report import routing_figures, write_report
+    from esft_rs.merge import merge
+    from esft_rs.models import load_model
+    from esft_rs.selection import select
+    from esft_rs.tokenizer import ByteTokenizer
+    from esft_rs.training import train
+
+    torch.manual_seed(s.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = ByteTokenizer()
+    data = build_data(s, out, tok)
+    t0 = time.perf_counter()
+    base_dir = pretrained_base(s, data, progress)
+    pretrain_seconds = time.perf_counter() - t0
+    base = load_model(base_dir)
+    base.eval()
+
+    stats = profile_tasks(base, data, s, progress)
+    selections = {
+        "token": select(stats[s.finetune_task], score="token", top_p=0.2),
+        "gate": select(stats[s.finetune_task], score="gate", top_p=0.1),
+    }
+    routing = routing_figures(stats, top_p=0.2)
+
+    general_before = general_accuracy(base, tok, data)
+    downstream_before = exact_match(base, tok, data.downstream_test)
+    experts = {
+        "fft": None,
+        "esft_token": selections["token"].config(),
+        "esft_gate": selections["gate"].config(),
+        "random": selections["token"].config(),
+    }
+    modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random"}
+    total_params = sum(p.numel() for p in base.parameters())
+    methods: dict[str, dict[str, Any]] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for name in METHODS:
+        t = time.perf_counter()
+        result = train(
+            base_dir, data.finetune_train, out / "runs" / name, experts=experts[name],
+            mode=modes[name], steps=s.finetune_steps, learning_rate=s.learning_rates[name],
+            per_device_batch_size=s.batch_size, seq_length=s.seq_length,
+            warmup_steps=0, weight_decay=0.0, seed=s.seed, device="cpu", progress=progress,
+            **_QUIET_RUN,
+        )
+        seconds = time.perf_counter() - t
+        model = result.model.eval()
+        models[name] = model
+        adapter = inspect(result.adapter)
+        methods[name] = {
+            "downstream_acc": exact_match(model, tok, data.downstream_test),
+            "general_acc_before": general_before,
+            "general_acc_after": general_accuracy(model, tok, data),
+            "trainable_params": sum(
+                _numel(t.shape) for t in adapter.tensors.values()
+            ),
+            "total_params": total_params,
+            "adapter_bytes": adapter.total_bytes,
+            "train_seconds": seconds,
+            "experts_trained": result.experts.num_experts if name != "fft" else None,
+            "adapter": str(result.adapter),
+        }
+
+    merged_dir = out / "merged-esft-token"
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    merge(base_dir, methods["esft_token"]["adapter"], merged_dir)
+    merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
+
+    report = {
+        "settings": {k: v for k, v in vars(s).items()},
+        "base": {"path": str(base_dir), "pretrain_seconds": pretrain_seconds,
+                 "downstream_acc": downstream_before, "general_acc": general_before},
+        "finetune_task": s.finetune_task,
+        "methods": methods,
+        "routing": routing,
+        "merge": {"path": str(merged_dir), "downstream_acc": merged_acc,
+                  "in_memory_acc": methods["esft_token"]["downstream_acc"],
+                  "equal": merged_acc == methods["esft_token"]["downstream_acc"]},
+    }
+    write_report(report, stats, selections, out)
+    return report
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
