@@ -56,10 +56,10 @@ def scores(
 
 
 def round_scores(values: np.ndarray, decimals: int) -> np.ndarray:
-    """Rounds like Python's ``round`` (as the official scripts did): correctly
-    rounded, halves to even; ``np.round`` can differ in the last place."""
-    flat = [round(float(v), decimals) for v in values.ravel()]
-    return np.array(flat, dtype=np.float64).reshape(values.shape)
+    """Rounds as the official scripts did: Python's ``round`` on numpy float64
+    values, which is ``np.round`` (scale, round half to even, scale back). It
+    can differ in the last place from ``round`` on a Python float."""
+    return np.round(values, decimals)
 
 
 def select_top_p(row: Sequence[float], top_p: float) -> tuple[list[int], float]:

@@ -28,7 +28,9 @@ class Selection:
     cumulative: dict[int, float]  # layer -> summed score of the chosen experts
     empty_layers: list[int]  # layers that saw no tokens: nothing selected
 
-    def config(self, shared_experts: bool = False, non_expert_modules: bool = False) -> ExpertConfig:
+    def config(
+        self, shared_experts: bool = False, non_expert_modules: bool = False
+    ) -> ExpertConfig:
         return ExpertConfig(self.experts, shared_experts, non_expert_modules)
 
 
