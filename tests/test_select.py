@@ -4,7 +4,6 @@ with the official ESFT release (../shared/esft-official)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,26 +16,16 @@ from esft_rs import scoring
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.routing import RoutingStats, aggregate
 from esft_rs.selection import select, summary_json
+from esft_rs.testing import official_data_dir
 
 TASKS = ("intent", "law", "summary", "translation")
 
 
-def find_official() -> Path | None:
-    """$ESFT_OFFICIAL, else `shared/esft-official` beside the repository or any parent."""
-    if env := os.environ.get("ESFT_OFFICIAL"):
-        return Path(env)
-    root = Path(__file__).resolve().parents[1]
-    for base in (root, *root.parents):
-        if (base / "shared" / "esft-official" / "expert_scores").is_dir():
-            return base / "shared" / "esft-official"
-    return None
-
-
 @pytest.fixture(scope="module")
 def official() -> Path:
-    path = find_official()
+    path = official_data_dir(Path(__file__).parent)
     if path is None:
-        pytest.skip("official ESFT data not found (set ESFT_OFFICIAL or put shared/ beside the repo)")
+        pytest.skip("official ESFT data not found (set ESFT_OFFICIAL, or shared/ beside the repo)")
     return path
 
 
