@@ -8,6 +8,7 @@ is imported only by the functions that need it.
 from esft_rs._core import __version__
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
+from esft_rs.profiling import profile
 from esft_rs.routing import RoutingStats, aggregate
 from esft_rs.selection import select_experts
 
@@ -20,5 +21,6 @@ __all__ = [
     "__version__",
     "aggregate",
     "inspect",
+    "profile",
     "select_experts",
 ]
