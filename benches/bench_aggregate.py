@@ -62,6 +62,9 @@ def bench_records(rounds: int, add_at_rounds: int) -> float:
             np.bincount(ids[layer].ravel(), minlength=E)
             np.bincount(ids[layer].ravel(), weights=w[layer].ravel(), minlength=E)
 
+    # Idle OpenMP threads of torch would otherwise spin and steal the CPUs the
+    # next method (numpy or ours) runs on.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     tids, tw = torch.from_numpy(ids), torch.from_numpy(w)

@@ -119,6 +119,15 @@ class RoutingStats:
             metadata=meta,
         )
 
+    def __repr__(self) -> str:
+        span = f"{self.layers[0]}..{self.layers[-1]}" if self.layers else "none"
+        tokens = sorted({int(t) for t in self.tokens})
+        return (
+            f"RoutingStats(layers={self.num_layers} [{span}], experts={self.num_experts},"
+            f" top_k={self.top_k}, tokens={tokens[0] if len(tokens) == 1 else tokens},"
+            f" samples={self.num_samples})"
+        )
+
     def __add__(self, other: RoutingStats) -> RoutingStats:
         return RoutingStats.sum([self, other], ["left", "right"])
 

@@ -271,7 +271,9 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
     let n = line.len();
     let mut i = 0;
     loop {
-        let (id, next) = parse_id(line, i).ok_or_else(|| format!("expected an expert id at column {}", i + 1))?;
+        let (id, next) = parse_short_id(line, i)
+            .or_else(|| parse_id(line, i))
+            .ok_or_else(|| format!("expected an expert id at column {}", i + 1))?;
         if id >= bound {
             return Err(if bound == MAX_EXPERT_ID {
                 format!("expert id {id} is implausibly large")
@@ -290,7 +292,10 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
     }
     i += 1;
     loop {
-        let (w, next) = parse_weight(line, i);
+        let (w, next) = match parse_short_weight(line, i) {
+            Some(fast) => (Some(fast.0), fast.1),
+            None => parse_weight(line, i),
+        };
         let w = w.ok_or_else(|| {
             let end = memchr::memchr(b'\t', &line[i..]).map_or(n, |j| i + j);
             format!("weight {:?} is not a number", String::from_utf8_lossy(&line[i..end]))
@@ -311,6 +316,39 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
         return Err(format!("{} expert ids is not a multiple of top-k = {k}", ids.len()));
     }
     Ok(())
+}
+
+/// The common case of a 1- or 2-digit id followed by more bytes, without a
+/// data-dependent loop (id lengths alternate unpredictably).
+#[inline]
+fn parse_short_id(line: &[u8], pos: usize) -> Option<(u64, usize)> {
+    let b = line.get(pos..pos + 3)?;
+    let (d0, d1, d2) = (b[0].wrapping_sub(b'0'), b[1].wrapping_sub(b'0'), b[2].wrapping_sub(b'0'));
+    if d0 > 9 || (d1 <= 9 && d2 <= 9) {
+        return None;
+    }
+    let two = d1 <= 9;
+    let id = if two { u64::from(d0) * 10 + u64::from(d1) } else { u64::from(d0) };
+    Some((id, pos + 1 + usize::from(two)))
+}
+
+/// The official weights' shape, `D.dddd` followed by a tab, read as 8 bytes at
+/// once; the same value as the general path (an integer over 10^4).
+#[inline]
+fn parse_short_weight(line: &[u8], pos: usize) -> Option<(f64, usize)> {
+    let b: [u8; 8] = line.get(pos..pos + 8)?.try_into().ok()?;
+    let x = u64::from_le_bytes(b);
+    // Byte 1 is '.', byte 6 a tab; bytes 0 and 2..=5 digits.
+    if x & 0x00ff_0000_0000_ff00 != 0x0009_0000_0000_2e00 {
+        return None;
+    }
+    let digits = (x & 0x0000_ffff_ffff_00ff).wrapping_sub(0x0000_3030_3030_0030);
+    if (digits | digits.wrapping_add(0x0000_0606_0606_0006)) & 0xffff_f0f0_f0f0_fff0 != 0 {
+        return None;
+    }
+    let d = |k: u32| (digits >> (8 * k)) & 0xff;
+    let v = d(0) * 10_000 + d(2) * 1000 + d(3) * 100 + d(4) * 10 + d(5);
+    Some((v as f64 / POW10[4], pos + 6))
 }
 
 /// A decimal integer (at most 18 digits) starting at `pos`; returns it and the
@@ -390,6 +428,17 @@ mod tests {
             assert_eq!(parse_weight(s.as_bytes(), 0).0, None, "{s}");
         }
         assert_eq!(parse_weight(b"1\t0.25\t", 2), (Some(0.25), 6));
+        for s in ["0.0287\t0.1", "1.0000\t\t", "9.9999\tx\n"] {
+            let want = parse_weight(s.as_bytes(), 0);
+            assert_eq!(parse_short_weight(s.as_bytes(), 0).map(|(w, i)| (Some(w), i)), Some(want), "{s}");
+        }
+        for s in ["0.028\t0.1", "0.02870\t1", "0.0a87\t00", "-0.028\t1", "0.0287"] {
+            assert_eq!(parse_short_weight(s.as_bytes(), 0), None, "{s}");
+        }
+        assert_eq!(parse_short_id(b"7\t1", 0), Some((7, 1)));
+        assert_eq!(parse_short_id(b"63\t", 0), Some((63, 2)));
+        assert_eq!(parse_short_id(b"631", 0), None);
+        assert_eq!(parse_short_id(b"x1\t", 0), None);
     }
 
     fn write(dir: &Path, name: &str, text: &str) {
