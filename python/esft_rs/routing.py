@@ -171,7 +171,7 @@ def aggregate(
     1. **Records**: ``hist`` is an integer array of expert ids shaped [tokens, K]
        or [layers, tokens, K] (any integer dtype; numpy, or anything
        ``np.asarray`` takes, such as a CPU torch tensor), ``weights`` the matching
-       routing weights (float16/32/64) or None. Counting reads the arrays in
+       routing weights (float16/32/64; convert bfloat16 first) or None. Counting reads the arrays in
        place, releases the GIL and uses all cores; a non-C-contiguous array is
        copied once first. ``num_experts`` bounds the ids (default: max id + 1,
        one more pass over the ids). ``layers`` names the rows (default 0..L-1);
@@ -185,6 +185,8 @@ def aggregate(
     NaN / negative / infinite weights, mismatched shapes, an unparsable log line
     (file:line), inputs disagreeing on layers, experts or top-K.
     """
+    if isinstance(hist, list | tuple) and not hist:
+        raise ValueError("nothing to aggregate")
     if _is_source(hist) or (
         isinstance(hist, list | tuple) and hist and all(_is_source(h) for h in hist)
     ):

@@ -41,7 +41,7 @@ pub fn read_dir(dir: &Path, top_k: usize, num_experts: Option<usize>) -> Result<
         .enumerate()
         .flat_map(|(i, m)| chunks(m).into_iter().map(move |r| (i, r)))
         .collect();
-    let bound = num_experts.map_or(MAX_EXPERT_ID, |e| e as u64);
+    let bound = num_experts.map_or(MAX_EXPERT_ID, |e| (e as u64).min(u64::from(u32::MAX)));
     let partials: Vec<Partial> = tasks
         .par_iter()
         .map(|(i, range)| parse_chunk(&maps[*i][range.clone()], top_k, bound))
@@ -59,7 +59,7 @@ pub fn read_dir(dir: &Path, top_k: usize, num_experts: Option<usize>) -> Result<
     let mut layers: Vec<u32> = files.iter().map(|f| f.layer).collect();
     layers.sort_unstable();
     layers.dedup();
-    let e = num_experts.unwrap_or_else(|| partials.iter().map(|p| p.counts.len()).max().unwrap_or(0));
+    let e = num_experts.unwrap_or_else(|| partials.iter().map(|p| p.bins.len()).max().unwrap_or(0));
     if e == 0 {
         return Err(Error::invalid(dir, "the routing logs hold no records"));
     }
@@ -67,18 +67,12 @@ pub fn read_dir(dir: &Path, top_k: usize, num_experts: Option<usize>) -> Result<
     let mut lines = vec![0u64; stats.layers.len()];
     for ((i, _), p) in tasks.iter().zip(&partials) {
         let row = stats.layers.binary_search(&files[*i].layer).unwrap_or(0);
-        let cells = row * e..row * e + p.counts.len();
-        for (d, s) in stats.counts[cells.clone()].iter_mut().zip(&p.counts) {
-            *d += *s as i64;
-        }
-        for (dst, src) in [
-            (&mut stats.gate_sum, &p.gate),
-            (&mut stats.sample_token_sum, &p.sample_token),
-            (&mut stats.sample_gate_sum, &p.sample_gate),
-        ] {
-            for (d, s) in dst[cells.clone()].iter_mut().zip(src) {
-                *d += *s;
-            }
+        for (x, bin) in p.bins.iter().enumerate() {
+            let cell = row * e + x;
+            stats.counts[cell] += bin[0] as i64;
+            stats.gate_sum[cell] += bin[1];
+            stats.sample_token_sum[cell] += bin[2];
+            stats.sample_gate_sum[cell] += bin[3];
         }
         stats.tokens[row] += p.tokens as i64;
         lines[row] += p.lines;
@@ -205,71 +199,44 @@ fn chunks(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// Per expert: selections, gate sum, sample token score sum, sample gate sum
+/// (one 4-wide add per record; counts stay exact in f64 far beyond a chunk).
+type Bin = [f64; 4];
+
 #[derive(Default)]
 struct Partial {
-    counts: Vec<u64>,
-    gate: Vec<f64>,
-    sample_token: Vec<f64>,
-    sample_gate: Vec<f64>,
+    bins: Vec<Bin>,
     tokens: u64,
     lines: u64,
     /// Byte offset (within the chunk) of the bad line, and what is wrong.
     error: Option<(usize, String)>,
 }
 
-impl Partial {
-    fn grow(&mut self, len: usize) {
-        self.counts.resize(len, 0);
-        self.gate.resize(len, 0.0);
-        self.sample_token.resize(len, 0.0);
-        self.sample_gate.resize(len, 0.0);
-    }
-}
-
 fn parse_chunk(bytes: &[u8], k: usize, bound: u64) -> Partial {
     let mut p = Partial::default();
-    let (mut ids, mut weights) = (Vec::new(), Vec::new());
+    let mut ids = Vec::new();
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
         let line = &bytes[start..end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if !line.is_empty() {
-            if let Err(msg) = parse_line(line, k, bound, &mut ids, &mut weights) {
+            if let Err(msg) = add_line(line, k, bound, &mut ids, &mut p) {
                 p.error = Some((start, msg));
                 return p;
             }
-            add_line(&mut p, &ids, &weights, k);
         }
         start = end + 1;
     }
     p
 }
 
-fn add_line(p: &mut Partial, ids: &[u64], weights: &[f64], k: usize) {
-    let n = ids.len() / k;
-    let (tok, inv_n) = (1.0 / ids.len() as f64, 1.0 / n as f64);
-    if let Some(&max) = ids.iter().max() {
-        if max as usize >= p.counts.len() {
-            p.grow(max as usize + 1);
-        }
-    }
-    for (&id, &w) in ids.iter().zip(weights) {
-        let i = id as usize;
-        p.counts[i] += 1;
-        p.gate[i] += w;
-        p.sample_token[i] += tok;
-        p.sample_gate[i] += w * inv_n;
-    }
-    p.tokens += n as u64;
-    p.lines += 1;
-}
-
-/// Parses `id\tid...\t\tw\tw...` into `ids` and `weights` in one pass.
-fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &mut Vec<f64>) -> Result<(), String> {
+/// Parses `id\tid...\t\tw\tw...` and adds it to `p` as one sample: the ids
+/// first (kept in `ids`), then each weight straight into its expert's bin.
+fn add_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u32>, p: &mut Partial) -> Result<(), String> {
     ids.clear();
-    weights.clear();
     let n = line.len();
     let mut i = 0;
+    let mut max = 0;
     loop {
         let (id, next) = parse_short_id(line, i)
             .or_else(|| parse_id(line, i))
@@ -281,7 +248,9 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
                 format!("expert id {id} is out of range [0, {bound})")
             });
         }
-        ids.push(id);
+        // Below `bound`, which the caller keeps under 2^32.
+        ids.push(id as u32);
+        max = max.max(id as usize);
         i = next + 1;
         match (line.get(next), line.get(i)) {
             (Some(b'\t'), Some(b'\t')) => break,
@@ -290,7 +259,17 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
             (Some(_), _) => return Err(format!("expected a tab or a digit at column {}", next + 1)),
         }
     }
+    if ids.len() % k != 0 {
+        return Err(format!("{} expert ids is not a multiple of top-k = {k}", ids.len()));
+    }
+    if max >= p.bins.len() {
+        p.bins.resize(max + 1, [0.0; 4]);
+    }
+    let tokens = ids.len() / k;
+    let (tok, inv_n) = (1.0 / ids.len() as f64, 1.0 / tokens as f64);
+    let mismatch = |weights: usize| format!("{} expert ids but {weights} weights", ids.len());
     i += 1;
+    let mut j = 0;
     loop {
         let (w, next) = match parse_short_weight(line, i) {
             Some(fast) => (Some(fast.0), fast.1),
@@ -303,18 +282,24 @@ fn parse_line(line: &[u8], k: usize, bound: u64, ids: &mut Vec<u64>, weights: &m
         if !(0.0..f64::INFINITY).contains(&w) {
             return Err(format!("weight {w} is not a finite value >= 0"));
         }
-        weights.push(w);
+        let Some(&e) = ids.get(j) else {
+            return Err(mismatch(j + 1 + memchr::memchr_iter(b'\t', &line[next..]).count()));
+        };
+        let bin = &mut p.bins[e as usize];
+        for (b, v) in bin.iter_mut().zip([1.0, w, tok, w * inv_n]) {
+            *b += v;
+        }
+        j += 1;
         if next >= n {
             break;
         }
         i = next + 1;
     }
-    if ids.len() != weights.len() {
-        return Err(format!("{} expert ids but {} weights", ids.len(), weights.len()));
+    if j != ids.len() {
+        return Err(mismatch(j));
     }
-    if ids.len() % k != 0 {
-        return Err(format!("{} expert ids is not a multiple of top-k = {k}", ids.len()));
-    }
+    p.tokens += tokens as u64;
+    p.lines += 1;
     Ok(())
 }
 
