@@ -22,6 +22,9 @@ pub trait ExpertId: Copy + Send + Sync + std::fmt::Display {
     /// The id as an index; negative ids map to values >= 2^63, so one `< E`
     /// comparison rejects both negative and too-large ids.
     fn index(self) -> u64;
+    /// Whether all ids are in `[0, e)`: min and max in the native type, which
+    /// vectorises (a max over `index()` would need 64-bit unsigned compares).
+    fn all_below(ids: &[Self], e: u64) -> bool;
 }
 
 macro_rules! expert_id {
@@ -32,17 +35,34 @@ macro_rules! expert_id {
             fn index(self) -> u64 {
                 self as i64 as u64
             }
+            #[inline(always)]
+            #[allow(clippy::unnecessary_cast)]
+            fn all_below(ids: &[Self], e: u64) -> bool {
+                let (lo, hi) = ids.iter().fold((0, 0), |(lo, hi): ($t, $t), &x| (lo.min(x), hi.max(x)));
+                lo >= 0 && (hi as u64) < e
+            }
         }
     )*};
 }
-expert_id!(i8, i16, i32, i64, u8, u16, u32);
+expert_id!(i8, i16, i32, i64);
 
-impl ExpertId for u64 {
-    #[inline(always)]
-    fn index(self) -> u64 {
-        self
-    }
+macro_rules! expert_id_unsigned {
+    ($($t:ty),*) => {$(
+        impl ExpertId for $t {
+            #[inline(always)]
+            #[allow(clippy::unnecessary_cast)]
+            fn index(self) -> u64 {
+                self as u64
+            }
+            #[inline(always)]
+            #[allow(clippy::unnecessary_cast)]
+            fn all_below(ids: &[Self], e: u64) -> bool {
+                (ids.iter().fold(0, |hi: $t, &x| hi.max(x)) as u64) < e
+            }
+        }
+    )*};
 }
+expert_id_unsigned!(u8, u16, u32, u64);
 
 /// A float dtype usable as a routing weight.
 pub trait Weight: Copy + Send + Sync + std::fmt::Display {
@@ -292,10 +312,9 @@ fn count_task<I: ExpertId, W: Weight>(
 /// (vectorised) validation pass and the scatter pass over the same block.
 const BLOCK: usize = 4096;
 
-/// Whether every id of a block is below `e` (a max-reduction, which vectorises).
-#[inline]
+#[inline(always)]
 fn ids_ok<I: ExpertId>(ids: &[I], e: usize) -> bool {
-    ids.iter().fold(0, |m, id| m.max(id.index())) < e as u64
+    I::all_below(ids, e as u64)
 }
 
 /// Independent sub-histograms the hot loop rotates through, so that updates
