@@ -8,12 +8,19 @@ is imported only by the functions that need it.
 from esft_rs._core import __version__
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
+from esft_rs.profiling import profile
+from esft_rs.routing import RoutingStats, aggregate
+from esft_rs.selection import select_experts
 
 __all__ = [
     "EsftError",
     "Inspection",
     "InvalidFileError",
     "MismatchError",
+    "RoutingStats",
     "__version__",
+    "aggregate",
     "inspect",
+    "profile",
+    "select_experts",
 ]
