@@ -66,6 +66,12 @@ pub enum Error {
     /// Inputs that are each valid but do not fit together.
     #[error("{0}")]
     Mismatch(String),
+    /// Arguments that cannot work together (e.g. an output that is an input).
+    #[error("{0}")]
+    Usage(String),
+    /// The watcher asked the job to stop (Ctrl-C); partial outputs are removed.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

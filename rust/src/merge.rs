@@ -1,0 +1,484 @@
+//! Merging adapters into a base checkpoint, streaming.
+//!
+//! The output mirrors the base: same shard names, same header bytes (so same
+//! tensor order and offsets), index rewritten with `metadata.total_size`, other
+//! files of a model directory copied. Each output file is a list of byte
+//! ranges: unchanged runs of base tensors coalesced into one in-kernel copy,
+//! replaced tensors (or expert slices of fused tensors) copied from the
+//! adapter file. Nothing is read into memory but headers and sampled bytes for
+//! the fingerprint; ranges are copied in parallel across and within shards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::adapter::{Adapter, AdapterKind};
+use crate::copy::{self, Range};
+use crate::error::{Error, Result};
+use crate::fingerprint;
+use crate::naming::{self, Role};
+use crate::progress::Control;
+use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
+use crate::staging::{self, Staged};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Two adapters replacing the same bytes is an error.
+    Error,
+    /// The adapter listed first wins.
+    First,
+    /// The adapter listed last wins.
+    Last,
+}
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub on_conflict: OnConflict,
+    /// Merge even when an adapter's base fingerprint differs from the base's.
+    pub force: bool,
+    pub dry_run: bool,
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Replacement {
+    /// The base tensor replaced (whole, or one expert's slice of it).
+    pub tensor: String,
+    pub file: String,
+    pub adapter: String,
+    /// The adapter tensor's name as stored.
+    pub source: String,
+    pub kind: &'static str,
+    pub layer: Option<u32>,
+    /// The routed expert, or the expert of a fused tensor's slice.
+    pub expert: Option<u32>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdapterSummary {
+    pub path: String,
+    pub kind: AdapterKind,
+    pub base_fingerprint: Option<String>,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MergeReport {
+    pub base: String,
+    pub out: String,
+    pub dry_run: bool,
+    /// Computed when an adapter carries a fingerprint to check.
+    pub base_fingerprint: Option<String>,
+    pub adapters: Vec<AdapterSummary>,
+    pub replaced: Vec<Replacement>,
+    pub replaced_bytes: u64,
+    /// Bytes of the output's safetensors files.
+    pub total_bytes: u64,
+    pub files: Vec<String>,
+    /// Other files of a model directory copied alongside (config, tokenizer, ...).
+    pub copied_files: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// How a tensor splits into independently replaceable units: a fused-experts
+/// tensor into its E expert slices along dim 0, anything else is one unit.
+/// Returns (units, bytes per unit).
+pub fn expert_units(t: &TensorInfo) -> (u32, u64) {
+    if let (Role::FusedExperts { .. }, Some(&e)) = (naming::classify(&t.name), t.shape.first()) {
+        if let Ok(e32) = u32::try_from(e) {
+            if e > 0 && t.nbytes() % e == 0 {
+                return (e32, t.nbytes() / e);
+            }
+        }
+    }
+    (1, t.nbytes())
+}
+
+/// A sibling of BASE that does not exist yet: `NAME-merged`, `NAME-merged-2`, ...
+/// (before the `.safetensors` extension for a file).
+pub fn default_out(base: &Path) -> PathBuf {
+    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let (stem, ext) = match name.strip_suffix(".safetensors") {
+        Some(stem) if !base.is_dir() => (stem.to_string(), ".safetensors"),
+        _ => (name.clone(), ""),
+    };
+    let parent = base.parent().unwrap_or(Path::new(""));
+    (1..)
+        .map(|k| {
+            let suffix = if k == 1 { String::new() } else { format!("-{k}") };
+            parent.join(format!("{stem}-merged{suffix}{ext}"))
+        })
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .unwrap_or_else(|| parent.join(format!("{stem}-merged{ext}")))
+}
+
+/// Where an adapter tensor's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Source {
+    adapter: usize,
+    /// Shard of the adapter's checkpoint.
+    shard: usize,
+    /// Index in that shard's tensors.
+    tensor: usize,
+    /// Absolute file offset of this unit's first byte.
+    offset: u64,
+}
+
+/// Key of a byte range's source file: the base shard or an adapter shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Base(usize),
+    Adapter(usize, usize),
+}
+
+/// The plan: for each base tensor (shard, index) that changes, the source of
+/// each replaced unit.
+type Painted = BTreeMap<(usize, usize), BTreeMap<u32, Source>>;
+
+pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &MergeOptions, ctl: &Control) -> Result<MergeReport> {
+    if adapter_paths.is_empty() {
+        return Err(Error::Usage("merge needs at least one adapter".into()));
+    }
+    let ckpt = Checkpoint::open(base)?;
+    let adapters = adapter_paths.iter().map(|p| Adapter::open(p)).collect::<Result<Vec<_>>>()?;
+    let out = out.map_or_else(|| default_out(base), Path::to_path_buf);
+    let mut inputs: Vec<&Path> = vec![base];
+    inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
+    staging::check_not_input(&out, &inputs)?;
+    if !opts.dry_run {
+        staging::check_target(&out, opts.overwrite)?;
+    }
+
+    let mut warnings = Vec::new();
+    let mut warn = |msg: String| {
+        ctl.warn(msg.clone());
+        warnings.push(msg);
+    };
+    let base_fingerprint = check_fingerprints(&ckpt, &adapters, opts.force, ctl, &mut warn)?;
+    let painted = plan(&ckpt, &adapters, opts.on_conflict)?;
+    let replaced = describe(&ckpt, &adapters, &painted);
+    let is_dir = ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
+    let others = if is_dir { other_files(&ckpt, &mut warn)? } else { Vec::new() };
+
+    let mut report = MergeReport {
+        base: base.display().to_string(),
+        out: out.display().to_string(),
+        dry_run: opts.dry_run,
+        base_fingerprint,
+        adapters: adapters
+            .iter()
+            .map(|a| AdapterSummary {
+                path: a.path.display().to_string(),
+                kind: a.kind,
+                base_fingerprint: a.fingerprint.clone(),
+                tensors: a.tensors().count(),
+                bytes: a.ckpt.total_bytes(),
+            })
+            .collect(),
+        replaced_bytes: replaced.iter().map(|r| r.bytes).sum(),
+        replaced,
+        total_bytes: ckpt.shards.iter().map(|s| s.file.file_len).sum(),
+        files: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
+        copied_files: others.iter().map(|(n, _)| n.clone()).collect(),
+        warnings: Vec::new(),
+    };
+    if !opts.dry_run {
+        let staged = Staged::new(&out, is_dir)?;
+        write(&ckpt, &adapters, &painted, &staged, is_dir, &others, ctl)?;
+        ctl.check()?;
+        staged.commit(opts.overwrite)?;
+    }
+    report.warnings = warnings;
+    Ok(report)
+}
+
+/// Compares each adapter's recorded base fingerprint with the base's.
+fn check_fingerprints(
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    force: bool,
+    ctl: &Control,
+    warn: &mut impl FnMut(String),
+) -> Result<Option<String>> {
+    let mut base_fp = None;
+    for a in adapters {
+        let Some(fp) = &a.fingerprint else {
+            let what = match a.kind {
+                AdapterKind::Official => "official ESFT adapter folder",
+                _ => "plain safetensors file",
+            };
+            warn(format!(
+                "{}: no base fingerprint ({what}), so it cannot be checked that it was trained from {}",
+                a.path.display(),
+                ckpt.path.display()
+            ));
+            continue;
+        };
+        if base_fp.is_none() {
+            base_fp = Some(fingerprint::fingerprint(ckpt, ctl)?);
+        }
+        let ours = base_fp.as_deref().unwrap_or_default();
+        if fp != ours {
+            let msg = format!(
+                "{}: trained from a different base (fingerprint {fp}) than {} (fingerprint {ours})",
+                a.path.display(),
+                ckpt.path.display()
+            );
+            if !force {
+                return Err(Error::Mismatch(format!("{msg}; pass --force to merge anyway")));
+            }
+            warn(format!("{msg}; merging anyway (--force)"));
+        }
+    }
+    Ok(base_fp)
+}
+
+fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Result<Painted> {
+    let mut index: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (si, s) in ckpt.shards.iter().enumerate() {
+        for (ti, t) in s.file.header.tensors.iter().enumerate() {
+            index.insert(&t.name, (si, ti));
+        }
+    }
+    let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
+    let mut painted: Painted = BTreeMap::new();
+    for (ai, a) in adapters.iter().enumerate() {
+        for at in a.tensors() {
+            let (shard, tensor) = (at.shard, at.index);
+            let src_off = at.file.offset_of(at.info);
+            let mismatch = |what: String| {
+                Error::Mismatch(format!("{}: tensor {:?} {what}", a.path.display(), at.info.name))
+            };
+            let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = index.get(at.name.as_str()) {
+                let bt = base_tensor(key);
+                if bt.dtype != at.info.dtype || bt.shape != at.info.shape {
+                    return Err(mismatch(format!(
+                        "is {} {:?} but the base's {:?} is {} {:?}",
+                        at.info.dtype, at.info.shape, bt.name, bt.dtype, bt.shape
+                    )));
+                }
+                let (n, len) = expert_units(bt);
+                (key, (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect())
+            } else if let Some((parent, e)) = naming::fused_slice_parent(&at.name) {
+                let Some(&key) = index.get(parent.as_str()) else {
+                    return Err(mismatch(format!(
+                        "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
+                        ckpt.path.display()
+                    )));
+                };
+                let bt = base_tensor(key);
+                let (n, len) = expert_units(bt);
+                let e_total = bt.shape.first().copied().unwrap_or(0);
+                if u64::from(e) >= e_total {
+                    return Err(mismatch(format!("is expert {e}'s slice of {parent:?}, which has {e_total} experts")));
+                }
+                if u64::from(n) != e_total {
+                    return Err(mismatch(format!(
+                        "is a slice of {parent:?}, whose {} {:?} does not split into byte-aligned expert slices",
+                        bt.dtype, bt.shape
+                    )));
+                }
+                if bt.dtype != at.info.dtype || bt.shape[1..] != at.info.shape[..] {
+                    return Err(mismatch(format!(
+                        "is {} {:?} but one expert's slice of {parent:?} ({} {:?}) is {} {:?}",
+                        at.info.dtype,
+                        at.info.shape,
+                        bt.dtype,
+                        bt.shape,
+                        bt.dtype,
+                        &bt.shape[1..]
+                    )));
+                }
+                debug_assert_eq!(len, at.info.nbytes());
+                (key, vec![(e, src_off)])
+            } else {
+                return Err(mismatch(format!("is not in the base {}", ckpt.path.display())));
+            };
+            let slots = painted.entry(key).or_default();
+            for (unit, offset) in units {
+                let src = Source { adapter: ai, shard, tensor, offset };
+                match slots.get(&unit) {
+                    None => {
+                        slots.insert(unit, src);
+                    }
+                    Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
+                        let prev_a = &adapters[prev.adapter];
+                        let prev_name = &prev_a.ckpt.shards[prev.shard].file.header.tensors[prev.tensor].name;
+                        let hint = if prev.adapter == ai { "" } else { "; pass --on-conflict first or last to choose" };
+                        return Err(Error::Mismatch(format!(
+                            "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
+                            a.path.display(),
+                            at.info.name,
+                            base_tensor(key).name,
+                            prev_name,
+                            prev_a.path.display(),
+                        )));
+                    }
+                    Some(_) if on_conflict == OnConflict::Last => {
+                        slots.insert(unit, src);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    Ok(painted)
+}
+
+/// One report entry per replaced tensor, or per expert slice when a fused
+/// tensor is replaced only in part (or by several adapters).
+fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<Replacement> {
+    let mut out = Vec::new();
+    for (&(si, ti), slots) in painted {
+        let shard = &ckpt.shards[si];
+        let t = &shard.file.header.tensors[ti];
+        let (units, unit_len) = expert_units(t);
+        let role = naming::classify(&t.name);
+        let entry = |src: &Source, expert: Option<u32>, bytes: u64| Replacement {
+            tensor: t.name.clone(),
+            file: shard.name.clone(),
+            adapter: adapters[src.adapter].path.display().to_string(),
+            source: adapters[src.adapter].ckpt.shards[src.shard].file.header.tensors[src.tensor].name.clone(),
+            kind: role.kind(),
+            layer: role.layer(),
+            expert,
+            bytes,
+        };
+        let first = slots.values().next();
+        let whole = slots.len() == units as usize
+            && first.is_some_and(|f| slots.values().all(|s| (s.adapter, s.shard, s.tensor) == (f.adapter, f.shard, f.tensor)));
+        match (whole, first) {
+            (true, Some(src)) => {
+                let expert = match role {
+                    Role::RoutedExpert { expert, .. } => Some(expert),
+                    _ => None,
+                };
+                out.push(entry(src, expert, t.nbytes()));
+            }
+            _ => out.extend(slots.iter().map(|(&u, src)| entry(src, Some(u), unit_len))),
+        }
+    }
+    out
+}
+
+/// Regular files of a model directory besides the checkpoint's own (config,
+/// tokenizer, ...). Subdirectories and safetensors files that are not part of
+/// the checkpoint are skipped with a warning: they would not be merged.
+fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(String, PathBuf)>> {
+    let dir = &ckpt.path;
+    let index_name = ckpt.index.as_ref().and_then(|i| i.path.file_name()).map(|n| n.to_string_lossy().into_owned());
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io(dir, e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if ckpt.shards.iter().any(|s| s.name == name) || index_name.as_deref() == Some(name.as_str()) {
+            continue;
+        }
+        if path.is_dir() {
+            warn(format!("{}: subdirectory not copied (only the checkpoint and top-level files are)", path.display()));
+        } else if name.ends_with(".safetensors") {
+            warn(format!("{}: not part of the checkpoint, not copied", path.display()));
+        } else if path.is_file() {
+            out.push((name, path));
+        }
+    }
+    Ok(out)
+}
+
+fn write(
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    painted: &Painted,
+    staged: &Staged,
+    is_dir: bool,
+    others: &[(String, PathBuf)],
+    ctl: &Control,
+) -> Result<()> {
+    let out_path = |name: &str| if is_dir { staged.path().join(name) } else { staged.path().to_path_buf() };
+    let mut outputs: Vec<(File, PathBuf)> = Vec::with_capacity(ckpt.shards.len());
+    let mut ranges: Vec<((usize, Src), Range)> = Vec::new();
+    for (si, shard) in ckpt.shards.iter().enumerate() {
+        let path = out_path(&shard.name);
+        let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        f.set_len(shard.file.file_len).map_err(|e| Error::io(&path, e))?;
+        outputs.push((f, path));
+        shard_ranges(si, &shard.file, painted, &mut ranges);
+    }
+    let ranges = copy::chunked(ranges);
+    let other_bytes: u64 = others.iter().filter_map(|(_, p)| fs::metadata(p).ok()).map(|m| m.len()).sum();
+    ctl.stage("merge", ranges.iter().map(|(_, r)| r.len).sum::<u64>() + other_bytes);
+    ranges.par_iter().try_for_each(|&((si, from), r)| {
+        let src: &SafetensorsFile = match from {
+            Src::Base(s) => &ckpt.shards[s].file,
+            Src::Adapter(a, s) => &adapters[a].ckpt.shards[s].file,
+        };
+        let (dst, dst_path) = &outputs[si];
+        copy::copy_range(src.file(), &src.path, dst, dst_path, r)?;
+        ctl.advance(r.len)
+    })?;
+    if let Some(index) = &ckpt.index {
+        let name = index.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let total: u64 = ckpt.total_bytes();
+        write_index(&index.path, &out_path(&name), total)?;
+    }
+    for (name, src) in others {
+        let dst = out_path(name);
+        let n = fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+        ctl.advance(n)?;
+    }
+    Ok(())
+}
+
+/// The byte ranges of one output shard: header and unchanged tensors from the
+/// base (coalesced), replaced units from their adapters. Every range lands at
+/// the offset it has in the base.
+fn shard_ranges(si: usize, file: &SafetensorsFile, painted: &Painted, out: &mut Vec<((usize, Src), Range)>) {
+    let base = |off: u64, len: u64| ((si, Src::Base(si)), Range { src_off: off, dst_off: off, len });
+    let (k, r) = base(0, file.header.data_start());
+    copy::push_coalesced(out, k, r);
+    for (ti, t) in file.header.tensors.iter().enumerate() {
+        let start = file.offset_of(t);
+        let Some(slots) = painted.get(&(si, ti)) else {
+            let (k, r) = base(start, t.nbytes());
+            copy::push_coalesced(out, k, r);
+            continue;
+        };
+        let (units, len) = expert_units(t);
+        for u in 0..units {
+            let dst = start + u64::from(u) * len;
+            let (k, r) = match slots.get(&u) {
+                Some(src) => (
+                    (si, Src::Adapter(src.adapter, src.shard)),
+                    Range { src_off: src.offset, dst_off: dst, len },
+                ),
+                None => base(dst, len),
+            };
+            copy::push_coalesced(out, k, r);
+        }
+    }
+}
+
+/// The base's index with `metadata.total_size` set to the tensors' bytes;
+/// everything else (key order, weight_map, other metadata) kept.
+fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
+    let text = fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::invalid(src, format!("not a safetensors index: {e}")))?;
+    let obj = v.as_object_mut().ok_or_else(|| Error::invalid(src, "not a JSON object"))?;
+    let meta = obj.entry("metadata").or_insert_with(|| serde_json::json!({}));
+    let meta = meta.as_object_mut().ok_or_else(|| Error::invalid(src, "metadata is not an object"))?;
+    meta.insert("total_size".into(), total.into());
+    let mut out = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(src, e.to_string()))?;
+    out.push('\n');
+    fs::write(dst, out).map_err(|e| Error::io(dst, e))
+}
