@@ -1,4 +1,6 @@
 # Type stubs for the Rust extension; tests/test_stubs.py keeps them in sync.
+from collections.abc import Callable
+
 __version__: str
 
 class EsftError(Exception): ...
@@ -14,3 +16,39 @@ def parse_expert_config(
 def dump_expert_config(
     experts: dict[int, list[int]], shared_experts: bool, non_expert_modules: bool
 ) -> str: ...
+
+# --- merge / split / adapters ---
+ADAPTER_KEYS: dict[str, str]
+
+def merge_json(
+    base: str,
+    adapters: list[str],
+    out: str | None = None,
+    on_conflict: str = "error",
+    force: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], object] | None = None,
+    on_warning: Callable[[str], object] | None = None,
+) -> str: ...
+def split_json(
+    model: str,
+    out: str,
+    experts: str | None = None,
+    base: str | None = None,
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], object] | None = None,
+    on_warning: Callable[[str], object] | None = None,
+) -> str: ...
+def fingerprint(path: str) -> str: ...
+def adapter_info_json(path: str) -> str: ...
+def adapter_metadata(
+    expert_config: str,
+    base_fingerprint: str | None = None,
+    extra: list[tuple[str, str]] = ...,
+) -> list[tuple[str, str]]: ...
+def fused_slice_name(fused: str, expert: int) -> str | None: ...
+def fused_slice_parent(name: str) -> tuple[str, int] | None: ...

@@ -154,16 +154,17 @@ pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &
         staging::check_target(&out, opts.overwrite)?;
     }
 
+    // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = Vec::new();
-    let mut warn = |msg: String| {
-        ctl.warn(msg.clone());
-        warnings.push(msg);
-    };
+    let mut warn = |msg: String| warnings.push(msg);
     let base_fingerprint = check_fingerprints(&ckpt, &adapters, opts.force, ctl, &mut warn)?;
     let painted = plan(&ckpt, &adapters, opts.on_conflict)?;
     let replaced = describe(&ckpt, &adapters, &painted);
     let is_dir = ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
     let others = if is_dir { other_files(&ckpt, &mut warn)? } else { Vec::new() };
+    for w in &warnings {
+        ctl.warn(w.clone());
+    }
 
     let mut report = MergeReport {
         base: base.display().to_string(),
@@ -210,7 +211,8 @@ fn check_fingerprints(
         let Some(fp) = &a.fingerprint else {
             let what = match a.kind {
                 AdapterKind::Official => "official ESFT adapter folder",
-                _ => "plain safetensors file",
+                AdapterKind::Plain => "plain safetensors file",
+                AdapterKind::Esft => "adapter written without a base",
             };
             warn(format!(
                 "{}: no base fingerprint ({what}), so it cannot be checked that it was trained from {}",
@@ -469,7 +471,8 @@ fn shard_ranges(si: usize, file: &SafetensorsFile, painted: &Painted, out: &mut 
 }
 
 /// The base's index with `metadata.total_size` set to the tensors' bytes;
-/// everything else (key order, weight_map, other metadata) kept.
+/// everything else (key order, weight_map, other metadata) kept. An index
+/// whose total is already right is copied byte for byte.
 fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
     let text = fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
     let mut v: serde_json::Value =
@@ -477,8 +480,13 @@ fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
     let obj = v.as_object_mut().ok_or_else(|| Error::invalid(src, "not a JSON object"))?;
     let meta = obj.entry("metadata").or_insert_with(|| serde_json::json!({}));
     let meta = meta.as_object_mut().ok_or_else(|| Error::invalid(src, "metadata is not an object"))?;
-    meta.insert("total_size".into(), total.into());
-    let mut out = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(src, e.to_string()))?;
-    out.push('\n');
+    let out = if meta.get("total_size").and_then(serde_json::Value::as_u64) == Some(total) {
+        text
+    } else {
+        meta.insert("total_size".into(), total.into());
+        let mut out = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(src, e.to_string()))?;
+        out.push('\n');
+        out
+    };
     fs::write(dst, out).map_err(|e| Error::io(dst, e))
 }

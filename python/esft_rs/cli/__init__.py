@@ -13,6 +13,7 @@ import click
 
 from esft_rs import __version__
 from esft_rs.cli.inspect_cmd import inspect_cmd
+from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.errors import EsftError
 
 
@@ -27,6 +28,8 @@ def main() -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(merge_cmd)
+main.add_command(split_cmd)
 
 
 def fail(message: str) -> None:
