@@ -121,16 +121,14 @@ impl Adapter {
 /// Checkpoint names of an adapter's tensors. Legacy official adapters saved
 /// the state dict of the model body (`model.model`): once any name starts with
 /// `layers.`, every name gets the `model.` prefix (`embed_tokens.weight` too).
+/// Other adapters keep their names (merge still maps a legacy `layers.L...`
+/// name that the base lacks through `naming::canonical`).
 fn checkpoint_names(path: &Path, ckpt: &Checkpoint, official: bool) -> Result<Vec<String>> {
     let legacy = official && ckpt.tensors().any(|(_, t)| naming::canonical(&t.name) != t.name);
     let mut seen: HashMap<String, &str> = HashMap::new();
     let mut names = Vec::new();
     for (_, t) in ckpt.tensors() {
-        let name = if legacy {
-            naming::from_model_body(&t.name)
-        } else {
-            naming::canonical(&t.name).into_owned()
-        };
+        let name = if legacy { naming::from_model_body(&t.name) } else { t.name.clone() };
         if let Some(prev) = seen.insert(name.clone(), &t.name) {
             return Err(Error::invalid(
                 path,

@@ -256,7 +256,8 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
             let mismatch = |what: String| {
                 Error::Mismatch(format!("{}: tensor {:?} {what}", a.path.display(), at.info.name))
             };
-            let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = index.get(at.name.as_str()) {
+            let found = index.get(at.name.as_str()).or_else(|| index.get(naming::canonical(&at.name).as_ref()));
+            let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
                 let bt = base_tensor(key);
                 if bt.dtype != at.info.dtype || bt.shape != at.info.shape {
                     return Err(mismatch(format!(
@@ -266,7 +267,7 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                 }
                 let (n, len) = expert_units(bt);
                 (key, (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect())
-            } else if let Some((parent, e)) = naming::fused_slice_parent(&at.name) {
+            } else if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&at.name)) {
                 let Some(&key) = index.get(parent.as_str()) else {
                     return Err(mismatch(format!(
                         "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
