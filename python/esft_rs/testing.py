@@ -102,7 +102,7 @@ def write_checkpoint(
     groups: list[dict[str, np.ndarray]] = [{}]
     filled = 0
     for name, t in tensors.items():
-        if filled >= budget * len(groups) and len(groups) < shards:
+        if groups[-1] and filled >= budget * len(groups) and len(groups) < shards:
             groups.append({})
         groups[-1][name] = t
         filled += t.nbytes
