@@ -491,3 +491,116 @@ fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
     };
     fs::write(dst, out).map_err(|e| Error::io(dst, e))
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::safetensors::writer::{header_bytes, NewTensor};
+    use crate::safetensors::Dtype;
+
+    /// Writes a safetensors file of F32 tensors filled with the given byte.
+    pub(crate) fn write_st(path: &Path, tensors: &[(&str, &[u64], u8)], metadata: &[(&str, &str)]) {
+        let new: Vec<NewTensor> = tensors
+            .iter()
+            .map(|(n, shape, _)| NewTensor {
+                name: n.to_string(),
+                dtype: Dtype::F32,
+                shape: shape.to_vec(),
+                nbytes: shape.iter().product::<u64>() * 4,
+            })
+            .collect();
+        let md: Vec<(String, String)> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (mut bytes, _) = header_bytes(&new, &md);
+        for (t, (_, _, fill)) in new.iter().zip(tensors) {
+            bytes.extend(std::iter::repeat_n(*fill, t.nbytes as usize));
+        }
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn opts(on_conflict: OnConflict) -> MergeOptions {
+        MergeOptions { on_conflict, force: false, dry_run: false, overwrite: false }
+    }
+
+    const FUSED: &str = "model.layers.1.mlp.experts.down_proj";
+
+    fn base(dir: &Path) -> PathBuf {
+        let p = dir.join("base.safetensors");
+        write_st(
+            &p,
+            &[("model.embed_tokens.weight", &[4, 2], 1), (FUSED, &[4, 2, 3], 2), ("model.norm.weight", &[2], 3)],
+            &[("format", "pt")],
+        );
+        p
+    }
+
+    #[test]
+    fn slices_and_whole_tensors_land_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        let a = d.path().join("a.safetensors");
+        write_st(&a, &[("model.layers.1.mlp.experts.2.down_proj", &[2, 3], 9), ("model.norm.weight", &[2], 8)], &[]);
+        let out = d.path().join("out.safetensors");
+        let report = merge(&b, &[a], Some(&out), &opts(OnConflict::Error), &Control::default()).unwrap();
+        assert_eq!(report.replaced.len(), 2);
+        assert_eq!(report.replaced_bytes, 24 + 8);
+        assert_eq!(report.warnings.len(), 1, "no fingerprint");
+        let (base_bytes, got) = (fs::read(&b).unwrap(), fs::read(&out).unwrap());
+        assert_eq!(got.len(), base_bytes.len());
+        let f = SafetensorsFile::open(&out).unwrap();
+        assert_eq!(f.header_bytes(), SafetensorsFile::open(&b).unwrap().header_bytes());
+        let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
+        assert!(fused[..48].iter().all(|&x| x == 2));
+        assert!(fused[48..72].iter().all(|&x| x == 9));
+        assert!(fused[72..].iter().all(|&x| x == 2));
+        assert!(f.tensor_bytes(f.tensor("model.norm.weight").unwrap()).iter().all(|&x| x == 8));
+    }
+
+    #[test]
+    fn conflict_policies() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        let (a1, a2) = (d.path().join("a1.safetensors"), d.path().join("a2.safetensors"));
+        write_st(&a1, &[(FUSED, &[4, 2, 3], 5)], &[]);
+        write_st(&a2, &[("model.layers.1.mlp.experts.0.down_proj", &[2, 3], 6)], &[]);
+        let out = d.path().join("out.safetensors");
+        let err = merge(&b, &[a1.clone(), a2.clone()], Some(&out), &opts(OnConflict::Error), &Control::default());
+        assert!(matches!(err, Err(Error::Mismatch(_))));
+        assert!(!out.exists());
+        for (policy, slice0) in [(OnConflict::First, 5), (OnConflict::Last, 6)] {
+            let mut o = opts(policy);
+            o.overwrite = true;
+            merge(&b, &[a1.clone(), a2.clone()], Some(&out), &o, &Control::default()).unwrap();
+            let f = SafetensorsFile::open(&out).unwrap();
+            let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
+            assert!(fused[..24].iter().all(|&x| x == slice0));
+            assert!(fused[24..].iter().all(|&x| x == 5));
+        }
+    }
+
+    #[test]
+    fn cancelled_merge_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        let a = d.path().join("a.safetensors");
+        write_st(&a, &[("model.norm.weight", &[2], 8)], &[]);
+        let ctl = Control::default();
+        ctl.cancel();
+        let out = d.path().join("out.safetensors");
+        assert!(matches!(merge(&b, &[a], Some(&out), &opts(OnConflict::Error), &ctl), Err(Error::Cancelled)));
+        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn default_out_is_a_new_sibling() {
+        let d = tempfile::tempdir().unwrap();
+        let b = base(d.path());
+        assert_eq!(default_out(&b), d.path().join("base-merged.safetensors"));
+        fs::write(d.path().join("base-merged.safetensors"), b"").unwrap();
+        assert_eq!(default_out(&b), d.path().join("base-merged-2.safetensors"));
+        assert_eq!(default_out(d.path()).file_name().unwrap().to_string_lossy(), format!(
+            "{}-merged",
+            d.path().file_name().unwrap().to_string_lossy()
+        ));
+    }
+}

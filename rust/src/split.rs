@@ -505,3 +505,46 @@ fn write_adapter(picks: &[Pick], metadata: &[(String, String)], out: &Path, over
     ctl.check()?;
     staged.commit(overwrite)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    use crate::merge::tests::write_st;
+    use crate::merge::{merge, MergeOptions, OnConflict};
+
+    #[test]
+    fn diff_round_trip_and_fingerprint() {
+        let d = tempfile::tempdir().unwrap();
+        let (b, ft) = (d.path().join("b.safetensors"), d.path().join("ft.safetensors"));
+        let fused = "model.layers.1.mlp.experts.gate_up_proj";
+        let expert = "model.layers.2.mlp.experts.5.up_proj.weight";
+        write_st(&b, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 2), ("model.norm.weight", &[2], 3)], &[]);
+        // A fine-tuned model: expert 1 of the fused tensor and the per-expert tensor changed.
+        write_st(&ft, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 7), ("model.norm.weight", &[2], 3)], &[]);
+        let mut bytes = fs::read(&ft).unwrap();
+        let f = SafetensorsFile::open(&ft).unwrap();
+        let start = f.offset_of(f.tensor(fused).unwrap()) as usize;
+        bytes[start + 32..start + 64].fill(4);
+        drop(f);
+        fs::write(&ft, bytes).unwrap();
+
+        let ctl = Control::default();
+        let fp_b = fingerprint::fingerprint_path(&b, &ctl).unwrap();
+        assert_ne!(fp_b, fingerprint::fingerprint_path(&ft, &ctl).unwrap());
+        let ad = d.path().join("ad.safetensors");
+        let opts = SplitOptions { base: Some(b.clone()), ..Default::default() };
+        let report = split(&ft, &ad, &opts, &ctl).unwrap();
+        assert_eq!(report.expert_config, r#"{"experts":{"1":[1],"2":[5]},"shared_experts":false,"non_expert_modules":false}"#);
+        let names: Vec<&str> = report.tensors.iter().map(|t| t.tensor.as_str()).collect();
+        assert_eq!(names, ["model.layers.1.mlp.experts.1.gate_up_proj", expert]);
+        assert_eq!(report.base_fingerprint.as_deref(), Some(fp_b.as_str()));
+
+        let out = d.path().join("out.safetensors");
+        let mopts = MergeOptions { on_conflict: OnConflict::Error, force: false, dry_run: false, overwrite: false };
+        let m = merge(&b, &[ad], Some(&out), &mopts, &ctl).unwrap();
+        assert!(m.warnings.is_empty());
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&ft).unwrap());
+    }
+}
