@@ -6,8 +6,8 @@ is imported only by the functions that need it.
 """
 
 from esft_rs._core import __version__
-from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.adapter import fingerprint, read_adapter, save_adapter
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
 from esft_rs.merge import MergeReport, SplitReport, merge, split
 

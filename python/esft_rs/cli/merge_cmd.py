@@ -35,14 +35,16 @@ def _by_layer(entries: Iterable[Replacement | Extracted]) -> list[str]:
         size = human_bytes(sum(e.bytes for e in es))
         lines.append(f"  layer {layer}: {what} ({len(es)} tensors, {size})")
     if others:
-        names = [getattr(e, "tensor") for e in others]
+        names = [e.tensor for e in others]
         shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         lines.append(f"  other: {shown} ({human_bytes(sum(e.bytes for e in others))})")
     return lines
 
 
 def _experts_phrase(entries: Iterable[Replacement | Extracted]) -> str:
-    pairs = {(e.layer, e.expert) for e in entries if e.kind in _EXPERT_KINDS and e.layer is not None}
+    pairs = {
+        (e.layer, e.expert) for e in entries if e.kind in _EXPERT_KINDS and e.layer is not None
+    }
     layers = {layer for layer, _ in pairs}
     if not layers:
         return "no routed experts"
@@ -118,7 +120,9 @@ def merge_cmd(
     help="Base MODEL was fine-tuned from: extract what differs (without --experts); "
     "its fingerprint is recorded either way.",
 )
-@click.option("--shared-experts", is_flag=True, help="With --base: include differing shared experts.")
+@click.option(
+    "--shared-experts", is_flag=True, help="With --base: include differing shared experts."
+)
 @click.option(
     "--non-expert-modules", is_flag=True,
     help="With --base: include differing non-expert tensors (attention, router, embeddings...).",
