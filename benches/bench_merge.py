@@ -159,13 +159,19 @@ def run(tmp: Path, fstype: str, rounds: int) -> None:
         "python safetensors": ([py, "-c", PYTHON_WAY, str(base), str(adapter)], tmp / "out-py"),
         "esft-rs split": ([py, "-c", SPLIT, str(base), str(cfg)], tmp / "split.safetensors"),
     }
+    # Untimed warm-up round: same bytes as the reference writer, file for file.
+    for name in ("esft-rs merge", "python safetensors"):
+        cmd, out = jobs[name]
+        measure([*cmd, str(out)])
+    assert digest(jobs["esft-rs merge"][1]) == digest(jobs["python safetensors"][1]), "outputs differ"
+    print("merge output is byte-identical to the python safetensors output", flush=True)
+    for _, out in jobs.values():
+        clean(out)
+
     results: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
     for r in range(rounds):
         for name, (cmd, out) in jobs.items():
             results[name].append(measure([*cmd, str(out)]))
-            if r == 0 and name == "python safetensors":
-                # Same bytes as the reference writer, file for file.
-                assert digest(tmp / "out-merge") == digest(out), "merge differs from safetensors"
             clean(out)
         print(f"round {r + 1}/{rounds} done", flush=True)
 

@@ -155,18 +155,46 @@ pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &
     }
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
-    let mut warnings = Vec::new();
-    let mut warn = |msg: String| warnings.push(msg);
-    let base_fingerprint = check_fingerprints(&ckpt, &adapters, opts.force, ctl, &mut warn)?;
+    let mut warnings = missing_fingerprints(&ckpt, &adapters);
     let painted = plan(&ckpt, &adapters, opts.on_conflict)?;
     let replaced = describe(&ckpt, &adapters, &painted);
     let is_dir = ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
-    let others = if is_dir { other_files(&ckpt, &mut warn)? } else { Vec::new() };
-    for w in &warnings {
-        ctl.warn(w.clone());
+    let others = if is_dir { other_files(&ckpt, &mut |w| warnings.push(w))? } else { Vec::new() };
+    let need_fp = adapters.iter().any(|a| a.fingerprint.is_some());
+    if !need_fp {
+        warnings.iter().for_each(|w| ctl.warn(w.clone()));
+    }
+    let check_fp = |fp_ctl: &Control| -> Result<(Option<String>, Vec<String>)> {
+        if !need_fp {
+            return Ok((None, Vec::new()));
+        }
+        let fp = fingerprint::fingerprint(&ckpt, fp_ctl)?;
+        let forced = compare_fingerprints(&ckpt, &fp, &adapters, opts.force)?;
+        Ok((Some(fp), forced))
+    };
+
+    let (base_fingerprint, forced) = if opts.dry_run {
+        check_fp(ctl)?
+    } else {
+        let staged = Staged::new(&out, is_dir)?;
+        // The fingerprint is checked while the output is written (it is staged,
+        // so a refused merge leaves nothing); a mismatch stops the writing.
+        let (checked, written) = rayon::join(
+            || check_fp(&Control::default()).inspect_err(|_| ctl.cancel()),
+            || write(&ckpt, &adapters, &painted, &staged, is_dir, &others, ctl),
+        );
+        let checked = checked?;
+        written?;
+        ctl.check()?;
+        staged.commit(opts.overwrite)?;
+        checked
+    };
+    if need_fp {
+        warnings.extend(forced);
+        warnings.iter().for_each(|w| ctl.warn(w.clone()));
     }
 
-    let mut report = MergeReport {
+    Ok(MergeReport {
         base: base.display().to_string(),
         out: out.display().to_string(),
         dry_run: opts.dry_run,
@@ -186,58 +214,47 @@ pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &
         total_bytes: ckpt.shards.iter().map(|s| s.file.file_len).sum(),
         files: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
         copied_files: others.iter().map(|(n, _)| n.clone()).collect(),
-        warnings: Vec::new(),
-    };
-    if !opts.dry_run {
-        let staged = Staged::new(&out, is_dir)?;
-        write(&ckpt, &adapters, &painted, &staged, is_dir, &others, ctl)?;
-        ctl.check()?;
-        staged.commit(opts.overwrite)?;
-    }
-    report.warnings = warnings;
-    Ok(report)
+        warnings,
+    })
 }
 
-/// Compares each adapter's recorded base fingerprint with the base's.
-fn check_fingerprints(
-    ckpt: &Checkpoint,
-    adapters: &[Adapter],
-    force: bool,
-    ctl: &Control,
-    warn: &mut impl FnMut(String),
-) -> Result<Option<String>> {
-    let mut base_fp = None;
-    for a in adapters {
-        let Some(fp) = &a.fingerprint else {
+/// A warning for each adapter that carries no base fingerprint.
+fn missing_fingerprints(ckpt: &Checkpoint, adapters: &[Adapter]) -> Vec<String> {
+    adapters
+        .iter()
+        .filter(|a| a.fingerprint.is_none())
+        .map(|a| {
             let what = match a.kind {
                 AdapterKind::Official => "official ESFT adapter folder",
                 AdapterKind::Plain => "plain safetensors file",
                 AdapterKind::Esft => "adapter written without a base",
             };
-            warn(format!(
+            format!(
                 "{}: no base fingerprint ({what}), so it cannot be checked that it was trained from {}",
                 a.path.display(),
                 ckpt.path.display()
-            ));
-            continue;
-        };
-        if base_fp.is_none() {
-            base_fp = Some(fingerprint::fingerprint(ckpt, ctl)?);
+            )
+        })
+        .collect()
+}
+
+/// Compares each adapter's recorded base fingerprint with the base's `fp`:
+/// a mismatch is an error, or (with `force`) a warning, returned.
+fn compare_fingerprints(ckpt: &Checkpoint, fp: &str, adapters: &[Adapter], force: bool) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for a in adapters {
+        let Some(theirs) = a.fingerprint.as_deref().filter(|&t| t != fp) else { continue };
+        let msg = format!(
+            "{}: trained from a different base (fingerprint {theirs}) than {} (fingerprint {fp})",
+            a.path.display(),
+            ckpt.path.display()
+        );
+        if !force {
+            return Err(Error::Mismatch(format!("{msg}; pass --force to merge anyway")));
         }
-        let ours = base_fp.as_deref().unwrap_or_default();
-        if fp != ours {
-            let msg = format!(
-                "{}: trained from a different base (fingerprint {fp}) than {} (fingerprint {ours})",
-                a.path.display(),
-                ckpt.path.display()
-            );
-            if !force {
-                return Err(Error::Mismatch(format!("{msg}; pass --force to merge anyway")));
-            }
-            warn(format!("{msg}; merging anyway (--force)"));
-        }
+        warnings.push(format!("{msg}; merging anyway (--force)"));
     }
-    Ok(base_fp)
+    Ok(warnings)
 }
 
 fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Result<Painted> {
