@@ -193,13 +193,23 @@ def test_fingerprint(tmp_path: Path) -> None:
     one = {1: [2]}
     ft = write_checkpoint(tmp_path / "ft", perturb_experts(base_t, one))
     assert esft_rs.fingerprint(ft) != fp
-    # So does a change deep inside one large tensor's middle sample.
+    # Also when one expert inside a fused tensor was trained.
+    fused_t = random_tensors(FUSED, seed=1)
+    fused = write_checkpoint(tmp_path / "fused", fused_t)
+    fused_ft = write_checkpoint(tmp_path / "fused_ft", perturb_experts(fused_t, {2: [2]}))
+    assert esft_rs.fingerprint(fused) != esft_rs.fingerprint(fused_ft)
+    # Sampled, not read whole: a change between the samples goes unseen (by design).
     big = {"w": np.zeros(100_000, np.float32)}
     save_file(big, tmp_path / "a.safetensors")
     big["w"][50_000] = 1.0
     save_file(big, tmp_path / "b.safetensors")
-    assert esft_rs.fingerprint(tmp_path / "a.safetensors") != esft_rs.fingerprint(
+    assert esft_rs.fingerprint(tmp_path / "a.safetensors") == esft_rs.fingerprint(
         tmp_path / "b.safetensors"
+    )
+    big["w"][-1] = 1.0
+    save_file(big, tmp_path / "c.safetensors")
+    assert esft_rs.fingerprint(tmp_path / "a.safetensors") != esft_rs.fingerprint(
+        tmp_path / "c.safetensors"
     )
 
 

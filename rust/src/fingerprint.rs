@@ -2,13 +2,15 @@
 //! adapters so that merging into a different base can be refused.
 //!
 //! Scheme (version 1): XXH3-128 over, for every tensor sorted by name, its
-//! name, dtype and shape, then sampled bytes: all of it if at most
-//! `3 * SAMPLE` bytes, else the first, middle and last `SAMPLE` bytes. The
-//! result is `v1:` + 32 hex digits. It reads about 12 KiB per tensor (never a
-//! whole model), does not depend on how tensors are split into shards, and
-//! changes when training touched a tensor (a trained tensor differs nearly
-//! everywhere, so in its first bytes). Samples are read with positional reads,
-//! not through the map, so they add nothing to the resident set.
+//! name, dtype and shape, then sampled bytes of each of its units (the tensor,
+//! or each expert's slice of a fused-experts tensor): all of the unit if at
+//! most `2 * SAMPLE` bytes, else its first and last `SAMPLE` bytes. The result
+//! is `v1:` + 32 hex digits. It reads at most 8 KiB per tensor or expert slice
+//! (never a whole model), does not depend on how tensors are split into
+//! shards, and changes when training touched a tensor or an expert (trained
+//! weights differ nearly everywhere, so in their first bytes). Samples are read
+//! with positional reads, not through the map, so they add nothing to the
+//! resident set.
 
 use std::path::Path;
 
@@ -17,6 +19,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::copy::read_exact_at;
 use crate::error::{Error, Result};
+use crate::naming;
 use crate::progress::Control;
 use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
 
@@ -56,20 +59,21 @@ fn tensor_digest(f: &SafetensorsFile, t: &TensorInfo) -> Result<u128> {
         h.update(&(field.len() as u64).to_le_bytes());
         h.update(field.as_bytes());
     }
-    let n = t.nbytes();
-    let start = f.offset_of(t);
-    let samples = if n <= 3 * SAMPLE {
-        vec![(start, n)]
-    } else {
-        let mid = start + n / 2 - SAMPLE / 2;
-        vec![(start, SAMPLE), (mid, SAMPLE), (start + n - SAMPLE, SAMPLE)]
-    };
-    let mut buf = [0u8; 3 * SAMPLE as usize];
-    for (off, len) in samples {
-        let b = &mut buf[..len as usize];
-        read_exact_at(f.file(), b, off).map_err(|e| Error::io(&f.path, e))?;
-        h.update(b);
+    let (units, len) = naming::expert_units(&t.name, &t.shape, t.nbytes());
+    let mut buf = [0u8; 2 * SAMPLE as usize];
+    for u in 0..u64::from(units) {
+        let start = f.offset_of(t) + u * len;
+        let samples = if len <= 2 * SAMPLE {
+            [(start, len), (0, 0)]
+        } else {
+            [(start, SAMPLE), (start + len - SAMPLE, SAMPLE)]
+        };
+        for (off, n) in samples.into_iter().filter(|&(_, n)| n > 0) {
+            let b = &mut buf[..n as usize];
+            read_exact_at(f.file(), b, off).map_err(|e| Error::io(&f.path, e))?;
+            h.update(b);
+        }
     }
-    h.update(&n.to_le_bytes());
+    h.update(&t.nbytes().to_le_bytes());
     Ok(h.digest128())
 }

@@ -85,18 +85,10 @@ pub struct MergeReport {
     pub warnings: Vec<String>,
 }
 
-/// How a tensor splits into independently replaceable units: a fused-experts
-/// tensor into its E expert slices along dim 0, anything else is one unit.
-/// Returns (units, bytes per unit).
+/// How a tensor splits into independently replaceable units (see
+/// `naming::expert_units`): (units, bytes per unit).
 pub fn expert_units(t: &TensorInfo) -> (u32, u64) {
-    if let (Role::FusedExperts { .. }, Some(&e)) = (naming::classify(&t.name), t.shape.first()) {
-        if let Ok(e32) = u32::try_from(e) {
-            if e > 0 && t.nbytes() % e == 0 {
-                return (e32, t.nbytes() / e);
-            }
-        }
-    }
-    (1, t.nbytes())
+    naming::expert_units(&t.name, &t.shape, t.nbytes())
 }
 
 /// A sibling of BASE that does not exist yet: `NAME-merged`, `NAME-merged-2`, ...
@@ -430,7 +422,7 @@ fn write(
     for (si, shard) in ckpt.shards.iter().enumerate() {
         let path = out_path(&shard.name);
         let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
-        f.set_len(shard.file.file_len).map_err(|e| Error::io(&path, e))?;
+        copy::preallocate(&f, &path, shard.file.file_len)?;
         outputs.push((f, path));
         shard_ranges(si, &shard.file, painted, &mut ranges);
     }

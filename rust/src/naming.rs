@@ -141,6 +141,20 @@ fn experts_segment_end(name: &str) -> Option<usize> {
     Some(name.len() - after.len() + "experts.".len())
 }
 
+/// How a tensor splits into units that can be replaced one by one: a
+/// fused-experts tensor into its E expert slices along dim 0 (when they are
+/// whole bytes), anything else is one unit. Returns (units, bytes per unit).
+pub fn expert_units(name: &str, shape: &[u64], nbytes: u64) -> (u32, u64) {
+    if let (Role::FusedExperts { .. }, Some(&e)) = (classify(name), shape.first()) {
+        if let Ok(e32) = u32::try_from(e) {
+            if e > 0 && nbytes % e == 0 {
+                return (e32, nbytes / e);
+            }
+        }
+    }
+    (1, nbytes)
+}
+
 /// Maps a name saved relative to the model body (legacy official adapters
 /// saved `model.model`'s state dict: `layers.L...`, `embed_tokens.weight`,
 /// `norm.weight`) to its checkpoint name.

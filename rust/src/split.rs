@@ -488,7 +488,7 @@ fn write_adapter(picks: &[Pick], metadata: &[(String, String)], out: &Path, over
     let path = staged.path().to_path_buf();
     let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
     let total = offsets.last().copied().unwrap_or(header.len() as u64) + new.last().map_or(0, |t| t.nbytes);
-    f.set_len(total).map_err(|e| Error::io(&path, e))?;
+    copy::preallocate(&f, &path, total)?;
     copy::write_all_at(&f, &header, 0).map_err(|e| Error::io(&path, e))?;
     let mut ranges = Vec::new();
     for ((p, (src_off, len, _)), dst_off) in picks.iter().zip(&extents).zip(&offsets) {
