@@ -59,13 +59,17 @@ def test_interrupted_merge(tmp_path: Path, big: tuple[Path, Path], sig: int) -> 
     base, ad = big
     before = tree_digest(base) | tree_digest(ad)
     out = tmp_path / "out"
-    for _ in range(5):  # the merge may win the race; try again
+    for _ in range(8):  # the merge may win the race; try again
         result = interrupt(base, ad, out, sig)
         if result is None:
             shutil.rmtree(out)
             continue
         code, stderr = result
-        assert not out.exists()
+        if out.exists():
+            # Ctrl-C arrived as the merge finished: its output is complete.
+            assert sig == signal.SIGINT and leftovers(tmp_path) == []
+            shutil.rmtree(out)
+            continue
         if sig == signal.SIGKILL:
             assert code == -signal.SIGKILL
             # What is left is only the hidden partial directory, never `out`.

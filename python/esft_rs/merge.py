@@ -4,7 +4,7 @@ base checkpoint, and extraction of expert weights into an adapter.
 Both run in the Rust core with the GIL released: inputs are memory-mapped for
 their headers, bytes are copied in the kernel, outputs appear only when
 complete, and memory stays constant whatever the model size. ``progress`` is
-called as ``progress(stage, done, total)`` about every 100 ms from the calling
+called as ``progress(stage, done, total)`` about every 20 ms from the calling
 thread; Ctrl-C cancels and removes partial outputs.
 """
 

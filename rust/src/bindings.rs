@@ -99,7 +99,7 @@ fn dump_expert_config(
 // --- merge / split / adapters ---
 
 /// Runs `job` on a worker thread with the GIL released; the calling thread
-/// wakes every 100 ms to report progress and warnings to the callbacks and to
+/// wakes every 20 ms to report progress and warnings to the callbacks and to
 /// check for Ctrl-C, which cancels the job (it then removes partial outputs).
 fn run_watched<T: Send>(
     py: Python<'_>,
@@ -120,7 +120,7 @@ fn run_watched<T: Send>(
         });
         loop {
             let finished = py.detach(|| {
-                let waited = rx.lock().map(|r| r.recv_timeout(Duration::from_millis(100)));
+                let waited = rx.lock().map(|r| r.recv_timeout(Duration::from_millis(20)));
                 !matches!(waited, Ok(Err(RecvTimeoutError::Timeout)))
             });
             let watched = (|| -> PyResult<()> {
