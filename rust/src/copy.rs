@@ -152,15 +152,23 @@ fn kernel_copy(src: &File, dst: &File, r: Range) -> std::result::Result<(), (u64
     Ok(())
 }
 
+thread_local! {
+    /// One buffer per thread, reused: a fresh large allocation per range would
+    /// cost a page fault per 4 KiB.
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn fallback_copy(src: &File, src_path: &Path, dst: &File, dst_path: &Path, r: Range, mut done: u64) -> Result<()> {
-    let mut buf = vec![0u8; FALLBACK_BUF.min(usize::try_from(r.len).unwrap_or(usize::MAX))];
-    while done < r.len {
-        let n = buf.len().min(usize::try_from(r.len - done).unwrap_or(usize::MAX));
-        read_exact_at(src, &mut buf[..n], r.src_off + done).map_err(|e| Error::io(src_path, e))?;
-        write_all_at(dst, &buf[..n], r.dst_off + done).map_err(|e| Error::io(dst_path, e))?;
-        done += n as u64;
-    }
-    Ok(())
+    BUF.with_borrow_mut(|buf| {
+        buf.resize(FALLBACK_BUF, 0);
+        while done < r.len {
+            let n = FALLBACK_BUF.min(usize::try_from(r.len - done).unwrap_or(usize::MAX));
+            read_exact_at(src, &mut buf[..n], r.src_off + done).map_err(|e| Error::io(src_path, e))?;
+            write_all_at(dst, &buf[..n], r.dst_off + done).map_err(|e| Error::io(dst_path, e))?;
+            done += n as u64;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(unix)]
