@@ -8,12 +8,16 @@ is imported only by the functions that need it.
 from esft_rs._core import __version__
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
+from esft_rs.training import TrainConfig, TrainResult, train
 
 __all__ = [
     "EsftError",
     "Inspection",
     "InvalidFileError",
     "MismatchError",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "inspect",
+    "train",
 ]
