@@ -48,6 +48,7 @@ def train(
     resume: bool = False,
     save_merged: PathLike | None = None,
     base: PathLike | None = None,
+    skip_bad: bool = False,
     device: str | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -83,7 +84,7 @@ def train(
         net = _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
-        tensors = _load_data(data, net, base, cfg)
+        tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = base_fingerprint(base)
         trainables = freeze(net, resolved)
         if base is not None:
@@ -164,22 +165,31 @@ def _load_model(model: PathLike | torch.nn.Module) -> torch.nn.Module:
 
 def _load_data(
     data: PathLike | Mapping[str, torch.Tensor],
-    model: torch.nn.Module,
     base: PathLike | None,
     cfg: TrainConfig,
+    skip_bad: bool,
 ) -> dict[str, torch.Tensor]:
+    """Packed rows from chat JSONL (the official formatting, tokenizer of ``base``) or as given."""
     import torch
 
     if isinstance(data, Mapping):
         tensors = dict(data)
-        origin = "data"
-    else:
-        raise NotImplementedError("chat JSONL needs esft_rs.data")
-    if "attention_mask" not in tensors:
-        tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
-    if not len(tensors["input_ids"]):
-        raise InvalidFileError(f"{origin}: no training examples")
-    return tensors
+        if "attention_mask" not in tensors:
+            tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
+        if not len(tensors["input_ids"]):
+            raise InvalidFileError("data: no training examples")
+        return tensors
+    from esft_rs.data import read_task_data
+    from esft_rs.tokenizer import load_tokenizer
+
+    if base is None:
+        raise EsftError(f"{data}: chat JSONL needs the model directory, for its tokenizer")
+    task = read_task_data(data, skip_bad=skip_bad)
+    if task.skipped:
+        log.warning("skipped %d bad lines, the first: %s", len(task.skipped), task.skipped[0])
+    packed = task.pack(load_tokenizer(base), seq_length=cfg.seq_length,
+                       random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
+    return packed._asdict()
 
 
 def _check_against_base(base: PathLike, trainables: list[Trainable]) -> None:

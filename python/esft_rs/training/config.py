@@ -49,7 +49,9 @@ class TrainConfig:
     logging_steps: int = _opt(10, "Log the training loss every N steps.")
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.95, "AdamW beta2.")
-    random_concat_ratio: float = _opt(0.2, "Chance of concatenating examples when packing.")
+    random_concat_ratio: float = _opt(
+        0.2, "Chance that an example joining a packed row drops its first token."
+    )
     eval_steps: int = _opt(100, "Evaluate on the validation split every N steps.")
     save_steps: int = _opt(100, "Write a resumable checkpoint every N steps.")
     gradient_checkpointing: bool = _opt(
