@@ -112,10 +112,10 @@ def make_optimizer(trainables: list[Trainable], cfg: TrainConfig) -> torch.optim
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in params)
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop.
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=fused or None,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=True,
     )
 
 
