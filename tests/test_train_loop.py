@@ -101,10 +101,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     a, b = load_file(one.adapter), load_file(tmp_path / "two" / "adapter.safetensors")
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
     la = [r.get("loss", r.get("eval_loss")) for r in metrics(tmp_path / "one")]
     lb = [r.get("loss", r.get("eval_loss")) for r in metrics(tmp_path / "two")]
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_data(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import click
 
 from esft_rs import __version__
 from esft_rs.cli.inspect_cmd import inspect_cmd
-from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
+from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.errors import EsftError
 
 

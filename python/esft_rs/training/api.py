@@ -86,11 +86,12 @@ def train(
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = base_fingerprint(base)
+        train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
+        _check_enough(len(train_idx), cfg, place.world)
         trainables = freeze(net, resolved)
         if base is not None:
             _check_against_base(base, trainables)
         _prepare(net, trainables, dev, cfg)
-        train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
         if place.main:
@@ -190,6 +191,19 @@ def _load_data(
     packed = task.pack(load_tokenizer(base), seq_length=cfg.seq_length,
                        random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
     return packed._asdict()
+
+
+def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
+    from esft_rs.training.loop import global_batch_size
+
+    need = global_batch_size(cfg, world)
+    if n_train < need:
+        raise EsftError(
+            f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split)"
+            f" are fewer than one global batch of {need} (per_device_batch_size"
+            f" {cfg.per_device_batch_size} x {world} processes x gradient_accumulation_steps"
+            f" {cfg.gradient_accumulation_steps})"
+        )
 
 
 def _check_against_base(base: PathLike, trainables: list[Trainable]) -> None:

@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from esft_rs.errors import EsftError
+from esft_rs.data import causal_lm_loss, loss_tokens
 from esft_rs.training import checkpoint
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
@@ -36,7 +35,6 @@ from esft_rs.training.freeze import Trainable
 
 log = logging.getLogger("esft_rs.training")
 
-IGNORE = -100
 METRICS = "metrics.jsonl"
 
 
@@ -106,6 +104,10 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+def global_batch_size(cfg: TrainConfig, world: int) -> int:
+    return cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps
+
+
 def make_optimizer(trainables: list[Trainable], cfg: TrainConfig) -> torch.optim.AdamW:
     params = [t.param for t in trainables]
     groups = [
@@ -126,21 +128,10 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that count in the loss (labels are aligned with inputs; the loss shifts them)."""
-    return int((labels[:, 1:] != IGNORE).sum())
-
-
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the label tokens of ``batch``."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = getattr(out, "logits", out)
-    logits = logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
-    )
+    return causal_lm_loss(getattr(out, "logits", out), batch["labels"], reduction="sum")
 
 
 class Loop:
@@ -163,10 +154,7 @@ class Loop:
         self.model, self.trainables, self.data = model, trainables, data
         self.val_idx, self.cfg, self.out_dir = val_idx, cfg, out_dir
         self.device, self.place, self.identity = device, place, identity
-        self.global_batch = (
-            cfg.per_device_batch_size * place.world * cfg.gradient_accumulation_steps
-        )
-        self.batches = GlobalBatches(train_idx, self.global_batch, cfg.seed)
+        self.batches = GlobalBatches(train_idx, global_batch_size(cfg, place.world), cfg.seed)
         self.params = [t.param for t in trainables]
         self.optimizer = make_optimizer(trainables, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -199,7 +187,7 @@ class Loop:
         """Run optimizer step ``step`` (0-based); returns loss, label tokens, grad norm, tokens."""
         cfg, place = self.cfg, self.place
         batch = self.batches(step)
-        n_label = label_tokens(self.data["labels"][batch])
+        n_label = loss_tokens(self.data["labels"][batch])
         scale = place.world / max(1, n_label)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(cfg.gradient_accumulation_steps):
@@ -234,7 +222,7 @@ class Loop:
             batch = self._batch(part)
             with self.autocast:
                 sums[0] += loss_sum(self.model, batch)
-            sums[1] += label_tokens(batch["labels"])
+            sums[1] += loss_tokens(batch["labels"])
         self.model.train()
         loss, n = self.place.sum(sums).tolist()
         return loss / max(1.0, n)
@@ -278,13 +266,6 @@ class Loop:
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> FitResult:
         cfg, place = self.cfg, self.place
-        if len(self.batches.train_idx) < self.global_batch:
-            raise EsftError(
-                f"{len(self.batches.train_idx)} training sequences (after the {cfg.val_ratio:g}"
-                f" validation split) are fewer than one global batch of {self.global_batch}"
-                f" (per_device_batch_size {cfg.per_device_batch_size} x {place.world} processes"
-                f" x gradient_accumulation_steps {cfg.gradient_accumulation_steps})"
-            )
         initial = {n: v.detach().cpu().clone()
                    for t in self.trainables for n, v in t.current().items()}
         start = self.restore(resume_from) if resume_from is not None else 0
