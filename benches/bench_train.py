@@ -2,15 +2,17 @@
 
 Both modes train the same model on the same data through the same loop
 (``esft_rs.training``); only the expert config differs. ESFT trains the most
-used experts of each layer (by routed-token count on the bench data, as
-token-score selection does), ``--experts`` of 64 per layer.
+used experts of each MoE layer (by routed-token count on the bench data, as
+token-score selection picks them), ``--experts`` of the 64.
 
-Reported per mode: median optimizer-step time (interleaved rounds), peak RSS
-of a child process running the steps, bytes saved for backward in one forward,
+Reported per mode: the median optimizer step (``Loop.step``, modes interleaved
+round by round) in wall time and in process CPU time (steadier on a shared
+machine), its forward / backward / optimizer split, peak RSS of a fresh child
+process running the steps, bytes autograd saves for backward in one forward,
 optimizer-state bytes and trainable parameters. Targets: ESFT step time
 <= 0.6x full; ESFT optimizer bytes == full's x the trainable share.
 
-    python benches/bench_train.py [--rounds 7] [--batch 4] [--seq 512] [--experts 6]
+    python benches/bench_train.py [--rounds 9] [--batch 4] [--seq 512] [--experts 6] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from esft_rs.training.api import _prepare
 from esft_rs.training.batches import split
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
-from esft_rs.training.loop import Dist, Loop, optimizer_state_bytes
+from esft_rs.training.loop import Dist, Loop, loss_sum, optimizer_state_bytes
+
+MODES = ("esft", "full")
 
 
-def bench_data(n: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+def bench_data(n: int, seq: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
@@ -46,9 +50,9 @@ def most_used_experts(model: torch.nn.Module, data: dict, per_layer: int) -> Exp
     counts: dict[int, torch.Tensor] = {}
 
     def hook(layer: int):
-        def record(_m, _inp, out) -> None:
-            ids = out[0].reshape(-1)
-            counts[layer] = counts.get(layer, 0) + torch.bincount(ids, minlength=model.num_experts)
+        def record(_module, _inputs, out) -> None:
+            ids = torch.bincount(out[0].reshape(-1), minlength=model.num_experts)
+            counts[layer] = counts.get(layer, 0) + ids
         return record
 
     handles = [r.register_forward_hook(hook(i)) for i, r in model.routers().items()]
@@ -60,11 +64,20 @@ def most_used_experts(model: torch.nn.Module, data: dict, per_layer: int) -> Exp
                          for layer, c in counts.items()})
 
 
+def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, ExpertConfig]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = init_model("small", seed=0)
+    data = bench_data(args.batch * 16, args.seq)
+    return model, data, most_used_experts(model, data, args.experts)
+
+
 def make_loop(mode: str, base: torch.nn.Module, data: dict, experts: ExpertConfig,
               batch: int) -> Loop:
+    """The loop ``esft_rs.train`` would run, minus files: same freezing, placement, optimizer."""
     model = copy.deepcopy(base)
     cfg = TrainConfig(per_device_batch_size=batch, gradient_accumulation_steps=1,
-                      gradient_checkpointing=False, val_ratio=0.0, mode=mode, steps=1000)
+                      gradient_checkpointing=False, val_ratio=0.0, mode=mode)
     layout = moe_layout((n, tuple(p.shape)) for n, p in model.named_parameters())
     trainables = freeze(model, resolve_experts(layout, experts, mode, cfg.seed))
     _prepare(model, trainables, torch.device("cpu"), cfg)
@@ -73,8 +86,22 @@ def make_loop(mode: str, base: torch.nn.Module, data: dict, experts: ExpertConfi
                 device=torch.device("cpu"), place=Dist(), identity={})
 
 
+def phases(loop: Loop, step: int) -> tuple[float, float, float]:
+    """CPU seconds of forward, backward and clip + optimizer, the parts of ``Loop.step``."""
+    batch = loop._batch(loop.batches(step))
+    t0 = time.process_time()
+    loss = loss_sum(loop.model, batch)
+    t1 = time.process_time()
+    loss.backward()
+    t2 = time.process_time()
+    torch.nn.utils.clip_grad_norm_(loop.params, 1.0)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1, time.process_time() - t2
+
+
 def saved_bytes(loop: Loop) -> int:
-    """Bytes autograd keeps for backward during one forward (distinct storages)."""
+    """Bytes autograd keeps for backward during one forward (distinct storages, not weights)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -82,19 +109,11 @@ def saved_bytes(loop: Loop) -> int:
         seen[s.data_ptr()] = s.nbytes()
         return t
 
-    batch = loop._batch(loop.batches(0)[: loop.cfg.per_device_batch_size])
-    params = {p.untyped_storage().data_ptr() for p in loop.model.parameters()}
+    batch = loop._batch(loop.batches(0))
+    weights = {p.untyped_storage().data_ptr() for p in loop.model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = loop.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    del out
-    return sum(b for ptr, b in seen.items() if ptr not in params)
-
-
-def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, ExpertConfig]:
-    torch.manual_seed(0)
-    model = init_model("small", seed=0)
-    data = bench_data(args.batch * 8, args.seq, 256)
-    return model, data, most_used_experts(model, data, args.experts)
+        loss_sum(loop.model, batch)
+    return sum(b for ptr, b in seen.items() if ptr not in weights)
 
 
 def rss_kib(field: str) -> int:
@@ -106,80 +125,82 @@ def rss_kib(field: str) -> int:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Peak RSS of one mode in a fresh process: its setup, then ``--child-steps`` steps."""
+    """Peak RSS of one mode in a fresh process: its set-up, then 3 steps."""
     model, data, experts = setup(args)
     loop = make_loop(args.child, model, data, experts, args.batch)
     before = rss_kib("VmRSS")
-    for step in range(args.child_steps):
+    for step in range(3):
         loop.step(step)
     print(json.dumps({"peak_kib": rss_kib("VmHWM"), "before_kib": before}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--experts", type=int, default=6, help="trained experts per MoE layer (of 64)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--child", choices=["esft", "full"], help=argparse.SUPPRESS)
-    p.add_argument("--child-steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         return child(args)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    memory = {}
-    for m in ("esft", "full"):  # first, while this process is small
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", m, "--batch", str(args.batch), "--seq",
-             str(args.seq), "--experts", str(args.experts), "--threads", str(args.threads)],
-            capture_output=True, text=True, check=True,
-        )
-        memory[m] = json.loads(out.stdout.strip().splitlines()[-1])
+    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--experts",
+              str(args.experts), "--threads", str(args.threads)]
+    memory = {  # first, while this process is small
+        m: json.loads(subprocess.run([sys.executable, __file__, "--child", m, *common],
+                                     capture_output=True, text=True, check=True).stdout)
+        for m in MODES
+    }
     model, data, experts = setup(args)
-    loops = {mode: make_loop(mode, model, data, experts, args.batch) for mode in ("esft", "full")}
-    times: dict[str, list[float]] = {m: [] for m in loops}
-    for m, loop in loops.items():
-        loop.step(0)  # warm-up: allocator, optimizer state
+    loops = {m: make_loop(m, model, data, experts, args.batch) for m in MODES}
+    for step in range(3):  # warm-up: optimizer state, the CPU kernels' per-shape set-up
+        for loop in loops.values():
+            loop.step(step)
+    wall: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    split_s: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for m, loop in loops.items():
-            t = time.perf_counter()
-            loop.step(1 + r)
-            times[m].append(time.perf_counter() - t)
+            t, c = time.perf_counter(), time.process_time()
+            loop.step(3 + r)
+            wall[m].append(time.perf_counter() - t)
+            cpu[m].append(time.process_time() - c)
+            split_s[m].append(phases(loop, 3 + r))
 
+    med = statistics.median
     rows = {}
     for m, loop in loops.items():
-        mem = memory[m]
         rows[m] = {
-            "step_s": statistics.median(times[m]),
-            "peak_rss_mib": mem["peak_kib"] / 1024,
-            "train_growth_mib": (mem["peak_kib"] - mem["before_kib"]) / 1024,
-            "saved_for_backward_mib": saved_bytes(loop) / 2**20,
-            "optimizer_bytes": optimizer_state_bytes(loop.optimizer),
-            "trainable_params": sum(t.param.numel() for t in loop.trainables),
+            "wall": med(wall[m]), "cpu": med(cpu[m]),
+            "fwd": med(s[0] for s in split_s[m]), "bwd": med(s[1] for s in split_s[m]),
+            "opt": med(s[2] for s in split_s[m]),
+            "peak_mib": memory[m]["peak_kib"] / 1024,
+            "grow_mib": (memory[m]["peak_kib"] - memory[m]["before_kib"]) / 1024,
+            "saved_mib": saved_bytes(loop) / 2**20,
+            "optim": optimizer_state_bytes(loop.optimizer),
+            "params": sum(t.param.numel() for t in loop.trainables),
         }
-
     total = sum(p.numel() for p in model.parameters())
-    e, f = rows["esft"], rows["full"]
-    share = e["trainable_params"] / f["trainable_params"]
-    print(f"small model ({total / 1e6:.1f}M params), batch {args.batch} x {args.seq} tokens, "
-          f"ESFT: {args.experts} of 64 experts per layer; median of {args.rounds} interleaved steps")
-    print(f"{'':10}{'step s':>9}{'peak RSS MiB':>14}{'+train MiB':>12}{'saved MiB':>11}"
-          f"{'optim bytes':>14}{'trainable':>12}")
+    print(f"small model ({total / 1e6:.1f}M params), batch {args.batch} x {args.seq} tokens,"
+          f" {torch.get_num_threads()} threads; ESFT trains {args.experts} of 64 experts per"
+          f" layer; medians of {args.rounds} interleaved steps")
+    print(f"{'':6}{'wall s':>8}{'cpu s':>8}{'fwd':>7}{'bwd':>7}{'opt':>7}{'peak MiB':>10}"
+          f"{'+steps':>8}{'saved MiB':>10}{'optim bytes':>14}{'trainable':>12}")
     for m, r in rows.items():
-        print(f"{m:10}{r['step_s']:9.3f}{r['peak_rss_mib']:14.0f}{r['train_growth_mib']:12.0f}"
-              f"{r['saved_for_backward_mib']:11.1f}{r['optimizer_bytes']:14,}"
-              f"{r['trainable_params']:12,}")
-    ratio = e["step_s"] / f["step_s"]
-    print(f"step time esft/full: {ratio:.2f}x (target <= 0.60) {'OK' if ratio <= 0.6 else 'MISSED'}")
-    expected = f["optimizer_bytes"] * share
-    print(f"optimizer bytes esft/full: {e['optimizer_bytes'] / f['optimizer_bytes']:.4f}"
-          f" vs trainable share {share:.4f} (exact but for one 4-byte step count per tensor:"
-          f" {e['optimizer_bytes'] - expected:+,.0f} bytes)")
+        print(f"{m:6}{r['wall']:8.3f}{r['cpu']:8.3f}{r['fwd']:7.3f}{r['bwd']:7.3f}{r['opt']:7.3f}"
+              f"{r['peak_mib']:10.0f}{r['grow_mib']:8.0f}{r['saved_mib']:10.1f}"
+              f"{r['optim']:14,}{r['params']:12,}")
+    e, f = rows["esft"], rows["full"]
+    for what in ("wall", "cpu"):
+        ratio = e[what] / f[what]
+        verdict = "met" if ratio <= 0.6 else "MISSED"
+        print(f"step time esft/full ({what}): {ratio:.2f}x (target <= 0.60: {verdict})")
+    share = e["params"] / f["params"]
+    extra = e["optim"] - f["optim"] * share
+    print(f"optimizer bytes esft/full: {e['optim'] / f['optim']:.4f}, trainable share"
+          f" {share:.4f} (difference: {extra:+,.0f} bytes, one 4-byte step count per tensor)")
 
 
 if __name__ == "__main__":
