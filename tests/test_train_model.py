@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import run_cli
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
 from test_train_config import OFFICIAL_BASE
+from train_fakes import ddp_worker
 
 EXPERTS = {"experts": {"1": [0, 5], "2": [3], "3": [7, 8, 9]},
            "shared_experts": False, "non_expert_modules": False}
@@ -90,6 +92,32 @@ def test_gradient_checkpointing_changes_nothing(files: dict[str, Path], tmp_path
     assert recomputed.model.gradient_checkpointing
     a, b = load_file(plain.adapter), load_file(recomputed.adapter)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None:
+    """Same global batch (4 sequences x 2 micro-steps) on 1 process and on 2 (gloo)."""
+    kw = dict(experts=files["experts"], steps=4, seq_length=64, gradient_accumulation_steps=2,
+              eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3, device="cpu")
+    args = (files["base"], files["data"])
+    one = esft_rs.train(*args, tmp_path / "one", per_device_batch_size=4, progress=False, **kw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    torch.multiprocessing.spawn(
+        ddp_worker, args=(2, port, (*args, two), dict(per_device_batch_size=2, **kw)), nprocs=2)
+    a, b = load_file(one.adapter), load_file(two / "adapter.safetensors")
+    assert set(a) == set(b) == expert_tensors(EXPERTS)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+    def losses(out: Path) -> torch.Tensor:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return torch.tensor([r.get("loss", r.get("eval_loss")) for r in rows])
+
+    assert len(losses(two)) == 6  # 4 steps, 2 evals (the 2nd process holds no validation row)
+    assert torch.allclose(losses(one.out_dir), losses(two), rtol=1e-5, atol=1e-6)
+    state = json.loads(next((two / "checkpoints").iterdir()).joinpath("state.json").read_text())
+    assert state["world"] == 2
 
 
 BAD_FILES = {

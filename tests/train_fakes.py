@@ -148,7 +148,7 @@ def effective(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def ddp_worker(rank: int, world: int, port: int, kwargs: dict) -> None:
+def ddp_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
     """One torchrun-like process (for torch.multiprocessing.spawn): env as torchrun sets it."""
     import os
 
@@ -157,4 +157,4 @@ def ddp_worker(rank: int, world: int, port: int, kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    esft_rs.train(FakeMoE(), fake_data(**kwargs.pop("data")), progress=False, **kwargs)
+    esft_rs.train(*args, progress=False, **kwargs)

@@ -218,7 +218,8 @@ class Loop:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine = self.val_idx[self.place.rank :: self.place.world]
-        for part in mine.split(self.cfg.per_device_batch_size):
+        # A process may hold no validation rows; it still joins the sum below.
+        for part in mine.split(self.cfg.per_device_batch_size) if len(mine) else ():
             batch = self._batch(part)
             with self.autocast:
                 sums[0] += loss_sum(self.model, batch)
@@ -266,8 +267,7 @@ class Loop:
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> FitResult:
         cfg, place = self.cfg, self.place
-        initial = {n: v.detach().cpu().clone()
-                   for t in self.trainables for n, v in t.current().items()}
+        initial = _checksums(self.trainables)
         start = self.restore(resume_from) if resume_from is not None else 0
         metrics = _Metrics(self.out_dir, start, enabled=place.main)
         bar = _progress(cfg.steps, start, enabled=progress and place.main)
@@ -315,8 +315,7 @@ class Loop:
             with torch.no_grad():
                 for t in self.trainables:
                     t.param.copy_(self.best[t.name])
-        unchanged = [n for t in self.trainables for n, v in t.current().items()
-                     if torch.equal(v.cpu(), initial[n])]
+        unchanged = [n for n, c in _checksums(self.trainables).items() if c == initial[n]]
         return FitResult(
             steps=cfg.steps,
             train_loss=train_loss,
@@ -327,6 +326,16 @@ class Loop:
             unchanged=unchanged,
             history=self.history,
         )
+
+
+def _checksums(trainables: list[Trainable]) -> dict[str, int]:
+    """Sum of each trained tensor's bit patterns (in its checkpoint dtype): any update to a
+    tensor changes it, and unlike a copy it costs no memory, even in full mode."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return {
+        n: int(v.contiguous().view(ints[v.element_size()]).sum(dtype=torch.int64))
+        for t in trainables for n, v in t.current().items()
+    }
 
 
 def _empty_window() -> dict[str, float]:
