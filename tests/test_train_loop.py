@@ -116,3 +116,19 @@ def test_warns_when_trained_tensors_do_not_change(tmp_path: Path, caplog) -> Non
     result = run(tmp_path / "out", learning_rate=0.0)
     assert len(result.fit.unchanged) == 9
     assert "9 trained tensors did not change" in caplog.text
+
+
+def test_full_and_random_modes(tmp_path: Path) -> None:
+    model = FakeMoE()
+    base = snapshot(model)
+    full = run(tmp_path / "full", model, experts=None, mode="full")
+    now = effective(model, list(base))
+    assert {n for n in base if not torch.equal(base[n], now[n])} == set(base)
+    assert set(load_file(full.adapter)) == set(base)
+
+    random = run(tmp_path / "random", experts=EXPERTS, mode="random", seed=3)
+    drawn = random.experts.experts
+    assert {k: len(v) for k, v in drawn.items()} == {1: 2, 2: 1} and drawn != EXPERTS.experts
+    assert set(load_file(random.adapter)) == {
+        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+        for layer, ids in drawn.items() for e in ids for p in ("gate", "up", "down")}
