@@ -8,6 +8,9 @@ is imported only by the functions that need it.
 from esft_rs._core import __version__
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
+from esft_rs.profiling import profile
+from esft_rs.routing import RoutingStats, aggregate
+from esft_rs.selection import select_experts
 from esft_rs.training import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -15,9 +18,13 @@ __all__ = [
     "Inspection",
     "InvalidFileError",
     "MismatchError",
+    "RoutingStats",
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "aggregate",
     "inspect",
+    "profile",
+    "select_experts",
     "train",
 ]

@@ -114,3 +114,17 @@ def write_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return out
+
+
+def official_data_dir(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The official ESFT conformance data (routing logs, summary.json, configs):
+    ``$ESFT_OFFICIAL``, else ``shared/esft-official`` beside the repository
+    (``../shared``) or beside any of its parents. None when absent."""
+    if env := os.environ.get("ESFT_OFFICIAL"):
+        return Path(env)
+    here = Path(start or __file__).resolve()
+    for base in (here, *here.parents):
+        candidate = base / "shared" / "esft-official"
+        if (candidate / "expert_scores").is_dir():
+            return candidate
+    return None

@@ -7,6 +7,7 @@ pub mod error;
 pub mod expert_config;
 pub mod inspect;
 pub mod naming;
+pub mod routing;
 pub mod safetensors;
 
 mod bindings;
