@@ -13,6 +13,7 @@ from esft_rs.merge import MergeReport, SplitReport, merge, split
 from esft_rs.profiling import profile
 from esft_rs.routing import RoutingStats, aggregate
 from esft_rs.selection import select_experts
+from esft_rs.training import TrainConfig, TrainResult, train
 
 __all__ = [
     "EsftError",
@@ -22,6 +23,8 @@ __all__ = [
     "MismatchError",
     "RoutingStats",
     "SplitReport",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "aggregate",
     "fingerprint",
@@ -32,4 +35,5 @@ __all__ = [
     "save_adapter",
     "select_experts",
     "split",
+    "train",
 ]
