@@ -49,8 +49,7 @@ fuzz:
 	fi
 
 demo: setup
-	$(PY) -c "from esft_rs.testing import *; write_checkpoint('demo-out/base', random_tensors(MoEShape()), shards=2)"
-	$(VENV)/bin/esft-rs inspect demo-out/base --no-tensors
+	$(VENV)/bin/esft-rs demo -o demo-out
 
 # Shows that a release wheel installs into a clean virtualenv and runs.
 wheel-check: setup

@@ -12,6 +12,7 @@ import sys
 import click
 
 from esft_rs import __version__
+from esft_rs.cli.demo_cmd import demo_cmd
 from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
@@ -31,6 +32,7 @@ def main() -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(demo_cmd)
 main.add_command(train_cmd)
 main.add_command(init_model_cmd)
 main.add_command(select_cmd)

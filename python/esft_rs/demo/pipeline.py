@@ -85,7 +85,7 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
 
 def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
     """The base model directory, pretrained once per settings and cached."""
-    from esft_rs.models import init_model, save_model
+    from esft_rs.models import PRESETS, init_model, save_model
     from esft_rs.training import train
 
     final = cache_dir() / "demo" / f"base-{s.base_key()}"
@@ -93,7 +93,8 @@ def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
         return final
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    init = save_model(init_model(s.preset, seed=s.seed), work / "init")
+    config = PRESETS[s.preset].replace(aux_loss_alpha=s.pretrain_aux_alpha)
+    init = save_model(init_model(config, seed=s.seed), work / "init")
     result = train(
         init, data.general_train, work / "run", mode="full", steps=s.pretrain_steps,
         learning_rate=s.pretrain_lr, per_device_batch_size=s.batch_size,

@@ -19,14 +19,15 @@ LEARNING_RATES = {"fft": 3e-4, "esft_token": 1e-3, "esft_gate": 1e-3, "random": 
 class Settings:
     preset: str = "small"
     seed: int = 0
-    seq_length: int = 256
+    seq_length: int = 128
     batch_size: int = 8
-    pretrain_steps: int = 400
-    pretrain_lr: float = 1e-3
-    pretrain_items: int = 4000  # per general task
+    pretrain_steps: int = 200
+    pretrain_lr: float = 2e-3
+    pretrain_aux_alpha: float = 0.01  # expert balance during pretraining, as DeepSeek trains
+    pretrain_items: int = 1500  # per general task
     finetune_task: str = "binary"
-    finetune_steps: int = 120
-    finetune_items: int = 2000
+    finetune_steps: int = 60
+    finetune_items: int = 1000
     test_items: int = 200  # downstream, held out
     general_test_items: int = 40  # per general task, held out
     profile_items: int = 300  # per task
@@ -42,8 +43,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = replace(
-    FULL, preset="tiny", pretrain_steps=60, pretrain_items=600, finetune_steps=20,
-    finetune_items=300, test_items=40, general_test_items=10, profile_items=60,
+    FULL, preset="tiny", pretrain_steps=30, pretrain_items=200, finetune_steps=8,
+    finetune_items=100, test_items=20, general_test_items=5, profile_items=20,
 )
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     first_k_dense_replace: int
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    aux_loss_alpha: float = 0.0  # DeepSeek's expert-balance loss weight (training only)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096

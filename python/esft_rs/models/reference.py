@@ -55,11 +55,20 @@ class Router(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.aux_loss_alpha = cfg.aux_loss_alpha
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         # Scores in float32 whatever the model dtype, as DeepSeek-V2 does.
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            # Expert-level balance loss (DeepSeek-V2 eq. 12): E * sum_e f_e * P_e, where f_e
+            # is e's share of the top-K selections and P_e its mean routing probability.
+            e = scores.shape[-1]
+            share = torch.bincount(ids.reshape(-1), minlength=e).float() / ids.numel()
+            self.aux_loss = self.aux_loss_alpha * e * (share * scores.mean(0)).sum()
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         else:
@@ -175,6 +184,11 @@ class ReferenceMoE(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in backward: less memory, more compute."""
         self.gradient_checkpointing = True
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the routers' balance losses from the last training forward, if any."""
+        losses = [r.aux_loss for r in self.routers().values() if r.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def routers(self) -> dict[int, nn.Module]:
         return {

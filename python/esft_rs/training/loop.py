@@ -129,9 +129,15 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the label tokens of ``batch``."""
+    """Summed next-token cross-entropy over the label tokens of ``batch``, plus the
+    model's auxiliary (expert-balance) loss per label token when it has one."""
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return causal_lm_loss(getattr(out, "logits", out), batch["labels"], reduction="sum")
+    loss = causal_lm_loss(getattr(out, "logits", out), batch["labels"], reduction="sum")
+    aux = getattr(getattr(model, "module", model), "aux_loss", None)
+    extra = aux() if callable(aux) else None
+    if extra is not None:
+        loss = loss + extra * loss_tokens(batch["labels"])
+    return loss
 
 
 class Loop:
