@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUST_SRC := $(shell find rust/src -name '*.rs') Cargo.toml Cargo.lock
 
-.PHONY: setup test demo wheel-check bench clean
+.PHONY: setup test demo wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -34,6 +34,19 @@ test: setup
 	cargo clippy --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory fuzz
+
+# Fuzzes the safetensors header parser briefly, where cargo-fuzz and a nightly
+# toolchain are installed (cargo install cargo-fuzz; rustup toolchain install nightly).
+FUZZ_SECONDS ?= 20
+fuzz:
+	@if ! cargo fuzz --version >/dev/null 2>&1; then \
+		echo "fuzz: cargo-fuzz is not installed; skipping the header fuzz run"; \
+	elif ! cargo +nightly --version >/dev/null 2>&1; then \
+		echo "fuzz: no nightly toolchain (cargo fuzz needs one); skipping the header fuzz run"; \
+	else \
+		cargo +nightly fuzz run header -- -max_total_time=$(FUZZ_SECONDS); \
+	fi
 
 demo: setup
 	$(PY) -c "from esft_rs.testing import *; write_checkpoint('demo-out/base', random_tensors(MoEShape()), shards=2)"

@@ -6,8 +6,10 @@ is imported only by the functions that need it.
 """
 
 from esft_rs._core import __version__
+from esft_rs.adapter import fingerprint, read_adapter, save_adapter
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
+from esft_rs.merge import MergeReport, SplitReport, merge, split
 from esft_rs.profiling import profile
 from esft_rs.routing import RoutingStats, aggregate
 from esft_rs.selection import select_experts
@@ -17,14 +19,21 @@ __all__ = [
     "EsftError",
     "Inspection",
     "InvalidFileError",
+    "MergeReport",
     "MismatchError",
     "RoutingStats",
+    "SplitReport",
     "TrainConfig",
     "TrainResult",
     "__version__",
     "aggregate",
+    "fingerprint",
     "inspect",
+    "merge",
     "profile",
+    "read_adapter",
+    "save_adapter",
     "select_experts",
+    "split",
     "train",
 ]

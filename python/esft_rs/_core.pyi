@@ -1,4 +1,5 @@
 # Type stubs for the Rust extension; tests/test_stubs.py keeps them in sync.
+from collections.abc import Callable
 from typing import Any
 
 __version__: str
@@ -32,3 +33,38 @@ def read_official_logs(
 ) -> dict[str, Any]: ...
 def load_routing_stats(path: str) -> dict[str, Any]: ...
 def save_routing_stats(path: str, stats: dict[str, Any]) -> None: ...
+# --- merge / split / adapters ---
+ADAPTER_KEYS: dict[str, str]
+
+def merge_json(
+    base: str,
+    adapters: list[str],
+    out: str | None = None,
+    on_conflict: str = "error",
+    force: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], object] | None = None,
+    on_warning: Callable[[str], object] | None = None,
+) -> str: ...
+def split_json(
+    model: str,
+    out: str,
+    experts: str | None = None,
+    base: str | None = None,
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], object] | None = None,
+    on_warning: Callable[[str], object] | None = None,
+) -> str: ...
+def fingerprint(path: str) -> str: ...
+def adapter_info_json(path: str) -> str: ...
+def adapter_metadata(
+    expert_config: str,
+    base_fingerprint: str | None = None,
+    extra: list[tuple[str, str]] = ...,
+) -> list[tuple[str, str]]: ...
+def fused_slice_name(fused: str, expert: int) -> str | None: ...
+def fused_slice_parent(name: str) -> tuple[str, int] | None: ...

@@ -24,3 +24,14 @@ def classify(name: str) -> TensorRole:
 def canonical(name: str) -> str:
     """Map legacy official-adapter names (``layers.L...``) to ``model.layers.L...``."""
     return _core.canonical_name(name)
+
+
+def fused_slice_name(fused: str, expert: int) -> str | None:
+    """Name of expert ``expert``'s slice of a fused tensor, as adapters store it:
+    ``...mlp.experts.gate_up_proj`` -> ``...mlp.experts.E.gate_up_proj``; None if not fused."""
+    return _core.fused_slice_name(fused, expert)
+
+
+def fused_slice_parent(name: str) -> tuple[str, int] | None:
+    """The (fused tensor, expert) a slice name stands for; None if it is not one."""
+    return _core.fused_slice_parent(name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +102,7 @@ def write_checkpoint(
     groups: list[dict[str, np.ndarray]] = [{}]
     filled = 0
     for name, t in tensors.items():
-        if filled >= budget * len(groups) and len(groups) < shards:
+        if groups[-1] and filled >= budget * len(groups) and len(groups) < shards:
             groups.append({})
         groups[-1][name] = t
         filled += t.nbytes
@@ -128,3 +128,43 @@ def official_data_dir(start: str | os.PathLike[str] | None = None) -> Path | Non
         if (candidate / "expert_scores").is_dir():
             return candidate
     return None
+def _expert_parts(
+    tensors: Mapping[str, np.ndarray], experts: Mapping[int, Iterable[int]]
+) -> Iterator[tuple[str, str, int | None]]:
+    """(tensor name, adapter name, fused slice index or None) of the given experts' tensors."""
+    from esft_rs.naming import classify, fused_slice_name
+
+    chosen = {layer: set(ids) for layer, ids in experts.items()}
+    for name, arr in tensors.items():
+        role = classify(name)
+        ids = chosen.get(role.layer, set()) if role.layer is not None else set()
+        if role.kind == "routed_expert" and role.expert in ids:
+            yield name, name, None
+        elif role.kind == "fused_experts":
+            for e in sorted(i for i in ids if i < arr.shape[0]):
+                yield name, fused_slice_name(name, e) or name, e
+
+
+def expert_tensors(
+    tensors: Mapping[str, np.ndarray], experts: Mapping[int, Iterable[int]]
+) -> dict[str, np.ndarray]:
+    """The given experts' tensors (layer -> expert ids), as an adapter holds them:
+    per-expert tensors under their names, fused-tensor slices under slice names."""
+    return {
+        adapter_name: (tensors[name] if e is None else tensors[name][e])
+        for name, adapter_name, e in _expert_parts(tensors, experts)
+    }
+
+
+def perturb_experts(
+    tensors: Mapping[str, np.ndarray], experts: Mapping[int, Iterable[int]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """A copy of ``tensors`` in which the given experts got new values, as training them would."""
+    rng = np.random.default_rng(seed)
+    out = dict(tensors)
+    for name, _, e in _expert_parts(tensors, experts):
+        arr = out[name].copy()
+        target = arr if e is None else arr[e]
+        target[...] = rng.standard_normal(target.shape).astype(arr.dtype)
+        out[name] = arr
+    return out

@@ -69,6 +69,12 @@ pub enum Error {
     /// Bad values in in-memory input (arrays, arguments) rather than in a file.
     #[error("{0}")]
     Value(String),
+    /// Arguments that cannot work together (e.g. an output that is an input).
+    #[error("{0}")]
+    Usage(String),
+    /// The watcher asked the job to stop (Ctrl-C); partial outputs are removed.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl Error {

@@ -13,6 +13,11 @@
 //!   `block_sparse_moe.gate.*`, `mlp.router.*` (gpt-oss).
 //!
 //! Legacy official ESFT adapters name tensors `layers.L...` without `model.`.
+//!
+//! Expert slices of fused tensors (in adapters): expert E's slice of
+//! `P.experts.NAME` is named `P.experts.E.NAME`, the expert index inserted
+//! where per-expert layouts put it (no `.weight` is added), so it classifies as
+//! that routed expert.
 
 use std::borrow::Cow;
 
@@ -103,6 +108,64 @@ pub fn canonical(name: &str) -> Cow<'_, str> {
     }
 }
 
+/// The name of expert `expert`'s slice of a fused tensor
+/// (`...mlp.experts.gate_up_proj` -> `...mlp.experts.E.gate_up_proj`);
+/// `None` if `fused` is not a fused-experts name.
+pub fn fused_slice_name(fused: &str, expert: u32) -> Option<String> {
+    if !matches!(classify(fused), Role::FusedExperts { .. }) {
+        return None;
+    }
+    let at = experts_segment_end(fused)?;
+    Some(format!("{}{expert}.{}", &fused[..at], &fused[at..]))
+}
+
+/// The fused tensor name and expert that a slice name stands for (the inverse
+/// of `fused_slice_name`); `None` if `name` is not a routed-expert name.
+pub fn fused_slice_parent(name: &str) -> Option<(String, u32)> {
+    let Role::RoutedExpert { expert, .. } = classify(name) else {
+        return None;
+    };
+    let at = experts_segment_end(name)?;
+    let tail = name[at..].split_once('.')?.1;
+    let parent = format!("{}{tail}", &name[..at]);
+    matches!(classify(&parent), Role::FusedExperts { .. }).then_some((parent, expert))
+}
+
+/// Byte position just after `layers.L.BLOCK.experts.` in `name`.
+fn experts_segment_end(name: &str) -> Option<usize> {
+    let (_, rest) = split_layer(name)?;
+    let (block, after) = rest.split_once('.')?;
+    if !MOE_BLOCKS.contains(&block) || !after.starts_with("experts.") {
+        return None;
+    }
+    Some(name.len() - after.len() + "experts.".len())
+}
+
+/// How a tensor splits into units that can be replaced one by one: a
+/// fused-experts tensor into its E expert slices along dim 0 (when they are
+/// whole bytes), anything else is one unit. Returns (units, bytes per unit).
+pub fn expert_units(name: &str, shape: &[u64], nbytes: u64) -> (u32, u64) {
+    if let (Role::FusedExperts { .. }, Some(&e)) = (classify(name), shape.first()) {
+        if let Ok(e32) = u32::try_from(e) {
+            if e > 0 && nbytes % e == 0 {
+                return (e32, nbytes / e);
+            }
+        }
+    }
+    (1, nbytes)
+}
+
+/// Maps a name saved relative to the model body (legacy official adapters
+/// saved `model.model`'s state dict: `layers.L...`, `embed_tokens.weight`,
+/// `norm.weight`) to its checkpoint name.
+pub fn from_model_body(name: &str) -> String {
+    if name.starts_with("model.") {
+        name.to_string()
+    } else {
+        format!("model.{name}")
+    }
+}
+
 /// Finds `layers.L.` (at the start or after a dot) and returns L and the rest.
 fn split_layer(name: &str) -> Option<(u32, &str)> {
     let mut search = 0;
@@ -145,5 +208,22 @@ mod tests {
         assert_eq!(c("model.embed_tokens.weight"), Role::Global);
         assert_eq!(c("lm_head.weight"), Role::Global);
         assert_eq!(c("model.players.1.mlp.gate.weight"), Role::Global);
+    }
+
+    #[test]
+    fn fused_slices() {
+        let fused = "model.layers.5.mlp.experts.gate_up_proj";
+        let slice = fused_slice_name(fused, 7).unwrap();
+        assert_eq!(slice, "model.layers.5.mlp.experts.7.gate_up_proj");
+        assert_eq!(classify(&slice), Role::RoutedExpert { layer: 5, expert: 7 });
+        assert_eq!(fused_slice_parent(&slice), Some((fused.to_string(), 7)));
+        assert_eq!(
+            fused_slice_parent("model.layers.1.block_sparse_moe.experts.2.w1.weight"),
+            Some(("model.layers.1.block_sparse_moe.experts.w1.weight".to_string(), 2))
+        );
+        assert_eq!(fused_slice_name("model.layers.5.mlp.experts.3.up_proj.weight", 1), None);
+        assert_eq!(fused_slice_name("model.layers.5.mlp.gate.weight", 1), None);
+        assert_eq!(fused_slice_parent("model.layers.5.mlp.gate.weight"), None);
+        assert_eq!(fused_slice_parent("model.layers.5.mlp.experts.3"), None);
     }
 }

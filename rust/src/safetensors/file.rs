@@ -1,6 +1,7 @@
 //! A safetensors file opened through a read-only memory map. Parsing touches
 //! only the header pages; tensor bytes are read lazily by whoever slices them.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,10 @@ pub struct SafetensorsFile {
     pub header: Header,
     pub file_len: u64,
     map: Mmap,
+    /// Kept open for in-kernel copies (`copy_file_range`) and positional reads.
+    file: File,
+    /// Tensor name -> position in `header.tensors`.
+    by_name: HashMap<String, usize>,
 }
 
 impl SafetensorsFile {
@@ -32,11 +37,19 @@ impl SafetensorsFile {
         // accepted contract of every mmap-based safetensors reader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let header = header::parse(&map, file_len).map_err(|e| Error::format(path, e))?;
+        let by_name = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             header,
             file_len,
             map,
+            file,
+            by_name,
         })
     }
 
@@ -54,6 +67,16 @@ impl SafetensorsFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.header.tensors.iter().find(|t| t.name == name)
+        self.by_name.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    /// The open file, for in-kernel copies and positional reads.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Absolute file offset of a tensor's first byte.
+    pub fn offset_of(&self, t: &TensorInfo) -> u64 {
+        self.header.data_start() + t.start
     }
 }

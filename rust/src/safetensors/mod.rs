@@ -1,10 +1,11 @@
 //! The safetensors format: header parsing and validation, memory-mapped files,
-//! and checkpoints made of one file or of shards with an index.
+//! checkpoints made of one file or of shards with an index, and new headers.
 
 pub mod checkpoint;
 pub mod dtype;
 pub mod file;
 pub mod header;
+pub mod writer;
 
 pub use checkpoint::{Checkpoint, Shard};
 pub use dtype::Dtype;

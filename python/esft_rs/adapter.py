@@ -1,0 +1,109 @@
+"""ESFT adapters: describe one, or write one from in-memory tensors.
+
+An adapter is a safetensors file holding only the trained tensors, named as in
+the base checkpoint, with ``__metadata__`` keys defined once in the Rust core
+(``ADAPTER_KEYS``): ``format`` = ``pt``, ``esft.expert_config`` (the official
+expert config JSON), ``esft.base_fingerprint`` (see ``fingerprint``), and any
+number of free-form ``esft.*`` keys (training config, metrics) that merge
+ignores. An expert's slice of a fused tensor ``P.experts.NAME`` is stored as
+``P.experts.E.NAME`` (``naming.fused_slice_name``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esft_rs import _core
+from esft_rs.expert_config import ExpertConfig
+
+ADAPTER_KEYS: dict[str, str] = dict(_core.ADAPTER_KEYS)
+KEY_EXPERT_CONFIG = ADAPTER_KEYS["expert_config"]
+KEY_BASE_FINGERPRINT = ADAPTER_KEYS["base_fingerprint"]
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """Fingerprint of a checkpoint (file or directory): cheap, content-sensitive.
+
+    XXH3-128 over every tensor's name, dtype, shape and sampled bytes (first,
+    middle and last 4 KiB); independent of sharding. Recorded in adapters so
+    that merging into a different base is refused.
+    """
+    return _core.fingerprint(os.fspath(path))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: str
+    kind: str  # esft | plain | official
+    expert_config: ExpertConfig | None
+    base_fingerprint: str | None
+    metadata: dict[str, str]
+    tensors: tuple[str, ...]  # checkpoint names (legacy official names mapped)
+    total_bytes: int
+
+
+def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
+    """Describe an adapter: ours, a plain safetensors file, or an official folder."""
+    raw = json.loads(_core.adapter_info_json(os.fspath(path)))
+    cfg = raw["expert_config"]
+    return AdapterInfo(
+        path=raw["path"],
+        kind=raw["kind"],
+        expert_config=ExpertConfig.parse(cfg, path) if cfg is not None else None,
+        base_fingerprint=raw["base_fingerprint"],
+        metadata=dict(raw["metadata"]),
+        tensors=tuple(raw["tensors"]),
+        total_bytes=raw["total_bytes"],
+    )
+
+
+def adapter_metadata(
+    expert_config: ExpertConfig,
+    base_fingerprint: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The ``__metadata__`` of an adapter; ``extra`` keys must start with ``esft.``."""
+    pairs = _core.adapter_metadata(
+        expert_config.to_json(), base_fingerprint, list((extra or {}).items())
+    )
+    return dict(pairs)
+
+
+def save_adapter(
+    tensors: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    expert_config: ExpertConfig,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    base_fingerprint: str | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` (torch tensors or numpy arrays) as an adapter at ``path``.
+
+    The base fingerprint is taken from ``base_fingerprint``, or computed from
+    the ``base`` checkpoint. The file is written under a temporary name and
+    renamed into place, so ``path`` never holds a partial adapter.
+    """
+    if base_fingerprint is None and base is not None:
+        base_fingerprint = fingerprint(base)
+    metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.esft-partial")
+    try:
+        if all(type(t).__module__ == "numpy" for t in tensors.values()):
+            from safetensors.numpy import save_file
+
+            save_file(dict(tensors), tmp, metadata=metadata)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

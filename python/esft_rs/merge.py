@@ -1,0 +1,203 @@
+"""``esft_rs.merge`` and ``esft_rs.split``: streaming merge of adapters into a
+base checkpoint, and extraction of expert weights into an adapter.
+
+Both run in the Rust core with the GIL released: inputs are memory-mapped for
+their headers, bytes are copied in the kernel, outputs appear only when
+complete, and memory stays constant whatever the model size. ``progress`` is
+called as ``progress(stage, done, total)`` about every 20 ms from the calling
+thread; Ctrl-C cancels and removes partial outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from esft_rs import _core
+from esft_rs.expert_config import ExpertConfig
+
+ProgressFn = Callable[[str, int, int], None]
+WarningFn = Callable[[str], None]
+PathLike = str | os.PathLike[str]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    tensor: str  # base tensor replaced (whole, or one expert's slice)
+    file: str  # base shard
+    adapter: str
+    source: str  # adapter tensor name as stored
+    kind: str  # naming role of the base tensor (routed_expert, fused_experts, ...)
+    layer: int | None
+    expert: int | None
+    bytes: int
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    path: str
+    kind: str  # esft | plain | official
+    base_fingerprint: str | None
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    base: str
+    out: str
+    dry_run: bool
+    base_fingerprint: str | None
+    adapters: tuple[AdapterSummary, ...]
+    replaced: tuple[Replacement, ...]
+    replaced_bytes: int
+    total_bytes: int
+    files: tuple[str, ...]
+    copied_files: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    tensor: str  # name in the adapter
+    source: str  # model tensor it comes from
+    file: str
+    kind: str
+    layer: int | None
+    expert: int | None
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    model: str
+    out: str
+    dry_run: bool
+    mode: str  # experts | diff
+    expert_config: ExpertConfig
+    base_fingerprint: str | None
+    tensors: tuple[Extracted, ...]
+    bytes: int
+    differing_excluded: tuple[str, ...]
+    compared_bytes: int
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["expert_config"] = json.loads(self.expert_config.to_json())
+        return d
+
+
+def merge(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    out: PathLike | None = None,
+    *,
+    on_conflict: Literal["error", "first", "last"] = "error",
+    force: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_warning: WarningFn | None = None,
+) -> MergeReport:
+    """Merge adapters into ``base`` (a .safetensors file or a checkpoint directory).
+
+    ``out`` mirrors ``base`` (same shards, header bytes and tensor order; other
+    files of a directory copied); by default a new sibling ``BASE-merged``.
+    Every adapter tensor must replace a base tensor of the same name, dtype and
+    shape, or one expert's slice of a fused tensor. Adapters touching the same
+    bytes are an error unless ``on_conflict`` is ``first`` or ``last``. An
+    adapter trained from another base (fingerprint) is refused unless ``force``.
+    Raises ``MismatchError``/``InvalidFileError``/``EsftError``/``OSError``;
+    nothing is written then.
+    """
+    paths = [adapters] if isinstance(adapters, str | os.PathLike) else list(adapters)
+    raw = json.loads(
+        _core.merge_json(
+            os.fspath(base),
+            [os.fspath(p) for p in paths],
+            os.fspath(out) if out is not None else None,
+            on_conflict,
+            force,
+            dry_run,
+            overwrite,
+            progress,
+            on_warning or _warn,
+        )
+    )
+    return MergeReport(
+        base=raw["base"],
+        out=raw["out"],
+        dry_run=raw["dry_run"],
+        base_fingerprint=raw["base_fingerprint"],
+        adapters=tuple(AdapterSummary(**a) for a in raw["adapters"]),
+        replaced=tuple(Replacement(**r) for r in raw["replaced"]),
+        replaced_bytes=raw["replaced_bytes"],
+        total_bytes=raw["total_bytes"],
+        files=tuple(raw["files"]),
+        copied_files=tuple(raw["copied_files"]),
+        warnings=tuple(raw["warnings"]),
+    )
+
+
+def split(
+    model: PathLike,
+    out: PathLike,
+    *,
+    experts: PathLike | None = None,
+    base: PathLike | None = None,
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_warning: WarningFn | None = None,
+) -> SplitReport:
+    """Extract expert weights of ``model`` into an adapter file ``out``.
+
+    With ``experts`` (an expert config file): exactly the configured experts'
+    tensors, plus shared experts / non-expert modules when the config says so.
+    With ``base`` only: the routed-expert tensors (or fused-tensor slices) whose
+    bytes differ from ``base``, and the derived expert config; differing shared
+    experts / non-expert tensors are included only with ``shared_experts`` /
+    ``non_expert_modules``. With ``base``, the adapter records its fingerprint,
+    and ``merge(base, out)`` reproduces ``model``'s extracted tensors exactly.
+    """
+    raw = json.loads(
+        _core.split_json(
+            os.fspath(model),
+            os.fspath(out),
+            os.fspath(experts) if experts is not None else None,
+            os.fspath(base) if base is not None else None,
+            shared_experts,
+            non_expert_modules,
+            dry_run,
+            overwrite,
+            progress,
+            on_warning or _warn,
+        )
+    )
+    return SplitReport(
+        model=raw["model"],
+        out=raw["out"],
+        dry_run=raw["dry_run"],
+        mode=raw["mode"],
+        expert_config=ExpertConfig.parse(raw["expert_config"]),
+        base_fingerprint=raw["base_fingerprint"],
+        tensors=tuple(Extracted(**t) for t in raw["tensors"]),
+        bytes=raw["bytes"],
+        differing_excluded=tuple(raw["differing_excluded"]),
+        compared_bytes=raw["compared_bytes"],
+        warnings=tuple(raw["warnings"]),
+    )

@@ -1,0 +1,201 @@
+//! Adapters: the tensors that replace base tensors in a merge. Three kinds load:
+//! - ours: one safetensors file whose `__metadata__` holds the expert config
+//!   (`esft.expert_config`) and the base fingerprint (`esft.base_fingerprint`),
+//!   plus free-form `esft.*` keys (training config, metrics) that merge ignores;
+//! - plain: any safetensors file of tensors named as in the base;
+//! - official ESFT adapter folders: `expert_cfg.json` plus safetensors, whose
+//!   legacy tensor names (`layers.L...`, relative to `model.`) are mapped to
+//!   checkpoint names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::expert_config::ExpertConfig;
+use crate::naming;
+use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
+
+pub const KEY_FORMAT: &str = "format";
+pub const KEY_EXPERT_CONFIG: &str = "esft.expert_config";
+pub const KEY_BASE_FINGERPRINT: &str = "esft.base_fingerprint";
+/// Every key we write starts with this; other tools' keys are left alone.
+pub const KEY_PREFIX: &str = "esft.";
+pub const OFFICIAL_CONFIG: &str = "expert_cfg.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    Esft,
+    Plain,
+    Official,
+}
+
+pub struct Adapter {
+    pub path: PathBuf,
+    pub kind: AdapterKind,
+    pub ckpt: Checkpoint,
+    pub expert_config: Option<ExpertConfig>,
+    pub fingerprint: Option<String>,
+    /// `__metadata__` of the (first) file, in file order.
+    pub metadata: Vec<(String, String)>,
+    /// Checkpoint names of the tensors, in `ckpt.tensors()` order.
+    names: Vec<String>,
+}
+
+/// One adapter tensor: its name in the base's naming, and where it is stored.
+pub struct AdapterTensor<'a> {
+    pub name: String,
+    pub file: &'a SafetensorsFile,
+    pub info: &'a TensorInfo,
+    /// Position: shard of the adapter's checkpoint, index in its tensors.
+    pub shard: usize,
+    pub index: usize,
+}
+
+impl Adapter {
+    pub fn open(path: &Path) -> Result<Self> {
+        let is_dir = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_dir();
+        let (kind, ckpt, dir_config) = if is_dir {
+            let cfg_path = path.join(OFFICIAL_CONFIG);
+            if !cfg_path.is_file() {
+                return Err(Error::invalid(
+                    path,
+                    format!("directory has no {OFFICIAL_CONFIG}, so it is not an ESFT adapter folder"),
+                ));
+            }
+            let cfg = ExpertConfig::load(&cfg_path)?;
+            (AdapterKind::Official, Checkpoint::open(path)?, Some(cfg))
+        } else {
+            (AdapterKind::Plain, Checkpoint::open(path)?, None)
+        };
+        let metadata = ckpt
+            .shards
+            .first()
+            .and_then(|s| s.file.header.metadata.clone())
+            .unwrap_or_default();
+        let get = |k: &str| metadata.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let file_config = match get(KEY_EXPERT_CONFIG) {
+            Some(text) => Some(ExpertConfig::parse(&text, path).map_err(|e| {
+                Error::invalid(path, format!("{KEY_EXPERT_CONFIG} in __metadata__: {}", strip_origin(&e, path)))
+            })?),
+            None => None,
+        };
+        let fingerprint = get(KEY_BASE_FINGERPRINT);
+        let kind = if kind == AdapterKind::Plain && (file_config.is_some() || fingerprint.is_some()) {
+            AdapterKind::Esft
+        } else {
+            kind
+        };
+        if ckpt.tensors().next().is_none() {
+            return Err(Error::invalid(path, "adapter holds no tensors"));
+        }
+        let names = checkpoint_names(path, &ckpt, kind == AdapterKind::Official)?;
+        Ok(Adapter {
+            path: path.to_path_buf(),
+            kind,
+            expert_config: dir_config.or(file_config),
+            fingerprint,
+            metadata,
+            ckpt,
+            names,
+        })
+    }
+
+    /// Tensors in file order, named as in checkpoints (legacy names mapped).
+    pub fn tensors(&self) -> impl Iterator<Item = AdapterTensor<'_>> {
+        let positions = self.ckpt.shards.iter().enumerate().flat_map(|(si, s)| {
+            s.file.header.tensors.iter().enumerate().map(move |(ti, t)| (si, ti, &s.file, t))
+        });
+        positions.zip(&self.names).map(|((shard, index, file, info), name)| AdapterTensor {
+            name: name.clone(),
+            file,
+            info,
+            shard,
+            index,
+        })
+    }
+}
+
+/// Checkpoint names of an adapter's tensors. Legacy official adapters saved
+/// the state dict of the model body (`model.model`): once any name starts with
+/// `layers.`, every name gets the `model.` prefix (`embed_tokens.weight` too).
+/// Other adapters keep their names (merge still maps a legacy `layers.L...`
+/// name that the base lacks through `naming::canonical`).
+fn checkpoint_names(path: &Path, ckpt: &Checkpoint, official: bool) -> Result<Vec<String>> {
+    let legacy = official && ckpt.tensors().any(|(_, t)| naming::canonical(&t.name) != t.name);
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut names = Vec::new();
+    for (_, t) in ckpt.tensors() {
+        let name = if legacy { naming::from_model_body(&t.name) } else { t.name.clone() };
+        if let Some(prev) = seen.insert(name.clone(), &t.name) {
+            return Err(Error::invalid(
+                path,
+                format!("tensors {prev:?} and {:?} both name {name:?}", t.name),
+            ));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// An error's message without the leading "path: ", for re-wrapping.
+fn strip_origin(e: &Error, path: &Path) -> String {
+    let s = e.to_string();
+    let prefix = format!("{}: ", path.display());
+    s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
+}
+
+/// The `__metadata__` of an adapter we write: `format`, the expert config, the
+/// base fingerprint when known, then `extra` (`esft.*` keys only).
+pub fn adapter_metadata(
+    config: &ExpertConfig,
+    fingerprint: Option<&str>,
+    extra: &[(String, String)],
+) -> Result<Vec<(String, String)>> {
+    let mut md = vec![
+        (KEY_FORMAT.to_string(), "pt".to_string()),
+        (KEY_EXPERT_CONFIG.to_string(), config.to_json()),
+    ];
+    if let Some(fp) = fingerprint {
+        md.push((KEY_BASE_FINGERPRINT.to_string(), fp.to_string()));
+    }
+    for (k, v) in extra {
+        if !k.starts_with(KEY_PREFIX) || md.iter().any(|(key, _)| key == k) {
+            return Err(Error::Usage(format!(
+                "adapter metadata key {k:?}: extra keys must start with {KEY_PREFIX:?} and not be \
+                 {KEY_EXPERT_CONFIG:?} or {KEY_BASE_FINGERPRINT:?}"
+            )));
+        }
+        md.push((k.clone(), v.clone()));
+    }
+    Ok(md)
+}
+
+/// What `esft_rs.adapter.read_adapter` shows: kind, config, fingerprint, names.
+#[derive(Serialize)]
+pub struct AdapterInfo {
+    pub path: String,
+    pub kind: AdapterKind,
+    /// The expert config in the official JSON shape, when the adapter has one.
+    pub expert_config: Option<String>,
+    pub base_fingerprint: Option<String>,
+    pub metadata: Vec<(String, String)>,
+    /// Checkpoint names (legacy names mapped), in file order.
+    pub tensors: Vec<String>,
+    pub total_bytes: u64,
+}
+
+pub fn info(path: &Path) -> Result<AdapterInfo> {
+    let a = Adapter::open(path)?;
+    Ok(AdapterInfo {
+        path: path.display().to_string(),
+        kind: a.kind,
+        expert_config: a.expert_config.as_ref().map(ExpertConfig::to_json),
+        base_fingerprint: a.fingerprint.clone(),
+        metadata: a.metadata.clone(),
+        tensors: a.names.clone(),
+        total_bytes: a.ckpt.total_bytes(),
+    })
+}

@@ -1,0 +1,550 @@
+//! Extracting expert weights from a model into an adapter (the inverse of merge).
+//!
+//! - By config: the tensors of the configured experts (and shared experts /
+//!   non-expert modules when the config says so).
+//! - By difference with a base: every routed-expert tensor (or fused-tensor
+//!   expert slice) whose bytes differ from the base's, compared in parallel
+//!   with bounded buffers; the expert config is derived from what differs.
+//!
+//! The adapter is written like merge's outputs: header first, tensor bytes
+//! copied in-kernel from the model's files, under a temporary name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::adapter;
+use crate::copy::{self, read_exact_at, Range};
+use crate::error::{Error, Result};
+use crate::expert_config::ExpertConfig;
+use crate::fingerprint;
+use crate::merge::expert_units;
+use crate::naming::{self, Role};
+use crate::progress::Control;
+use crate::safetensors::writer::{self, NewTensor};
+use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
+use crate::staging::{self, Staged};
+
+#[derive(Debug, Clone, Default)]
+pub struct SplitOptions {
+    /// Expert config selecting what to extract (else: what differs from `base`).
+    pub experts: Option<PathBuf>,
+    /// The base MODEL was fine-tuned from: compared against, and fingerprinted.
+    pub base: Option<PathBuf>,
+    /// By difference: also extract differing shared-expert tensors.
+    pub shared_experts: bool,
+    /// By difference: also extract differing non-expert tensors.
+    pub non_expert_modules: bool,
+    pub dry_run: bool,
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Extracted {
+    /// Name in the adapter (an expert slice of a fused tensor gets its slice name).
+    pub tensor: String,
+    /// The model tensor it comes from.
+    pub source: String,
+    pub file: String,
+    pub kind: &'static str,
+    pub layer: Option<u32>,
+    pub expert: Option<u32>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SplitReport {
+    pub model: String,
+    pub out: String,
+    pub dry_run: bool,
+    /// "experts" (by config) or "diff" (by difference with the base).
+    pub mode: &'static str,
+    /// The adapter's expert config, official JSON.
+    pub expert_config: String,
+    pub base_fingerprint: Option<String>,
+    pub tensors: Vec<Extracted>,
+    pub bytes: u64,
+    /// By difference: tensors that differ but were left out (shared experts,
+    /// non-expert modules without the flags asking for them).
+    pub differing_excluded: Vec<String>,
+    pub compared_bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+/// One piece to extract: a whole tensor, or expert `unit` of a fused tensor.
+struct Pick<'a> {
+    file: &'a SafetensorsFile,
+    shard: usize,
+    tensor: &'a TensorInfo,
+    /// `None`: the whole tensor.
+    unit: Option<u32>,
+}
+
+impl Pick<'_> {
+    fn name(&self) -> String {
+        match self.unit {
+            Some(e) => naming::fused_slice_name(&self.tensor.name, e).unwrap_or_else(|| self.tensor.name.clone()),
+            None => self.tensor.name.clone(),
+        }
+    }
+
+    /// (absolute offset, length, shape) of the bytes to copy.
+    fn extent(&self) -> (u64, u64, Vec<u64>) {
+        let start = self.file.offset_of(self.tensor);
+        match self.unit {
+            Some(e) => {
+                let (_, len) = expert_units(self.tensor);
+                (start + u64::from(e) * len, len, self.tensor.shape[1..].to_vec())
+            }
+            None => (start, self.tensor.nbytes(), self.tensor.shape.clone()),
+        }
+    }
+}
+
+pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Result<SplitReport> {
+    let ckpt = Checkpoint::open(model)?;
+    let base = opts.base.as_deref().map(Checkpoint::open).transpose()?;
+    let mut inputs: Vec<&Path> = vec![model];
+    inputs.extend(opts.base.as_deref());
+    inputs.extend(opts.experts.as_deref());
+    staging::check_not_input(out, &inputs)?;
+    if !opts.dry_run {
+        staging::check_target(out, opts.overwrite)?;
+    }
+    let mut warnings = Vec::new();
+    let layout = Layout::of(&ckpt);
+
+    let (mode, picks, config, excluded, compared) = match (&opts.experts, &base) {
+        (Some(cfg_path), _) => {
+            let cfg = ExpertConfig::load(cfg_path)?;
+            layout.check_config(&cfg, cfg_path, model)?;
+            let picks = by_config(&ckpt, &cfg);
+            if let Some(b) = &base {
+                check_in_base(&picks, b)?;
+            }
+            ("experts", picks, cfg, Vec::new(), 0)
+        }
+        (None, Some(b)) => {
+            let (picks, cfg, excluded, compared) = by_diff(&ckpt, b, &layout, opts, ctl)?;
+            if picks.is_empty() {
+                let mut msg = format!("{}: no routed-expert tensor differs from {}", model.display(), b.path.display());
+                if !excluded.is_empty() {
+                    msg += &format!(
+                        "; {} other tensors differ (pass --shared-experts / --non-expert-modules to extract them)",
+                        excluded.len()
+                    );
+                }
+                return Err(Error::Mismatch(msg));
+            }
+            ("diff", picks, cfg, excluded, compared)
+        }
+        (None, None) => return Err(Error::Usage("split needs an expert config (--experts) or a base (--base)".into())),
+    };
+    if picks.is_empty() {
+        return Err(Error::Mismatch(format!(
+            "{}: the expert config selects no tensor of {}",
+            opts.experts.as_deref().unwrap_or(model).display(),
+            model.display()
+        )));
+    }
+    if !excluded.is_empty() {
+        let shown: Vec<&str> = excluded.iter().take(3).map(String::as_str).collect();
+        let more = if excluded.len() > 3 { format!(" and {} more", excluded.len() - 3) } else { String::new() };
+        let msg = format!(
+            "{} non-routed tensors differ from the base but are not extracted ({}{more}); \
+             pass --shared-experts / --non-expert-modules to include them",
+            excluded.len(),
+            shown.join(", ")
+        );
+        ctl.warn(msg.clone());
+        warnings.push(msg);
+    }
+    let base_fingerprint = match &base {
+        Some(b) => Some(fingerprint::fingerprint(b, ctl)?),
+        None => {
+            let msg = "no --base given: the adapter records no base fingerprint, so merge cannot check its base".to_string();
+            ctl.warn(msg.clone());
+            warnings.push(msg);
+            None
+        }
+    };
+
+    let tensors: Vec<Extracted> = picks
+        .iter()
+        .map(|p| {
+            let role = naming::classify(&p.tensor.name);
+            let expert = match (p.unit, role) {
+                (Some(e), _) | (None, Role::RoutedExpert { expert: e, .. }) => Some(e),
+                _ => None,
+            };
+            Extracted {
+                tensor: p.name(),
+                source: p.tensor.name.clone(),
+                file: ckpt.shards[p.shard].name.clone(),
+                kind: role.kind(),
+                layer: role.layer(),
+                expert,
+                bytes: p.extent().1,
+            }
+        })
+        .collect();
+    let report = SplitReport {
+        model: model.display().to_string(),
+        out: out.display().to_string(),
+        dry_run: opts.dry_run,
+        mode,
+        expert_config: config.to_json(),
+        base_fingerprint,
+        bytes: tensors.iter().map(|t| t.bytes).sum(),
+        tensors,
+        differing_excluded: excluded,
+        compared_bytes: compared,
+        warnings,
+    };
+    if !opts.dry_run {
+        let metadata = adapter::adapter_metadata(&config, report.base_fingerprint.as_deref(), &[])?;
+        write_adapter(&picks, &metadata, out, opts.overwrite, ctl)?;
+    }
+    Ok(report)
+}
+
+/// Which routed experts a model has, per MoE layer.
+struct Layout {
+    /// Per-expert layout: (layer, expert) pairs present.
+    per_expert: HashSet<(u32, u32)>,
+    /// Fused layout: layer -> number of experts.
+    fused: HashMap<u32, u32>,
+    moe_layers: BTreeSet<u32>,
+}
+
+impl Layout {
+    fn of(ckpt: &Checkpoint) -> Self {
+        let mut l = Layout { per_expert: HashSet::new(), fused: HashMap::new(), moe_layers: BTreeSet::new() };
+        for (_, t) in ckpt.tensors() {
+            match naming::classify(&t.name) {
+                Role::RoutedExpert { layer, expert } => {
+                    l.per_expert.insert((layer, expert));
+                    l.moe_layers.insert(layer);
+                }
+                Role::FusedExperts { layer } => {
+                    let (n, _) = expert_units(t);
+                    let e = l.fused.entry(layer).or_insert(n);
+                    *e = (*e).max(n);
+                    l.moe_layers.insert(layer);
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+
+    fn has(&self, layer: u32, expert: u32) -> bool {
+        self.per_expert.contains(&(layer, expert)) || self.fused.get(&layer).is_some_and(|&n| expert < n)
+    }
+
+    fn check_config(&self, cfg: &ExpertConfig, cfg_path: &Path, model: &Path) -> Result<()> {
+        for (&layer, ids) in &cfg.experts {
+            if !self.moe_layers.contains(&layer) {
+                return Err(Error::Mismatch(format!(
+                    "{}: layer {layer} has no routed experts in {}",
+                    cfg_path.display(),
+                    model.display()
+                )));
+            }
+            if let Some(e) = ids.iter().find(|&&e| !self.has(layer, e)) {
+                return Err(Error::Mismatch(format!(
+                    "{}: layer {layer} has no expert {e} in {}",
+                    cfg_path.display(),
+                    model.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn by_config<'a>(ckpt: &'a Checkpoint, cfg: &ExpertConfig) -> Vec<Pick<'a>> {
+    let mut picks = Vec::new();
+    for (si, shard) in ckpt.shards.iter().enumerate() {
+        for t in &shard.file.header.tensors {
+            let pick = |unit| Pick { file: &shard.file, shard: si, tensor: t, unit };
+            match naming::classify(&t.name) {
+                Role::RoutedExpert { layer, expert } => {
+                    if cfg.experts.get(&layer).is_some_and(|ids| ids.contains(&expert)) {
+                        picks.push(pick(None));
+                    }
+                }
+                Role::FusedExperts { layer } => {
+                    let ids: BTreeSet<u32> = cfg.experts.get(&layer).into_iter().flatten().copied().collect();
+                    let (n, _) = expert_units(t);
+                    if n > 1 && ids.len() == n as usize {
+                        picks.push(pick(None));
+                    } else {
+                        picks.extend(ids.into_iter().filter(|&e| e < n).map(|e| pick(Some(e))));
+                    }
+                }
+                Role::SharedExpert { .. } | Role::SharedExpertGate { .. } => {
+                    if cfg.shared_experts {
+                        picks.push(pick(None));
+                    }
+                }
+                Role::Router { .. } | Role::LayerOther { .. } | Role::Global => {
+                    if cfg.non_expert_modules {
+                        picks.push(pick(None));
+                    }
+                }
+            }
+        }
+    }
+    picks
+}
+
+/// Every picked tensor must exist in the base with the same dtype and shape,
+/// or the adapter could not be merged into it.
+fn check_in_base(picks: &[Pick], base: &Checkpoint) -> Result<()> {
+    let index: HashMap<&str, &TensorInfo> = base.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
+    for p in picks {
+        match index.get(p.tensor.name.as_str()) {
+            Some(b) if b.dtype == p.tensor.dtype && b.shape == p.tensor.shape => {}
+            Some(b) => {
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} is {} {:?} but the base {} has {} {:?}",
+                    p.file.path.display(),
+                    p.tensor.name,
+                    p.tensor.dtype,
+                    p.tensor.shape,
+                    base.path.display(),
+                    b.dtype,
+                    b.shape
+                )))
+            }
+            None => {
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} is not in the base {}",
+                    p.file.path.display(),
+                    p.tensor.name,
+                    base.path.display()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes compared per work item: large tensors are compared by several threads.
+const COMPARE_CHUNK: u64 = 16 << 20;
+const COMPARE_BUF: usize = 1 << 20;
+
+type Diff<'a> = (Vec<Pick<'a>>, ExpertConfig, Vec<String>, u64);
+
+fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &SplitOptions, ctl: &Control) -> Result<Diff<'a>> {
+    let index: HashMap<&str, (&SafetensorsFile, &TensorInfo)> =
+        base.tensors().map(|(s, t)| (t.name.as_str(), (&s.file, t))).collect();
+    for (_, t) in ckpt.tensors() {
+        match index.get(t.name.as_str()) {
+            Some((_, b)) if b.dtype == t.dtype && b.shape == t.shape => {}
+            Some((_, b)) => {
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} is {} {:?} but {} has {} {:?}; not fine-tuned from this base",
+                    ckpt.path.display(),
+                    t.name,
+                    t.dtype,
+                    t.shape,
+                    base.path.display(),
+                    b.dtype,
+                    b.shape
+                )))
+            }
+            None => {
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} is not in the base {}",
+                    ckpt.path.display(),
+                    t.name,
+                    base.path.display()
+                )))
+            }
+        }
+    }
+    let model_count = ckpt.tensors().count();
+    if model_count != index.len() {
+        let names: HashSet<&str> = ckpt.tensors().map(|(_, t)| t.name.as_str()).collect();
+        let missing = index.keys().find(|n| !names.contains(*n)).copied().unwrap_or_default();
+        return Err(Error::Mismatch(format!(
+            "{}: tensor {missing:?} of the base {} is missing",
+            ckpt.path.display(),
+            base.path.display()
+        )));
+    }
+
+    // Units (whole tensors, or expert slices of fused tensors), then work items of bounded size.
+    let mut units: Vec<(usize, &SafetensorsFile, &TensorInfo, u32, u64, u64)> = Vec::new();
+    for (si, shard) in ckpt.shards.iter().enumerate() {
+        for t in &shard.file.header.tensors {
+            let (n, len) = expert_units(t);
+            for u in 0..n {
+                units.push((si, &shard.file, t, u, u64::from(u) * len, len));
+            }
+        }
+    }
+    let differs: Vec<AtomicBool> = units.iter().map(|_| AtomicBool::new(false)).collect();
+    let mut items = Vec::new();
+    for (ui, &(_, _, _, _, _, len)) in units.iter().enumerate() {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(COMPARE_CHUNK);
+            items.push((ui, off, n));
+            off += n;
+        }
+    }
+    let total: u64 = units.iter().map(|u| u.5).sum();
+    ctl.stage("compare", total);
+    items.par_iter().try_for_each_init(
+        || (vec![0u8; COMPARE_BUF], vec![0u8; COMPARE_BUF]),
+        |(a, b), &(ui, off, n)| {
+            let (_, file, t, _, unit_off, _) = units[ui];
+            if !differs[ui].load(Ordering::Relaxed) {
+                let (bfile, bt) = index[t.name.as_str()];
+                let (ma, mb) = (file.offset_of(t) + unit_off + off, bfile.offset_of(bt) + unit_off + off);
+                let mut done = 0;
+                while done < n {
+                    let k = (n - done).min(COMPARE_BUF as u64) as usize;
+                    read_exact_at(file.file(), &mut a[..k], ma + done).map_err(|e| Error::io(&file.path, e))?;
+                    read_exact_at(bfile.file(), &mut b[..k], mb + done).map_err(|e| Error::io(&bfile.path, e))?;
+                    if a[..k] != b[..k] {
+                        differs[ui].store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    done += k as u64;
+                }
+            }
+            ctl.advance(n)
+        },
+    )?;
+
+    // Group differing units back by tensor, in model order.
+    let mut by_tensor: Vec<(usize, &SafetensorsFile, &TensorInfo, Vec<u32>)> = Vec::new();
+    for (ui, &(si, file, t, u, _, _)) in units.iter().enumerate() {
+        if !differs[ui].load(Ordering::Relaxed) {
+            continue;
+        }
+        match by_tensor.last_mut() {
+            Some(last) if std::ptr::eq(last.2, t) => last.3.push(u),
+            _ => by_tensor.push((si, file, t, vec![u])),
+        }
+    }
+    let mut picks = Vec::new();
+    let mut excluded = Vec::new();
+    let mut experts: BTreeMap<u32, BTreeSet<u32>> = layout.moe_layers.iter().map(|&l| (l, BTreeSet::new())).collect();
+    let (mut shared, mut non_expert) = (false, false);
+    for (si, file, t, diff_units) in by_tensor {
+        let pick = |unit| Pick { file, shard: si, tensor: t, unit };
+        match naming::classify(&t.name) {
+            Role::RoutedExpert { layer, expert } => {
+                experts.entry(layer).or_default().insert(expert);
+                picks.push(pick(None));
+            }
+            Role::FusedExperts { layer } => {
+                let (n, _) = expert_units(t);
+                experts.entry(layer).or_default().extend(&diff_units);
+                if n > 1 && diff_units.len() == n as usize {
+                    picks.push(pick(None));
+                } else {
+                    picks.extend(diff_units.into_iter().map(|u| pick(Some(u))));
+                }
+            }
+            Role::SharedExpert { .. } | Role::SharedExpertGate { .. } if opts.shared_experts => {
+                shared = true;
+                picks.push(pick(None));
+            }
+            Role::Router { .. } | Role::LayerOther { .. } | Role::Global if opts.non_expert_modules => {
+                non_expert = true;
+                picks.push(pick(None));
+            }
+            _ => excluded.push(t.name.clone()),
+        }
+    }
+    let config = ExpertConfig {
+        experts: experts.into_iter().map(|(l, ids)| (l, ids.into_iter().collect())).collect(),
+        shared_experts: shared,
+        non_expert_modules: non_expert,
+    };
+    Ok((picks, config, excluded, total))
+}
+
+/// Writes the adapter: header, then each picked range copied from the model.
+fn write_adapter(picks: &[Pick], metadata: &[(String, String)], out: &Path, overwrite: bool, ctl: &Control) -> Result<()> {
+    let extents: Vec<(u64, u64, Vec<u64>)> = picks.iter().map(Pick::extent).collect();
+    let new: Vec<NewTensor> = picks
+        .iter()
+        .zip(&extents)
+        .map(|(p, (_, len, shape))| NewTensor { name: p.name(), dtype: p.tensor.dtype, shape: shape.clone(), nbytes: *len })
+        .collect();
+    let (header, offsets) = writer::header_bytes(&new, metadata);
+    let staged = Staged::new(out, false)?;
+    let path = staged.path().to_path_buf();
+    let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
+    let total = offsets.last().copied().unwrap_or(header.len() as u64) + new.last().map_or(0, |t| t.nbytes);
+    copy::preallocate(&f, &path, total)?;
+    copy::write_all_at(&f, &header, 0).map_err(|e| Error::io(&path, e))?;
+    let mut ranges = Vec::new();
+    for ((p, (src_off, len, _)), dst_off) in picks.iter().zip(&extents).zip(&offsets) {
+        copy::push_coalesced(&mut ranges, p.shard, Range { src_off: *src_off, dst_off: *dst_off, len: *len });
+    }
+    let files: HashMap<usize, &SafetensorsFile> = picks.iter().map(|p| (p.shard, p.file)).collect();
+    let ranges = copy::chunked(ranges);
+    ctl.stage("write", ranges.iter().map(|(_, r)| r.len).sum());
+    ranges.par_iter().try_for_each(|&(shard, r)| {
+        let src = files[&shard];
+        copy::copy_range(src.file(), &src.path, &f, &path, r)?;
+        ctl.advance(r.len)
+    })?;
+    ctl.check()?;
+    staged.commit(overwrite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    use crate::merge::tests::write_st;
+    use crate::merge::{merge, MergeOptions, OnConflict};
+
+    #[test]
+    fn diff_round_trip_and_fingerprint() {
+        let d = tempfile::tempdir().unwrap();
+        let (b, ft) = (d.path().join("b.safetensors"), d.path().join("ft.safetensors"));
+        let fused = "model.layers.1.mlp.experts.gate_up_proj";
+        let expert = "model.layers.2.mlp.experts.5.up_proj.weight";
+        write_st(&b, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 2), ("model.norm.weight", &[2], 3)], &[]);
+        // A fine-tuned model: expert 1 of the fused tensor and the per-expert tensor changed.
+        write_st(&ft, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 7), ("model.norm.weight", &[2], 3)], &[]);
+        let mut bytes = fs::read(&ft).unwrap();
+        let f = SafetensorsFile::open(&ft).unwrap();
+        let start = f.offset_of(f.tensor(fused).unwrap()) as usize;
+        bytes[start + 32..start + 64].fill(4);
+        drop(f);
+        fs::write(&ft, bytes).unwrap();
+
+        let ctl = Control::default();
+        let fp_b = fingerprint::fingerprint_path(&b, &ctl).unwrap();
+        assert_ne!(fp_b, fingerprint::fingerprint_path(&ft, &ctl).unwrap());
+        let ad = d.path().join("ad.safetensors");
+        let opts = SplitOptions { base: Some(b.clone()), ..Default::default() };
+        let report = split(&ft, &ad, &opts, &ctl).unwrap();
+        assert_eq!(report.expert_config, r#"{"experts":{"1":[1],"2":[5]},"shared_experts":false,"non_expert_modules":false}"#);
+        let names: Vec<&str> = report.tensors.iter().map(|t| t.tensor.as_str()).collect();
+        assert_eq!(names, ["model.layers.1.mlp.experts.1.gate_up_proj", expert]);
+        assert_eq!(report.base_fingerprint.as_deref(), Some(fp_b.as_str()));
+
+        let out = d.path().join("out.safetensors");
+        let mopts = MergeOptions { on_conflict: OnConflict::Error, force: false, dry_run: false, overwrite: false };
+        let m = merge(&b, &[ad], Some(&out), &mopts, &ctl).unwrap();
+        assert!(m.warnings.is_empty());
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&ft).unwrap());
+    }
+}
