@@ -164,3 +164,12 @@ def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,
     assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), proc.stderr
     assert message in lines[0]
     assert not out.exists()
+
+
+def test_resume_refuses_another_base_model(files: dict[str, Path], tmp_path: Path) -> None:
+    other = save_model(init_model("tiny", seed=1), tmp_path / "other")
+    kw = dict(progress=False, steps=2, save_steps=2, seq_length=64, per_device_batch_size=2,
+              gradient_accumulation_steps=1, device="cpu")
+    esft_rs.train(files["base"], files["data"], tmp_path / "out", files["experts"], **kw)
+    with pytest.raises(esft_rs.MismatchError, match="written for a different base model"):
+        esft_rs.train(other, files["data"], tmp_path / "out", files["experts"], resume=True, **kw)
