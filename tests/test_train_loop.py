@@ -47,9 +47,10 @@ def test_only_selected_experts_change(tmp_path: Path) -> None:
         assert torch.equal(t, now[name])  # the adapter holds what the model ended with
     with safe_open(result.adapter, "pt") as f:
         meta = f.metadata()
-    assert ExpertConfig.parse(meta["expert_config"]) == EXPERTS
-    assert json.loads(meta["training_config"])["learning_rate"] == 1e-2
-    assert json.loads(meta["metrics"])["best_step"] == result.fit.best_step
+    assert ExpertConfig.parse(meta["esft.expert_config"]) == EXPERTS
+    assert json.loads(meta["esft.training_config"])["learning_rate"] == 1e-2
+    assert json.loads(meta["esft.metrics"])["best_step"] == result.fit.best_step
+    assert "esft.base_fingerprint" not in meta  # an in-memory model without its checkpoint
     assert ExpertConfig.load(tmp_path / "out" / "expert_cfg.json") == EXPERTS
 
     # Optimizer state exists for the trained tensors only: 2 fp32 moments + a step count each.
@@ -132,3 +133,26 @@ def test_full_and_random_modes(tmp_path: Path) -> None:
     assert set(load_file(random.adapter)) == {
         f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
         for layer, ids in drawn.items() for e in ids for p in ("gate", "up", "down")}
+
+
+def test_fused_experts_adapter_merges_into_the_fused_base(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = FakeMoE(fused=True)
+    base = snapshot(model)
+    save_file(base, tmp_path / "base.safetensors")
+    result = run(tmp_path / "out", model, experts=ExpertConfig({1: [1, 3]}),
+                 base=tmp_path / "base.safetensors", save_merged=tmp_path / "merged.safetensors")
+    # One tensor per trained expert slice, named as naming.fused_slice_name says.
+    assert set(load_file(result.adapter)) == {
+        f"model.layers.1.mlp.experts.{e}.{p}"
+        for e in (1, 3) for p in ("gate_up_proj", "down_proj")}
+    merged = load_file(tmp_path / "merged.safetensors")
+    now = effective(model, list(base))
+    for name, t in merged.items():
+        assert torch.equal(t, now[name]), name
+        if ".experts." in name and name.startswith("model.layers.1."):
+            assert torch.equal(t[[0, 2]], base[name][[0, 2]])  # frozen slices bit-identical
+            assert not torch.equal(t[1], base[name][1]) and not torch.equal(t[3], base[name][3])
+        else:
+            assert torch.equal(t, base[name]), name

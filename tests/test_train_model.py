@@ -60,26 +60,30 @@ def test_cli_trains_and_writes_adapter(files: dict[str, Path], tmp_path: Path) -
     assert ExpertConfig.load(out / "expert_cfg.json") == ExpertConfig.parse(json.dumps(EXPERTS))
 
 
-def test_api_trained_model_matches_adapter_and_base(files: dict[str, Path], tmp_path: Path) -> None:
+def test_merged_model_equals_trained_model(files: dict[str, Path], tmp_path: Path) -> None:
     result = esft_rs.train(
         files["base"], files["data"], tmp_path / "out", files["experts"], progress=False,
         steps=3, seq_length=64, per_device_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=1e-3, gradient_checkpointing=False, device="cpu",
+        save_merged=tmp_path / "merged",
     )
+    info = esft_rs.read_adapter(result.adapter)
+    assert info.kind == "esft" and info.base_fingerprint == esft_rs.fingerprint(files["base"])
+    assert info.expert_config == ExpertConfig.parse(json.dumps(EXPERTS))
     base = load_file(files["base"] / "model.safetensors")
-    adapter = load_file(result.adapter)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
     trained = expert_tensors(EXPERTS)
+    assert set(info.tensors) == trained
     for name, t in result.model.state_dict().items():
+        assert torch.equal(t, merged[name]), name  # the merge holds what the model trained
         if name in trained:
-            assert torch.equal(t, adapter[name]) and not torch.equal(t, base[name]), name
+            assert not torch.equal(t, base[name]), name  # every trained tensor moved
         else:
-            assert torch.equal(t, base[name]), name  # bit-identical to the base
-    # The adapter applied to the base gives the trained model's logits.
-    merged = load_model(files["base"])
-    merged.load_state_dict(adapter, strict=False)
+            assert torch.equal(t, base[name]), name  # everything else bit-identical to base
+    # The merged checkpoint, loaded, gives the trained model's logits.
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(merged(x), result.model.eval()(x))
+        assert torch.equal(load_model(tmp_path / "merged")(x), result.model.eval()(x))
 
 
 def test_gradient_checkpointing_changes_nothing(files: dict[str, Path], tmp_path: Path) -> None:
@@ -160,3 +164,12 @@ def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,
     assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), proc.stderr
     assert message in lines[0]
     assert not out.exists()
+
+
+def test_resume_refuses_another_base_model(files: dict[str, Path], tmp_path: Path) -> None:
+    other = save_model(init_model("tiny", seed=1), tmp_path / "other")
+    kw = dict(progress=False, steps=2, save_steps=2, seq_length=64, per_device_batch_size=2,
+              gradient_accumulation_steps=1, device="cpu")
+    esft_rs.train(files["base"], files["data"], tmp_path / "out", files["experts"], **kw)
+    with pytest.raises(esft_rs.MismatchError, match="written for a different base model"):
+        esft_rs.train(other, files["data"], tmp_path / "out", files["experts"], resume=True, **kw)

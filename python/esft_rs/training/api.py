@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.config import TrainConfig, load_config
-from esft_rs.training.outputs import ADAPTER, base_fingerprint, write_outputs
+from esft_rs.training.outputs import ADAPTER, write_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,7 @@ def train(
     """
     import torch
 
+    from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
     from esft_rs.training.loop import Loop, init_distributed
@@ -85,7 +86,7 @@ def train(
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
         tensors = _load_data(data, base, cfg, skip_bad)
-        fingerprint = base_fingerprint(base)
+        fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         _check_enough(len(train_idx), cfg, place.world)
         trainables = freeze(net, resolved)
@@ -249,6 +250,7 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def _merge(base: PathLike | None, adapter: Path, out: Path) -> None:
+    """The full fine-tuned model: the adapter merged into the base by the Rust streaming merge."""
     if base is None:
         raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
     from esft_rs.merge import merge

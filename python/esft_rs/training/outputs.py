@@ -8,7 +8,6 @@ only gathers what goes into it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,32 +33,14 @@ def write_outputs(
     """Write the adapter, ``expert_cfg.json`` and ``train_config.yaml``; returns the adapter."""
     import yaml
 
-    path = out_dir / ADAPTER
-    write_adapter(path, tensors, experts, base_fingerprint,
-                  {"training_config": json.dumps(config), "metrics": json.dumps(metrics)})
+    from esft_rs.adapter import save_adapter
+
+    path = save_adapter(
+        {k: v.detach().cpu() for k, v in tensors.items()}, out_dir / ADAPTER, experts,
+        base_fingerprint=base_fingerprint,
+        extra_metadata={"esft.training_config": json.dumps(config),
+                        "esft.metrics": json.dumps(metrics)},
+    )
     experts.save(out_dir / EXPERT_CFG)
     (out_dir / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def write_adapter(
-    path: Path,
-    tensors: dict[str, torch.Tensor],
-    experts: ExpertConfig,
-    base_fingerprint: str | None,
-    extra: dict[str, str],
-) -> None:
-    """Write an adapter atomically (a temporary name renamed into place)."""
-    from safetensors.torch import save_file
-
-    meta = {"format": "pt", "expert_config": experts.to_json(), **extra}
-    if base_fingerprint is not None:
-        meta["base_fingerprint"] = base_fingerprint
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def base_fingerprint(path: str | os.PathLike[str] | None) -> str | None:
-    """The fingerprint ``merge`` checks adapters against (None without a base checkpoint)."""
-    return None
