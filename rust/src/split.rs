@@ -124,6 +124,13 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     let layout = Layout::of(&ckpt);
 
     let (mode, picks, config, excluded, compared) = match (&opts.experts, &base) {
+        (Some(_), _) if opts.shared_experts || opts.non_expert_modules => {
+            return Err(Error::Usage(
+                "--shared-experts / --non-expert-modules apply to --base without --experts; \
+                 with --experts the expert config says what to include"
+                    .into(),
+            ))
+        }
         (Some(cfg_path), _) => {
             let cfg = ExpertConfig::load(cfg_path)?;
             layout.check_config(&cfg, cfg_path, model)?;
