@@ -570,7 +570,10 @@ fn write_adapter(
             nbytes: *len,
         })
         .collect();
-    let (header, offsets) = writer::header_bytes(&new, metadata);
+    // Data at the model's phase within pages: copies run page-aligned, here and
+    // when the adapter is merged back into a base laid out like the model.
+    let phase = extents.first().map(|(src_off, _, _)| src_off % 4096);
+    let (header, offsets) = writer::header_bytes(&new, metadata, phase);
     let staged = Staged::new(out, false)?;
     let path = staged.path().to_path_buf();
     let f = File::options()
