@@ -646,7 +646,7 @@ pub(crate) mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (mut bytes, _) = header_bytes(&new, &md, None);
+        let (mut bytes, _) = header_bytes(&new, &md);
         for (t, (_, _, fill)) in new.iter().zip(tensors) {
             bytes.extend(std::iter::repeat_n(*fill, t.nbytes as usize));
         }

@@ -570,10 +570,7 @@ fn write_adapter(
             nbytes: *len,
         })
         .collect();
-    // Data at the model's phase within pages: copies run page-aligned, here and
-    // when the adapter is merged back into a base laid out like the model.
-    let phase = extents.first().map(|(src_off, _, _)| src_off % 4096);
-    let (header, offsets) = writer::header_bytes(&new, metadata, phase);
+    let (header, offsets) = writer::header_bytes(&new, metadata);
     let staged = Staged::new(out, false)?;
     let path = staged.path().to_path_buf();
     let f = File::options()

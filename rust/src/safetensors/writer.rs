@@ -6,8 +6,6 @@ use serde_json::{json, Map, Value};
 
 use super::dtype::Dtype;
 
-const PAGE: u64 = 4096;
-
 /// A tensor to be written, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTensor {
@@ -20,16 +18,7 @@ pub struct NewTensor {
 /// The 8-byte length prefix plus the JSON header, padded with spaces to a
 /// multiple of 8 as the reference writer does, and each tensor's absolute file
 /// offset. Tensors are laid out back to back in the given order.
-///
-/// With `page_phase` (a multiple of 8), the padding also puts the data section
-/// at that offset within a 4 KiB page, so that tensors copied from a file
-/// whose data sits at the same phase keep their position within pages (the
-/// kernel copies page-aligned runs much faster). It costs under 4 KiB.
-pub fn header_bytes(
-    tensors: &[NewTensor],
-    metadata: &[(String, String)],
-    page_phase: Option<u64>,
-) -> (Vec<u8>, Vec<u64>) {
+pub fn header_bytes(tensors: &[NewTensor], metadata: &[(String, String)]) -> (Vec<u8>, Vec<u64>) {
     let mut obj = Map::new();
     if !metadata.is_empty() {
         let md: Map<String, Value> = metadata
@@ -50,11 +39,7 @@ pub fn header_bytes(
         start = end;
     }
     let mut text = Value::Object(obj).to_string().into_bytes();
-    let mut len = (text.len() as u64).next_multiple_of(8);
-    if let Some(phase) = page_phase.filter(|p| p % 8 == 0) {
-        len += (phase % PAGE + PAGE - (8 + len) % PAGE) % PAGE;
-    }
-    text.resize(len as usize, b' ');
+    text.resize(text.len().next_multiple_of(8), b' ');
     let data_start = 8 + text.len() as u64;
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&text);
@@ -83,7 +68,7 @@ mod tests {
             },
         ];
         let md = vec![("format".to_string(), "pt".to_string())];
-        let (mut bytes, offsets) = header_bytes(&t, &md, None);
+        let (mut bytes, offsets) = header_bytes(&t, &md);
         assert_eq!(bytes.len() % 8, 0);
         assert_eq!(offsets, vec![bytes.len() as u64, bytes.len() as u64 + 8]);
         bytes.extend(std::iter::repeat_n(0u8, 14));
@@ -91,11 +76,5 @@ mod tests {
         assert_eq!(h.tensors[0].name, "b");
         assert_eq!(h.tensors[1].shape, vec![3, 1]);
         assert_eq!(h.metadata_value("format"), Some("pt"));
-        let (aligned, offsets) = header_bytes(&t, &md, Some(4096 + 1000));
-        assert_eq!(offsets[0] % 4096, 1000);
-        assert_eq!(aligned.len() as u64, offsets[0]);
-        let mut aligned = aligned;
-        aligned.extend(std::iter::repeat_n(0u8, 14));
-        assert_eq!(header::parse(&aligned, aligned.len() as u64).unwrap().tensors, h.tensors);
     }
 }
