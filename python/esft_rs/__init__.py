@@ -10,6 +10,9 @@ from esft_rs.adapter import fingerprint, read_adapter, save_adapter
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
 from esft_rs.merge import MergeReport, SplitReport, merge, split
+from esft_rs.profiling import profile
+from esft_rs.routing import RoutingStats, aggregate
+from esft_rs.selection import select_experts
 
 __all__ = [
     "EsftError",
@@ -17,12 +20,16 @@ __all__ = [
     "InvalidFileError",
     "MergeReport",
     "MismatchError",
+    "RoutingStats",
     "SplitReport",
     "__version__",
+    "aggregate",
     "fingerprint",
     "inspect",
     "merge",
+    "profile",
     "read_adapter",
     "save_adapter",
+    "select_experts",
     "split",
 ]

@@ -1,5 +1,6 @@
 # Type stubs for the Rust extension; tests/test_stubs.py keeps them in sync.
 from collections.abc import Callable
+from typing import Any
 
 __version__: str
 
@@ -17,6 +18,21 @@ def dump_expert_config(
     experts: dict[int, list[int]], shared_experts: bool, non_expert_modules: bool
 ) -> str: ...
 
+# --- routing ---
+# Routing stats travel as a dict: layers, top_k, num_samples, counts, gate_sum,
+# tokens, sample_token_sum, sample_gate_sum (numpy arrays), metadata.
+def count_routing(
+    ids: Any,
+    weights: Any | None = None,
+    num_experts: int | None = None,
+    lengths: list[int] | None = None,
+    layers: list[int] | None = None,
+) -> dict[str, Any]: ...
+def read_official_logs(
+    path: str, top_k: int = 6, num_experts: int | None = None
+) -> dict[str, Any]: ...
+def load_routing_stats(path: str) -> dict[str, Any]: ...
+def save_routing_stats(path: str, stats: dict[str, Any]) -> None: ...
 # --- merge / split / adapters ---
 ADAPTER_KEYS: dict[str, str]
 

@@ -116,6 +116,18 @@ def write_checkpoint(
     return out
 
 
+def official_data_dir(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The official ESFT conformance data (routing logs, summary.json, configs):
+    ``$ESFT_OFFICIAL``, else ``shared/esft-official`` beside the repository
+    (``../shared``) or beside any of its parents. None when absent."""
+    if env := os.environ.get("ESFT_OFFICIAL"):
+        return Path(env)
+    here = Path(start or __file__).resolve()
+    for base in (here, *here.parents):
+        candidate = base / "shared" / "esft-official"
+        if (candidate / "expert_scores").is_dir():
+            return candidate
+    return None
 def _expert_parts(
     tensors: Mapping[str, np.ndarray], experts: Mapping[int, Iterable[int]]
 ) -> Iterator[tuple[str, str, int | None]]:

@@ -8,7 +8,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -40,6 +40,7 @@ fn to_py(err: Error) -> PyErr {
         .into(),
         e @ (Error::Format { .. } | Error::Invalid { .. }) => InvalidFileError::new_err(e.to_string()),
         e @ Error::Mismatch(_) => MismatchError::new_err(e.to_string()),
+        Error::Value(msg) => PyValueError::new_err(msg),
         e @ Error::Usage(_) => EsftError::new_err(e.to_string()),
         Error::Cancelled => pyo3::exceptions::PyKeyboardInterrupt::new_err("cancelled"),
     }
@@ -94,6 +95,164 @@ fn dump_expert_config(
         non_expert_modules,
     }
     .to_json()
+}
+
+// --- routing ---
+
+use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::types::PyDict;
+
+use crate::routing::count::{ExpertId, Records, Weight};
+use crate::routing::{self, RoutingStats};
+
+/// Routing stats as a dict of numpy arrays and scalars (`esft_rs.routing` wraps it).
+fn stats_to_dict(py: Python<'_>, s: RoutingStats) -> PyResult<Bound<'_, PyDict>> {
+    let (l, e) = (s.layers.len(), s.num_experts);
+    let d = PyDict::new(py);
+    d.set_item("layers", s.layers)?;
+    d.set_item("top_k", s.top_k)?;
+    d.set_item("num_samples", s.num_samples)?;
+    d.set_item("counts", PyArray1::from_vec(py, s.counts).reshape([l, e])?)?;
+    d.set_item("gate_sum", PyArray1::from_vec(py, s.gate_sum).reshape([l, e])?)?;
+    d.set_item("tokens", PyArray1::from_vec(py, s.tokens))?;
+    d.set_item("sample_token_sum", PyArray1::from_vec(py, s.sample_token_sum).reshape([l, e])?)?;
+    d.set_item("sample_gate_sum", PyArray1::from_vec(py, s.sample_gate_sum).reshape([l, e])?)?;
+    d.set_item("metadata", s.metadata.into_iter().collect::<BTreeMap<_, _>>())?;
+    Ok(d)
+}
+
+fn dict_array<'py, T: Element + Copy>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<(Vec<T>, Vec<usize>)> {
+    let item = d
+        .get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("routing stats lack {key:?}")))?;
+    let arr: PyReadonlyArrayDyn<'py, T> = item.extract()?;
+    Ok((arr.as_array().iter().copied().collect(), arr.shape().to_vec()))
+}
+
+fn dict_item<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
+    d.get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("routing stats lack {key:?}")))?
+        .extract()
+        .map_err(Into::into)
+}
+
+fn stats_from_dict(d: &Bound<'_, PyDict>) -> PyResult<RoutingStats> {
+    let (counts, shape) = dict_array::<i64>(d, "counts")?;
+    Ok(RoutingStats {
+        layers: dict_item(d, "layers")?,
+        num_experts: shape.get(1).copied().unwrap_or(0),
+        top_k: dict_item(d, "top_k")?,
+        num_samples: dict_item(d, "num_samples")?,
+        counts,
+        gate_sum: dict_array(d, "gate_sum")?.0,
+        tokens: dict_array(d, "tokens")?.0,
+        sample_token_sum: dict_array(d, "sample_token_sum")?.0,
+        sample_gate_sum: dict_array(d, "sample_gate_sum")?.0,
+        metadata: dict_item::<BTreeMap<String, String>>(d, "metadata")?.into_iter().collect(),
+    })
+}
+
+struct CountArgs {
+    num_experts: Option<usize>,
+    lengths: Option<Vec<u64>>,
+    layers: Option<Vec<u32>>,
+}
+
+fn count_typed<I: ExpertId + Element, W: Weight + Element>(
+    py: Python<'_>,
+    ids: &PyReadonlyArrayDyn<'_, I>,
+    weights: Option<&PyReadonlyArrayDyn<'_, W>>,
+    args: CountArgs,
+) -> PyResult<RoutingStats> {
+    let not_contiguous = |what: &str| PyValueError::new_err(format!("{what} must be C-contiguous"));
+    let shape = ids.shape().to_vec();
+    let ids = ids.as_slice().map_err(|_| not_contiguous("expert ids"))?;
+    let weights = match weights {
+        Some(w) if w.shape() != shape.as_slice() => {
+            return Err(PyValueError::new_err(format!(
+                "weights have shape {:?} but expert ids have shape {shape:?}",
+                w.shape()
+            )))
+        }
+        Some(w) => Some(w.as_slice().map_err(|_| not_contiguous("weights"))?),
+        None => None,
+    };
+    let rec = Records { ids, weights, shape: &shape };
+    py.detach(|| routing::count::count(&rec, args.num_experts, args.lengths.as_deref(), args.layers))
+        .map_err(to_py)
+}
+
+fn count_ids<I: ExpertId + Element>(
+    py: Python<'_>,
+    ids: &PyReadonlyArrayDyn<'_, I>,
+    weights: Option<&Bound<'_, PyAny>>,
+    args: CountArgs,
+) -> PyResult<RoutingStats> {
+    let Some(w) = weights else {
+        return count_typed::<I, f32>(py, ids, None, args);
+    };
+    if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, f32>>() {
+        count_typed(py, ids, Some(&w), args)
+    } else if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, f64>>() {
+        count_typed(py, ids, Some(&w), args)
+    } else if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, half::f16>>() {
+        count_typed(py, ids, Some(&w), args)
+    } else {
+        Err(PyTypeError::new_err("weights must be a float16, float32 or float64 numpy array"))
+    }
+}
+
+/// Counts per-token routing records ([tokens, K] or [layers, tokens, K]
+/// C-contiguous numpy arrays) into routing stats, zero-copy, GIL released.
+#[pyfunction]
+#[pyo3(signature = (ids, weights=None, num_experts=None, lengths=None, layers=None))]
+fn count_routing<'py>(
+    py: Python<'py>,
+    ids: &Bound<'py, PyAny>,
+    weights: Option<&Bound<'py, PyAny>>,
+    num_experts: Option<usize>,
+    lengths: Option<Vec<u64>>,
+    layers: Option<Vec<u32>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let args = CountArgs { num_experts, lengths, layers };
+    macro_rules! try_ids {
+        ($($t:ty),*) => {$(
+            if let Ok(a) = ids.extract::<PyReadonlyArrayDyn<'_, $t>>() {
+                return stats_to_dict(py, count_ids(py, &a, weights, args)?);
+            }
+        )*};
+    }
+    try_ids!(i32, i64, i16, i8, u8, u16, u32, u64);
+    Err(PyTypeError::new_err("expert ids must be a numpy array of an integer dtype"))
+}
+
+/// Reads an official ESFT routing-log folder into routing stats.
+#[pyfunction]
+#[pyo3(signature = (path, top_k=6, num_experts=None))]
+fn read_official_logs(
+    py: Python<'_>,
+    path: PathBuf,
+    top_k: usize,
+    num_experts: Option<usize>,
+) -> PyResult<Bound<'_, PyDict>> {
+    let stats = py
+        .detach(|| routing::official_log::read_dir(&path, top_k, num_experts))
+        .map_err(to_py)?;
+    stats_to_dict(py, stats)
+}
+
+/// Loads a routing-stats safetensors file.
+#[pyfunction]
+fn load_routing_stats(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let stats = py.detach(|| routing::stats_file::load(&path)).map_err(to_py)?;
+    stats_to_dict(py, stats)
+}
+
+/// Writes routing stats (the dict `load_routing_stats` returns) atomically.
+#[pyfunction]
+fn save_routing_stats(py: Python<'_>, path: PathBuf, stats: &Bound<'_, PyDict>) -> PyResult<()> {
+    let stats = stats_from_dict(stats)?;
+    py.detach(|| routing::stats_file::save(&stats, &path)).map_err(to_py)
 }
 
 // --- merge / split / adapters ---
@@ -254,6 +413,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(canonical_name, m)?)?;
     m.add_function(wrap_pyfunction!(parse_expert_config, m)?)?;
     m.add_function(wrap_pyfunction!(dump_expert_config, m)?)?;
+    // --- routing ---
+    m.add_function(wrap_pyfunction!(count_routing, m)?)?;
+    m.add_function(wrap_pyfunction!(read_official_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(load_routing_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(save_routing_stats, m)?)?;
     // --- merge / split / adapters ---
     let keys = [
         ("format", adapter::KEY_FORMAT),

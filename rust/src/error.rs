@@ -66,6 +66,9 @@ pub enum Error {
     /// Inputs that are each valid but do not fit together.
     #[error("{0}")]
     Mismatch(String),
+    /// Bad values in in-memory input (arrays, arguments) rather than in a file.
+    #[error("{0}")]
+    Value(String),
     /// Arguments that cannot work together (e.g. an output that is an input).
     #[error("{0}")]
     Usage(String),

@@ -11,6 +11,7 @@ pub mod fingerprint;
 pub mod inspect;
 pub mod merge;
 pub mod naming;
+pub mod routing;
 pub mod progress;
 pub mod safetensors;
 pub mod split;

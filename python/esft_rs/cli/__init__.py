@@ -14,6 +14,8 @@ import click
 from esft_rs import __version__
 from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
+from esft_rs.cli.model_cmd import init_model_cmd
+from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.errors import EsftError
 
 
@@ -28,6 +30,9 @@ def main() -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(init_model_cmd)
+main.add_command(select_cmd)
+main.add_command(routing_report_cmd)
 main.add_command(merge_cmd)
 main.add_command(split_cmd)
 

@@ -1,0 +1,63 @@
+"""MoE models: the built-in reference model and the interface every family meets.
+
+Importing this package does not import torch; the functions below do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from esft_rs.models.config import PRESETS, ModelConfig
+from esft_rs.models.interface import MoEModel, RouterOutput
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.models.reference import ReferenceMoE
+
+__all__ = [
+    "PRESETS",
+    "MoEModel",
+    "ModelConfig",
+    "RouterOutput",
+    "init_model",
+    "load_model",
+    "save_model",
+]
+
+
+def init_model(config: ModelConfig | str = "tiny", *, seed: int = 0) -> ReferenceMoE:
+    """A freshly initialised built-in model (float32, CPU) from a config or a preset name.
+
+    The same config and seed give the same weights, bit for bit.
+    """
+    from esft_rs.errors import EsftError
+    from esft_rs.models.reference import build
+
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise EsftError(f"unknown preset {config!r} (choose from {', '.join(PRESETS)})")
+        config = PRESETS[config]
+    if problems := config.problems():
+        raise EsftError(f"invalid model config: {'; '.join(problems)}")
+    return build(config, seed)
+
+
+def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> os.PathLike[str]:
+    """Write ``config.json`` + ``model.safetensors`` (DeepSeek-V2 tensor names)."""
+    from esft_rs.models import checkpoint
+
+    return checkpoint.save_model(model, directory)
+
+
+def load_model(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ReferenceMoE:
+    """Load a built-in model directory, checking its tensors against config.json."""
+    from esft_rs.models import checkpoint
+
+    return checkpoint.load_model(directory, dtype=dtype, device=device)

@@ -1,0 +1,219 @@
+"""Task data: ESFT chat JSONL -> token ids and labels -> packed tensors.
+
+Input is the official ESFT format, one JSON object per line::
+
+    {"messages": [{"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "...", "mask": 0}]}
+
+Formatting and packing follow the official code, so the same tokenizer and seed
+give the same sequences:
+
+- BOS once; a user turn is ``User: {content}\\n\\nAssistant:``; an assistant turn is
+  `` {content}`` + EOS; contents are stripped.
+- Labels are aligned with ``input_ids`` (the loss shifts, see ``causal_lm_loss``):
+  user turns are ``-100``; assistant turns are their own ids unless ``"mask": 1``;
+  BOS labels itself (in a packed row, the step EOS -> BOS is learned).
+- Packing fills rows of ``seq_length`` in file order. An example longer than what
+  is left of the row keeps its tail (left truncation) and completes the row. With
+  probability ``random_concat_ratio`` an example joining a non-empty row loses its
+  first token (its BOS, or after truncation its first kept token). The last row is
+  padded: PAD ids, ``-100`` labels, attention mask 0.
+
+Validation reads every line before anything is tokenised, so bad input fails
+fast with ``file:line``. torch is imported only to build the final tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from esft_rs.errors import InvalidFileError
+from esft_rs.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "user" | "assistant"
+    content: str
+    mask: bool = False  # an assistant turn kept out of the loss
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Validated conversations, in file order, with where each came from."""
+
+    conversations: list[list[Message]]
+    sources: list[str]  # "file:line" of each conversation
+    skipped: list[str]  # "file:line: problem" of each line skipped by skip_bad
+
+    def pack(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        seq_length: int = 4096,
+        random_concat_ratio: float = 0.2,
+        seed: int = 0,
+    ) -> Packed:
+        """Format every conversation and pack them (see the module docstring)."""
+        return pack(
+            (format_conversation(c, tokenizer) for c in self.conversations),
+            seq_length=seq_length,
+            random_concat_ratio=random_concat_ratio,
+            seed=seed,
+            pad_id=tokenizer.pad,
+        )
+
+
+class Packed(NamedTuple):
+    """Rows ready for a training or profiling loop, each [rows, seq_length] int64."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor  # 1 = token, 0 = padding
+
+
+def read_task_data(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, skip_bad: bool = False
+) -> TaskData:
+    """Read and validate ESFT chat JSONL files (blank lines are ignored).
+
+    A bad line (not UTF-8, not JSON, no ``messages``, an unknown role, empty
+    content, ...) raises ``InvalidFileError`` naming ``file:line`` and how many
+    other lines are bad; with ``skip_bad`` such lines are left out and listed
+    in ``TaskData.skipped``. A file with no conversation at all is an error.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    conversations: list[list[Message]] = []
+    sources: list[str] = []
+    bad: list[str] = []
+    for path in map(Path, paths):
+        for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                conversations.append(_parse_line(line))
+                sources.append(where)
+            except ValueError as e:
+                bad.append(f"{where}: {e}")
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+        raise InvalidFileError(f"{bad[0]}{more}")
+    if not conversations:
+        names = ", ".join(map(str, paths))
+        raise InvalidFileError(f"{names}: no conversations" + (" left" if bad else ""))
+    return TaskData(conversations, sources, bad)
+
+
+def _parse_line(line: bytes) -> list[Message]:
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('no "messages" list (or it is empty)')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i} is not an object")
+        role, content, mask = m.get("role"), m.get("content"), m.get("mask", 0)
+        if role not in ROLES:
+            raise ValueError(f"message {i} has unknown role {json.dumps(role)}")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"message {i} has empty or non-string content")
+        if mask not in (0, 1):
+            raise ValueError(f"message {i} has mask {json.dumps(mask)} (expected 0 or 1)")
+        out.append(Message(role, content, bool(mask)))
+    return out
+
+
+def format_conversation(
+    messages: Sequence[Message], tokenizer: Tokenizer
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation, the official ESFT way (module docstring)."""
+    ids = [tokenizer.bos]
+    labels = [tokenizer.bos]
+    for m in messages:
+        if m.role == "user":
+            tokens = tokenizer.encode(f"User: {m.content.strip()}\n\nAssistant:")
+            ids += tokens
+            labels += [IGNORE_INDEX] * len(tokens)
+        else:
+            tokens = [*tokenizer.encode(f" {m.content.strip()}"), tokenizer.eos]
+            ids += tokens
+            labels += [IGNORE_INDEX] * len(tokens) if m.mask else tokens
+    return ids, labels
+
+
+def pack(
+    examples: Iterable[tuple[list[int], list[int]]],
+    *,
+    seq_length: int = 4096,
+    random_concat_ratio: float = 0.2,
+    seed: int = 0,
+    pad_id: int,
+) -> Packed:
+    """Pack (input_ids, labels) pairs into rows of ``seq_length`` (module docstring).
+
+    Deterministic: the coin for random concatenation comes from ``random.Random(seed)``,
+    tossed only when an example joins a non-empty row, as the official code does
+    with the global ``random`` after ``random.seed(seed)``.
+    """
+    import torch
+
+    if seq_length <= 0:
+        raise ValueError("seq_length must be positive")
+    coin = random.Random(seed)
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for x, y in examples:
+        room = seq_length - len(ids)
+        if len(x) > room:
+            x, y = x[-room:], y[-room:]
+        if ids and coin.random() < random_concat_ratio:
+            x, y = x[1:], y[1:]
+        ids += x
+        labels += y
+        if len(ids) == seq_length:
+            rows.append((ids, labels))
+            ids, labels = [], []
+    real = [seq_length] * len(rows)
+    if ids:  # the official code also emits an all-padding row here; it is useless
+        real.append(len(ids))
+        pad = seq_length - len(ids)
+        rows.append((ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad))
+    input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long).view(-1, seq_length)
+    label_t = torch.tensor([r[1] for r in rows], dtype=torch.long).view(-1, seq_length)
+    lengths = torch.tensor(real, dtype=torch.long)
+    mask = (torch.arange(seq_length) < lengths[:, None]).long()
+    return Packed(input_ids, label_t, mask)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )

@@ -1,0 +1,97 @@
+"""Save and load the built-in model as a Hugging Face directory: config.json + safetensors.
+
+Loading checks every header (through ``esft_rs.inspect``) and every tensor name,
+shape and dtype against config.json before any data is read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from esft_rs.errors import InvalidFileError
+from esft_rs.inspect import inspect
+from esft_rs.models.config import ModelConfig
+from esft_rs.models.reference import ReferenceMoE, blank
+
+WEIGHTS_NAME = "model.safetensors"
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names).
+
+    Files appear complete or not at all (written aside, then renamed).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    dtype = next(iter(tensors.values())).dtype
+    cfg = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    cfg.save(out)
+    return out
+
+
+def load_model(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ReferenceMoE:
+    """Load a directory written by ``save_model`` (or sharded, with an index, by ``merge``).
+
+    Tensors are cast to ``dtype`` (default: config.json's ``torch_dtype``). Raises
+    ``InvalidFileError`` naming the file and tensors when they do not fit config.json.
+    """
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a model directory")
+    cfg = ModelConfig.load(root)
+    info = inspect(root)
+    model = blank(cfg)
+    _check(root, info.tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    target = dtype or getattr(torch, cfg.torch_dtype)
+    state = {}
+    for name in info.files:
+        for k, v in load_file(root / name, device=str(device)).items():
+            state[k] = v.to(target)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def _check(root: Path, found: dict, expected: dict[str, tuple[int, ...]]) -> None:
+    """One error line listing every tensor that does not fit config.json."""
+    problems = []
+    missing = [n for n in expected if n not in found]
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    for name, t in found.items():
+        where = root / t.file
+        if name not in expected:
+            problems.append(f"{where}: unexpected tensor {name}")
+        elif t.shape != expected[name]:
+            problems.append(
+                f"{where}: {name} has shape {list(t.shape)}, config.json implies"
+                f" {list(expected[name])}"
+            )
+        elif t.dtype not in FLOAT_DTYPES:
+            problems.append(f"{where}: {name} has dtype {t.dtype}, not a float type")
+    if problems:
+        more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
+        raise InvalidFileError(
+            f"{root}: tensors do not match config.json: {'; '.join(problems[:3])}{more}"
+        )
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,50 @@
+"""Heatmap of expert scores (layers x experts) with the selected experts marked.
+
+Needs matplotlib, the optional extra ``plot``: ``pip install 'esft-rs[plot]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from esft_rs.selection import Selection
+
+MISSING = "plotting needs matplotlib: pip install 'esft-rs[plot]'"
+
+
+def require_matplotlib() -> None:
+    """Raises ImportError with an install hint when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(MISSING) from None
+
+
+def heatmap(selection: Selection, path: str | os.PathLike[str]) -> None:
+    """Writes the score heatmap of ``selection`` to ``path`` (format from the suffix)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats, values = selection.stats, selection.scores
+    size = (max(6.0, stats.num_experts * 0.14), max(3.0, stats.num_layers * 0.25))
+    fig, ax = plt.subplots(figsize=size)
+    image = ax.imshow(np.nan_to_num(values), aspect="auto", cmap="viridis", interpolation="nearest")
+    rows = {layer: r for r, layer in enumerate(stats.layers)}
+    xs = [e for layer, ids in selection.experts.items() for e in ids]
+    ys = [rows[layer] for layer, ids in selection.experts.items() for _ in ids]
+    ax.scatter(xs, ys, s=8, facecolors="none", edgecolors="red", linewidths=0.8, label="selected")
+    ax.set_yticks(range(stats.num_layers), [str(x) for x in stats.layers], fontsize=6)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{selection.score} scores, top-p {selection.top_p}")
+    fig.colorbar(image, ax=ax, label=f"{selection.score} score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

@@ -1,0 +1,219 @@
+"""Routing profiler: forward passes of a frozen MoE model with hooks on its routers.
+
+Works with any model that implements ``esft_rs.models.interface.MoEModel``
+(``routers()`` -> forward hooks that see the top-K ids and weights of the
+flattened batch). Statistics accumulate on the model's device with one
+``index_add_`` per layer and batch: no per-token transfer to the host and no
+host synchronisation inside the forward pass. Padding (attention mask 0) is
+never counted. Each batch row is one sample for the per-sample averages.
+
+Under ``torch.distributed`` each rank profiles a disjoint shard of the batches
+(batch i goes to rank i mod world size), the sums are all-reduced, and every
+rank returns the same totals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from esft_rs.errors import MismatchError
+from esft_rs.routing import RoutingStats
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.models.interface import MoEModel
+
+#: Per (layer, expert) accumulator columns (float64 on the device; counts are
+#: exact up to 2^53): selections, routing weight, and the per-sample token and
+#: gate scores summed over samples.
+_COUNT, _GATE, _SAMPLE_TOKEN, _SAMPLE_GATE = range(4)
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids [B, S], attention_mask [B, S] or None) from a tensor, a tuple
+    (ids, mask) or a mapping with ``input_ids`` / ``attention_mask``."""
+    import torch
+
+    if isinstance(batch, Mapping):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, tuple | list):
+        ids, mask = batch[0], batch[1] if len(batch) > 1 else None
+    else:
+        ids, mask = batch, None
+    ids = torch.as_tensor(ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"input ids must be [batch, seq] or [seq], got shape {list(ids.shape)}")
+    if mask is not None:
+        mask = torch.as_tensor(mask)
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention mask shape {list(mask.shape)} differs from ids {list(ids.shape)}"
+            )
+    return ids, mask
+
+
+class _Recorder:
+    """Forward hooks that add each router's decisions to device accumulators."""
+
+    def __init__(self, model: MoEModel, device: torch.device, keep_records: bool) -> None:
+        import torch
+
+        routers = model.routers()
+        self.layers = sorted(routers)
+        self.row = {layer: i for i, layer in enumerate(self.layers)}
+        self.e, self.k = int(model.num_experts), int(model.top_k)
+        self.acc = torch.zeros(len(self.layers) * self.e, 4, dtype=torch.float64, device=device)
+        self.samples = torch.zeros((), dtype=torch.float64, device=device)
+        self.tokens = 0  # rows of the current flattened batch
+        self.base: torch.Tensor | None = None  # [tokens * K, 4] per-selection values but w
+        self.valid: torch.Tensor | None = None  # [tokens] bool, for records
+        self.records: dict[int, list[tuple[np.ndarray, np.ndarray]]] | None = (
+            {layer: [] for layer in self.layers} if keep_records else None
+        )
+        self.handles = [
+            module.register_forward_hook(self._hook(layer)) for layer, module in routers.items()
+        ]
+
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Per-selection values of the next batch (rows are samples); no host sync."""
+        import torch
+
+        valid = (
+            torch.ones(ids.shape, dtype=torch.float64, device=ids.device)
+            if mask is None else (mask != 0).to(torch.float64)
+        )
+        n = valid.sum(dim=1, keepdim=True)
+        inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), 0.0)
+        # Columns: count, gate (x w in the hook), sample token score, sample gate (x w).
+        base = torch.stack([valid, valid, valid * inv_n / self.k, valid * inv_n], dim=-1)
+        self.base = base.reshape(-1, 4).repeat_interleave(self.k, dim=0)
+        self.tokens = ids.numel()
+        self.valid = valid.reshape(-1).bool() if self.records is not None else None
+        self.samples += (n > 0).sum()
+
+    def _hook(self, layer: int) -> Any:
+        import torch
+
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            ids, weights = output[0], output[1]
+            if self.base is None or tuple(ids.shape) != (self.tokens, self.k):
+                raise MismatchError(
+                    f"router of layer {layer} returned ids of shape {list(ids.shape)};"
+                    f" expected [{self.tokens}, {self.k}] (the flattened batch, top-K)"
+                )
+            values = self.base.clone()
+            values[:, 1::2] *= weights.reshape(-1, 1).to(torch.float64)
+            self.acc.index_add_(0, ids.reshape(-1) + self.row[layer] * self.e, values)
+            if self.records is not None and self.valid is not None:
+                keep = self.valid.cpu().numpy()
+                self.records[layer].append(
+                    (ids.cpu().numpy()[keep], weights.float().cpu().numpy()[keep])
+                )
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def stats(self, metadata: dict[str, str]) -> RoutingStats:
+        acc = self.acc.cpu().numpy().reshape(len(self.layers), self.e, 4)
+        counts = np.rint(acc[:, :, _COUNT]).astype(np.int64)
+        return RoutingStats(
+            layers=list(self.layers),
+            counts=counts,
+            gate_sum=acc[:, :, _GATE].copy(),
+            tokens=counts.sum(axis=1) // self.k,
+            top_k=self.k,
+            num_samples=round(float(self.samples)),
+            sample_token_sum=acc[:, :, _SAMPLE_TOKEN].copy(),
+            sample_gate_sum=acc[:, :, _SAMPLE_GATE].copy(),
+            metadata=metadata,
+        )
+
+
+def profile(
+    model: MoEModel,
+    batches: Iterable[Any],
+    *,
+    max_tokens: int | None = None,
+    records: str | os.PathLike[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool = False,
+) -> RoutingStats:
+    """Routing statistics of ``model`` over ``batches``.
+
+    ``batches``: input-id tensors [B, S] (or [S]), optionally as ``(ids, mask)``
+    or ``{"input_ids", "attention_mask"}`` with mask 1 = token, 0 = padding.
+    ``max_tokens``: stop after the batch that reaches this many real tokens (per
+    rank: its share). ``records``: also write the real tokens' top-K ids and
+    weights, a ``layer_{L}_ids.npy`` / ``layer_{L}_weights.npy`` pair per layer
+    (in ``rank_{r}`` subfolders when distributed; a host copy per layer and
+    batch, so slower; ``esft_rs.aggregate`` reads them back). The model runs
+    under ``torch.inference_mode()`` on its own device.
+    """
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    budget = None if max_tokens is None else max(1, max_tokens // world)
+    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else None
+    device = torch.device("cpu") if device is None else device
+    rec = _Recorder(model, device, keep_records=records is not None)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=budget, unit="tok", desc="profile", dynamic_ncols=True)
+    done = 0
+    try:
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                if i % world != rank:
+                    continue
+                ids, mask = _split_batch(batch)
+                real = int(ids.numel() if mask is None else (mask != 0).sum())
+                ids = ids.to(device, non_blocking=True)
+                mask = None if mask is None else mask.to(device, non_blocking=True)
+                rec.begin(ids, mask)
+                model(ids, attention_mask=mask)
+                done += real
+                if bar is not None:
+                    bar.update(real)
+                if budget is not None and done >= budget:
+                    break
+    finally:
+        rec.close()
+        if bar is not None:
+            bar.close()
+    if distributed:
+        acc = rec.acc if dist.get_backend() != "gloo" else rec.acc.cpu()
+        dist.all_reduce(acc)
+        samples = rec.samples.reshape(1).to(acc.device)
+        dist.all_reduce(samples)
+        rec.acc, rec.samples = acc, samples.reshape(())
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    stats = rec.stats(meta)
+    if rec.records is not None and records is not None:
+        folder = Path(records) if world == 1 else Path(records) / f"rank_{rank}"
+        _write_records(folder, rec.records)
+    return stats
+
+
+def _write_records(folder: Path, records: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for layer, parts in records.items():
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.int64)
+        weights = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 0), np.float32)
+        np.save(folder / f"layer_{layer}_ids.npy", ids)
+        np.save(folder / f"layer_{layer}_weights.npy", weights)
