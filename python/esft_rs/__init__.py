@@ -18,14 +18,18 @@ if TYPE_CHECKING:
     from esft_rs.profiling import profile
     from esft_rs.routing import RoutingStats, aggregate
     from esft_rs.selection import select_experts
+    from esft_rs.training import TrainConfig, TrainResult, train
 
-# The numpy-backed API is imported on first use, so that byte-level commands
-# (inspect, merge, split) do not pay numpy's import time.
+# The numpy- and torch-backed API is imported on first use, so that
+# byte-level commands (inspect, merge, split) do not pay for numpy.
 _LAZY = {
     "profile": "esft_rs.profiling",
     "RoutingStats": "esft_rs.routing",
     "aggregate": "esft_rs.routing",
     "select_experts": "esft_rs.selection",
+    "TrainConfig": "esft_rs.training",
+    "TrainResult": "esft_rs.training",
+    "train": "esft_rs.training",
 }
 
 
@@ -43,6 +47,8 @@ __all__ = [
     "MismatchError",
     "RoutingStats",
     "SplitReport",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "aggregate",
     "fingerprint",
@@ -53,4 +59,5 @@ __all__ = [
     "save_adapter",
     "select_experts",
     "split",
+    "train",
 ]

@@ -208,12 +208,24 @@ def pack(
     return Packed(input_ids, label_t, mask)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored."""
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy: logits at t predict labels at t+1; -100 is ignored.
+
+    ``reduction="sum"`` gives the summed loss, which the trainer divides by the
+    label tokens of a whole global batch (``loss_tokens``).
+    """
     import torch.nn.functional as F
 
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
         labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    """How many tokens of ``labels`` count in ``causal_lm_loss`` (the shifted, unmasked ones)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -16,6 +16,7 @@ from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
+from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.errors import EsftError
 
 
@@ -30,6 +31,7 @@ def main() -> None:
 
 
 main.add_command(inspect_cmd)
+main.add_command(train_cmd)
 main.add_command(init_model_cmd)
 main.add_command(select_cmd)
 main.add_command(routing_report_cmd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from esft_rs.models.config import ModelConfig
 from esft_rs.models.interface import RouterOutput
@@ -161,6 +162,7 @@ class ReferenceMoE(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
 
     @property
     def num_experts(self) -> int:
@@ -169,6 +171,10 @@ class ReferenceMoE(nn.Module):
     @property
     def top_k(self) -> int:
         return self.config.num_experts_per_tok
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in backward: less memory, more compute."""
+        self.gradient_checkpointing = True
 
     def routers(self) -> dict[int, nn.Module]:
         return {
@@ -201,8 +207,12 @@ class ReferenceMoE(nn.Module):
             mask = (causal & keep[:, None, :]) | torch.eye(s, dtype=torch.bool, device=x.device)
             mask = mask[:, None]  # [B, 1, S, S], broadcast over heads
         rope = _rope_tables(self.config, positions, x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, rope, mask)
+            if recompute:
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask)
         return self.lm_head(self.model.norm(x))
 
 

@@ -1,0 +1,256 @@
+"""``esft_rs.train``: the whole job, from a model and task data to an adapter in OUT_DIR."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.training.config import TrainConfig, load_config
+from esft_rs.training.outputs import ADAPTER, base_fingerprint, write_outputs
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.training.freeze import Trainable
+    from esft_rs.training.loop import FitResult
+
+log = logging.getLogger("esft_rs.training")
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter: Path
+    experts: ExpertConfig  # what was trained (random mode: the drawn experts)
+    config: TrainConfig
+    fit: FitResult
+    model: torch.nn.Module  # the trained model, holding the adapter's weights
+    merged: Path | None = None
+
+
+def train(
+    model: PathLike | torch.nn.Module,
+    data: PathLike | Mapping[str, torch.Tensor],
+    out_dir: PathLike,
+    experts: PathLike | ExpertConfig | None = None,
+    config: PathLike | TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    save_merged: PathLike | None = None,
+    base: PathLike | None = None,
+    skip_bad: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train the selected experts of ``model`` on ``data``; write ``out_dir/adapter.safetensors``.
+
+    ``model`` is a checkpoint directory or an in-memory model whose parameter
+    names are checkpoint names (then ``base`` names its checkpoint, for the
+    fingerprint and ``save_merged``). ``data`` is a chat JSONL file or packed
+    tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
+    YAML file (official ESFT keys) or a ``TrainConfig``; ``overrides`` set keys.
+    Under torchrun, every process calls this; rank 0 writes the outputs.
+    """
+    import torch
+
+    from esft_rs.training.batches import split
+    from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
+    from esft_rs.training.loop import Loop, init_distributed
+
+    cfg = _config(config, overrides)
+    out = Path(out_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    place, created_group = init_distributed(dev.type)
+    try:
+        if dev.type == "cuda" and place.world > 1:
+            dev = torch.device("cuda", place.local_rank)
+            torch.cuda.set_device(dev)
+        if not isinstance(model, torch.nn.Module):
+            base = model
+        expert_cfg, origin = _experts(experts)
+        resume_from = _check_out_dir(out, resume)
+        net = _load_model(model)
+        layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+        resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
+        tensors = _load_data(data, base, cfg, skip_bad)
+        fingerprint = base_fingerprint(base)
+        train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
+        _check_enough(len(train_idx), cfg, place.world)
+        trainables = freeze(net, resolved)
+        if base is not None:
+            _check_against_base(base, trainables)
+        _prepare(net, trainables, dev, cfg)
+        identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
+                    "config": cfg.identity(), "world": place.world}
+        if place.main:
+            out.mkdir(parents=True, exist_ok=True)
+        place.barrier()
+        loop = Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
+                    place=place, identity=identity)
+        fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+        if fit.unchanged:
+            log.warning(
+                "%d trained tensors did not change (experts that no token reached?): %s",
+                len(fit.unchanged), ", ".join(fit.unchanged[:5]),
+            )
+        adapter = out / ADAPTER
+        merged = Path(save_merged) if save_merged is not None else None
+        if place.main:
+            weights = {n: v for t in trainables for n, v in t.current().items()}
+            write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
+            if merged is not None:
+                _merge(base, adapter, merged)
+        place.barrier()
+        return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _config(config: PathLike | TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        cfg = config
+    elif config is None:
+        cfg = TrainConfig()
+    else:
+        cfg, notes = load_config(config)
+        for note in notes:
+            log.warning("%s", note)
+    return cfg.with_overrides(overrides, "arguments") if overrides else cfg
+
+
+def _experts(experts: PathLike | ExpertConfig | None) -> tuple[ExpertConfig | None, str]:
+    if experts is None or isinstance(experts, ExpertConfig):
+        return experts, "expert config"
+    return ExpertConfig.load(experts), os.fspath(experts)
+
+
+def _check_out_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
+    from esft_rs.training import checkpoint
+
+    found = checkpoint.latest(out)
+    if resume:
+        if found is None:
+            log.warning("%s: no checkpoint to resume from; starting at step 0", out)
+        return found
+    if found is not None or (out / ADAPTER).exists():
+        raise EsftError(
+            f"{out}: holds an earlier run; pass --resume to continue it,"
+            " or choose another directory"
+        )
+    return None
+
+
+def _load_model(model: PathLike | torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return model
+    from esft_rs.models import load_model
+
+    return load_model(model)
+
+
+def _load_data(
+    data: PathLike | Mapping[str, torch.Tensor],
+    base: PathLike | None,
+    cfg: TrainConfig,
+    skip_bad: bool,
+) -> dict[str, torch.Tensor]:
+    """Packed rows from chat JSONL (the official formatting, tokenizer of ``base``) or as given."""
+    import torch
+
+    if isinstance(data, Mapping):
+        tensors = dict(data)
+        if "attention_mask" not in tensors:
+            tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
+        if not len(tensors["input_ids"]):
+            raise InvalidFileError("data: no training examples")
+        return tensors
+    from esft_rs.data import read_task_data
+    from esft_rs.tokenizer import load_tokenizer
+
+    if base is None:
+        raise EsftError(f"{data}: chat JSONL needs the model directory, for its tokenizer")
+    task = read_task_data(data, skip_bad=skip_bad)
+    if task.skipped:
+        log.warning("skipped %d bad lines, the first: %s", len(task.skipped), task.skipped[0])
+    packed = task.pack(load_tokenizer(base), seq_length=cfg.seq_length,
+                       random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
+    return packed._asdict()
+
+
+def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
+    from esft_rs.training.loop import global_batch_size
+
+    need = global_batch_size(cfg, world)
+    if n_train < need:
+        raise EsftError(
+            f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split)"
+            f" are fewer than one global batch of {need} (per_device_batch_size"
+            f" {cfg.per_device_batch_size} x {world} processes x gradient_accumulation_steps"
+            f" {cfg.gradient_accumulation_steps})"
+        )
+
+
+def _check_against_base(base: PathLike, trainables: list[Trainable]) -> None:
+    """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge."""
+    from esft_rs.inspect import inspect as inspect_checkpoint
+
+    known = inspect_checkpoint(base).tensors
+    for t in trainables:
+        info = known.get(t.name)
+        if info is None:
+            raise MismatchError(f"{base}: has no tensor {t.name!r}, which the model trains")
+        if t.experts is None and tuple(info.shape) != tuple(t.param.shape):
+            raise MismatchError(
+                f"{base}: {t.name} has shape {list(info.shape)},"
+                f" the model's is {list(t.param.shape)}"
+            )
+
+
+def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.device,
+             cfg: TrainConfig) -> None:
+    """Place the model: fp32 on CPU; on CUDA frozen tensors keep their dtype and trained
+    ones are fp32 master weights (bf16 would round most 1e-5 updates away)."""
+    model.to(dev)
+    if dev.type == "cpu":
+        model.float()
+    for t in trainables:
+        t.param.data = t.param.data.float()
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            log.warning("gradient_checkpointing: the model does not offer it; training without")
+        elif "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            enable()
+
+
+def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in ("input_ids", "labels", "attention_mask"):
+        h.update(tensors[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _merge(base: PathLike | None, adapter: Path, out: Path) -> None:
+    if base is None:
+        raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
+    from esft_rs.merge import merge
+
+    merge(base, adapter, out)

@@ -1,0 +1,172 @@
+"""Training configuration: the keys of the official ESFT ``configs/base.yaml`` plus a few of ours.
+
+One dataclass is the single source of truth: YAML files are checked against its
+fields, and the CLI generates one flag per field from it. Defaults are the
+official base.yaml values, so an official config file means the same here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from esft_rs.errors import InvalidFileError
+
+MODES = ("esft", "full", "random")
+SCHEDULERS = ("constant", "cosine")
+
+# Keys of the official base.yaml that have no meaning here: accepted, with a note why.
+IGNORED_KEYS = {
+    "optim": "esft-rs always uses torch AdamW (fused on CUDA)",
+    "n_device": "the number of processes comes from torchrun",
+    "ep_size": "experts are replicated on every process (no expert parallelism)",
+}
+
+# Keys that change neither the data order nor the arithmetic: a resumed run may differ in them.
+BOOKKEEPING_KEYS = frozenset(
+    {"logging_steps", "eval_steps", "save_steps", "gradient_checkpointing"}
+)
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run (see ``configs/base.yaml`` of the official code)."""
+
+    seed: int = _opt(5934875, "Seed of data order, validation split, random-mode experts.")
+    seq_length: int = _opt(4096, "Tokens per packed training sequence.")
+    per_device_batch_size: int = _opt(1, "Sequences per process per micro-step.")
+    steps: int = _opt(500, "Optimizer steps.")
+    learning_rate: float = _opt(1e-5, "Peak learning rate.")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (never on 1-D tensors).")
+    warmup_steps: int = _opt(0, "Linear warm-up steps.")
+    logging_steps: int = _opt(10, "Log the training loss every N steps.")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.95, "AdamW beta2.")
+    random_concat_ratio: float = _opt(
+        0.2, "Chance that an example joining a packed row drops its first token."
+    )
+    eval_steps: int = _opt(100, "Evaluate on the validation split every N steps.")
+    save_steps: int = _opt(100, "Write a resumable checkpoint every N steps.")
+    gradient_checkpointing: bool = _opt(
+        True, "Recompute activations in backward, if the model can."
+    )
+    gradient_accumulation_steps: int = _opt(16, "Micro-steps per optimizer step.")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient norm to this (0: no clipping).")
+    # Ours.
+    mode: str = _opt("esft", "esft: the configured experts; full: everything; "
+                             "random: as many experts per layer as configured, chosen by seed.")
+    lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
+    val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
+
+    def problems(self) -> list[str]:
+        """What is impossible about these values (empty when they are fine)."""
+        out = []
+        for k in ("seq_length", "per_device_batch_size", "steps", "logging_steps", "eval_steps",
+                  "save_steps", "gradient_accumulation_steps"):
+            if getattr(self, k) <= 0:
+                out.append(f"{k} must be positive, got {getattr(self, k)}")
+        for k in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"):
+            if getattr(self, k) < 0:
+                out.append(f"{k} must not be negative, got {getattr(self, k)}")
+        for k in ("adam_beta1", "adam_beta2", "random_concat_ratio"):
+            if not 0 <= getattr(self, k) <= 1:
+                out.append(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        if not 0 <= self.val_ratio < 1:
+            out.append(f"val_ratio must be in [0, 1), got {self.val_ratio}")
+        if self.mode not in MODES:
+            out.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            out.append(
+                f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, overrides: dict[str, Any], origin: str = "options") -> TrainConfig:
+        """These values with ``overrides`` (None values skipped), checked as a file would be."""
+        merged = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        return from_mapping(merged, origin)[0]
+
+    def identity(self) -> dict[str, Any]:
+        """The values a resumed run must share with the checkpoint (bookkeeping keys aside)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_KEYS}
+
+
+def option_fields() -> list[tuple[str, type, Any, str, tuple[str, ...] | None]]:
+    """(name, type, default, help, choices) per key, for generating CLI flags."""
+    choices = {"mode": MODES, "lr_scheduler": SCHEDULERS}
+    return [
+        (f.name, _FIELD_TYPES[f.name], f.default, f.metadata["help"], choices.get(f.name))
+        for f in fields(TrainConfig)
+    ]
+
+
+_FIELD_TYPES: dict[str, type] = {
+    f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+    for f in fields(TrainConfig)
+}
+
+
+def from_mapping(raw: object, origin: str) -> tuple[TrainConfig, list[str]]:
+    """Check a parsed config against the known keys; returns the config and notes to show."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidFileError(f"{origin}: expected a mapping of keys to values")
+    notes = []
+    values: dict[str, Any] = {}
+    known = list(_FIELD_TYPES)
+    for key, value in raw.items():
+        key = str(key)
+        if key in IGNORED_KEYS:
+            notes.append(f"{origin}: {key} is ignored: {IGNORED_KEYS[key]}")
+            continue
+        if key not in _FIELD_TYPES:
+            close = difflib.get_close_matches(key, known + list(IGNORED_KEYS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidFileError(f"{origin}: unknown key {key!r}{hint}")
+        values[key] = _typed(value, _FIELD_TYPES[key], key, origin)
+    cfg = replace(TrainConfig(), **values)
+    if problems := cfg.problems():
+        raise InvalidFileError(f"{origin}: {'; '.join(problems)}")
+    return cfg, notes
+
+
+def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
+    """Read a YAML training config (an official ESFT one works unchanged)."""
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InvalidFileError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    return from_mapping(raw, os.fspath(path))
+
+
+def _typed(value: object, kind: type, key: str, origin: str) -> Any:
+    # YAML reads 1e-5 as a string (YAML 1.1 wants a dot): accept numeric strings for floats.
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise InvalidFileError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value  # type: ignore[arg-type]
+

@@ -1,0 +1,154 @@
+"""Which tensors train: the expert config applied to a model's checkpoint-named parameters.
+
+Tensors are recognised only through ``esft_rs.naming.classify`` (the single
+source of truth for expert naming). Routed experts train when the config lists
+them; shared experts and everything else (attention, norms, embeddings,
+routers) when the config's ``shared_experts`` / ``non_expert_modules`` flags
+say so. A fused ``[E, ...]`` expert tensor trains only its selected slices:
+they become one separate parameter, so frozen slices get no gradient, no
+optimizer state and no weight decay, and stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from esft_rs.cli.fmt import id_ranges
+from esft_rs.errors import MismatchError
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.naming import classify
+
+SHARED_KINDS = ("shared_expert", "shared_expert_gate")
+
+
+def moe_layout(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> dict[int, int]:
+    """MoE layer -> number of routed experts, from tensor names (and fused tensors' dim 0)."""
+    out: dict[int, int] = {}
+    for name, shape in shapes:
+        role = classify(name)
+        if role.kind == "routed_expert":
+            out[role.layer] = max(out.get(role.layer, 0), role.expert + 1)
+        elif role.kind == "fused_experts":
+            out[role.layer] = max(out.get(role.layer, 0), shape[0])
+    return dict(sorted(out.items()))
+
+
+def resolve_experts(
+    layout: dict[int, int],
+    config: ExpertConfig | None,
+    mode: str,
+    seed: int,
+    origin: str = "expert config",
+) -> ExpertConfig:
+    """The experts that will actually train, checked against the model's MoE layout.
+
+    ``full`` trains everything; ``random`` draws, per layer, as many experts as
+    ``config`` lists there (seeded, the paper's ablation); ``esft`` takes ``config``.
+    """
+    if mode == "full":
+        return ExpertConfig({layer: list(range(n)) for layer, n in layout.items()}, True, True)
+    if config is None:
+        raise MismatchError(f"mode {mode} needs an expert config (--experts)")
+    for layer, ids in config.experts.items():
+        if layer not in layout:
+            raise MismatchError(
+                f"{origin}: layer {layer} is not an MoE layer of the model"
+                f" (MoE layers: {id_ranges(list(layout)) or 'none'})"
+            )
+        bad = [e for e in ids if not 0 <= e < layout[layer]]
+        if bad:
+            raise MismatchError(
+                f"{origin}: layer {layer}: expert {bad[0]} is out of range"
+                f" (the model has {layout[layer]} routed experts per layer)"
+            )
+    experts = {layer: sorted(ids) for layer, ids in config.experts.items() if ids}
+    if mode == "random":
+        rng = random.Random(seed)
+        experts = {
+            layer: sorted(rng.sample(range(layout[layer]), len(ids)))
+            for layer, ids in sorted(experts.items())
+        }
+    resolved = ExpertConfig(experts, config.shared_experts, config.non_expert_modules)
+    if not resolved.num_experts and not resolved.shared_experts and not resolved.non_expert_modules:
+        raise MismatchError(
+            f"{origin}: selects nothing to train (no experts listed; shared_experts and"
+            " non_expert_modules are off)"
+        )
+    return resolved
+
+
+def tensor_plan(name: str, experts: ExpertConfig) -> bool | list[int]:
+    """True: train the whole tensor; False: freeze it; a list: train those fused slices."""
+    role = classify(name)
+    if role.kind == "routed_expert":
+        return role.expert in experts.experts.get(role.layer, ())
+    if role.kind == "fused_experts":
+        return list(experts.experts.get(role.layer, ()))
+    if role.kind in SHARED_KINDS:
+        return experts.shared_experts
+    return experts.non_expert_modules
+
+
+@dataclass
+class Trainable:
+    """One checkpoint tensor (or the selected slices of a fused one) being trained."""
+
+    name: str  # checkpoint name
+    param: torch.nn.Parameter
+    dtype: torch.dtype  # the checkpoint's dtype, for the adapter
+    experts: tuple[int, ...] | None = None  # fused: the expert ids of param's rows, in order
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """The trained values under checkpoint names (fused: one tensor per expert slice)."""
+        p = self.param.detach()
+        if self.experts is None:
+            return {self.name: p.to(self.dtype)}
+        from esft_rs.naming import fused_slice_name
+
+        return {fused_slice_name(self.name, e): p[i].to(self.dtype)
+                for i, e in enumerate(self.experts)}
+
+
+def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
+    """Set ``requires_grad`` on every parameter by ``experts``; returns what trains.
+
+    Fused tensors with selected slices are re-parametrised (see ``FusedSlices``).
+    Raises ``MismatchError`` when nothing would train.
+    """
+    out = []
+    for name, p in list(model.named_parameters()):
+        plan = tensor_plan(name, experts)
+        p.requires_grad_(plan is True)
+        if plan is True:
+            out.append(Trainable(name, p, p.dtype))
+        elif plan:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            slices = FusedSlices(p.detach(), plan)
+            torch.nn.utils.parametrize.register_parametrization(module, attr, slices, unsafe=True)
+            module.parametrizations[attr].original.requires_grad_(False)
+            out.append(Trainable(name, slices.slices, p.dtype, tuple(plan)))
+    if not out:
+        raise MismatchError("the expert config selects no tensor of this model to train")
+    return out
+
+
+class FusedSlices(torch.nn.Module):
+    """Rebuilds a fused [E, ...] weight from its frozen original and the trainable slices.
+
+    Used as a parametrization: the module's attribute reads as the full tensor,
+    while autograd and the optimizer see only ``slices``.
+    """
+
+    def __init__(self, original: torch.Tensor, ids: list[int]) -> None:
+        super().__init__()
+        index = torch.tensor(ids, dtype=torch.long, device=original.device)
+        self.register_buffer("ids", index, persistent=False)
+        self.slices = torch.nn.Parameter(original.index_select(0, index).clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original.index_copy(0, self.ids, self.slices.to(original.dtype))

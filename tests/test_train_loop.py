@@ -1,0 +1,134 @@
+"""The training loop on a small fake MoE: what changes, the adapter, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import esft_rs
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.expert_config import ExpertConfig
+from train_fakes import FakeMoE, effective, fake_data, snapshot
+
+EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
+FAST = dict(steps=6, per_device_batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
+            eval_steps=2, save_steps=3, learning_rate=1e-2, gradient_checkpointing=False)
+
+
+def run(out: Path, model: torch.nn.Module | None = None, data: dict | None = None,
+        experts: ExpertConfig | None = EXPERTS, **kw) -> esft_rs.TrainResult:
+    return esft_rs.train(model or FakeMoE(), data or fake_data(), out, experts,
+                         progress=False, **{**FAST, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_only_selected_experts_change(tmp_path: Path) -> None:
+    model = FakeMoE()
+    base = snapshot(model)
+    result = run(tmp_path / "out", model)
+    now = effective(model, list(base))
+    trained = {f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+               for layer, e in [(1, 0), (1, 2), (2, 1)] for p in ("gate", "up", "down")}
+    changed = {n for n in base if not torch.equal(base[n], now[n])}
+    assert changed == trained  # every trained tensor moved, everything else is bit-identical
+    assert result.fit.unchanged == []
+
+    adapter = load_file(result.adapter)
+    assert set(adapter) == trained
+    for name, t in adapter.items():
+        assert torch.equal(t, now[name])  # the adapter holds what the model ended with
+    with safe_open(result.adapter, "pt") as f:
+        meta = f.metadata()
+    assert ExpertConfig.parse(meta["expert_config"]) == EXPERTS
+    assert json.loads(meta["training_config"])["learning_rate"] == 1e-2
+    assert json.loads(meta["metrics"])["best_step"] == result.fit.best_step
+    assert ExpertConfig.load(tmp_path / "out" / "expert_cfg.json") == EXPERTS
+
+    # Optimizer state exists for the trained tensors only: 2 fp32 moments + a step count each.
+    n = sum(base[name].numel() for name in trained)
+    assert result.fit.trainable_params == n
+    assert result.fit.optimizer_state_bytes == 8 * n + 4 * len(trained)
+    state = torch.load(next((tmp_path / "out" / "checkpoints").iterdir()) / "trainer.pt",
+                       weights_only=True)["optimizer"]["state"]
+    assert sorted(tuple(s["exp_avg"].shape) for s in state.values()) == sorted(
+        tuple(base[name].shape) for name in trained)
+
+
+def test_keeps_best_weights_by_eval_loss(tmp_path: Path) -> None:
+    result = run(tmp_path / "out", learning_rate=0.05)
+    evals = [r for r in metrics(tmp_path / "out") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert (result.fit.best_step, result.fit.eval_loss) == (best["step"], best["eval_loss"])
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    whole = run(tmp_path / "whole")
+
+    def crash_after_4(step: int, record: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", on_step=crash_after_4)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-3"]
+    resumed = run(tmp_path / "cut", resume=True)
+
+    def losses(out: Path) -> list[tuple]:
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in metrics(out)]
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # exactly, not approximately
+    a, b = load_file(whole.adapter), load_file(resumed.adapter)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_data(tmp_path: Path) -> None:
+    empty = {k: v[:0] for k, v in fake_data().items()}
+    with pytest.raises(InvalidFileError, match="no training examples"):
+        run(tmp_path / "a", data=empty)
+    with pytest.raises(EsftError, match=r"5 training sequences .* than one global batch of 8"):
+        run(tmp_path / "b", data=fake_data(n=6), per_device_batch_size=4)
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+
+
+def test_refuses_earlier_run_and_foreign_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run(out, steps=3)
+    with pytest.raises(EsftError, match="holds an earlier run; pass --resume"):
+        run(out, steps=3)
+    with pytest.raises(MismatchError, match=r"learning_rate=0\.01 there, 0\.02 here"):
+        run(out, steps=3, resume=True, learning_rate=2e-2)
+    with pytest.raises(MismatchError, match="a different expert selection"):
+        run(out, steps=3, resume=True, experts=ExpertConfig({1: [1]}))
+    with pytest.raises(MismatchError, match="different training data"):
+        run(out, steps=3, resume=True, data=fake_data(seed=1))
+
+
+def test_warns_when_trained_tensors_do_not_change(tmp_path: Path, caplog) -> None:
+    result = run(tmp_path / "out", learning_rate=0.0)
+    assert len(result.fit.unchanged) == 9
+    assert "9 trained tensors did not change" in caplog.text
+
+
+def test_full_and_random_modes(tmp_path: Path) -> None:
+    model = FakeMoE()
+    base = snapshot(model)
+    full = run(tmp_path / "full", model, experts=None, mode="full")
+    now = effective(model, list(base))
+    assert {n for n in base if not torch.equal(base[n], now[n])} == set(base)
+    assert set(load_file(full.adapter)) == set(base)
+
+    random = run(tmp_path / "random", experts=EXPERTS, mode="random", seed=3)
+    drawn = random.experts.experts
+    assert {k: len(v) for k, v in drawn.items()} == {1: 2, 2: 1} and drawn != EXPERTS.experts
+    assert set(load_file(random.adapter)) == {
+        f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+        for layer, ids in drawn.items() for e in ids for p in ("gate", "up", "down")}

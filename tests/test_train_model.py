@@ -1,0 +1,162 @@
+"""``esft-rs train`` on the built-in tiny model and chat JSONL: end to end, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import esft_rs
+from conftest import run_cli
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import init_model, load_model, save_model
+from test_train_config import OFFICIAL_BASE
+from train_fakes import ddp_worker
+
+EXPERTS = {"experts": {"1": [0, 5], "2": [3], "3": [7, 8, 9]},
+           "shared_experts": False, "non_expert_modules": False}
+QUICK = ["--steps", "4", "--seq-length", "64", "--per-device-batch-size", "2",
+         "--gradient-accumulation-steps", "1", "--eval-steps", "2", "--save-steps", "2",
+         "--logging-steps", "1", "--learning-rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train_model")
+    save_model(init_model("tiny", seed=0), root / "base")
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(10) for b in range(6)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "experts.json").write_text(json.dumps(EXPERTS))
+    (root / "base.yaml").write_text(OFFICIAL_BASE)
+    return {"base": root / "base", "data": root / "task.jsonl",
+            "experts": root / "experts.json", "yaml": root / "base.yaml", "root": root}
+
+
+def expert_tensors(cfg: dict) -> set[str]:
+    return {f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight"
+            for layer, ids in cfg["experts"].items() for e in ids for p in ("gate", "up", "down")}
+
+
+def test_cli_trains_and_writes_adapter(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("train", files["base"], files["data"], "--experts", files["experts"],
+                   "-o", out, "--config", files["yaml"], *QUICK, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    # The official base.yaml works unchanged: its unused keys are notes, not errors.
+    assert "esft-rs: note: " in proc.stderr and "n_device is ignored" in proc.stderr
+    assert "6 routed experts in 3 layers" in proc.stdout
+    adapter = load_file(out / "adapter.safetensors")
+    assert set(adapter) == expert_tensors(EXPERTS)
+    base = load_file(files["base"] / "model.safetensors")
+    assert all(not torch.equal(t, base[n]) for n, t in adapter.items())  # each one trained
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert ExpertConfig.load(out / "expert_cfg.json") == ExpertConfig.parse(json.dumps(EXPERTS))
+
+
+def test_api_trained_model_matches_adapter_and_base(files: dict[str, Path], tmp_path: Path) -> None:
+    result = esft_rs.train(
+        files["base"], files["data"], tmp_path / "out", files["experts"], progress=False,
+        steps=3, seq_length=64, per_device_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, gradient_checkpointing=False, device="cpu",
+    )
+    base = load_file(files["base"] / "model.safetensors")
+    adapter = load_file(result.adapter)
+    trained = expert_tensors(EXPERTS)
+    for name, t in result.model.state_dict().items():
+        if name in trained:
+            assert torch.equal(t, adapter[name]) and not torch.equal(t, base[name]), name
+        else:
+            assert torch.equal(t, base[name]), name  # bit-identical to the base
+    # The adapter applied to the base gives the trained model's logits.
+    merged = load_model(files["base"])
+    merged.load_state_dict(adapter, strict=False)
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(merged(x), result.model.eval()(x))
+
+
+def test_gradient_checkpointing_changes_nothing(files: dict[str, Path], tmp_path: Path) -> None:
+    kw = dict(progress=False, steps=2, seq_length=64, per_device_batch_size=2,
+              gradient_accumulation_steps=1, learning_rate=1e-3, device="cpu")
+    plain = esft_rs.train(files["base"], files["data"], tmp_path / "a", files["experts"],
+                          gradient_checkpointing=False, **kw)
+    recomputed = esft_rs.train(files["base"], files["data"], tmp_path / "b", files["experts"],
+                               gradient_checkpointing=True, **kw)
+    assert recomputed.model.gradient_checkpointing
+    a, b = load_file(plain.adapter), load_file(recomputed.adapter)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None:
+    """Same global batch (4 sequences x 2 micro-steps) on 1 process and on 2 (gloo)."""
+    kw = dict(experts=files["experts"], steps=4, seq_length=64, gradient_accumulation_steps=2,
+              eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3, device="cpu")
+    args = (files["base"], files["data"])
+    one = esft_rs.train(*args, tmp_path / "one", per_device_batch_size=4, progress=False, **kw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    torch.multiprocessing.spawn(
+        ddp_worker, args=(2, port, (*args, two), dict(per_device_batch_size=2, **kw)), nprocs=2)
+    a, b = load_file(one.adapter), load_file(two / "adapter.safetensors")
+    assert set(a) == set(b) == expert_tensors(EXPERTS)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+    def losses(out: Path) -> torch.Tensor:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return torch.tensor([r.get("loss", r.get("eval_loss")) for r in rows])
+
+    assert len(losses(two)) == 6  # 4 steps, 2 evals (the 2nd process holds no validation row)
+    assert torch.allclose(losses(one.out_dir), losses(two), rtol=1e-5, atol=1e-6)
+    state = json.loads(next((two / "checkpoints").iterdir()).joinpath("state.json").read_text())
+    assert state["world"] == 2
+
+
+BAD_FILES = {
+    "bad.yaml": "learning_rat: 0.1\n",
+    "dense.json": '{"experts": {"0": [1]}}',
+    "range.json": '{"experts": {"2": [16]}}',
+    "empty.json": '{"experts": {"1": []}}',
+    "bad.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n'
+                 '{"messages": [{"role": "bot", "content": "x"}]}\n',
+    "one.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n',
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "args", "message"),
+    [
+        (None, ["--config", "bad.yaml"], "bad.yaml: unknown key 'learning_rat' (did you mean"),
+        (None, ["--experts", "dense.json"],
+         "dense.json: layer 0 is not an MoE layer of the model (MoE layers: 1-3)"),
+        (None, ["--experts", "range.json"], "range.json: layer 2: expert 16 is out of range"),
+        (None, ["--experts", "empty.json"], "empty.json: selects nothing to train"),
+        ("bad.jsonl", [], "bad.jsonl:2: message 0 has unknown role"),
+        ("one.jsonl", [], "0 training sequences (after the 0.02 validation split) are fewer"
+                          " than one global batch of 16"),
+        (None, ["--steps", "0"], "command line: steps must be positive, got 0"),
+    ],
+)
+def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,
+                       args: list[str], message: str) -> None:
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a) if a in BAD_FILES else a for a in args]
+    if "--experts" not in args:
+        args += ["--experts", str(files["experts"])]
+    out = tmp_path / "out"
+    proc = run_cli("train", files["base"], tmp_path / data if data else files["data"], "-o", out,
+                   *args, "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), proc.stderr
+    assert message in lines[0]
+    assert not out.exists()
