@@ -440,3 +440,14 @@ def test_output_errors(tmp_path: Path, sharded_ckpt: Path) -> None:
         esft_rs.merge(sharded_ckpt, ad, tmp_path / "taken", overwrite=True)
     assert (tmp_path / "taken" / "model.safetensors.index.json").is_file()
     assert not list(tmp_path.glob(".*esft*"))
+
+
+def test_fused_slice_naming() -> None:
+    from esft_rs.naming import classify, fused_slice_name, fused_slice_parent
+
+    fused = "model.layers.3.mlp.experts.gate_up_proj"
+    assert fused_slice_name(fused, 7) == "model.layers.3.mlp.experts.7.gate_up_proj"
+    assert classify("model.layers.3.mlp.experts.7.gate_up_proj") == ("routed_expert", 3, 7)
+    assert fused_slice_parent("model.layers.3.mlp.experts.7.gate_up_proj") == (fused, 7)
+    assert fused_slice_name("model.layers.3.mlp.gate.weight", 1) is None
+    assert fused_slice_parent("model.norm.weight") is None

@@ -163,6 +163,11 @@ def test_cli_and_dry_run(tmp_path: Path) -> None:
     assert_same_files(tmp_path / "m", ft)
     proc = run_cli("split", ft, "-o", tmp_path / "c.safetensors")
     assert proc.returncode == 2 and "--experts" in proc.stderr
+    ExpertConfig({1: [0]}).save(tmp_path / "cfg.json")
+    proc = run_cli("split", ft, "--experts", tmp_path / "cfg.json", "--shared-experts",
+                   "-o", tmp_path / "c.safetensors")
+    assert proc.returncode == 2 and "the expert config says what to include" in proc.stderr
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def _case(tmp: Path, case: str) -> tuple[list[object], type[Exception], str]:

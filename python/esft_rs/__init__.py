@@ -5,15 +5,39 @@ core ``esft_rs._core``; tensor work (forward passes, training) uses torch, which
 is imported only by the functions that need it.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from esft_rs._core import __version__
 from esft_rs.adapter import fingerprint, read_adapter, save_adapter
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inspect import Inspection, inspect
 from esft_rs.merge import MergeReport, SplitReport, merge, split
-from esft_rs.profiling import profile
-from esft_rs.routing import RoutingStats, aggregate
-from esft_rs.selection import select_experts
-from esft_rs.training import TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from esft_rs.profiling import profile
+    from esft_rs.routing import RoutingStats, aggregate
+    from esft_rs.selection import select_experts
+    from esft_rs.training import TrainConfig, TrainResult, train
+
+# The numpy- and torch-backed API is imported on first use, so that
+# byte-level commands (inspect, merge, split) do not pay for numpy.
+_LAZY = {
+    "profile": "esft_rs.profiling",
+    "RoutingStats": "esft_rs.routing",
+    "aggregate": "esft_rs.routing",
+    "select_experts": "esft_rs.selection",
+    "TrainConfig": "esft_rs.training",
+    "TrainResult": "esft_rs.training",
+    "train": "esft_rs.training",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'esft_rs' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "EsftError",

@@ -29,9 +29,10 @@ KEY_BASE_FINGERPRINT = ADAPTER_KEYS["base_fingerprint"]
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """Fingerprint of a checkpoint (file or directory): cheap, content-sensitive.
 
-    XXH3-128 over every tensor's name, dtype, shape and sampled bytes (first,
-    middle and last 4 KiB); independent of sharding. Recorded in adapters so
-    that merging into a different base is refused.
+    XXH3-128 over every tensor's name, dtype, shape and sampled bytes (first
+    and last 4 KiB of each tensor, or of each expert's slice of a fused
+    tensor); independent of sharding. Recorded in adapters so that merging
+    into a different base is refused.
     """
     return _core.fingerprint(os.fspath(path))
 

@@ -56,13 +56,17 @@ pub struct AdapterTensor<'a> {
 
 impl Adapter {
     pub fn open(path: &Path) -> Result<Self> {
-        let is_dir = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_dir();
+        let is_dir = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .is_dir();
         let (kind, ckpt, dir_config) = if is_dir {
             let cfg_path = path.join(OFFICIAL_CONFIG);
             if !cfg_path.is_file() {
                 return Err(Error::invalid(
                     path,
-                    format!("directory has no {OFFICIAL_CONFIG}, so it is not an ESFT adapter folder"),
+                    format!(
+                        "directory has no {OFFICIAL_CONFIG}, so it is not an ESFT adapter folder"
+                    ),
                 ));
             }
             let cfg = ExpertConfig::load(&cfg_path)?;
@@ -75,15 +79,27 @@ impl Adapter {
             .first()
             .and_then(|s| s.file.header.metadata.clone())
             .unwrap_or_default();
-        let get = |k: &str| metadata.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            metadata
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
         let file_config = match get(KEY_EXPERT_CONFIG) {
             Some(text) => Some(ExpertConfig::parse(&text, path).map_err(|e| {
-                Error::invalid(path, format!("{KEY_EXPERT_CONFIG} in __metadata__: {}", strip_origin(&e, path)))
+                Error::invalid(
+                    path,
+                    format!(
+                        "{KEY_EXPERT_CONFIG} in __metadata__: {}",
+                        strip_origin(&e, path)
+                    ),
+                )
             })?),
             None => None,
         };
         let fingerprint = get(KEY_BASE_FINGERPRINT);
-        let kind = if kind == AdapterKind::Plain && (file_config.is_some() || fingerprint.is_some()) {
+        let kind = if kind == AdapterKind::Plain && (file_config.is_some() || fingerprint.is_some())
+        {
             AdapterKind::Esft
         } else {
             kind
@@ -106,15 +122,22 @@ impl Adapter {
     /// Tensors in file order, named as in checkpoints (legacy names mapped).
     pub fn tensors(&self) -> impl Iterator<Item = AdapterTensor<'_>> {
         let positions = self.ckpt.shards.iter().enumerate().flat_map(|(si, s)| {
-            s.file.header.tensors.iter().enumerate().map(move |(ti, t)| (si, ti, &s.file, t))
+            s.file
+                .header
+                .tensors
+                .iter()
+                .enumerate()
+                .map(move |(ti, t)| (si, ti, &s.file, t))
         });
-        positions.zip(&self.names).map(|((shard, index, file, info), name)| AdapterTensor {
-            name: name.clone(),
-            file,
-            info,
-            shard,
-            index,
-        })
+        positions
+            .zip(&self.names)
+            .map(|((shard, index, file, info), name)| AdapterTensor {
+                name: name.clone(),
+                file,
+                info,
+                shard,
+                index,
+            })
     }
 }
 
@@ -124,11 +147,18 @@ impl Adapter {
 /// Other adapters keep their names (merge still maps a legacy `layers.L...`
 /// name that the base lacks through `naming::canonical`).
 fn checkpoint_names(path: &Path, ckpt: &Checkpoint, official: bool) -> Result<Vec<String>> {
-    let legacy = official && ckpt.tensors().any(|(_, t)| naming::canonical(&t.name) != t.name);
+    let legacy = official
+        && ckpt
+            .tensors()
+            .any(|(_, t)| naming::canonical(&t.name) != t.name);
     let mut seen: HashMap<String, &str> = HashMap::new();
     let mut names = Vec::new();
     for (_, t) in ckpt.tensors() {
-        let name = if legacy { naming::from_model_body(&t.name) } else { t.name.clone() };
+        let name = if legacy {
+            naming::from_model_body(&t.name)
+        } else {
+            t.name.clone()
+        };
         if let Some(prev) = seen.insert(name.clone(), &t.name) {
             return Err(Error::invalid(
                 path,

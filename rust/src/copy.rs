@@ -43,7 +43,8 @@ pub fn push_coalesced<K: PartialEq>(out: &mut Vec<(K, Range)>, key: K, r: Range)
         return;
     }
     if let Some((k, last)) = out.last_mut() {
-        if *k == key && last.src_off + last.len == r.src_off && last.dst_off + last.len == r.dst_off {
+        if *k == key && last.src_off + last.len == r.src_off && last.dst_off + last.len == r.dst_off
+        {
             last.len += r.len;
             return;
         }
@@ -86,7 +87,9 @@ pub fn preallocate(f: &File, path: &Path, len: u64) -> Result<()> {
     if len > 0 {
         match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 0, len) {
             Ok(()) => return Ok(()),
-            Err(rustix::io::Errno::NOSPC) => return Err(Error::io(path, rustix::io::Errno::NOSPC.into())),
+            Err(rustix::io::Errno::NOSPC) => {
+                return Err(Error::io(path, rustix::io::Errno::NOSPC.into()))
+            }
             Err(_) => {}
         }
     }
@@ -96,7 +99,13 @@ pub fn preallocate(f: &File, path: &Path, len: u64) -> Result<()> {
 /// Copies one range from `src` into `dst` (both opened by the caller; paths
 /// are for error messages). Offsets are explicit, so threads may copy into the
 /// same output concurrently.
-pub fn copy_range(src: &File, src_path: &Path, dst: &File, dst_path: &Path, r: Range) -> Result<()> {
+pub fn copy_range(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    r: Range,
+) -> Result<()> {
     #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
     let mut done = 0u64;
     // When source and destination sit at different offsets within a page (an
@@ -124,10 +133,19 @@ pub fn copy_range(src: &File, src_path: &Path, dst: &File, dst_path: &Path, r: R
 #[cfg(target_os = "linux")]
 fn unsupported(e: &io::Error) -> bool {
     use rustix::io::Errno;
-    let Some(code) = e.raw_os_error() else { return false };
+    let Some(code) = e.raw_os_error() else {
+        return false;
+    };
     let errno = Errno::from_raw_os_error(code);
-    [Errno::XDEV, Errno::NOSYS, Errno::OPNOTSUPP, Errno::INVAL, Errno::PERM, Errno::TXTBSY]
-        .contains(&errno)
+    [
+        Errno::XDEV,
+        Errno::NOSYS,
+        Errno::OPNOTSUPP,
+        Errno::INVAL,
+        Errno::PERM,
+        Errno::TXTBSY,
+    ]
+    .contains(&errno)
 }
 
 /// Loops `copy_file_range` until the range is done; on error returns how many
@@ -138,10 +156,15 @@ fn kernel_copy(src: &File, dst: &File, r: Range) -> std::result::Result<(), (u64
     while done < r.len {
         let mut off_in = r.src_off + done;
         let mut off_out = r.dst_off + done;
-        let want = usize::try_from(r.len - done).unwrap_or(usize::MAX).min(1 << 30);
+        let want = usize::try_from(r.len - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
         match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
             Ok(0) => {
-                let e = io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early (changed while reading?)");
+                let e = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file ended early (changed while reading?)",
+                );
                 return Err((done, e));
             }
             Ok(n) => done += n as u64,
@@ -158,12 +181,20 @@ thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn fallback_copy(src: &File, src_path: &Path, dst: &File, dst_path: &Path, r: Range, mut done: u64) -> Result<()> {
+fn fallback_copy(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    r: Range,
+    mut done: u64,
+) -> Result<()> {
     BUF.with_borrow_mut(|buf| {
         buf.resize(FALLBACK_BUF, 0);
         while done < r.len {
             let n = FALLBACK_BUF.min(usize::try_from(r.len - done).unwrap_or(usize::MAX));
-            read_exact_at(src, &mut buf[..n], r.src_off + done).map_err(|e| Error::io(src_path, e))?;
+            read_exact_at(src, &mut buf[..n], r.src_off + done)
+                .map_err(|e| Error::io(src_path, e))?;
             write_all_at(dst, &buf[..n], r.dst_off + done).map_err(|e| Error::io(dst_path, e))?;
             done += n as u64;
         }
@@ -232,10 +263,25 @@ mod tests {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (t, src) = file_with(&data);
         // Same offset within a page (kernel copy), and different ones (buffered).
-        for r in [Range { src_off: 4106, dst_off: 10, len: 250_000 }, Range { src_off: 1000, dst_off: 10, len: 250_000 }] {
+        for r in [
+            Range {
+                src_off: 4106,
+                dst_off: 10,
+                len: 250_000,
+            },
+            Range {
+                src_off: 1000,
+                dst_off: 10,
+                len: 250_000,
+            },
+        ] {
             for use_fallback in [false, true] {
                 let out = tempfile::NamedTempFile::new().unwrap();
-                let dst = File::options().write(true).read(true).open(out.path()).unwrap();
+                let dst = File::options()
+                    .write(true)
+                    .read(true)
+                    .open(out.path())
+                    .unwrap();
                 preallocate(&dst, out.path(), 250_010).unwrap();
                 if use_fallback {
                     fallback_copy(&src, t.path(), &dst, out.path(), r, 0).unwrap();
@@ -255,25 +301,91 @@ mod tests {
         let (t, src) = file_with(&[1, 2, 3]);
         let out = tempfile::NamedTempFile::new().unwrap();
         let dst = File::options().write(true).open(out.path()).unwrap();
-        let r = Range { src_off: 0, dst_off: 0, len: 10 };
-        let err = copy_range(&src, t.path(), &dst, out.path(), r).unwrap_err().to_string();
+        let r = Range {
+            src_off: 0,
+            dst_off: 0,
+            len: 10,
+        };
+        let err = copy_range(&src, t.path(), &dst, out.path(), r)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&t.path().display().to_string()), "{err}");
     }
 
     #[test]
     fn coalesce_and_chunk() {
         let mut v = Vec::new();
-        push_coalesced(&mut v, 0, Range { src_off: 0, dst_off: 0, len: 8 });
-        push_coalesced(&mut v, 0, Range { src_off: 8, dst_off: 8, len: 8 });
-        push_coalesced(&mut v, 1, Range { src_off: 16, dst_off: 16, len: 8 });
-        push_coalesced(&mut v, 0, Range { src_off: 30, dst_off: 24, len: 0 });
+        push_coalesced(
+            &mut v,
+            0,
+            Range {
+                src_off: 0,
+                dst_off: 0,
+                len: 8,
+            },
+        );
+        push_coalesced(
+            &mut v,
+            0,
+            Range {
+                src_off: 8,
+                dst_off: 8,
+                len: 8,
+            },
+        );
+        push_coalesced(
+            &mut v,
+            1,
+            Range {
+                src_off: 16,
+                dst_off: 16,
+                len: 8,
+            },
+        );
+        push_coalesced(
+            &mut v,
+            0,
+            Range {
+                src_off: 30,
+                dst_off: 24,
+                len: 0,
+            },
+        );
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].1.len, 16);
-        let c = chunked(vec![((), Range { src_off: 5, dst_off: 7, len: 2 * CHUNK + 1 })]);
+        let c = chunked(vec![(
+            (),
+            Range {
+                src_off: 5,
+                dst_off: 7,
+                len: 2 * CHUNK + 1,
+            },
+        )]);
         assert_eq!(c.len(), 3);
-        assert_eq!(c[0].1, Range { src_off: 5, dst_off: 7, len: PAGE - 7 });
-        assert_eq!(c[1].1, Range { src_off: 5 + PAGE - 7, dst_off: PAGE, len: CHUNK });
-        assert_eq!(c[2].1, Range { src_off: 5 + PAGE - 7 + CHUNK, dst_off: PAGE + CHUNK, len: CHUNK - PAGE + 8 });
+        assert_eq!(
+            c[0].1,
+            Range {
+                src_off: 5,
+                dst_off: 7,
+                len: PAGE - 7
+            }
+        );
+        assert_eq!(
+            c[1].1,
+            Range {
+                src_off: 5 + PAGE - 7,
+                dst_off: PAGE,
+                len: CHUNK
+            }
+        );
+        assert_eq!(
+            c[2].1,
+            Range {
+                src_off: 5 + PAGE - 7 + CHUNK,
+                dst_off: PAGE + CHUNK,
+                len: CHUNK - PAGE + 8
+            }
+        );
         assert_eq!(c.iter().map(|(_, r)| r.len).sum::<u64>(), 2 * CHUNK + 1);
     }
 }

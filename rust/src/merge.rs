@@ -94,7 +94,10 @@ pub fn expert_units(t: &TensorInfo) -> (u32, u64) {
 /// A sibling of BASE that does not exist yet: `NAME-merged`, `NAME-merged-2`, ...
 /// (before the `.safetensors` extension for a file).
 pub fn default_out(base: &Path) -> PathBuf {
-    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
     let (stem, ext) = match name.strip_suffix(".safetensors") {
         Some(stem) if !base.is_dir() => (stem.to_string(), ".safetensors"),
         _ => (name.clone(), ""),
@@ -102,7 +105,11 @@ pub fn default_out(base: &Path) -> PathBuf {
     let parent = base.parent().unwrap_or(Path::new(""));
     (1..)
         .map(|k| {
-            let suffix = if k == 1 { String::new() } else { format!("-{k}") };
+            let suffix = if k == 1 {
+                String::new()
+            } else {
+                format!("-{k}")
+            };
             parent.join(format!("{stem}-merged{suffix}{ext}"))
         })
         .find(|p| fs::symlink_metadata(p).is_err())
@@ -132,12 +139,21 @@ enum Src {
 /// each replaced unit.
 type Painted = BTreeMap<(usize, usize), BTreeMap<u32, Source>>;
 
-pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &MergeOptions, ctl: &Control) -> Result<MergeReport> {
+pub fn merge(
+    base: &Path,
+    adapter_paths: &[PathBuf],
+    out: Option<&Path>,
+    opts: &MergeOptions,
+    ctl: &Control,
+) -> Result<MergeReport> {
     if adapter_paths.is_empty() {
         return Err(Error::Usage("merge needs at least one adapter".into()));
     }
     let ckpt = Checkpoint::open(base)?;
-    let adapters = adapter_paths.iter().map(|p| Adapter::open(p)).collect::<Result<Vec<_>>>()?;
+    let adapters = adapter_paths
+        .iter()
+        .map(|p| Adapter::open(p))
+        .collect::<Result<Vec<_>>>()?;
     let out = out.map_or_else(|| default_out(base), Path::to_path_buf);
     let mut inputs: Vec<&Path> = vec![base];
     inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
@@ -150,8 +166,13 @@ pub fn merge(base: &Path, adapter_paths: &[PathBuf], out: Option<&Path>, opts: &
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
     let painted = plan(&ckpt, &adapters, opts.on_conflict)?;
     let replaced = describe(&ckpt, &adapters, &painted);
-    let is_dir = ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
-    let others = if is_dir { other_files(&ckpt, &mut |w| warnings.push(w))? } else { Vec::new() };
+    let is_dir =
+        ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
+    let others = if is_dir {
+        other_files(&ckpt, &mut |w| warnings.push(w))?
+    } else {
+        Vec::new()
+    };
     let need_fp = adapters.iter().any(|a| a.fingerprint.is_some());
     if !need_fp {
         warnings.iter().for_each(|w| ctl.warn(w.clone()));
@@ -232,17 +253,26 @@ fn missing_fingerprints(ckpt: &Checkpoint, adapters: &[Adapter]) -> Vec<String> 
 
 /// Compares each adapter's recorded base fingerprint with the base's `fp`:
 /// a mismatch is an error, or (with `force`) a warning, returned.
-fn compare_fingerprints(ckpt: &Checkpoint, fp: &str, adapters: &[Adapter], force: bool) -> Result<Vec<String>> {
+fn compare_fingerprints(
+    ckpt: &Checkpoint,
+    fp: &str,
+    adapters: &[Adapter],
+    force: bool,
+) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     for a in adapters {
-        let Some(theirs) = a.fingerprint.as_deref().filter(|&t| t != fp) else { continue };
+        let Some(theirs) = a.fingerprint.as_deref().filter(|&t| t != fp) else {
+            continue;
+        };
         let msg = format!(
             "{}: trained from a different base (fingerprint {theirs}) than {} (fingerprint {fp})",
             a.path.display(),
             ckpt.path.display()
         );
         if !force {
-            return Err(Error::Mismatch(format!("{msg}; pass --force to merge anyway")));
+            return Err(Error::Mismatch(format!(
+                "{msg}; pass --force to merge anyway"
+            )));
         }
         warnings.push(format!("{msg}; merging anyway (--force)"));
     }
@@ -263,9 +293,15 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
             let (shard, tensor) = (at.shard, at.index);
             let src_off = at.file.offset_of(at.info);
             let mismatch = |what: String| {
-                Error::Mismatch(format!("{}: tensor {:?} {what}", a.path.display(), at.info.name))
+                Error::Mismatch(format!(
+                    "{}: tensor {:?} {what}",
+                    a.path.display(),
+                    at.info.name
+                ))
             };
-            let found = index.get(at.name.as_str()).or_else(|| index.get(naming::canonical(&at.name).as_ref()));
+            let found = index
+                .get(at.name.as_str())
+                .or_else(|| index.get(naming::canonical(&at.name).as_ref()));
             let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
                 let bt = base_tensor(key);
                 if bt.dtype != at.info.dtype || bt.shape != at.info.shape {
@@ -275,8 +311,13 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                     )));
                 }
                 let (n, len) = expert_units(bt);
-                (key, (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect())
-            } else if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&at.name)) {
+                (
+                    key,
+                    (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect(),
+                )
+            } else if let Some((parent, e)) =
+                naming::fused_slice_parent(&naming::canonical(&at.name))
+            {
                 let Some(&key) = index.get(parent.as_str()) else {
                     return Err(mismatch(format!(
                         "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
@@ -287,7 +328,9 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                 let (n, len) = expert_units(bt);
                 let e_total = bt.shape.first().copied().unwrap_or(0);
                 if u64::from(e) >= e_total {
-                    return Err(mismatch(format!("is expert {e}'s slice of {parent:?}, which has {e_total} experts")));
+                    return Err(mismatch(format!(
+                        "is expert {e}'s slice of {parent:?}, which has {e_total} experts"
+                    )));
                 }
                 if u64::from(n) != e_total {
                     return Err(mismatch(format!(
@@ -309,19 +352,32 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                 debug_assert_eq!(len, at.info.nbytes());
                 (key, vec![(e, src_off)])
             } else {
-                return Err(mismatch(format!("is not in the base {}", ckpt.path.display())));
+                return Err(mismatch(format!(
+                    "is not in the base {}",
+                    ckpt.path.display()
+                )));
             };
             let slots = painted.entry(key).or_default();
             for (unit, offset) in units {
-                let src = Source { adapter: ai, shard, tensor, offset };
+                let src = Source {
+                    adapter: ai,
+                    shard,
+                    tensor,
+                    offset,
+                };
                 match slots.get(&unit) {
                     None => {
                         slots.insert(unit, src);
                     }
                     Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
                         let prev_a = &adapters[prev.adapter];
-                        let prev_name = &prev_a.ckpt.shards[prev.shard].file.header.tensors[prev.tensor].name;
-                        let hint = if prev.adapter == ai { "" } else { "; pass --on-conflict first or last to choose" };
+                        let prev_name =
+                            &prev_a.ckpt.shards[prev.shard].file.header.tensors[prev.tensor].name;
+                        let hint = if prev.adapter == ai {
+                            ""
+                        } else {
+                            "; pass --on-conflict first or last to choose"
+                        };
                         return Err(Error::Mismatch(format!(
                             "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
                             a.path.display(),
@@ -355,7 +411,12 @@ fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<R
             tensor: t.name.clone(),
             file: shard.name.clone(),
             adapter: adapters[src.adapter].path.display().to_string(),
-            source: adapters[src.adapter].ckpt.shards[src.shard].file.header.tensors[src.tensor].name.clone(),
+            source: adapters[src.adapter].ckpt.shards[src.shard]
+                .file
+                .header
+                .tensors[src.tensor]
+                .name
+                .clone(),
             kind: role.kind(),
             layer: role.layer(),
             expert,
@@ -363,7 +424,11 @@ fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<R
         };
         let first = slots.values().next();
         let whole = slots.len() == units as usize
-            && first.is_some_and(|f| slots.values().all(|s| (s.adapter, s.shard, s.tensor) == (f.adapter, f.shard, f.tensor)));
+            && first.is_some_and(|f| {
+                slots
+                    .values()
+                    .all(|s| (s.adapter, s.shard, s.tensor) == (f.adapter, f.shard, f.tensor))
+            });
         match (whole, first) {
             (true, Some(src)) => {
                 let expert = match role {
@@ -383,7 +448,11 @@ fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<R
 /// the checkpoint are skipped with a warning: they would not be merged.
 fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(String, PathBuf)>> {
     let dir = &ckpt.path;
-    let index_name = ckpt.index.as_ref().and_then(|i| i.path.file_name()).map(|n| n.to_string_lossy().into_owned());
+    let index_name = ckpt
+        .index
+        .as_ref()
+        .and_then(|i| i.path.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     let mut out = Vec::new();
     let mut entries: Vec<_> = fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
@@ -393,13 +462,21 @@ fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if ckpt.shards.iter().any(|s| s.name == name) || index_name.as_deref() == Some(name.as_str()) {
+        if ckpt.shards.iter().any(|s| s.name == name)
+            || index_name.as_deref() == Some(name.as_str())
+        {
             continue;
         }
         if path.is_dir() {
-            warn(format!("{}: subdirectory not copied (only the checkpoint and top-level files are)", path.display()));
+            warn(format!(
+                "{}: subdirectory not copied (only the checkpoint and top-level files are)",
+                path.display()
+            ));
         } else if name.ends_with(".safetensors") {
-            warn(format!("{}: not part of the checkpoint, not copied", path.display()));
+            warn(format!(
+                "{}: not part of the checkpoint, not copied",
+                path.display()
+            ));
         } else if path.is_file() {
             out.push((name, path));
         }
@@ -416,19 +493,37 @@ fn write(
     others: &[(String, PathBuf)],
     ctl: &Control,
 ) -> Result<()> {
-    let out_path = |name: &str| if is_dir { staged.path().join(name) } else { staged.path().to_path_buf() };
+    let out_path = |name: &str| {
+        if is_dir {
+            staged.path().join(name)
+        } else {
+            staged.path().to_path_buf()
+        }
+    };
     let mut outputs: Vec<(File, PathBuf)> = Vec::with_capacity(ckpt.shards.len());
     let mut ranges: Vec<((usize, Src), Range)> = Vec::new();
     for (si, shard) in ckpt.shards.iter().enumerate() {
         let path = out_path(&shard.name);
-        let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         copy::preallocate(&f, &path, shard.file.file_len)?;
         outputs.push((f, path));
         shard_ranges(si, &shard.file, painted, &mut ranges);
     }
     let ranges = copy::chunked(ranges);
-    let other_bytes: u64 = others.iter().filter_map(|(_, p)| fs::metadata(p).ok()).map(|m| m.len()).sum();
-    ctl.stage("merge", ranges.iter().map(|(_, r)| r.len).sum::<u64>() + other_bytes);
+    let other_bytes: u64 = others
+        .iter()
+        .filter_map(|(_, p)| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    ctl.stage(
+        "merge",
+        ranges.iter().map(|(_, r)| r.len).sum::<u64>() + other_bytes,
+    );
     ranges.par_iter().try_for_each(|&((si, from), r)| {
         let src: &SafetensorsFile = match from {
             Src::Base(s) => &ckpt.shards[s].file,
@@ -439,7 +534,11 @@ fn write(
         ctl.advance(r.len)
     })?;
     if let Some(index) = &ckpt.index {
-        let name = index.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = index
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let total: u64 = ckpt.total_bytes();
         write_index(&index.path, &out_path(&name), total)?;
     }
@@ -454,8 +553,22 @@ fn write(
 /// The byte ranges of one output shard: header and unchanged tensors from the
 /// base (coalesced), replaced units from their adapters. Every range lands at
 /// the offset it has in the base.
-fn shard_ranges(si: usize, file: &SafetensorsFile, painted: &Painted, out: &mut Vec<((usize, Src), Range)>) {
-    let base = |off: u64, len: u64| ((si, Src::Base(si)), Range { src_off: off, dst_off: off, len });
+fn shard_ranges(
+    si: usize,
+    file: &SafetensorsFile,
+    painted: &Painted,
+    out: &mut Vec<((usize, Src), Range)>,
+) {
+    let base = |off: u64, len: u64| {
+        (
+            (si, Src::Base(si)),
+            Range {
+                src_off: off,
+                dst_off: off,
+                len,
+            },
+        )
+    };
     let (k, r) = base(0, file.header.data_start());
     copy::push_coalesced(out, k, r);
     for (ti, t) in file.header.tensors.iter().enumerate() {
@@ -471,7 +584,11 @@ fn shard_ranges(si: usize, file: &SafetensorsFile, painted: &Painted, out: &mut 
             let (k, r) = match slots.get(&u) {
                 Some(src) => (
                     (si, Src::Adapter(src.adapter, src.shard)),
-                    Range { src_off: src.offset, dst_off: dst, len },
+                    Range {
+                        src_off: src.offset,
+                        dst_off: dst,
+                        len,
+                    },
                 ),
                 None => base(dst, len),
             };
@@ -485,16 +602,23 @@ fn shard_ranges(si: usize, file: &SafetensorsFile, painted: &Painted, out: &mut 
 /// whose total is already right is copied byte for byte.
 fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
     let text = fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
-    let mut v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::invalid(src, format!("not a safetensors index: {e}")))?;
-    let obj = v.as_object_mut().ok_or_else(|| Error::invalid(src, "not a JSON object"))?;
-    let meta = obj.entry("metadata").or_insert_with(|| serde_json::json!({}));
-    let meta = meta.as_object_mut().ok_or_else(|| Error::invalid(src, "metadata is not an object"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(src, format!("not a safetensors index: {e}")))?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| Error::invalid(src, "not a JSON object"))?;
+    let meta = obj
+        .entry("metadata")
+        .or_insert_with(|| serde_json::json!({}));
+    let meta = meta
+        .as_object_mut()
+        .ok_or_else(|| Error::invalid(src, "metadata is not an object"))?;
     let out = if meta.get("total_size").and_then(serde_json::Value::as_u64) == Some(total) {
         text
     } else {
         meta.insert("total_size".into(), total.into());
-        let mut out = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(src, e.to_string()))?;
+        let mut out =
+            serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(src, e.to_string()))?;
         out.push('\n');
         out
     };
@@ -518,7 +642,10 @@ pub(crate) mod tests {
                 nbytes: shape.iter().product::<u64>() * 4,
             })
             .collect();
-        let md: Vec<(String, String)> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let md: Vec<(String, String)> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let (mut bytes, _) = header_bytes(&new, &md);
         for (t, (_, _, fill)) in new.iter().zip(tensors) {
             bytes.extend(std::iter::repeat_n(*fill, t.nbytes as usize));
@@ -527,7 +654,12 @@ pub(crate) mod tests {
     }
 
     fn opts(on_conflict: OnConflict) -> MergeOptions {
-        MergeOptions { on_conflict, force: false, dry_run: false, overwrite: false }
+        MergeOptions {
+            on_conflict,
+            force: false,
+            dry_run: false,
+            overwrite: false,
+        }
     }
 
     const FUSED: &str = "model.layers.1.mlp.experts.down_proj";
@@ -536,7 +668,11 @@ pub(crate) mod tests {
         let p = dir.join("base.safetensors");
         write_st(
             &p,
-            &[("model.embed_tokens.weight", &[4, 2], 1), (FUSED, &[4, 2, 3], 2), ("model.norm.weight", &[2], 3)],
+            &[
+                ("model.embed_tokens.weight", &[4, 2], 1),
+                (FUSED, &[4, 2, 3], 2),
+                ("model.norm.weight", &[2], 3),
+            ],
             &[("format", "pt")],
         );
         p
@@ -547,38 +683,78 @@ pub(crate) mod tests {
         let d = tempfile::tempdir().unwrap();
         let b = base(d.path());
         let a = d.path().join("a.safetensors");
-        write_st(&a, &[("model.layers.1.mlp.experts.2.down_proj", &[2, 3], 9), ("model.norm.weight", &[2], 8)], &[]);
+        write_st(
+            &a,
+            &[
+                ("model.layers.1.mlp.experts.2.down_proj", &[2, 3], 9),
+                ("model.norm.weight", &[2], 8),
+            ],
+            &[],
+        );
         let out = d.path().join("out.safetensors");
-        let report = merge(&b, &[a], Some(&out), &opts(OnConflict::Error), &Control::default()).unwrap();
+        let report = merge(
+            &b,
+            &[a],
+            Some(&out),
+            &opts(OnConflict::Error),
+            &Control::default(),
+        )
+        .unwrap();
         assert_eq!(report.replaced.len(), 2);
         assert_eq!(report.replaced_bytes, 24 + 8);
         assert_eq!(report.warnings.len(), 1, "no fingerprint");
         let (base_bytes, got) = (fs::read(&b).unwrap(), fs::read(&out).unwrap());
         assert_eq!(got.len(), base_bytes.len());
         let f = SafetensorsFile::open(&out).unwrap();
-        assert_eq!(f.header_bytes(), SafetensorsFile::open(&b).unwrap().header_bytes());
+        assert_eq!(
+            f.header_bytes(),
+            SafetensorsFile::open(&b).unwrap().header_bytes()
+        );
         let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
         assert!(fused[..48].iter().all(|&x| x == 2));
         assert!(fused[48..72].iter().all(|&x| x == 9));
         assert!(fused[72..].iter().all(|&x| x == 2));
-        assert!(f.tensor_bytes(f.tensor("model.norm.weight").unwrap()).iter().all(|&x| x == 8));
+        assert!(f
+            .tensor_bytes(f.tensor("model.norm.weight").unwrap())
+            .iter()
+            .all(|&x| x == 8));
     }
 
     #[test]
     fn conflict_policies() {
         let d = tempfile::tempdir().unwrap();
         let b = base(d.path());
-        let (a1, a2) = (d.path().join("a1.safetensors"), d.path().join("a2.safetensors"));
+        let (a1, a2) = (
+            d.path().join("a1.safetensors"),
+            d.path().join("a2.safetensors"),
+        );
         write_st(&a1, &[(FUSED, &[4, 2, 3], 5)], &[]);
-        write_st(&a2, &[("model.layers.1.mlp.experts.0.down_proj", &[2, 3], 6)], &[]);
+        write_st(
+            &a2,
+            &[("model.layers.1.mlp.experts.0.down_proj", &[2, 3], 6)],
+            &[],
+        );
         let out = d.path().join("out.safetensors");
-        let err = merge(&b, &[a1.clone(), a2.clone()], Some(&out), &opts(OnConflict::Error), &Control::default());
+        let err = merge(
+            &b,
+            &[a1.clone(), a2.clone()],
+            Some(&out),
+            &opts(OnConflict::Error),
+            &Control::default(),
+        );
         assert!(matches!(err, Err(Error::Mismatch(_))));
         assert!(!out.exists());
         for (policy, slice0) in [(OnConflict::First, 5), (OnConflict::Last, 6)] {
             let mut o = opts(policy);
             o.overwrite = true;
-            merge(&b, &[a1.clone(), a2.clone()], Some(&out), &o, &Control::default()).unwrap();
+            merge(
+                &b,
+                &[a1.clone(), a2.clone()],
+                Some(&out),
+                &o,
+                &Control::default(),
+            )
+            .unwrap();
             let f = SafetensorsFile::open(&out).unwrap();
             let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
             assert!(fused[..24].iter().all(|&x| x == slice0));
@@ -595,8 +771,14 @@ pub(crate) mod tests {
         let ctl = Control::default();
         ctl.cancel();
         let out = d.path().join("out.safetensors");
-        assert!(matches!(merge(&b, &[a], Some(&out), &opts(OnConflict::Error), &ctl), Err(Error::Cancelled)));
-        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(matches!(
+            merge(&b, &[a], Some(&out), &opts(OnConflict::Error), &ctl),
+            Err(Error::Cancelled)
+        ));
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -607,9 +789,9 @@ pub(crate) mod tests {
         assert_eq!(default_out(&b), d.path().join("base-merged.safetensors"));
         fs::write(d.path().join("base-merged.safetensors"), b"").unwrap();
         assert_eq!(default_out(&b), d.path().join("base-merged-2.safetensors"));
-        assert_eq!(default_out(d.path()).file_name().unwrap().to_string_lossy(), format!(
-            "{}-merged",
-            d.path().file_name().unwrap().to_string_lossy()
-        ));
+        assert_eq!(
+            default_out(d.path()).file_name().unwrap().to_string_lossy(),
+            format!("{}-merged", d.path().file_name().unwrap().to_string_lossy())
+        );
     }
 }

@@ -54,11 +54,18 @@ impl Control {
     /// (stage, done, total) right now.
     pub fn snapshot(&self) -> (String, u64, u64) {
         let stage = self.stage.lock().map(|s| s.clone()).unwrap_or_default();
-        (stage, self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+        (
+            stage,
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
     }
 
     /// Warnings raised since the last call.
     pub fn take_warnings(&self) -> Vec<String> {
-        self.warnings.lock().map(|mut w| std::mem::take(&mut *w)).unwrap_or_default()
+        self.warnings
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
     }
 }

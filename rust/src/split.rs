@@ -87,7 +87,8 @@ struct Pick<'a> {
 impl Pick<'_> {
     fn name(&self) -> String {
         match self.unit {
-            Some(e) => naming::fused_slice_name(&self.tensor.name, e).unwrap_or_else(|| self.tensor.name.clone()),
+            Some(e) => naming::fused_slice_name(&self.tensor.name, e)
+                .unwrap_or_else(|| self.tensor.name.clone()),
             None => self.tensor.name.clone(),
         }
     }
@@ -98,7 +99,11 @@ impl Pick<'_> {
         match self.unit {
             Some(e) => {
                 let (_, len) = expert_units(self.tensor);
-                (start + u64::from(e) * len, len, self.tensor.shape[1..].to_vec())
+                (
+                    start + u64::from(e) * len,
+                    len,
+                    self.tensor.shape[1..].to_vec(),
+                )
             }
             None => (start, self.tensor.nbytes(), self.tensor.shape.clone()),
         }
@@ -119,6 +124,13 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     let layout = Layout::of(&ckpt);
 
     let (mode, picks, config, excluded, compared) = match (&opts.experts, &base) {
+        (Some(_), _) if opts.shared_experts || opts.non_expert_modules => {
+            return Err(Error::Usage(
+                "--shared-experts / --non-expert-modules apply to --base without --experts; \
+                 with --experts the expert config says what to include"
+                    .into(),
+            ))
+        }
         (Some(cfg_path), _) => {
             let cfg = ExpertConfig::load(cfg_path)?;
             layout.check_config(&cfg, cfg_path, model)?;
@@ -131,7 +143,11 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
         (None, Some(b)) => {
             let (picks, cfg, excluded, compared) = by_diff(&ckpt, b, &layout, opts, ctl)?;
             if picks.is_empty() {
-                let mut msg = format!("{}: no routed-expert tensor differs from {}", model.display(), b.path.display());
+                let mut msg = format!(
+                    "{}: no routed-expert tensor differs from {}",
+                    model.display(),
+                    b.path.display()
+                );
                 if !excluded.is_empty() {
                     msg += &format!(
                         "; {} other tensors differ (pass --shared-experts / --non-expert-modules to extract them)",
@@ -142,7 +158,11 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
             }
             ("diff", picks, cfg, excluded, compared)
         }
-        (None, None) => return Err(Error::Usage("split needs an expert config (--experts) or a base (--base)".into())),
+        (None, None) => {
+            return Err(Error::Usage(
+                "split needs an expert config (--experts) or a base (--base)".into(),
+            ))
+        }
     };
     if picks.is_empty() {
         return Err(Error::Mismatch(format!(
@@ -153,7 +173,11 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     }
     if !excluded.is_empty() {
         let shown: Vec<&str> = excluded.iter().take(3).map(String::as_str).collect();
-        let more = if excluded.len() > 3 { format!(" and {} more", excluded.len() - 3) } else { String::new() };
+        let more = if excluded.len() > 3 {
+            format!(" and {} more", excluded.len() - 3)
+        } else {
+            String::new()
+        };
         let msg = format!(
             "{} non-routed tensors differ from the base but are not extracted ({}{more}); \
              pass --shared-experts / --non-expert-modules to include them",
@@ -223,7 +247,11 @@ struct Layout {
 
 impl Layout {
     fn of(ckpt: &Checkpoint) -> Self {
-        let mut l = Layout { per_expert: HashSet::new(), fused: HashMap::new(), moe_layers: BTreeSet::new() };
+        let mut l = Layout {
+            per_expert: HashSet::new(),
+            fused: HashMap::new(),
+            moe_layers: BTreeSet::new(),
+        };
         for (_, t) in ckpt.tensors() {
             match naming::classify(&t.name) {
                 Role::RoutedExpert { layer, expert } => {
@@ -243,7 +271,8 @@ impl Layout {
     }
 
     fn has(&self, layer: u32, expert: u32) -> bool {
-        self.per_expert.contains(&(layer, expert)) || self.fused.get(&layer).is_some_and(|&n| expert < n)
+        self.per_expert.contains(&(layer, expert))
+            || self.fused.get(&layer).is_some_and(|&n| expert < n)
     }
 
     fn check_config(&self, cfg: &ExpertConfig, cfg_path: &Path, model: &Path) -> Result<()> {
@@ -271,15 +300,30 @@ fn by_config<'a>(ckpt: &'a Checkpoint, cfg: &ExpertConfig) -> Vec<Pick<'a>> {
     let mut picks = Vec::new();
     for (si, shard) in ckpt.shards.iter().enumerate() {
         for t in &shard.file.header.tensors {
-            let pick = |unit| Pick { file: &shard.file, shard: si, tensor: t, unit };
+            let pick = |unit| Pick {
+                file: &shard.file,
+                shard: si,
+                tensor: t,
+                unit,
+            };
             match naming::classify(&t.name) {
                 Role::RoutedExpert { layer, expert } => {
-                    if cfg.experts.get(&layer).is_some_and(|ids| ids.contains(&expert)) {
+                    if cfg
+                        .experts
+                        .get(&layer)
+                        .is_some_and(|ids| ids.contains(&expert))
+                    {
                         picks.push(pick(None));
                     }
                 }
                 Role::FusedExperts { layer } => {
-                    let ids: BTreeSet<u32> = cfg.experts.get(&layer).into_iter().flatten().copied().collect();
+                    let ids: BTreeSet<u32> = cfg
+                        .experts
+                        .get(&layer)
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                        .collect();
                     let (n, _) = expert_units(t);
                     if n > 1 && ids.len() == n as usize {
                         picks.push(pick(None));
@@ -306,7 +350,8 @@ fn by_config<'a>(ckpt: &'a Checkpoint, cfg: &ExpertConfig) -> Vec<Pick<'a>> {
 /// Every picked tensor must exist in the base with the same dtype and shape,
 /// or the adapter could not be merged into it.
 fn check_in_base(picks: &[Pick], base: &Checkpoint) -> Result<()> {
-    let index: HashMap<&str, &TensorInfo> = base.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
+    let index: HashMap<&str, &TensorInfo> =
+        base.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
     for p in picks {
         match index.get(p.tensor.name.as_str()) {
             Some(b) if b.dtype == p.tensor.dtype && b.shape == p.tensor.shape => {}
@@ -341,9 +386,17 @@ const COMPARE_BUF: usize = 1 << 20;
 
 type Diff<'a> = (Vec<Pick<'a>>, ExpertConfig, Vec<String>, u64);
 
-fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &SplitOptions, ctl: &Control) -> Result<Diff<'a>> {
-    let index: HashMap<&str, (&SafetensorsFile, &TensorInfo)> =
-        base.tensors().map(|(s, t)| (t.name.as_str(), (&s.file, t))).collect();
+fn by_diff<'a>(
+    ckpt: &'a Checkpoint,
+    base: &Checkpoint,
+    layout: &Layout,
+    opts: &SplitOptions,
+    ctl: &Control,
+) -> Result<Diff<'a>> {
+    let index: HashMap<&str, (&SafetensorsFile, &TensorInfo)> = base
+        .tensors()
+        .map(|(s, t)| (t.name.as_str(), (&s.file, t)))
+        .collect();
     for (_, t) in ckpt.tensors() {
         match index.get(t.name.as_str()) {
             Some((_, b)) if b.dtype == t.dtype && b.shape == t.shape => {}
@@ -372,7 +425,11 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
     let model_count = ckpt.tensors().count();
     if model_count != index.len() {
         let names: HashSet<&str> = ckpt.tensors().map(|(_, t)| t.name.as_str()).collect();
-        let missing = index.keys().find(|n| !names.contains(*n)).copied().unwrap_or_default();
+        let missing = index
+            .keys()
+            .find(|n| !names.contains(*n))
+            .copied()
+            .unwrap_or_default();
         return Err(Error::Mismatch(format!(
             "{}: tensor {missing:?} of the base {} is missing",
             ckpt.path.display(),
@@ -408,12 +465,17 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
             let (_, file, t, _, unit_off, _) = units[ui];
             if !differs[ui].load(Ordering::Relaxed) {
                 let (bfile, bt) = index[t.name.as_str()];
-                let (ma, mb) = (file.offset_of(t) + unit_off + off, bfile.offset_of(bt) + unit_off + off);
+                let (ma, mb) = (
+                    file.offset_of(t) + unit_off + off,
+                    bfile.offset_of(bt) + unit_off + off,
+                );
                 let mut done = 0;
                 while done < n {
                     let k = (n - done).min(COMPARE_BUF as u64) as usize;
-                    read_exact_at(file.file(), &mut a[..k], ma + done).map_err(|e| Error::io(&file.path, e))?;
-                    read_exact_at(bfile.file(), &mut b[..k], mb + done).map_err(|e| Error::io(&bfile.path, e))?;
+                    read_exact_at(file.file(), &mut a[..k], ma + done)
+                        .map_err(|e| Error::io(&file.path, e))?;
+                    read_exact_at(bfile.file(), &mut b[..k], mb + done)
+                        .map_err(|e| Error::io(&bfile.path, e))?;
                     if a[..k] != b[..k] {
                         differs[ui].store(true, Ordering::Relaxed);
                         break;
@@ -438,10 +500,19 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
     }
     let mut picks = Vec::new();
     let mut excluded = Vec::new();
-    let mut experts: BTreeMap<u32, BTreeSet<u32>> = layout.moe_layers.iter().map(|&l| (l, BTreeSet::new())).collect();
+    let mut experts: BTreeMap<u32, BTreeSet<u32>> = layout
+        .moe_layers
+        .iter()
+        .map(|&l| (l, BTreeSet::new()))
+        .collect();
     let (mut shared, mut non_expert) = (false, false);
     for (si, file, t, diff_units) in by_tensor {
-        let pick = |unit| Pick { file, shard: si, tensor: t, unit };
+        let pick = |unit| Pick {
+            file,
+            shard: si,
+            tensor: t,
+            unit,
+        };
         match naming::classify(&t.name) {
             Role::RoutedExpert { layer, expert } => {
                 experts.entry(layer).or_default().insert(expert);
@@ -460,7 +531,9 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
                 shared = true;
                 picks.push(pick(None));
             }
-            Role::Router { .. } | Role::LayerOther { .. } | Role::Global if opts.non_expert_modules => {
+            Role::Router { .. } | Role::LayerOther { .. } | Role::Global
+                if opts.non_expert_modules =>
+            {
                 non_expert = true;
                 picks.push(pick(None));
             }
@@ -468,7 +541,10 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
         }
     }
     let config = ExpertConfig {
-        experts: experts.into_iter().map(|(l, ids)| (l, ids.into_iter().collect())).collect(),
+        experts: experts
+            .into_iter()
+            .map(|(l, ids)| (l, ids.into_iter().collect()))
+            .collect(),
         shared_experts: shared,
         non_expert_modules: non_expert,
     };
@@ -476,23 +552,48 @@ fn by_diff<'a>(ckpt: &'a Checkpoint, base: &Checkpoint, layout: &Layout, opts: &
 }
 
 /// Writes the adapter: header, then each picked range copied from the model.
-fn write_adapter(picks: &[Pick], metadata: &[(String, String)], out: &Path, overwrite: bool, ctl: &Control) -> Result<()> {
+fn write_adapter(
+    picks: &[Pick],
+    metadata: &[(String, String)],
+    out: &Path,
+    overwrite: bool,
+    ctl: &Control,
+) -> Result<()> {
     let extents: Vec<(u64, u64, Vec<u64>)> = picks.iter().map(Pick::extent).collect();
     let new: Vec<NewTensor> = picks
         .iter()
         .zip(&extents)
-        .map(|(p, (_, len, shape))| NewTensor { name: p.name(), dtype: p.tensor.dtype, shape: shape.clone(), nbytes: *len })
+        .map(|(p, (_, len, shape))| NewTensor {
+            name: p.name(),
+            dtype: p.tensor.dtype,
+            shape: shape.clone(),
+            nbytes: *len,
+        })
         .collect();
     let (header, offsets) = writer::header_bytes(&new, metadata);
     let staged = Staged::new(out, false)?;
     let path = staged.path().to_path_buf();
-    let f = File::options().read(true).write(true).create_new(true).open(&path).map_err(|e| Error::io(&path, e))?;
-    let total = offsets.last().copied().unwrap_or(header.len() as u64) + new.last().map_or(0, |t| t.nbytes);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    let total =
+        offsets.last().copied().unwrap_or(header.len() as u64) + new.last().map_or(0, |t| t.nbytes);
     copy::preallocate(&f, &path, total)?;
     copy::write_all_at(&f, &header, 0).map_err(|e| Error::io(&path, e))?;
     let mut ranges = Vec::new();
     for ((p, (src_off, len, _)), dst_off) in picks.iter().zip(&extents).zip(&offsets) {
-        copy::push_coalesced(&mut ranges, p.shard, Range { src_off: *src_off, dst_off: *dst_off, len: *len });
+        copy::push_coalesced(
+            &mut ranges,
+            p.shard,
+            Range {
+                src_off: *src_off,
+                dst_off: *dst_off,
+                len: *len,
+            },
+        );
     }
     let files: HashMap<usize, &SafetensorsFile> = picks.iter().map(|p| (p.shard, p.file)).collect();
     let ranges = copy::chunked(ranges);
@@ -517,12 +618,31 @@ mod tests {
     #[test]
     fn diff_round_trip_and_fingerprint() {
         let d = tempfile::tempdir().unwrap();
-        let (b, ft) = (d.path().join("b.safetensors"), d.path().join("ft.safetensors"));
+        let (b, ft) = (
+            d.path().join("b.safetensors"),
+            d.path().join("ft.safetensors"),
+        );
         let fused = "model.layers.1.mlp.experts.gate_up_proj";
         let expert = "model.layers.2.mlp.experts.5.up_proj.weight";
-        write_st(&b, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 2), ("model.norm.weight", &[2], 3)], &[]);
+        write_st(
+            &b,
+            &[
+                (fused, &[3, 4, 2], 1),
+                (expert, &[2, 2], 2),
+                ("model.norm.weight", &[2], 3),
+            ],
+            &[],
+        );
         // A fine-tuned model: expert 1 of the fused tensor and the per-expert tensor changed.
-        write_st(&ft, &[(fused, &[3, 4, 2], 1), (expert, &[2, 2], 7), ("model.norm.weight", &[2], 3)], &[]);
+        write_st(
+            &ft,
+            &[
+                (fused, &[3, 4, 2], 1),
+                (expert, &[2, 2], 7),
+                ("model.norm.weight", &[2], 3),
+            ],
+            &[],
+        );
         let mut bytes = fs::read(&ft).unwrap();
         let f = SafetensorsFile::open(&ft).unwrap();
         let start = f.offset_of(f.tensor(fused).unwrap()) as usize;
@@ -534,15 +654,26 @@ mod tests {
         let fp_b = fingerprint::fingerprint_path(&b, &ctl).unwrap();
         assert_ne!(fp_b, fingerprint::fingerprint_path(&ft, &ctl).unwrap());
         let ad = d.path().join("ad.safetensors");
-        let opts = SplitOptions { base: Some(b.clone()), ..Default::default() };
+        let opts = SplitOptions {
+            base: Some(b.clone()),
+            ..Default::default()
+        };
         let report = split(&ft, &ad, &opts, &ctl).unwrap();
-        assert_eq!(report.expert_config, r#"{"experts":{"1":[1],"2":[5]},"shared_experts":false,"non_expert_modules":false}"#);
+        assert_eq!(
+            report.expert_config,
+            r#"{"experts":{"1":[1],"2":[5]},"shared_experts":false,"non_expert_modules":false}"#
+        );
         let names: Vec<&str> = report.tensors.iter().map(|t| t.tensor.as_str()).collect();
         assert_eq!(names, ["model.layers.1.mlp.experts.1.gate_up_proj", expert]);
         assert_eq!(report.base_fingerprint.as_deref(), Some(fp_b.as_str()));
 
         let out = d.path().join("out.safetensors");
-        let mopts = MergeOptions { on_conflict: OnConflict::Error, force: false, dry_run: false, overwrite: false };
+        let mopts = MergeOptions {
+            on_conflict: OnConflict::Error,
+            force: false,
+            dry_run: false,
+            overwrite: false,
+        };
         let m = merge(&b, &[ad], Some(&out), &mopts, &ctl).unwrap();
         assert!(m.warnings.is_empty());
         assert_eq!(fs::read(&out).unwrap(), fs::read(&ft).unwrap());

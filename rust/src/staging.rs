@@ -23,7 +23,10 @@ fn sibling(target: &Path, suffix: &str) -> Result<PathBuf> {
     let name = target
         .file_name()
         .ok_or_else(|| Error::Usage(format!("{}: not a file name", target.display())))?;
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     Ok(parent.join(format!(".{}{suffix}", name.to_string_lossy())))
 }
 
@@ -50,7 +53,10 @@ pub fn check_target(target: &Path, overwrite: bool) -> Result<()> {
 /// Refuses an output that is an input, lies inside an input directory, or
 /// contains an input (replacing it would delete that input).
 pub fn check_not_input(target: &Path, inputs: &[&Path]) -> Result<()> {
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let parent = fs::canonicalize(parent).map_err(|e| Error::io(parent, e))?;
     let name = target
         .file_name()
@@ -131,7 +137,12 @@ mod tests {
         let target = d.path().join("out.safetensors");
         let s = Staged::new(&target, false).unwrap();
         fs::write(s.path(), b"x").unwrap();
-        assert!(s.path().file_name().unwrap().to_string_lossy().starts_with(".out.safetensors"));
+        assert!(s
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".out.safetensors"));
         s.commit(false).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"x");
 
@@ -139,7 +150,11 @@ mod tests {
         fs::write(s.path(), b"y").unwrap();
         assert!(s.commit(false).is_err());
         assert_eq!(fs::read(&target).unwrap(), b"x");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "temporary removed on failure");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temporary removed on failure"
+        );
 
         let dir = d.path().join("model");
         for (content, overwrite) in [(&b"1"[..], false), (&b"2"[..], true)] {

@@ -54,8 +54,18 @@ mod tests {
     #[test]
     fn parses_back() {
         let t = vec![
-            NewTensor { name: "b".into(), dtype: Dtype::F32, shape: vec![2], nbytes: 8 },
-            NewTensor { name: "a".into(), dtype: Dtype::BF16, shape: vec![3, 1], nbytes: 6 },
+            NewTensor {
+                name: "b".into(),
+                dtype: Dtype::F32,
+                shape: vec![2],
+                nbytes: 8,
+            },
+            NewTensor {
+                name: "a".into(),
+                dtype: Dtype::BF16,
+                shape: vec![3, 1],
+                nbytes: 6,
+            },
         ];
         let md = vec![("format".to_string(), "pt".to_string())];
         let (mut bytes, offsets) = header_bytes(&t, &md);
