@@ -7,8 +7,9 @@ threads. Each round times, interleaved, the plain forward under
 (hooks installed and removed, accumulators allocated and copied to the host: the
 per-call set-up is charged to that one batch). Target: profiled / plain <= 1.03.
 
-On a busy machine the forward time swings by more than the profiling costs, so the
-bench also times the profiling work alone: ``esft_rs.profile`` on a replay model
+On a busy machine the forward time swings by more than the profiling costs (other
+jobs can make one forward several times slower), so the bench also prints the ratio
+of the fastest runs and times the profiling work alone: ``esft_rs.profile`` on a replay model
 whose routers return the recorded outputs of the same batch and which computes
 nothing else.
 """
@@ -24,7 +25,7 @@ import torch
 import esft_rs
 from esft_rs.models import RouterOutput, init_model
 
-BATCH, SEQ, ROUNDS, WARMUP = 4, 512, 15, 3
+BATCH, SEQ, ROUNDS, WARMUP = 4, 512, 25, 3
 
 
 class Replay(torch.nn.Module):
@@ -98,8 +99,10 @@ def main() -> None:
           f" median of {ROUNDS} interleaved rounds:")
     for name, t in med.items():
         print(f"  {name:<17} {t * 1e3:8.1f} ms  {tokens / t:8.0f} tok/s")
-    print(f"  profiled / plain: {med['profiled forward'] / med['plain forward']:.3f}"
-          f" (median of per-round ratios {np.median(ratios):.3f}; target <= 1.03)")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"  profiled / plain: {med['profiled forward'] / med['plain forward']:.3f} (medians);"
+          f" {np.median(ratios):.3f} (median of per-round ratios);"
+          f" {best['profiled forward'] / best['plain forward']:.3f} (fastest runs). Target <= 1.03")
     replay = record(model, ids, mask)
     work = []
     for r in range(WARMUP + 5 * ROUNDS):

@@ -2,11 +2,12 @@
 
 Works with any model that implements ``esft_rs.models.interface.MoEModel``
 (``routers()`` -> forward hooks that see the top-K ids and weights of the
-flattened batch). The hooks copy them into per-batch buffers; after the
-forward pass two ``bincount`` calls over a combined (sample, layer, expert) bin
-add them to accumulators on the model's device: no per-token transfer to the
-host and no host synchronisation. Padding (attention mask 0) is
-never counted. Each batch row is one sample for the per-sample averages.
+flattened batch). The hooks copy them into per-batch buffers; after the forward
+pass two ``scatter_add_`` calls over a combined (sample, layer, expert) bin add
+them to accumulators on the model's device: no per-token transfer to the host
+and no host synchronisation. Padding (attention mask 0) goes to bins that are
+dropped, so it is never counted. Each batch row is one sample for the
+per-sample averages.
 
 Under ``torch.distributed`` each rank profiles a disjoint shard of the batches
 (batch i goes to rank i mod world size), the sums are all-reduced, and every
@@ -63,7 +64,7 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 class _Recorder:
     """Forward hooks that collect each router's decisions; ``end`` folds them into
-    device accumulators with two ``bincount`` calls per batch (all layers at once)."""
+    device accumulators with two ``scatter_add_`` calls per batch (all layers at once)."""
 
     def __init__(self, model: MoEModel, device: torch.device, keep_records: bool) -> None:
         import torch
@@ -126,17 +127,18 @@ class _Recorder:
 
         if missing := [layer for layer in self.layers if layer not in self.fired]:
             raise MismatchError(f"the routers of layers {missing} did not run in the forward pass")
-        b = self.shape[0]
-        real_bins = b * len(self.layers) * self.e
+        b, layers = self.shape[0], len(self.layers)
         bins = self.ids.add_(self.offset).view(-1)
-        spill = real_bins + len(self.layers) * self.e
-        counts = torch.bincount(bins, minlength=spill)[:real_bins].view(b, len(self.layers), -1)
-        gates = torch.bincount(bins, weights=self.weights.view(-1), minlength=spill)
-        gates = gates[:real_bins].view_as(counts)
-        self.acc[_COUNT] += counts.sum(dim=0)
-        self.acc[_GATE] += gates.sum(dim=0)
-        self.acc[_SAMPLE_TOKEN] += (counts * self.inv_n).sum(dim=0).div_(self.k)
-        self.acc[_SAMPLE_GATE] += (gates * self.inv_n).sum(dim=0)
+        # scatter_add_, not bincount: on a GPU, bincount reads the largest bin on the host.
+        per = torch.zeros(2, (b + 1) * layers * self.e, dtype=torch.float64, device=bins.device)
+        one = torch.ones((), dtype=torch.float64, device=bins.device)
+        per[0].scatter_add_(0, bins, one.expand_as(bins))
+        per[1].scatter_add_(0, bins, self.weights.view(-1))
+        per = per[:, : b * layers * self.e].view(2, b, layers, self.e)  # drop the padding bins
+        self.acc[_COUNT : _GATE + 1] += per.sum(dim=1)
+        per_sample = (per * self.inv_n).sum(dim=1)
+        per_sample[0] /= self.k
+        self.acc[_SAMPLE_TOKEN:] += per_sample
         self.shape = (0, 0)
 
     def _hook(self, layer: int) -> Any:
