@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import os
+
+# Tests use tiny tensors: one intra-op thread is fastest, and on a busy machine two
+# threads waiting on each other make a forward pass up to 30x slower. Set before
+# torch is imported; CLI subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from pathlib import Path

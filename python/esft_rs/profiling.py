@@ -2,10 +2,12 @@
 
 Works with any model that implements ``esft_rs.models.interface.MoEModel``
 (``routers()`` -> forward hooks that see the top-K ids and weights of the
-flattened batch). Statistics accumulate on the model's device with one
-``index_add_`` per layer and batch: no per-token transfer to the host and no
-host synchronisation inside the forward pass. Padding (attention mask 0) is
-never counted. Each batch row is one sample for the per-sample averages.
+flattened batch). The hooks copy them into per-batch buffers; after the forward
+pass two ``scatter_add_`` calls over a combined (sample, layer, expert) bin add
+them to accumulators on the model's device: no per-token transfer to the host
+and no host synchronisation. Padding (attention mask 0) goes to bins that are
+dropped, so it is never counted. Each batch row is one sample for the
+per-sample averages.
 
 Under ``torch.distributed`` each rank profiles a disjoint shard of the batches
 (batch i goes to rank i mod world size), the sums are all-reduced, and every
@@ -15,7 +17,7 @@ rank returns the same totals.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +31,8 @@ if TYPE_CHECKING:
 
     from esft_rs.models.interface import MoEModel
 
-#: Per (layer, expert) accumulator columns (float64 on the device; counts are
-#: exact up to 2^53): selections, routing weight, and the per-sample token and
-#: gate scores summed over samples.
+#: Accumulator planes, each [layers, experts]: selections, routing weight, and the
+#: per-sample token and gate scores summed over samples.
 _COUNT, _GATE, _SAMPLE_TOKEN, _SAMPLE_GATE = range(4)
 
 
@@ -62,7 +63,8 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class _Recorder:
-    """Forward hooks that add each router's decisions to device accumulators."""
+    """Forward hooks that collect each router's decisions; ``end`` folds them into
+    device accumulators with two ``scatter_add_`` calls per batch (all layers at once)."""
 
     def __init__(self, model: MoEModel, device: torch.device, keep_records: bool) -> None:
         import torch
@@ -71,10 +73,15 @@ class _Recorder:
         self.layers = sorted(routers)
         self.row = {layer: i for i, layer in enumerate(self.layers)}
         self.e, self.k = int(model.num_experts), int(model.top_k)
-        self.acc = torch.zeros(len(self.layers) * self.e, 4, dtype=torch.float64, device=device)
+        # [4, L, E] float64 (counts are exact up to 2^53): one all-reduce when distributed.
+        self.acc = torch.zeros(4, len(self.layers), self.e, dtype=torch.float64, device=device)
         self.samples = torch.zeros((), dtype=torch.float64, device=device)
-        self.tokens = 0  # rows of the current flattened batch
-        self.base: torch.Tensor | None = None  # [tokens * K, 4] per-selection values but w
+        # The current batch: (samples, tokens); router ids and float64 weights
+        # [L, tokens, K]; bin of (sample, layer) per token [L, tokens, 1]; 1 / real
+        # tokens per sample [B, 1, 1] (0 for a sample of pure padding).
+        self.shape = (0, 0)
+        self.fired: set[int] = set()  # layers whose router ran in the current batch
+        self.ids = self.weights = self.offset = self.inv_n = torch.empty(0, device=device)
         self.valid: torch.Tensor | None = None  # [tokens] bool, for records
         self.records: dict[int, list[tuple[np.ndarray, np.ndarray]]] | None = (
             {layer: [] for layer in self.layers} if keep_records else None
@@ -84,35 +91,69 @@ class _Recorder:
         ]
 
     def begin(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Per-selection values of the next batch (rows are samples); no host sync."""
+        """Bins and per-sample weights of the next batch (rows are samples); no host sync.
+
+        Selection (sample b, layer l, expert e) goes to bin (b * L + l) * E + e; padding
+        goes past the B * L * E real bins and is dropped.
+        """
         import torch
 
-        valid = (
-            torch.ones(ids.shape, dtype=torch.float64, device=ids.device)
-            if mask is None else (mask != 0).to(torch.float64)
-        )
-        n = valid.sum(dim=1, keepdim=True)
-        inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), 0.0)
-        # Columns: count, gate (x w in the hook), sample token score, sample gate (x w).
-        base = torch.stack([valid, valid, valid * inv_n / self.k, valid * inv_n], dim=-1)
-        self.base = base.reshape(-1, 4).repeat_interleave(self.k, dim=0)
-        self.tokens = ids.numel()
-        self.valid = valid.reshape(-1).bool() if self.records is not None else None
+        b, s = ids.shape
+        layers, e, dev = len(self.layers), self.e, ids.device
+        sample_bin = torch.arange(b, device=dev).mul_(layers * e)[:, None].expand(b, s)
+        if mask is None:
+            valid = None
+            n = torch.full((b,), float(s), dtype=torch.float64, device=dev)
+        else:
+            valid = mask != 0
+            sample_bin = torch.where(valid, sample_bin, b * layers * e)
+            n = valid.sum(dim=1, dtype=torch.float64)
+        layer_bin = torch.arange(layers, device=dev).mul_(e)
+        self.offset = sample_bin.reshape(1, -1, 1) + layer_bin[:, None, None]
+        self.inv_n = torch.where(n > 0, 1.0 / n.clamp(min=1), 0.0).view(b, 1, 1)
         self.samples += (n > 0).sum()
+        self.shape = (b, b * s)
+        self.fired = set()
+        self.ids = torch.empty(layers, b * s, self.k, dtype=torch.long, device=dev)
+        self.weights = torch.empty(layers, b * s, self.k, dtype=torch.float64, device=dev)
+        self.valid = None
+        if self.records is not None:
+            self.valid = (torch.ones(b * s, dtype=torch.bool, device=dev) if valid is None
+                          else valid.reshape(-1))
+
+    def end(self) -> None:
+        """Adds the batch's selections to the accumulators."""
+        import torch
+
+        if missing := [layer for layer in self.layers if layer not in self.fired]:
+            raise MismatchError(f"the routers of layers {missing} did not run in the forward pass")
+        b, layers = self.shape[0], len(self.layers)
+        bins = self.ids.add_(self.offset).view(-1)
+        # scatter_add_, not bincount: on a GPU, bincount reads the largest bin on the host.
+        per = torch.zeros(2, (b + 1) * layers * self.e, dtype=torch.float64, device=bins.device)
+        one = torch.ones((), dtype=torch.float64, device=bins.device)
+        per[0].scatter_add_(0, bins, one.expand_as(bins))
+        per[1].scatter_add_(0, bins, self.weights.view(-1))
+        per = per[:, : b * layers * self.e].view(2, b, layers, self.e)  # drop the padding bins
+        self.acc[_COUNT : _GATE + 1] += per.sum(dim=1)
+        per_sample = (per * self.inv_n).sum(dim=1)
+        per_sample[0] /= self.k
+        self.acc[_SAMPLE_TOKEN:] += per_sample
+        self.shape = (0, 0)
 
     def _hook(self, layer: int) -> Any:
-        import torch
+        row = self.row[layer]
 
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
             ids, weights = output[0], output[1]
-            if self.base is None or tuple(ids.shape) != (self.tokens, self.k):
+            if tuple(ids.shape) != (self.shape[1], self.k):
                 raise MismatchError(
                     f"router of layer {layer} returned ids of shape {list(ids.shape)};"
-                    f" expected [{self.tokens}, {self.k}] (the flattened batch, top-K)"
+                    f" expected [{self.shape[1]}, {self.k}] (the flattened batch, top-K)"
                 )
-            values = self.base.clone()
-            values[:, 1::2] *= weights.reshape(-1, 1).to(torch.float64)
-            self.acc.index_add_(0, ids.reshape(-1) + self.row[layer] * self.e, values)
+            self.ids[row].copy_(ids)
+            self.weights[row].copy_(weights)  # to float64 in the same copy
+            self.fired.add(layer)
             if self.records is not None and self.valid is not None:
                 keep = self.valid.cpu().numpy()
                 self.records[layer].append(
@@ -126,17 +167,17 @@ class _Recorder:
             h.remove()
 
     def stats(self, metadata: dict[str, str]) -> RoutingStats:
-        acc = self.acc.cpu().numpy().reshape(len(self.layers), self.e, 4)
-        counts = np.rint(acc[:, :, _COUNT]).astype(np.int64)
+        acc = self.acc.cpu().numpy()
+        counts = np.rint(acc[_COUNT]).astype(np.int64)
         return RoutingStats(
             layers=list(self.layers),
             counts=counts,
-            gate_sum=acc[:, :, _GATE].copy(),
+            gate_sum=acc[_GATE].copy(),
             tokens=counts.sum(axis=1) // self.k,
             top_k=self.k,
             num_samples=round(float(self.samples)),
-            sample_token_sum=acc[:, :, _SAMPLE_TOKEN].copy(),
-            sample_gate_sum=acc[:, :, _SAMPLE_GATE].copy(),
+            sample_token_sum=acc[_SAMPLE_TOKEN].copy(),
+            sample_gate_sum=acc[_SAMPLE_GATE].copy(),
             metadata=metadata,
         )
 
@@ -148,7 +189,7 @@ def profile(
     max_tokens: int | None = None,
     records: str | os.PathLike[str] | None = None,
     metadata: Mapping[str, str] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int], object] = False,
 ) -> RoutingStats:
     """Routing statistics of ``model`` over ``batches``.
 
@@ -158,7 +199,10 @@ def profile(
     rank: its share). ``records``: also write the real tokens' top-K ids and
     weights, a ``layer_{L}_ids.npy`` / ``layer_{L}_weights.npy`` pair per layer
     (in ``rank_{r}`` subfolders when distributed; a host copy per layer and
-    batch, so slower; ``esft_rs.aggregate`` reads them back). The model runs
+    batch, so slower; ``esft_rs.aggregate`` reads them back). ``progress``:
+    True shows a tqdm bar in tokens on rank 0 (its total: the rank's budget); a
+    callable is instead called with each batch's real-token count on every rank
+    (so a caller that knows its total can drive its own bar). The model runs
     under ``torch.inference_mode()`` on its own device.
     """
     import torch
@@ -167,14 +211,15 @@ def profile(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     budget = None if max_tokens is None else max(1, max_tokens // world)
-    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else None
-    device = torch.device("cpu") if device is None else device
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = torch.device("cpu") if param is None else param.device
     rec = _Recorder(model, device, keep_records=records is not None)
     bar = None
-    if progress and rank == 0:
+    if progress is True and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=budget, unit="tok", desc="profile", dynamic_ncols=True)
+    on_tokens = bar.update if bar is not None else progress if callable(progress) else None
     done = 0
     try:
         with torch.inference_mode():
@@ -187,9 +232,10 @@ def profile(
                 mask = None if mask is None else mask.to(device, non_blocking=True)
                 rec.begin(ids, mask)
                 model(ids, attention_mask=mask)
+                rec.end()
                 done += real
-                if bar is not None:
-                    bar.update(real)
+                if on_tokens is not None:
+                    on_tokens(real)
                 if budget is not None and done >= budget:
                     break
     finally:

@@ -2,7 +2,7 @@
 
 Each command lives in its own module and imports torch (if at all) inside its
 function body, so ``esft-rs --help`` and byte-level commands start fast.
-Bad input (``EsftError``/``OSError``) becomes one line on stderr and exit code 2.
+Bad input (``EsftError``/``OSError``, a bad option) becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from esft_rs.cli.demo_cmd import demo_cmd
 from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
+from esft_rs.cli.profile_cmd import profile_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.errors import EsftError
@@ -39,6 +40,7 @@ main.add_command(select_cmd)
 main.add_command(routing_report_cmd)
 main.add_command(merge_cmd)
 main.add_command(split_cmd)
+main.add_command(profile_cmd)
 
 
 def fail(message: str) -> None:
@@ -51,6 +53,12 @@ def run() -> None:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
     try:
         code = main.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.UsageError as e:  # a bad option or argument: one line too
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        fail(f"{e.format_message()}{hint}")
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

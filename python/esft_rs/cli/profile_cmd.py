@@ -1,0 +1,192 @@
+"""``esft-rs profile``: routing statistics of a model on task data (torch imported inside)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from esft_rs.errors import InvalidFileError, MismatchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.models.interface import MoEModel
+
+#: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
+DEFAULT_TOKENS = 131072
+#: Packed row length when the model allows it (the data pipeline's default).
+DEFAULT_SEQ_LEN = 4096
+
+
+@click.command("profile")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "data", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    help="Routing-stats file to write (safetensors).",
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=1), default=DEFAULT_TOKENS, show_default=True,
+    help="Real tokens to profile: packed rows are taken in order until they hold this many.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Packed rows per forward pass.")
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=None,
+    help=f"Packed row length [default: {DEFAULT_SEQ_LEN}, or the model's"
+    " max_position_embeddings if smaller].",
+)
+@click.option(
+    "--device", default="auto", show_default=True,
+    help="torch device (cpu, cuda, cuda:1, ...); auto: this rank's GPU if there is one, else cpu.",
+)
+@click.option(
+    "--records", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Also write every real token's top-K ids and weights (layer_<L>_ids.npy /"
+    " layer_<L>_weights.npy; rank_<r>/ folders under torchrun).",
+)
+@click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Packing seed (random concatenation, as in training).")
+def profile_cmd(
+    model: Path,
+    data: tuple[Path, ...],
+    output: Path,
+    tokens: int,
+    batch_size: int,
+    seq_len: int | None,
+    device: str,
+    records: Path | None,
+    skip_bad: bool,
+    seed: int,
+) -> None:
+    """Count which experts route the tokens of task data (the first step of ESFT).
+
+    MODEL: a model directory. DATA: ESFT chat JSONL files ({"messages": [...]}),
+    formatted and packed as for training. Forward passes run without gradients
+    and with a hook on every MoE router; counts and routing weights accumulate on
+    the device and padding is never counted. Each packed row is one sample for
+    `select --average samples`. Under torchrun every rank profiles a disjoint share
+    of the rows and rank 0 writes the file; the result does not depend on the
+    number of processes.
+    """
+    import torch.distributed as dist
+
+    from esft_rs.data import read_task_data
+    from esft_rs.profiling import profile
+    from esft_rs.tokenizer import load_tokenizer
+
+    # Everything that can be wrong with the inputs fails here, before the model loads.
+    if not (model / "config.json").is_file():
+        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
+    dev = _device(device)
+    tokenizer = load_tokenizer(model)
+    task = read_task_data(list(data), skip_bad=skip_bad)
+    for line in task.skipped:
+        click.echo(f"warning: skipped {line}", err=True)
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        started = True
+    try:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        t0 = time.perf_counter()
+        moe = load_model(model, dev)
+        limit = _context_length(moe)
+        if seq_len is None:
+            seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+        elif limit is not None and seq_len > limit:
+            raise click.BadParameter(
+                f"{seq_len} exceeds the model's max_position_embeddings ({limit})",
+                param_hint="'--seq-len'",
+            )
+        packed = task.pack(tokenizer, seq_length=seq_len, seed=seed)
+        ids, mask = packed.input_ids, packed.attention_mask
+        vocab = getattr(getattr(moe, "config", None), "vocab_size", None)
+        if vocab is not None and int(ids.max()) >= vocab:
+            raise MismatchError(
+                f"{model}: the tokenizer produced id {int(ids.max())}, beyond the model's"
+                f" vocabulary ({vocab})"
+            )
+        real = mask.sum(dim=1)
+        # Rows in order until --tokens; the row that reaches it stays.
+        rows = min(int((real.cumsum(0) < tokens).sum()) + 1, len(real))
+        ids, mask, real = ids[:rows], mask[:rows], real[:rows]
+        batches = [
+            (ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, rows, batch_size)
+        ]
+        bar = None
+        if rank == 0:
+            from tqdm import tqdm
+
+            mine = sum(int(m.sum()) for _, m in batches[::world])
+            bar = tqdm(total=mine, unit="tok", unit_scale=True, desc="profile", dynamic_ncols=True)
+        metadata = {
+            "model": str(model),
+            "data": ",".join(map(str, data)),
+            "tokens": str(int(real.sum())),
+            "seq_len": str(seq_len),
+            "seed": str(seed),
+        }
+        try:
+            stats = profile(
+                moe, batches, records=records, metadata=metadata,
+                progress=bar.update if bar is not None else False,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if rank != 0:
+            return
+        stats.save(output)
+        available = int(packed.attention_mask.sum())
+        note = f" (all the data holds; --tokens {tokens})" if available < tokens else ""
+        click.echo(
+            f"wrote {output}: {metadata['tokens']} tokens{note} in {stats.num_samples} rows of"
+            f" {seq_len}, {stats.num_layers} MoE layers x {stats.num_experts} experts, top-"
+            f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
+            f" {time.perf_counter() - t0:.1f} s"
+        )
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def load_model(path: Path, device: torch.device) -> MoEModel:
+    """The model in ``path`` as an ``MoEModel``: where more model families plug in."""
+    from esft_rs.models import load_model as load_builtin
+
+    return load_builtin(path, device=device)
+
+
+def _context_length(model: MoEModel) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _device(name: str) -> torch.device:
+    """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(
+            f"{name!r} is not a torch device", param_hint="'--device'"
+        ) from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise click.BadParameter(
+            f"{name!r} is not available here ({str(e).splitlines()[0]})", param_hint="'--device'"
+        ) from None
+    return dev
