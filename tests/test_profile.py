@@ -105,3 +105,15 @@ def test_two_processes_give_the_counts_of_one(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same(RoutingStats.load(out), esft_rs.profile(FakeMoE(), batches()))
+
+
+def test_router_that_did_not_run_is_reported():
+    class Skipping(FakeMoE):
+        def forward(self, input_ids, attention_mask=None):
+            flat = self.embed(input_ids).reshape(-1, self.embed.embedding_dim)
+            for name, router in self.gates.items():
+                if name != "2":  # as if layer 2 were skipped
+                    router(flat)
+
+    with pytest.raises(MismatchError, match=r"the routers of layers \[2\] did not run"):
+        esft_rs.profile(Skipping(), batches(n=1))
