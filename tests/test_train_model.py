@@ -192,3 +192,16 @@ def test_resume_refuses_another_base_model(files: dict[str, Path], tmp_path: Pat
     esft_rs.train(files["base"], files["data"], tmp_path / "out", files["experts"], **kw)
     with pytest.raises(esft_rs.MismatchError, match="written for a different base model"):
         esft_rs.train(other, files["data"], tmp_path / "out", files["experts"], resume=True, **kw)
+
+
+def test_builtin_model_trains_under_bf16_autocast() -> None:
+    """Training on CUDA runs the model under bf16 autocast; the router stays float32."""
+    model = init_model("tiny", seed=0)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = model.routers()[1](model.model.embed_tokens(x).flatten(0, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+        routed = model.routers()[1](model.model.embed_tokens(x).flatten(0, 1))
+    assert routed.topk_weights.dtype == torch.float32
+    assert torch.equal(routed.topk_ids, plain.topk_ids)
+    assert model.model.layers[1].mlp.gate.weight.grad is not None

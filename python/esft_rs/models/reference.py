@@ -57,8 +57,9 @@ class Router(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        # Scores in float32 whatever the model dtype, as DeepSeek-V2 does.
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        # Scores in float32 whatever the model dtype, as DeepSeek-V2 does (autocast too).
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, self.top_k, dim=-1)
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -91,9 +92,12 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
         chunks = x[order // k].split(counts)
         outs = [self.experts[e](c) for e, c in enumerate(chunks) if counts[e]]
-        slots = torch.empty(tokens * k, x.shape[-1], dtype=x.dtype, device=x.device)
-        slots[order] = torch.cat(outs) if outs else slots[:0]
-        return (slots.view(tokens, k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+        if not outs:
+            return x.new_zeros(tokens, x.shape[-1])
+        out = torch.cat(outs)  # in the experts' dtype: x's, or autocast's (bf16 in training)
+        slots = torch.empty_like(out)
+        slots[order] = out
+        return (slots.view(tokens, k, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
 class Attention(nn.Module):
