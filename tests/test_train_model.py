@@ -132,38 +132,57 @@ BAD_FILES = {
     "bad.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n'
                  '{"messages": [{"role": "bot", "content": "x"}]}\n',
     "one.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n',
+    "nothing.jsonl": "\n",
 }
 
 
 @pytest.mark.parametrize(
-    ("data", "args", "message"),
+    ("args", "message"),
     [
-        (None, ["--config", "bad.yaml"], "bad.yaml: unknown key 'learning_rat' (did you mean"),
-        (None, ["--experts", "dense.json"],
+        (["--config", "bad.yaml"], "bad.yaml: unknown key 'learning_rat' (did you mean"),
+        (["--steps", "0"], "command line: steps must be positive, got 0"),
+        (["--experts", "dense.json"],
          "dense.json: layer 0 is not an MoE layer of the model (MoE layers: 1-3)"),
-        (None, ["--experts", "range.json"], "range.json: layer 2: expert 16 is out of range"),
-        (None, ["--experts", "empty.json"], "empty.json: selects nothing to train"),
-        ("bad.jsonl", [], "bad.jsonl:2: message 0 has unknown role"),
-        ("one.jsonl", [], "0 training sequences (after the 0.02 validation split) are fewer"
-                          " than one global batch of 16"),
-        (None, ["--steps", "0"], "command line: steps must be positive, got 0"),
     ],
 )
-def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,
-                       args: list[str], message: str) -> None:
+def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, args: list[str],
+                       message: str) -> None:
+    """One line on stderr, exit code 2, nothing written (more cases in-process, below)."""
     for name, text in BAD_FILES.items():
         (tmp_path / name).write_text(text)
     args = [str(tmp_path / a) if a in BAD_FILES else a for a in args]
     if "--experts" not in args:
         args += ["--experts", str(files["experts"])]
     out = tmp_path / "out"
-    proc = run_cli("train", files["base"], tmp_path / data if data else files["data"], "-o", out,
-                   *args, "--device", "cpu")
+    proc = run_cli("train", files["base"], files["data"], "-o", out, *args, "--device", "cpu")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), proc.stderr
     assert message in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "experts", "message"),
+    [
+        (None, "range.json", "range.json: layer 2: expert 16 is out of range"
+                             " (the model has 16 routed experts per layer)"),
+        (None, "empty.json", "empty.json: selects nothing to train"),
+        ("bad.jsonl", None, "bad.jsonl:2: message 0 has unknown role"),
+        ("nothing.jsonl", None, "nothing.jsonl: no conversations"),
+        ("one.jsonl", None, "0 training sequences (after the 0.02 validation split) are fewer"
+                            " than one global batch of 16"),
+    ],
+)
+def test_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,
+                   experts: str | None, message: str) -> None:
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(esft_rs.EsftError) as e:
+        esft_rs.train(files["base"], tmp_path / data if data else files["data"], tmp_path / "out",
+                      tmp_path / experts if experts else files["experts"], device="cpu")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_refuses_another_base_model(files: dict[str, Path], tmp_path: Path) -> None:
@@ -173,3 +192,16 @@ def test_resume_refuses_another_base_model(files: dict[str, Path], tmp_path: Pat
     esft_rs.train(files["base"], files["data"], tmp_path / "out", files["experts"], **kw)
     with pytest.raises(esft_rs.MismatchError, match="written for a different base model"):
         esft_rs.train(other, files["data"], tmp_path / "out", files["experts"], resume=True, **kw)
+
+
+def test_builtin_model_trains_under_bf16_autocast() -> None:
+    """Training on CUDA runs the model under bf16 autocast; the router stays float32."""
+    model = init_model("tiny", seed=0)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = model.routers()[1](model.model.embed_tokens(x).flatten(0, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+        routed = model.routers()[1](model.model.embed_tokens(x).flatten(0, 1))
+    assert routed.topk_weights.dtype == torch.float32
+    assert torch.equal(routed.topk_ids, plain.topk_ids)
+    assert model.model.layers[1].mlp.gate.weight.grad is not None

@@ -59,8 +59,9 @@ class Router(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        # Scores in float32 whatever the model dtype, as DeepSeek-V2 does.
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        # Scores in float32 whatever the model dtype, as DeepSeek-V2 does (autocast too).
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, self.top_k, dim=-1)
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
@@ -100,9 +101,12 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
         chunks = x[order // k].split(counts)
         outs = [self.experts[e](c) for e, c in enumerate(chunks) if counts[e]]
-        slots = torch.empty(tokens * k, x.shape[-1], dtype=x.dtype, device=x.device)
-        slots[order] = torch.cat(outs) if outs else slots[:0]
-        return (slots.view(tokens, k, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
+        if not outs:
+            return x.new_zeros(tokens, x.shape[-1])
+        out = torch.cat(outs)  # in the experts' dtype: x's, or autocast's (bf16 in training)
+        slots = torch.empty_like(out)
+        slots[order] = out
+        return (slots.view(tokens, k, -1) * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
 
 
 class Attention(nn.Module):
