@@ -33,8 +33,8 @@ test: setup
 	cargo test --quiet
 	cargo clippy --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
-	$(PY) -m pytest
 	@$(MAKE) --no-print-directory fuzz
+	$(PY) -m pytest  # last, so that its summary closes the output
 
 # Fuzzes the safetensors header parser briefly, where cargo-fuzz and a nightly
 # toolchain are installed (cargo install cargo-fuzz; rustup toolchain install nightly).
