@@ -159,10 +159,11 @@ def profile_cmd(
 
 
 def load_model(path: Path, device: torch.device) -> MoEModel:
-    """The model in ``path`` as an ``MoEModel``: where more model families plug in."""
-    from esft_rs.models import load_model as load_builtin
+    """The model in ``path`` (built-in or a transformers family) as an ``MoEModel``."""
+    from esft_rs.models import as_moe_model
+    from esft_rs.models import load_model as load_any
 
-    return load_builtin(path, device=device)
+    return as_moe_model(load_any(path, device=device))
 
 
 def _context_length(model: MoEModel) -> int | None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRESETS",
+    "as_moe_model",
     "MoEModel",
     "ModelConfig",
     "RouterOutput",
@@ -56,8 +57,22 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-) -> ReferenceMoE:
-    """Load a built-in model directory, checking its tensors against config.json."""
+) -> torch.nn.Module:
+    """Load a model directory: the built-in model (its tensors checked against
+    config.json), or a transformers MoE family (``esft_rs.models.hf``, extra ``hf``),
+    by config.json's ``model_type``."""
+    from esft_rs.models import hf
+    from esft_rs.models.config import MODEL_TYPE
+
+    if hf.model_type(directory) not in (MODEL_TYPE, None):
+        return hf.load(directory, dtype=dtype, device=device)
     from esft_rs.models import checkpoint
 
     return checkpoint.load_model(directory, dtype=dtype, device=device)
+
+
+def as_moe_model(model: torch.nn.Module) -> MoEModel:
+    """``model`` seen through the ``MoEModel`` interface (for profiling)."""
+    from esft_rs.models import hf
+
+    return hf.MoEView(model) if hf.is_hf(model) else model

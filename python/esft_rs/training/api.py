@@ -67,7 +67,13 @@ def train(
 
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.training.batches import split
-    from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
+    from esft_rs.training.freeze import (
+        checkpoint_shapes,
+        checkpoint_tensors,
+        freeze,
+        moe_layout,
+        resolve_experts,
+    )
     from esft_rs.training.loop import Loop, init_distributed
 
     cfg = _config(config, overrides)
@@ -91,7 +97,7 @@ def train(
         _check_enough(len(train_idx), cfg, place.world)
         trainables = freeze(net, resolved)
         if base is not None:
-            _check_against_base(base, trainables)
+            _check_against_base(base, checkpoint_shapes(net, trainables))
         _prepare(net, trainables, dev, cfg)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
@@ -109,7 +115,7 @@ def train(
         adapter = out / ADAPTER
         merged = Path(save_merged) if save_merged is not None else None
         if place.main:
-            weights = {n: v for t in trainables for n, v in t.current().items()}
+            weights = checkpoint_tensors(net, trainables)
             write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
             if merged is not None:
                 _merge(base, adapter, merged)
@@ -207,19 +213,18 @@ def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
         )
 
 
-def _check_against_base(base: PathLike, trainables: list[Trainable]) -> None:
+def _check_against_base(base: PathLike, shapes: Mapping[str, tuple[int, ...] | None]) -> None:
     """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge."""
     from esft_rs.inspect import inspect as inspect_checkpoint
 
     known = inspect_checkpoint(base).tensors
-    for t in trainables:
-        info = known.get(t.name)
+    for name, shape in shapes.items():
+        info = known.get(name)
         if info is None:
-            raise MismatchError(f"{base}: has no tensor {t.name!r}, which the model trains")
-        if t.experts is None and tuple(info.shape) != tuple(t.param.shape):
+            raise MismatchError(f"{base}: has no tensor {name!r}, which the model trains")
+        if shape is not None and tuple(info.shape) != shape:
             raise MismatchError(
-                f"{base}: {t.name} has shape {list(info.shape)},"
-                f" the model's is {list(t.param.shape)}"
+                f"{base}: {name} has shape {list(info.shape)}, the model's is {list(shape)}"
             )
 
 

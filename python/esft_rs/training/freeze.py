@@ -113,6 +113,30 @@ class Trainable:
                 for i, e in enumerate(self.experts)}
 
 
+def checkpoint_shapes(
+    model: torch.nn.Module, trainables: list[Trainable]
+) -> dict[str, tuple[int, ...] | None]:
+    """Base-checkpoint name -> shape of each tensor the adapter will hold (None: a
+    fused tensor, whose slices the merge checks)."""
+    from esft_rs.models import hf
+
+    if hf.is_hf(model):
+        return dict(hf.checkpoint_shapes(model, trainables))
+    return {t.name: None if t.experts else tuple(t.param.shape) for t in trainables}
+
+
+def checkpoint_tensors(
+    model: torch.nn.Module, trainables: list[Trainable]
+) -> dict[str, torch.Tensor]:
+    """The trained values under the base checkpoint's names, in its dtypes: what the
+    adapter holds. transformers models are reverted to their on-disk layout."""
+    from esft_rs.models import hf
+
+    if hf.is_hf(model):
+        return hf.checkpoint_tensors(model, trainables)
+    return {n: v for t in trainables for n, v in t.current().items()}
+
+
 def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
     """Set ``requires_grad`` on every parameter by ``experts``; returns what trains.
 

@@ -1,0 +1,211 @@
+"""Hugging Face transformers MoE families: DeepSeek-V2/V3, Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE.
+
+Needs the optional extra ``esft-rs[hf]``; nothing else in esft-rs imports transformers.
+
+transformers 5 gives every family the same shape: ``model.layers.L.mlp.gate`` is a
+router module returning ``(router_logits, weights, indices)``, where ``weights`` are
+the ones that mix the expert outputs (DeepSeek-V3: sigmoid scores chosen with
+``e_score_correction_bias`` and group limits, normalised and scaled), and the
+routed experts are fused in memory into ``mlp.experts.gate_up_proj`` [E, 2I, H] and
+``mlp.experts.down_proj`` [E, H, I]. Checkpoints on disk keep per-expert names
+(Mixtral: ``block_sparse_moe.experts.E.w1``). transformers converts on load and
+reverts on save; adapters are written with the reverted, on-disk names
+(``checkpoint_tensors``), so ``esft-rs merge`` writes into the original shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.models.interface import RouterOutput
+from esft_rs.naming import classify
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.training.freeze import Trainable
+
+#: model_type in config.json -> family name; the families tested against transformers.
+FAMILIES = {
+    "deepseek_v2": "DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "mixtral": "Mixtral",
+    "olmoe": "OLMoE",
+}
+#: The transformers versions esft-rs supports (pyproject's ``hf`` extra says the same).
+TRANSFORMERS_RANGE = (">=5.23", "<6")
+
+
+def model_type(directory: str | os.PathLike[str]) -> str | None:
+    """config.json's ``model_type``; None when there is no config.json."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
+    value = raw.get("model_type") if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def require_transformers() -> Any:
+    """The transformers module, or one line saying how to get a supported one."""
+    try:
+        import transformers
+    except ImportError:
+        raise EsftError(
+            "transformers models need the optional extra: pip install 'esft-rs[hf]'"
+        ) from None
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    low = tuple(int(x) for x in TRANSFORMERS_RANGE[0].removeprefix(">=").split("."))
+    high = int(TRANSFORMERS_RANGE[1].removeprefix("<"))
+    if not low <= (major, minor) or major >= high:
+        raise EsftError(
+            f"transformers {transformers.__version__} is not supported (esft-rs needs"
+            f" transformers{','.join(TRANSFORMERS_RANGE)}): pip install 'esft-rs[hf]'"
+        )
+    return transformers
+
+
+def load(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """A transformers MoE causal LM from a local directory (never the network).
+
+    ``dtype`` defaults to config.json's. Raises ``EsftError`` for a family esft-rs
+    does not support and ``InvalidFileError`` when transformers cannot load it.
+    """
+    root = Path(directory)
+    kind = model_type(root)
+    if kind not in FAMILIES:
+        raise EsftError(
+            f"{root}: model_type {kind!r} is not a supported MoE family"
+            f" (supported: {', '.join(FAMILIES)})"
+        )
+    transformers = require_transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            root, dtype=dtype if dtype is not None else "auto", local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
+    model.config.use_cache = False  # training and profiling never decode incrementally
+    routers(model)  # fails early, with the family's name, when no router is found
+    return model.to(device)
+
+
+def is_hf(model: object) -> bool:
+    """Whether ``model`` is a transformers model (checked without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Decoder layer -> router module, found by the router's weight name (``esft_rs.naming``)."""
+    out = {}
+    for name, _ in model.named_parameters():
+        role = classify(name)
+        if role.kind == "router" and name.endswith(".weight") and role.layer is not None:
+            out[role.layer] = model.get_submodule(name.removesuffix(".weight"))
+    if not out:
+        raise MismatchError(f"{type(model).__name__}: no MoE router found in the model")
+    return dict(sorted(out.items()))
+
+
+class _Tap:
+    """Re-emits a transformers router's decision as a ``RouterOutput`` through a module
+    the profiler can hook (transformers routers return logits first)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        class Tap(torch.nn.Module):
+            def forward(self, out: RouterOutput) -> RouterOutput:
+                return out
+
+        self.module = Tap()
+
+    def __call__(self, _router: Any, _inputs: Any, output: tuple[Any, ...]) -> None:
+        _logits, weights, indices = output[:3]
+        self.module(RouterOutput(indices, weights))
+
+
+class MoEView:
+    """A transformers MoE model seen through ``esft_rs.models.interface.MoEModel``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+        found = routers(model)
+        first = next(iter(found.values()))
+        self.num_experts = int(first.num_experts)
+        self.top_k = int(first.top_k)
+        self._taps = {}
+        for layer, router in found.items():
+            tap = _Tap()
+            router.register_forward_hook(tap)
+            self._taps[layer] = tap.module
+
+    def routers(self) -> dict[int, torch.nn.Module]:
+        return dict(self._taps)
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def checkpoint_shapes(
+    model: torch.nn.Module, trainables: list[Trainable]
+) -> dict[str, tuple[int, ...]]:
+    """The on-disk names and shapes the trained tensors will have in the adapter
+    (computed on the meta device: no memory)."""
+    return {k: tuple(v.shape) for k, (v, _) in _reverted(model, trainables, meta=True).items()}
+
+
+def checkpoint_tensors(
+    model: torch.nn.Module, trainables: list[Trainable]
+) -> dict[str, torch.Tensor]:
+    """The trained tensors under their on-disk names, in the checkpoint's dtypes.
+
+    Each trained tensor is reverted whole by transformers' own save-time
+    conversion; of a fused one, only the trained experts' tensors are kept.
+    """
+    dtypes = {t.name: t.dtype for t in trainables}
+    return {
+        k: v.to(dtypes[src]).contiguous()
+        for k, (v, src) in _reverted(model, trainables, meta=False).items()
+    }
+
+
+def _reverted(
+    model: torch.nn.Module, trainables: list[Trainable], *, meta: bool
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """On-disk name -> (tensor, in-memory name it comes from)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = {}
+    for t in trainables:
+        owner, _, attr = t.name.rpartition(".")
+        full = getattr(model.get_submodule(owner), attr).detach()  # fused: slices written in
+        # one tensor at a time, so every on-disk name is known to come from t
+        reverted = revert_weight_conversion(model, {t.name: full.to("meta") if meta else full})
+        for disk, value in reverted.items():
+            role = classify(disk)
+            if t.experts is None or (role.kind == "routed_expert" and role.expert in t.experts):
+                out[disk] = (value, t.name)
+    return out

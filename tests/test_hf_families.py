@@ -1,0 +1,187 @@
+"""transformers MoE families: profile, train (every mode), merge/split, eval, on tiny random
+checkpoints saved with ``save_pretrained`` (per-expert names on disk, fused in memory)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import esft_rs
+from conftest import run_cli
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import as_moe_model, hf, load_model
+from esft_rs.naming import classify
+from esft_rs.profiling import profile
+from hf_tiny import FAMILIES, save
+
+#: Experts to train: MoE layers 1 and 2 exist in every tiny family (DeepSeek's layer 0 is dense).
+EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
+TRAIN = {"steps": 3, "seq_length": 48, "per_device_batch_size": 2,
+         "gradient_accumulation_steps": 1, "learning_rate": 5e-2, "eval_steps": 100,
+         "save_steps": 100, "gradient_checkpointing": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp(request.param)
+    save(request.param, root / "base")
+    rows = [{"messages": [{"role": "user", "content": f"Reverse {w}"},
+                          {"role": "assistant", "content": w[::-1]}]}
+            for w in ("moe", "expert", "router", "gate", "token", "shard", "adapter", "merge")]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    EXPERTS.save(root / "experts.json")
+    return root
+
+
+def reference_routing(
+    config: transformers.PretrainedConfig, logits: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K ids and mixing weights from router logits, written from each family's paper
+    and model card rules (not from transformers' code path)."""
+    k, kind = config.num_experts_per_tok, config.model_type
+    logits = logits.double()
+    if kind == "deepseek_v3":  # sigmoid; bias only chooses; groups ranked by their top-2 sum
+        scores = logits.sigmoid()
+        choice = scores + bias.double()
+        groups = choice.view(len(choice), config.n_group, -1)
+        group_rank = groups.topk(2, dim=-1).values.sum(-1)
+    else:
+        scores = choice = logits.softmax(-1)
+        groups = choice.view(len(choice), getattr(config, "n_group", None) or 1, -1)
+        group_rank = groups.max(-1).values
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        keep = torch.zeros_like(group_rank, dtype=torch.bool)
+        keep.scatter_(1, group_rank.topk(config.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(groups.shape[-1], dim=1), -1.0)
+    ids = choice.topk(k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if kind == "mixtral" or getattr(config, "norm_topk_prob", False):
+        weights = weights / weights.sum(-1, keepdim=True)
+    return ids, weights * getattr(config, "routed_scaling_factor", 1.0)
+
+
+def test_profile_equals_the_models_own_router_outputs(family: Path) -> None:
+    model = load_model(family / "base")
+    config = model.config
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    stats = profile(as_moe_model(model), [(ids, mask)])
+
+    moe_layers = sorted(hf.routers(model))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, output_router_logits=True).router_logits
+    assert len(logits) == len(moe_layers)
+    real = mask.reshape(-1).bool()
+    assert stats.layers == moe_layers
+    for row, (layer, lg) in enumerate(zip(moe_layers, logits, strict=True)):
+        gate = hf.routers(model)[layer]
+        ref_ids, ref_w = reference_routing(config, lg, getattr(gate, "e_score_correction_bias", None))
+        ref_ids, ref_w = ref_ids[real], ref_w[real]
+        counts = torch.bincount(ref_ids.reshape(-1), minlength=config_experts(config))
+        sums = torch.zeros(config_experts(config), dtype=torch.float64)
+        sums.index_add_(0, ref_ids.reshape(-1), ref_w.reshape(-1))
+        assert stats.counts[row].tolist() == counts.tolist(), layer
+        torch.testing.assert_close(torch.from_numpy(stats.gate_sum[row]), sums,
+                                   rtol=1e-5, atol=1e-6)
+    assert stats.tokens.tolist() == [int(real.sum())] * len(moe_layers)
+
+
+def config_experts(config: transformers.PretrainedConfig) -> int:
+    for key in ("n_routed_experts", "num_local_experts", "num_experts"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise AssertionError("no expert count in config")
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(3, 3 + 2 * 13).reshape(2, 13)
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["esft", "random", "full"])
+def test_training_and_merge_give_the_trained_model(family: Path, tmp_path: Path,
+                                                   mode: str) -> None:
+    base = load_model(family / "base")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    result = esft_rs.train(family / "base", family / "task.jsonl", tmp_path / "out",
+                           family / "experts.json", progress=False, mode=mode,
+                           save_merged=tmp_path / "merged", **TRAIN)
+    trained = result.experts.experts
+    # Fused in memory: exactly the selected experts' slices moved, everything else is bit-identical.
+    for name, old in before.items():
+        owner, _, attr = name.rpartition(".")
+        value = getattr(result.model.get_submodule(owner), attr).detach()  # fused: parametrized
+        role = classify(name)
+        if role.kind == "fused_experts":
+            for e in range(value.shape[0]):
+                moved = not torch.equal(value[e], old[e])
+                assert moved == (e in trained.get(role.layer, ())), (name, e)
+        elif mode != "full":
+            assert torch.equal(value, old), name
+    # The adapter holds the checkpoint's own per-expert names, and nothing else.
+    with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
+        names = set(f.keys())
+    with safe_open(family / "base" / "model.safetensors", "pt") as f:
+        on_disk = set(f.keys())
+    assert names <= on_disk
+    expected = {n for n in on_disk if classify(n).kind == "routed_expert"
+                and classify(n).expert in trained.get(classify(n).layer, ())}
+    if mode == "full":
+        assert expected <= names and len(names) > len(expected)
+    else:
+        assert names == expected and len(names) == 3 * result.experts.num_experts
+    # Merged on disk and loaded by transformers: the same logits as the trained model in memory.
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits_of(merged), logits_of(result.model), rtol=0, atol=1e-6)
+
+
+def test_split_then_merge_reproduces_the_trained_model(family: Path, tmp_path: Path) -> None:
+    result = esft_rs.train(family / "base", family / "task.jsonl", tmp_path / "out",
+                           family / "experts.json", progress=False,
+                           save_merged=tmp_path / "merged", **TRAIN)
+    esft_rs.split(tmp_path / "merged", tmp_path / "split.safetensors", base=family / "base")
+    esft_rs.merge(family / "base", tmp_path / "split.safetensors", tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(logits_of(again), logits_of(result.model), rtol=0, atol=1e-6)
+    derived = esft_rs.read_adapter(tmp_path / "split.safetensors").expert_config
+    assert derived is not None  # lists every MoE layer, as official configs do
+    assert {k: v for k, v in derived.experts.items() if v} == result.experts.experts
+
+
+def test_profile_cli_on_a_transformers_directory(family: Path, tmp_path: Path) -> None:
+    proc = run_cli("profile", family / "base", family / "task.jsonl", "-o", tmp_path / "r.st",
+                   "--seq-len", "32", "--device", "cpu", check=True)
+    assert "MoE layers x 8 experts, top-2" in proc.stdout
+    stats = esft_rs.RoutingStats.load(tmp_path / "r.st")
+    assert stats.layers == sorted(hf.routers(load_model(family / "base")))
+
+
+def test_core_package_never_imports_transformers() -> None:
+    code = ("import sys, esft_rs, esft_rs.cli, esft_rs.training.api, esft_rs.profiling, "
+            "esft_rs.models; assert 'transformers' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, family: Path) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(esft_rs.EsftError, match=r"pip install 'esft-rs\[hf\]'"):
+        load_model(family / "base")
+
+
+def test_unsupported_family_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    proc = run_cli("profile", tmp_path, tmp_path / "config.json", "-o", tmp_path / "r.st")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "model_type 'llama' is not a supported MoE family" in proc.stderr
