@@ -19,15 +19,17 @@ BYTE_TOKENS = {"vocab_size": 259, "bos_token_id": 256, "eos_token_id": 257, "pad
 COMMON = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
           **BYTE_TOKENS}
-_MLA = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+_MLA = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": None,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
         "v_head_dim": 8, "first_k_dense_replace": 1, "n_shared_experts": 1,
         "moe_intermediate_size": 16, "intermediate_size": 48}
 
 #: family (model_type) -> (config class name, model class name, config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
-        **_MLA, "n_routed_experts": 8, "num_experts_per_tok": 2, "topk_method": "group_limited_greedy",
-        "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.0}),
+        **_MLA, "n_routed_experts": 8, "num_experts_per_tok": 2,
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.0}),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
         **_MLA, "q_lora_rank": 16, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
         "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": True}),

@@ -28,16 +28,27 @@ TRAIN = {"steps": 3, "seq_length": 48, "per_device_batch_size": 2,
          "save_steps": 100, "gradient_checkpointing": False, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp(request.param)
-    save(request.param, root / "base")
+def make_family(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    root = tmp_path_factory.mktemp(name)
+    save(name, root / "base")
     rows = [{"messages": [{"role": "user", "content": f"Reverse {w}"},
                           {"role": "assistant", "content": w[::-1]}]}
             for w in ("moe", "expert", "router", "gate", "token", "shard", "adapter", "merge")]
     (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     EXPERTS.save(root / "experts.json")
     return root
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_family(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One family for the CLI runs (each pays transformers' import): Mixtral, whose
+    on-disk names differ most from the in-memory ones."""
+    return make_family(tmp_path_factory, "mixtral")
 
 
 def reference_routing(
@@ -84,8 +95,8 @@ def test_profile_equals_the_models_own_router_outputs(family: Path) -> None:
     real = mask.reshape(-1).bool()
     assert stats.layers == moe_layers
     for row, (layer, lg) in enumerate(zip(moe_layers, logits, strict=True)):
-        gate = hf.routers(model)[layer]
-        ref_ids, ref_w = reference_routing(config, lg, getattr(gate, "e_score_correction_bias", None))
+        bias = getattr(hf.routers(model)[layer], "e_score_correction_bias", None)
+        ref_ids, ref_w = reference_routing(config, lg, bias)
         ref_ids, ref_w = ref_ids[real], ref_w[real]
         counts = torch.bincount(ref_ids.reshape(-1), minlength=config_experts(config))
         sums = torch.zeros(config_experts(config), dtype=torch.float64)
@@ -159,12 +170,12 @@ def test_split_then_merge_reproduces_the_trained_model(family: Path, tmp_path: P
     assert {k: v for k, v in derived.experts.items() if v} == result.experts.experts
 
 
-def test_profile_cli_on_a_transformers_directory(family: Path, tmp_path: Path) -> None:
-    proc = run_cli("profile", family / "base", family / "task.jsonl", "-o", tmp_path / "r.st",
+def test_profile_cli_on_a_transformers_directory(mixtral: Path, tmp_path: Path) -> None:
+    proc = run_cli("profile", mixtral / "base", mixtral / "task.jsonl", "-o", tmp_path / "r.st",
                    "--seq-len", "32", "--device", "cpu", check=True)
-    assert "MoE layers x 8 experts, top-2" in proc.stdout
+    assert "3 MoE layers x 8 experts, top-2" in proc.stdout
     stats = esft_rs.RoutingStats.load(tmp_path / "r.st")
-    assert stats.layers == sorted(hf.routers(load_model(family / "base")))
+    assert stats.layers == [0, 1, 2]
 
 
 def test_core_package_never_imports_transformers() -> None:
@@ -173,15 +184,18 @@ def test_core_package_never_imports_transformers() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, family: Path) -> None:
+def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, mixtral: Path) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(esft_rs.EsftError, match=r"pip install 'esft-rs\[hf\]'"):
-        load_model(family / "base")
+        load_model(mixtral / "base")
 
 
 def test_unsupported_family_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    proc = run_cli("profile", tmp_path, tmp_path / "config.json", "-o", tmp_path / "r.st")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "tokenizer": "byte"}))
+    data = tmp_path / "task.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    proc = run_cli("profile", tmp_path, data, "-o", tmp_path / "r.st")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model_type 'llama' is not a supported MoE family" in proc.stderr

@@ -85,7 +85,7 @@ def profile_cmd(
     # Everything that can be wrong with the inputs fails here, before the model loads.
     if not (model / "config.json").is_file():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")
-    dev = _device(device)
+    dev = torch_device(device)
     tokenizer = load_tokenizer(model)
     task = read_task_data(list(data), skip_bad=skip_bad)
     for line in task.skipped:
@@ -98,7 +98,7 @@ def profile_cmd(
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         t0 = time.perf_counter()
         moe = load_model(model, dev)
-        limit = _context_length(moe)
+        limit = context_length(moe)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
         elif limit is not None and seq_len > limit:
@@ -166,11 +166,12 @@ def load_model(path: Path, device: torch.device) -> MoEModel:
     return as_moe_model(load_any(path, device=device))
 
 
-def _context_length(model: MoEModel) -> int | None:
+def context_length(model: object) -> int | None:
+    """The model's max_position_embeddings, when its config says."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str) -> torch.device:
     """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
     import torch
 

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PRESETS",
-    "as_moe_model",
     "MoEModel",
     "ModelConfig",
     "RouterOutput",
+    "as_moe_model",
     "init_model",
     "load_model",
     "save_model",

@@ -40,7 +40,7 @@ FAMILIES = {
     "olmoe": "OLMoE",
 }
 #: The transformers versions esft-rs supports (pyproject's ``hf`` extra says the same).
-TRANSFORMERS_RANGE = (">=5.23", "<6")
+TRANSFORMERS_RANGE = (">=5.20", "<6")
 
 
 def model_type(directory: str | os.PathLike[str]) -> str | None:

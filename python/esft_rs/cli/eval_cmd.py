@@ -1,0 +1,82 @@
+"""``esft-rs eval``: answer-token loss and greedy exact match of a model on task data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from esft_rs.errors import InvalidFileError
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "data", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Conversations per forward pass.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Evaluate only the first N conversations.")
+@click.option("--generate/--no-generate", default=True, show_default=True,
+              help="Also score the greedy answer to each conversation's last turn (exact match).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Greedy budget per answer [default: the batch's longest reference + EOS].")
+@click.option("--device", default="auto", show_default=True,
+              help="torch device (cpu, cuda, cuda:1, ...); auto: a GPU if there is one.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures as JSON.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip malformed JSONL lines (listed) instead of failing.")
+def eval_cmd(
+    model: Path,
+    data: tuple[Path, ...],
+    batch_size: int,
+    limit: int | None,
+    generate: bool,
+    max_new_tokens: int | None,
+    device: str,
+    output: Path | None,
+    skip_bad: bool,
+) -> None:
+    """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
+    DATA, ESFT chat JSONL: mean loss and perplexity over the answer tokens, and the
+    share of conversations whose greedy answer to the last turn equals the reference.
+
+    Conversations are formatted as for training, one per row (never packed).
+    """
+    from dataclasses import asdict, replace
+
+    from tqdm import tqdm
+
+    from esft_rs.cli.profile_cmd import context_length, torch_device
+    from esft_rs.data import read_task_data
+    from esft_rs.evaluation import evaluate
+    from esft_rs.models import load_model
+    from esft_rs.tokenizer import load_tokenizer
+
+    if not (model / "config.json").is_file():
+        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
+    dev = torch_device(device)
+    tokenizer = load_tokenizer(model)
+    task = read_task_data(list(data), skip_bad=skip_bad)
+    for line in task.skipped:
+        click.echo(f"warning: skipped {line}", err=True)
+    if limit is not None:
+        task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
+    net = load_model(model, device=dev).eval()
+    with tqdm(total=len(task.conversations), unit="conv", desc="eval", dynamic_ncols=True) as bar:
+        result = evaluate(net, tokenizer, task, batch_size=batch_size,
+                          max_length=context_length(net), generate=generate,
+                          max_new_tokens=max_new_tokens, progress=bar.update)
+    line = (f"loss {result.loss:.4f} (perplexity {result.perplexity:.2f}) over"
+            f" {result.label_tokens} answer tokens of {result.conversations} conversations")
+    if result.exact_match is not None:
+        line += f"; exact match {result.exact_match:.3f} ({result.correct}/{result.answered})"
+    click.echo(line)
+    if output is not None:
+        figures = {**asdict(result), "perplexity": result.perplexity,
+                   "exact_match": result.exact_match, "model": str(model),
+                   "data": [str(d) for d in data]}
+        output.write_text(json.dumps(figures, indent=2) + "\n")
