@@ -140,6 +140,11 @@ def test_training_and_merge_give_the_trained_model(family: Path, tmp_path: Path,
                 assert moved == (e in trained.get(role.layer, ())), (name, e)
         elif mode != "full":
             assert torch.equal(value, old), name
+    if mode != "full":  # gradients and optimizer state for the selected slices only
+        per_expert = sum(before[n][0].numel() for n in before if classify(n).kind == "fused_experts"
+                         and classify(n).layer == 1)
+        assert result.fit.trainable_params == per_expert * result.experts.num_experts
+        assert result.fit.optimizer_state_bytes < 2 * 4 * result.fit.trainable_params + 1024
     # The adapter holds the checkpoint's own per-expert names, and nothing else.
     with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
         names = set(f.keys())
@@ -199,3 +204,40 @@ def test_unsupported_family_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model_type 'llama' is not a supported MoE family" in proc.stderr
+
+
+def test_experts_fused_on_disk_keep_fused_slice_names(mixtral: Path, tmp_path: Path) -> None:
+    """A checkpoint that stores experts fused, as in memory (some tools write this): the
+    adapter holds slices of the fused tensors, and the merge writes them in place."""
+    from safetensors.torch import save_file
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    model = load_model(mixtral / "base")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              fused / "model.safetensors", metadata={"format": "pt"})
+    (fused / "config.json").write_bytes((mixtral / "base" / "config.json").read_bytes())
+    result = esft_rs.train(fused, mixtral / "task.jsonl", tmp_path / "out",
+                           mixtral / "experts.json", progress=False,
+                           save_merged=tmp_path / "merged", **TRAIN)
+    with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(
+            f"model.layers.{layer}.mlp.experts.{e}.{p}"
+            for layer, ids in EXPERTS.experts.items() for e in ids
+            for p in ("down_proj", "gate_up_proj"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits_of(merged), logits_of(result.model), rtol=0, atol=1e-6)
+
+
+def test_train_cli_on_a_transformers_directory(mixtral: Path, tmp_path: Path) -> None:
+    """The command line, with the official defaults (gradient checkpointing on)."""
+    run_cli("train", mixtral / "base", mixtral / "task.jsonl", "--experts",
+            mixtral / "experts.json", "-o", tmp_path / "out", "--steps", "2", "--seq-length", "48",
+            "--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--device", "cpu",
+            check=True)
+    with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
+        assert len(f.keys()) == 3 * EXPERTS.num_experts
+        assert all(".block_sparse_moe.experts." in k for k in f.keys())
+    proc = run_cli("merge", mixtral / "base", tmp_path / "out" / "adapter.safetensors",
+                   "-o", tmp_path / "merged", check=True)
+    assert proc.returncode == 0

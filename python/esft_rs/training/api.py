@@ -96,8 +96,9 @@ def train(
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         _check_enough(len(train_idx), cfg, place.world)
         trainables = freeze(net, resolved)
+        on_disk = _base_names(base) if base is not None else {}
         if base is not None:
-            _check_against_base(base, checkpoint_shapes(net, trainables))
+            _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk))
         _prepare(net, trainables, dev, cfg)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
@@ -115,7 +116,7 @@ def train(
         adapter = out / ADAPTER
         merged = Path(save_merged) if save_merged is not None else None
         if place.main:
-            weights = checkpoint_tensors(net, trainables)
+            weights = checkpoint_tensors(net, trainables, on_disk)
             write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
             if merged is not None:
                 _merge(base, adapter, merged)
@@ -213,18 +214,23 @@ def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
         )
 
 
-def _check_against_base(base: PathLike, shapes: Mapping[str, tuple[int, ...] | None]) -> None:
-    """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge."""
+def _base_names(base: PathLike) -> dict[str, tuple[int, ...]]:
+    """The base checkpoint's tensor names and shapes (headers only)."""
     from esft_rs.inspect import inspect as inspect_checkpoint
 
-    known = inspect_checkpoint(base).tensors
+    return {n: tuple(t.shape) for n, t in inspect_checkpoint(base).tensors.items()}
+
+
+def _check_against_base(base: PathLike, known: Mapping[str, tuple[int, ...]],
+                        shapes: Mapping[str, tuple[int, ...] | None]) -> None:
+    """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge."""
     for name, shape in shapes.items():
-        info = known.get(name)
-        if info is None:
+        have = known.get(name)
+        if have is None:
             raise MismatchError(f"{base}: has no tensor {name!r}, which the model trains")
-        if shape is not None and tuple(info.shape) != shape:
+        if shape is not None and have != shape:
             raise MismatchError(
-                f"{base}: {name} has shape {list(info.shape)}, the model's is {list(shape)}"
+                f"{base}: {name} has shape {list(have)}, the model's is {list(shape)}"
             )
 
 

@@ -12,7 +12,7 @@ optimizer state and no weight decay, and stay bit-identical.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -114,27 +114,45 @@ class Trainable:
 
 
 def checkpoint_shapes(
-    model: torch.nn.Module, trainables: list[Trainable]
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str] = ()
 ) -> dict[str, tuple[int, ...] | None]:
     """Base-checkpoint name -> shape of each tensor the adapter will hold (None: a
-    fused tensor, whose slices the merge checks)."""
+    fused tensor, whose slices the merge checks). ``on_disk``: the base's tensor names."""
     from esft_rs.models import hf
 
-    if hf.is_hf(model):
-        return dict(hf.checkpoint_shapes(model, trainables))
-    return {t.name: None if t.experts else tuple(t.param.shape) for t in trainables}
+    stored, reverted = _by_layout(model, trainables, on_disk)
+    return {**{t.name: None if t.experts else tuple(t.param.shape) for t in stored},
+            **(hf.checkpoint_shapes(model, reverted) if reverted else {})}
 
 
 def checkpoint_tensors(
-    model: torch.nn.Module, trainables: list[Trainable]
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str] = ()
 ) -> dict[str, torch.Tensor]:
     """The trained values under the base checkpoint's names, in its dtypes: what the
-    adapter holds. transformers models are reverted to their on-disk layout."""
+    adapter holds (see ``_by_layout``)."""
     from esft_rs.models import hf
 
-    if hf.is_hf(model):
-        return hf.checkpoint_tensors(model, trainables)
-    return {n: v for t in trainables for n, v in t.current().items()}
+    stored, reverted = _by_layout(model, trainables, on_disk)
+    return {**{n: v for t in stored for n, v in t.current().items()},
+            **(hf.checkpoint_tensors(model, reverted) if reverted else {})}
+
+
+def _by_layout(
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str]
+) -> tuple[list[Trainable], list[Trainable]]:
+    """(tensors stored on disk as in memory, tensors transformers converted on load).
+
+    The built-in model and checkpoints that already store a tensor as it is in
+    memory (``on_disk`` names it; e.g. experts fused on disk) keep the in-memory
+    name, fused slices as ``esft_rs.naming.fused_slice_name`` says; the others are
+    reverted to their per-expert on-disk names (``esft_rs.models.hf``).
+    """
+    from esft_rs.models import hf
+
+    if not hf.is_hf(model):
+        return trainables, []
+    stored = [t for t in trainables if t.name in on_disk]
+    return stored, [t for t in trainables if t.name not in on_disk]
 
 
 def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
