@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUST_SRC := $(shell find rust/src -name '*.rs') Cargo.toml Cargo.lock
 
-.PHONY: setup test demo wheel-check bench fuzz clean
+.PHONY: setup test test-hf-floor demo wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -34,7 +34,23 @@ test: setup
 	cargo clippy --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	@$(MAKE) --no-print-directory fuzz
+	@$(MAKE) --no-print-directory test-hf-floor
 	$(PY) -m pytest  # last, so that its summary closes the output
+
+# The transformers tests again on the oldest transformers the `hf` extra allows
+# (pyproject.toml; the lock holds the newest). Same packages otherwise, linked from
+# the uv cache; the extension built by `setup` is used in place.
+HF_FLOOR := 5.20.0
+HF_VENV := .venv-hf-floor
+$(HF_VENV)/.stamp: requirements.lock
+	$(UV) venv --quiet --allow-existing --python python3 $(HF_VENV)
+	$(UV) pip install --quiet --python $(HF_VENV)/bin/python -r requirements.lock
+	$(UV) pip install --quiet --python $(HF_VENV)/bin/python "transformers==$(HF_FLOOR)"
+	@touch $@
+
+test-hf-floor: setup $(HF_VENV)/.stamp
+	PYTHONPATH=python $(HF_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_hf_families.py tests/test_eval.py
 
 # Fuzzes the safetensors header parser briefly, where cargo-fuzz and a nightly
 # toolchain are installed (cargo install cargo-fuzz; rustup toolchain install nightly).
@@ -63,4 +79,4 @@ bench: setup
 	for b in benches/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) target dist
+	rm -rf $(VENV) $(HF_VENV) target dist

@@ -241,3 +241,19 @@ def test_train_cli_on_a_transformers_directory(mixtral: Path, tmp_path: Path) ->
     proc = run_cli("merge", mixtral / "base", tmp_path / "out" / "adapter.safetensors",
                    "-o", tmp_path / "merged", check=True)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3"])
+def test_shared_experts_train_with_their_gate(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                              tmp_path: Path) -> None:
+    root = make_family(tmp_path_factory, name)
+    cfg = ExpertConfig(EXPERTS.experts, shared_experts=True, non_expert_modules=False)
+    esft_rs.train(root / "base", root / "task.jsonl", tmp_path / "out", cfg, progress=False,
+                  **TRAIN)
+    with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
+        shared = {k for k in f.keys() if classify(k).kind != "routed_expert"}
+    kinds = {classify(k).kind for k in shared}
+    assert kinds == ({"shared_expert", "shared_expert_gate"} if name == "qwen2_moe"
+                     else {"shared_expert"})
+    moe_layers = {0, 1, 2} if name == "qwen2_moe" else {1, 2}  # DeepSeek's layer 0 is dense
+    assert {classify(k).layer for k in shared} == moe_layers

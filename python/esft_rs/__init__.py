@@ -15,6 +15,7 @@ from esft_rs.inspect import Inspection, inspect
 from esft_rs.merge import MergeReport, SplitReport, merge, split
 
 if TYPE_CHECKING:
+    from esft_rs.evaluation import EvalResult, evaluate
     from esft_rs.profiling import profile
     from esft_rs.routing import RoutingStats, aggregate
     from esft_rs.selection import select_experts
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 # The numpy- and torch-backed API is imported on first use, so that
 # byte-level commands (inspect, merge, split) do not pay for numpy.
 _LAZY = {
+    "EvalResult": "esft_rs.evaluation",
+    "evaluate": "esft_rs.evaluation",
     "profile": "esft_rs.profiling",
     "RoutingStats": "esft_rs.routing",
     "aggregate": "esft_rs.routing",
@@ -41,6 +44,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "EsftError",
+    "EvalResult",
     "Inspection",
     "InvalidFileError",
     "MergeReport",
@@ -51,6 +55,7 @@ __all__ = [
     "TrainResult",
     "__version__",
     "aggregate",
+    "evaluate",
     "fingerprint",
     "inspect",
     "merge",
