@@ -16,12 +16,11 @@ import numpy as np
 
 from esft_rs import _core, scoring
 from esft_rs.errors import MismatchError
+from esft_rs.scoring import OFFICIAL_TOP_K
 
 #: What ``aggregate`` sums: stats objects, routing-stats files, official log folders.
 Source = Union["RoutingStats", str, os.PathLike]
 
-#: The official logs come from DeepSeek-V2-Lite, which routes each token to 6 experts.
-OFFICIAL_TOP_K = 6
 
 
 @dataclass(eq=False)

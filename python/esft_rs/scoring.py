@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
+
     from esft_rs.routing import RoutingStats
 
 Score = Literal["token", "gate"]
@@ -28,6 +28,8 @@ SCORES: tuple[Score, ...] = ("token", "gate")
 AVERAGES: tuple[Average, ...] = ("tokens", "samples")
 # The paper's values.
 DEFAULT_TOP_P: dict[str, float] = {"token": 0.2, "gate": 0.1}
+#: The official logs come from DeepSeek-V2-Lite, which routes each token to 6 experts.
+OFFICIAL_TOP_K = 6
 # The official summary.json rounds to 4 decimals.
 SUMMARY_DECIMALS = 4
 
@@ -43,6 +45,8 @@ def scores(
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+    import numpy as np  # here, so that the CLI's option parsing does not load numpy
+
     with np.errstate(divide="ignore", invalid="ignore"):
         if average == "samples":
             total = stats.sample_token_sum if score == "token" else stats.sample_gate_sum
@@ -59,6 +63,8 @@ def round_scores(values: np.ndarray, decimals: int) -> np.ndarray:
     """Rounds as the official scripts did: Python's ``round`` on numpy float64
     values, which is ``np.round`` (scale, round half to even, scale back). It
     can differ in the last place from ``round`` on a Python float."""
+    import numpy as np
+
     return np.round(values, decimals)
 
 
@@ -93,6 +99,8 @@ def summary(stats: RoutingStats, decimals: int = SUMMARY_DECIMALS) -> dict[str, 
     """The official ``summary.json`` content: ``{"token_scores": {layer: {expert:
     score}}, "gate_scores": ...}``, layers as strings in lexicographic order (as
     released), experts in id order. Layers without tokens are left out."""
+    import numpy as np
+
     out: dict[str, dict] = {}
     for score in SCORES:
         values = scores(stats, score, "tokens", decimals)

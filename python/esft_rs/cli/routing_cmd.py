@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from esft_rs import scoring
-from esft_rs.routing import OFFICIAL_TOP_K, source_name
-from esft_rs.routing_report import COVERAGE, TaskSummary, chance_jaccard, jaccard, summarize
-from esft_rs.routing_report import uniform_cover as uniform
-from esft_rs.selection import Selection, select, summary_json
+from esft_rs.scoring import OFFICIAL_TOP_K
+
+if TYPE_CHECKING:  # the commands import numpy-backed modules when they run, not at --help
+    from esft_rs.routing_report import TaskSummary
+    from esft_rs.selection import Selection
 
 ROUTING = click.argument(
     "routing", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
@@ -95,6 +97,8 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
+    from esft_rs.selection import select, summary_json
+
     _check_top_p(top_p)
     if plot is not None:
         from esft_rs.plot import MISSING, require_matplotlib
@@ -168,6 +172,9 @@ def routing_report_cmd(
     per layer, how many experts cover 50% and 90% of the task's token selections,
     then the Jaccard overlap of the selected expert sets between tasks.
     """
+    from esft_rs.routing_report import summarize
+    from esft_rs.selection import select
+
     _check_top_p(top_p)
     names = _task_names(routing)
     tasks = [
@@ -186,11 +193,16 @@ def routing_report_cmd(
 
 
 def _task_names(paths: tuple[Path, ...]) -> list[str]:
+    from esft_rs.routing import source_name
+
     names = [Path(source_name(p)).stem or str(p) for p in paths]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
 def _print_concentration(tasks: list[TaskSummary]) -> None:
+    from esft_rs.routing_report import COVERAGE
+    from esft_rs.routing_report import uniform_cover as uniform
+
     echo = click.echo
     lo, hi = COVERAGE
     experts = sorted({t.selection.stats.num_experts for t in tasks})
@@ -213,6 +225,8 @@ def _print_concentration(tasks: list[TaskSummary]) -> None:
 
 
 def _print_overlap(tasks: list[TaskSummary]) -> None:
+    from esft_rs.routing_report import chance_jaccard, jaccard
+
     echo = click.echo
     first = tasks[0].selection
     echo(
