@@ -673,6 +673,7 @@ mod tests {
             force: false,
             dry_run: false,
             overwrite: false,
+            requantize_fp8: false,
         };
         let m = merge(&b, &[ad], Some(&out), &mopts, &ctl).unwrap();
         assert!(m.warnings.is_empty());
