@@ -363,9 +363,9 @@ fn plan(
             let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
                 let bt = base_tensor(key);
                 if let (Some(block), true) = (&block, is_fp8_slot(bt, at.info)) {
-                    let q = requant_slot(ckpt, &index, key, &a.path, &at, block, opts)?;
+                    let q = requant_slot(ckpt, &index, key, (ai, &a.path), &at, block, opts)?;
                     requant = Some(requants.len());
-                    requants.push(Requant { adapter: ai, ..q });
+                    requants.push(q);
                 }
                 if requant.is_none() && (bt.dtype != at.info.dtype || bt.shape != at.info.shape) {
                     return Err(mismatch(format!(
@@ -504,12 +504,12 @@ fn is_fp8_slot(bt: &TensorInfo, at: &TensorInfo) -> bool {
 }
 
 /// Checks that adapter tensor `at` can be quantised into the F8_E4M3 base
-/// weight `key` (and that it was asked for); the `Requant` without its adapter.
+/// weight `key` (and that it was asked for). `adapter`: its index and path.
 fn requant_slot(
     ckpt: &Checkpoint,
     index: &HashMap<&str, (usize, usize)>,
     key: (usize, usize),
-    adapter: &Path,
+    (ai, adapter): (usize, &Path),
     at: &AdapterTensor,
     block: &BlockSize,
     opts: &MergeOptions,
@@ -564,7 +564,7 @@ fn requant_slot(
         )));
     }
     Ok(Requant {
-        adapter: 0,
+        adapter: ai,
         shard: at.shard,
         tensor: at.index,
         src_off: at.file.offset_of(at.info),
