@@ -273,3 +273,33 @@ def test_requantize_refusals(base: Path, base_tensors: dict[str, torch.Tensor],
     with pytest.raises(MismatchError, match="only a BF16, F16 or F32 tensor"):
         esft_rs.merge(base, ad, out, requantize_fp8=True)
     assert not out.exists()
+
+
+def test_conflicts_keep_weight_and_scale_together(
+    base: Path, base_tensors: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    x = new_weights(base_tensors, torch.bfloat16)[UP]
+    q, scale = quantize_fp8_blocks(x * 2, BLOCK)
+    fp8_ad, fp8_only, bf16_ad = (tmp_path / f"{n}.safetensors" for n in ("fp8", "only", "bf16"))
+    save_file({UP: q, UP + "_scale_inv": scale}, fp8_ad)
+    save_file({UP: q}, fp8_only)
+    save_file({UP: x}, bf16_ad)
+    out = tmp_path / "out"
+
+    # first: the FP8 adapter's weight and scale both win; the requantisation is dropped.
+    r = esft_rs.merge(base, [fp8_ad, bf16_ad], out, on_conflict="first", requantize_fp8=True)
+    got = load_dir(out)
+    assert r.requantized == () and raw(got[UP]) == raw(q)
+    assert raw(got[UP + "_scale_inv"]) == raw(scale)
+    # last: the BF16 adapter's requantised weight and scale both win.
+    r = esft_rs.merge(base, [fp8_ad, bf16_ad], out, on_conflict="last", requantize_fp8=True,
+                      overwrite=True)
+    got = load_dir(out)
+    ref_q, ref_scale = quantize_fp8_blocks(x, BLOCK)
+    assert r.requantized == (UP,) and raw(got[UP]) == raw(ref_q)
+    assert raw(got[UP + "_scale_inv"]) == raw(ref_scale)
+    # A weight from one adapter with a scale requantised for another's: refused.
+    with pytest.raises(MismatchError, match="scale tensor would come from another adapter"):
+        esft_rs.merge(base, [fp8_only, bf16_ad], tmp_path / "out2", on_conflict="first",
+                      requantize_fp8=True)
+    assert not (tmp_path / "out2").exists()
