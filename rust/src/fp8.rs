@@ -14,7 +14,7 @@
 //! the unused scale). Non-finite inputs are refused: they have no block scale.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use float8::F8E4M3;
 use half::{bf16, f16};
@@ -84,7 +84,7 @@ pub fn block_size(path: &Path) -> Result<BlockSize> {
     }
 }
 
-fn block_size_from_config(path: &PathBuf) -> Result<BlockSize> {
+fn block_size_from_config(path: &Path) -> Result<BlockSize> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(path, format!("not valid JSON: {e}")))?;

@@ -7,6 +7,11 @@
 //! replaced tensors (or expert slices of fused tensors) copied from the
 //! adapter file. Nothing is read into memory but headers and sampled bytes for
 //! the fingerprint; ranges are copied in parallel across and within shards.
+//!
+//! A BF16/F16/F32 adapter tensor aimed at a block-FP8 base weight (F8_E4M3 +
+//! `weight_scale_inv`, see `fp8`) is refused, or with `requantize_fp8`
+//! quantised block row by block row into the weight and its scale tensor,
+//! both written in place (shapes and dtypes, hence headers, are unchanged).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
