@@ -46,6 +46,7 @@ def merge_json(
     overwrite: bool = False,
     progress: Callable[[str, int, int], object] | None = None,
     on_warning: Callable[[str], object] | None = None,
+    requantize_fp8: bool = False,
 ) -> str: ...
 def split_json(
     model: str,

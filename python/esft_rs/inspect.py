@@ -39,6 +39,18 @@ class MoEInfo:
     shared_expert_tensors: int
     routed_expert_tensors: int
     routed_expert_bytes: int
+    bytes_per_expert: int | None  # one routed expert, scale tensors included, when all alike
+
+
+@dataclass(frozen=True)
+class FP8Info:
+    """Block-FP8 weights (DeepSeek-V3): F8_E4M3 tensors with ``weight_scale_inv`` companions."""
+
+    block_size: tuple[int, int]
+    block_size_from: str  # config.json | default (128x128)
+    scaled_weights: int
+    scale_bytes: int
+    unscaled: tuple[str, ...]  # F8_E4M3 tensors without a scale tensor
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class Inspection:
     total_tensors: int
     total_bytes: int
     moe: MoEInfo
+    fp8: FP8Info | None  # present when the checkpoint holds F8_E4M3 tensors
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape printed by ``esft-rs inspect --json``."""
@@ -69,6 +82,7 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
     """
     raw = json.loads(_core.inspect_json(os.fspath(path)))
     moe = raw["moe"]
+    fp8 = raw["fp8"]
     return Inspection(
         path=raw["path"],
         files=tuple(raw["files"]),
@@ -99,5 +113,13 @@ def inspect(path: str | os.PathLike[str]) -> Inspection:
             shared_expert_tensors=moe["shared_expert_tensors"],
             routed_expert_tensors=moe["routed_expert_tensors"],
             routed_expert_bytes=moe["routed_expert_bytes"],
+            bytes_per_expert=moe["bytes_per_expert"],
+        ),
+        fp8=None if fp8 is None else FP8Info(
+            block_size=tuple(fp8["block_size"]),
+            block_size_from=fp8["block_size_from"],
+            scaled_weights=fp8["scaled_weights"],
+            scale_bytes=fp8["scale_bytes"],
+            unscaled=tuple(fp8["unscaled"]),
         ),
     )

@@ -39,6 +39,7 @@ class Replacement:
     layer: int | None
     expert: int | None
     bytes: int
+    requantized: bool  # quantised to block FP8 (an F8_E4M3 weight or its scale), not copied
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class MergeReport:
     adapters: tuple[AdapterSummary, ...]
     replaced: tuple[Replacement, ...]
     replaced_bytes: int
+    requantized: tuple[str, ...]  # base F8_E4M3 weights written by quantising
     total_bytes: int
     files: tuple[str, ...]
     copied_files: tuple[str, ...]
@@ -108,6 +110,7 @@ def merge(
     force: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
+    requantize_fp8: bool = False,
     progress: ProgressFn | None = None,
     on_warning: WarningFn | None = None,
 ) -> MergeReport:
@@ -119,6 +122,11 @@ def merge(
     shape, or one expert's slice of a fused tensor. Adapters touching the same
     bytes are an error unless ``on_conflict`` is ``first`` or ``last``. An
     adapter trained from another base (fingerprint) is refused unless ``force``.
+    A BF16/F16/F32 tensor aimed at a block-FP8 (F8_E4M3 + ``weight_scale_inv``)
+    base weight is refused unless ``requantize_fp8``: then it is quantised with
+    per-block scales (scale_inv = amax / 448, round to nearest even), bit for
+    bit as torch's ``(x.float() / scale_inv).to(torch.float8_e4m3fn)``, and
+    both the weight and its ``weight_scale_inv`` are rewritten.
     Raises ``MismatchError``/``InvalidFileError``/``EsftError``/``OSError``;
     nothing is written then.
     """
@@ -134,6 +142,7 @@ def merge(
             overwrite,
             progress,
             on_warning or _warn,
+            requantize_fp8=requantize_fp8,
         )
     )
     return MergeReport(
@@ -144,6 +153,7 @@ def merge(
         adapters=tuple(AdapterSummary(**a) for a in raw["adapters"]),
         replaced=tuple(Replacement(**r) for r in raw["replaced"]),
         replaced_bytes=raw["replaced_bytes"],
+        requantized=tuple(raw["requantized"]),
         total_bytes=raw["total_bytes"],
         files=tuple(raw["files"]),
         copied_files=tuple(raw["copied_files"]),

@@ -1,7 +1,8 @@
 """Synthetic MoE checkpoints in Hugging Face layout, for tests, benches and examples.
 
 Weights are random bytes from numpy (no torch), written with the safetensors
-package, so the files are exactly what the reference writer produces.
+package, so the files are exactly what the reference writer produces. The
+block-FP8 (DeepSeek-V3) helpers need torch, imported when they are called.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -78,16 +83,20 @@ def random_tensors(
 
 def write_checkpoint(
     path: str | os.PathLike[str],
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, Any],
     shards: int = 1,
     config: dict[str, object] | None = None,
 ) -> Path:
     """Write ``tensors`` as ``model.safetensors`` or as ``shards`` files plus an index.
 
-    Tensors are split into shards in insertion order with roughly equal bytes,
-    named ``model-0000k-of-0000n.safetensors`` as ``save_pretrained`` does.
+    Tensors are numpy arrays, or torch tensors (for dtypes numpy lacks, such as
+    float8). They are split into shards in insertion order with roughly equal
+    bytes, named ``model-0000k-of-0000n.safetensors`` as ``save_pretrained`` does.
     """
-    from safetensors.numpy import save_file
+    if all(isinstance(t, np.ndarray) for t in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +108,7 @@ def write_checkpoint(
         return out
     total = sum(t.nbytes for t in tensors.values())
     budget = total / shards
-    groups: list[dict[str, np.ndarray]] = [{}]
+    groups: list[dict[str, Any]] = [{}]
     filled = 0
     for name, t in tensors.items():
         if groups[-1] and filled >= budget * len(groups) and len(groups) < shards:
@@ -168,3 +177,76 @@ def perturb_experts(
         target[...] = rng.standard_normal(target.shape).astype(arr.dtype)
         out[name] = arr
     return out
+
+
+# --- block-FP8 (DeepSeek-V3) checkpoints ---
+
+E4M3_MAX = 448.0
+
+
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of block-FP8 quantisation: per block of ``w`` [out, in],
+    ``scale_inv = amax / 448`` (1 for an all-zero block) and
+    ``fp8 = (w.float() / scale_inv).to(torch.float8_e4m3fn)``.
+    Returns (F8_E4M3 weight, F32 weight_scale_inv [ceil(out/b0), ceil(in/b1)])."""
+    import torch
+
+    rows, cols = w.shape
+    b0, b1 = block
+    nr, nc = -(-rows // b0), -(-cols // b1)
+    x = torch.zeros(nr * b0, nc * b1, dtype=torch.float32)
+    x[:rows, :cols] = w.float()
+    blocks = x.view(nr, b0, nc, b1)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(nr * b0, nc * b1)[:rows, :cols].contiguous(), scale
+
+
+def dequantize_fp8_blocks(
+    q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """F32 values of a block-FP8 weight: each fp8 value times its block's scale_inv."""
+    rows, cols = q.shape
+    full = scale_inv.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return q.float() * full[:rows, :cols]
+
+
+def is_fp8_linear(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether DeepSeek-V3 stores this tensor in block FP8: the projections of
+    attention and MLPs (routed, shared and dense); not embeddings, norms, the
+    router or lm_head."""
+    return len(shape) == 2 and name.endswith("_proj.weight")
+
+
+def fp8_tensors(
+    s: MoEShape, seed: int = 0, block: tuple[int, int] = (128, 128)
+) -> dict[str, torch.Tensor]:
+    """A tiny DeepSeek-V3-style state dict: projections as F8_E4M3 plus their
+    ``weight_scale_inv``, everything else BF16, in checkpoint order."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in moe_tensor_shapes(s):
+        w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        if is_fp8_linear(name, shape):
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(w, block)
+        else:
+            out[name] = w
+    return out
+
+
+def fp8_config(block: tuple[int, int] = (128, 128)) -> dict[str, object]:
+    """The ``quantization_config`` part of a DeepSeek-V3 config.json."""
+    return {
+        "model_type": "deepseek_v3",
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(block),
+        },
+    }

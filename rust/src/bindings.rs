@@ -313,7 +313,7 @@ fn run_watched<T: Send>(
 /// `progress(stage, done, total)` and `on_warning(message)` are called from
 /// this thread while the work runs without the GIL.
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out=None, on_conflict="error", force=false, dry_run=false, overwrite=false, progress=None, on_warning=None))]
+#[pyo3(signature = (base, adapters, out=None, on_conflict="error", force=false, dry_run=false, overwrite=false, progress=None, on_warning=None, requantize_fp8=false))]
 #[allow(clippy::too_many_arguments)]
 fn merge_json(
     py: Python<'_>,
@@ -326,6 +326,7 @@ fn merge_json(
     overwrite: bool,
     progress: Option<Bound<'_, PyAny>>,
     on_warning: Option<Bound<'_, PyAny>>,
+    requantize_fp8: bool,
 ) -> PyResult<String> {
     let on_conflict = match on_conflict {
         "error" => merge::OnConflict::Error,
@@ -333,7 +334,7 @@ fn merge_json(
         "last" => merge::OnConflict::Last,
         other => return Err(PyValueError::new_err(format!("on_conflict must be error, first or last, not {other:?}"))),
     };
-    let opts = merge::MergeOptions { on_conflict, force, dry_run, overwrite };
+    let opts = merge::MergeOptions { on_conflict, force, dry_run, overwrite, requantize_fp8 };
     let report = run_watched(py, progress.as_ref(), on_warning.as_ref(), |ctl| {
         merge::merge(&base, &adapters, out.as_deref(), &opts, ctl)
     })?;

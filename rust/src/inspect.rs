@@ -7,8 +7,9 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::fp8;
 use crate::naming::{classify, Role};
-use crate::safetensors::Checkpoint;
+use crate::safetensors::{Checkpoint, Dtype};
 
 #[derive(Debug, Serialize)]
 pub struct TensorEntry {
@@ -43,6 +44,21 @@ pub struct MoeSummary {
     pub shared_expert_tensors: usize,
     pub routed_expert_tensors: usize,
     pub routed_expert_bytes: u64,
+    /// Bytes of one routed expert (scale tensors included) when all are alike.
+    pub bytes_per_expert: Option<u64>,
+}
+
+/// Block-FP8 weights (DeepSeek-V3): F8_E4M3 with `weight_scale_inv` companions.
+#[derive(Debug, Serialize)]
+pub struct Fp8Summary {
+    pub block_size: [u64; 2],
+    /// Where the block size was read: `config.json` or `default` (128 x 128).
+    pub block_size_from: &'static str,
+    /// F8_E4M3 tensors that have a scale tensor.
+    pub scaled_weights: usize,
+    pub scale_bytes: u64,
+    /// F8_E4M3 tensors without one.
+    pub unscaled: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +73,8 @@ pub struct Inspection {
     pub total_tensors: usize,
     pub total_bytes: u64,
     pub moe: MoeSummary,
+    /// Present when the checkpoint holds F8_E4M3 tensors.
+    pub fp8: Option<Fp8Summary>,
 }
 
 /// A name-keyed map that serializes in insertion order (file order).
@@ -98,6 +116,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         }
     }
     let moe = moe_summary(&tensors);
+    let fp8 = fp8_summary(&ckpt.path, &tensors)?;
     Ok(Inspection {
         path: path.display().to_string(),
         files: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
@@ -107,7 +126,35 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         metadata,
         file_metadata,
         moe,
+        fp8,
     })
+}
+
+fn fp8_summary(path: &Path, tensors: &[(String, TensorEntry)]) -> Result<Option<Fp8Summary>> {
+    let f8 = Dtype::F8_E4M3.name();
+    if !tensors.iter().any(|(_, t)| t.dtype == f8) {
+        return Ok(None);
+    }
+    let block = fp8::block_size(path)?;
+    let names: BTreeSet<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    let mut s = Fp8Summary {
+        block_size: block.block,
+        block_size_from: block.from,
+        scaled_weights: 0,
+        scale_bytes: 0,
+        unscaled: Vec::new(),
+    };
+    for (name, t) in tensors {
+        if t.dtype == f8 {
+            match fp8::scale_name(name) {
+                Some(sc) if names.contains(sc.as_str()) => s.scaled_weights += 1,
+                _ => s.unscaled.push(name.clone()),
+            }
+        } else if fp8::weight_of_scale(name).is_some_and(|w| names.contains(w)) {
+            s.scale_bytes += t.bytes;
+        }
+    }
+    Ok(Some(s))
 }
 
 fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
@@ -115,6 +162,8 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
     let mut all_layers = BTreeSet::new();
     let mut per_expert: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
     let mut fused: BTreeMap<u32, u64> = BTreeMap::new();
+    // Bytes of each routed expert: its tensors, or its share of fused ones.
+    let mut expert_bytes: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     for (name, t) in tensors {
         let role = classify(name);
         if let Some(l) = role.layer() {
@@ -128,6 +177,7 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
         match role {
             Role::RoutedExpert { expert, .. } => {
                 per_expert.entry(l).or_default().insert(expert);
+                *expert_bytes.entry((l, expert)).or_default() += t.bytes;
                 layer.expert_bytes += t.bytes;
                 s.routed_expert_tensors += 1;
                 s.routed_expert_bytes += t.bytes;
@@ -136,6 +186,9 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
                 let e = t.shape.first().copied().unwrap_or(0);
                 let known = fused.entry(l).or_insert(e);
                 *known = (*known).max(e);
+                for x in 0..u32::try_from(e).unwrap_or(0) {
+                    *expert_bytes.entry((l, x)).or_default() += t.bytes / e;
+                }
                 layer.expert_bytes += t.bytes;
                 s.routed_expert_tensors += 1;
                 s.routed_expert_bytes += t.bytes;
@@ -188,6 +241,10 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
     if counts.len() == 1 {
         s.experts_per_layer = counts.into_iter().next();
     }
+    let sizes: BTreeSet<u64> = expert_bytes.into_values().collect();
+    if sizes.len() == 1 {
+        s.bytes_per_expert = sizes.into_iter().next();
+    }
     s
 }
 
@@ -221,6 +278,7 @@ mod tests {
         assert_eq!(s.layers[&1].layout, "per-expert");
         assert!(s.layers[&2].shared_experts);
         assert_eq!(s.layers[&1].expert_bytes, 4 * 32);
+        assert_eq!(s.bytes_per_expert, Some(32));
     }
 
     #[test]
@@ -233,5 +291,6 @@ mod tests {
         let s = moe_summary(&t);
         assert_eq!(s.layers[&0].layout, "fused");
         assert_eq!(s.experts_per_layer, Some(8));
+        assert_eq!(s.bytes_per_expert, Some((6 * 3 + 3 * 3) * 4));
     }
 }

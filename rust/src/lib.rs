@@ -8,6 +8,7 @@ pub mod copy;
 pub mod error;
 pub mod expert_config;
 pub mod fingerprint;
+pub mod fp8;
 pub mod inspect;
 pub mod merge;
 pub mod naming;

@@ -7,6 +7,11 @@
 //! replaced tensors (or expert slices of fused tensors) copied from the
 //! adapter file. Nothing is read into memory but headers and sampled bytes for
 //! the fingerprint; ranges are copied in parallel across and within shards.
+//!
+//! A BF16/F16/F32 adapter tensor aimed at a block-FP8 base weight (F8_E4M3 +
+//! `weight_scale_inv`, see `fp8`) is refused, or with `requantize_fp8`
+//! quantised block row by block row into the weight and its scale tensor,
+//! both written in place (shapes and dtypes, hence headers, are unchanged).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -15,13 +20,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::adapter::{Adapter, AdapterKind};
+use crate::adapter::{Adapter, AdapterKind, AdapterTensor};
 use crate::copy::{self, Range};
 use crate::error::{Error, Result};
 use crate::fingerprint;
+use crate::fp8::{self, BlockSize};
 use crate::naming::{self, Role};
 use crate::progress::Control;
-use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
+use crate::safetensors::{Checkpoint, Dtype, SafetensorsFile, TensorInfo};
 use crate::staging::{self, Staged};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +47,9 @@ pub struct MergeOptions {
     pub force: bool,
     pub dry_run: bool,
     pub overwrite: bool,
+    /// Quantise BF16/F16/F32 adapter tensors into block-FP8 base slots
+    /// (rewriting their `weight_scale_inv`) instead of refusing them.
+    pub requantize_fp8: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,6 +65,9 @@ pub struct Replacement {
     /// The routed expert, or the expert of a fused tensor's slice.
     pub expert: Option<u32>,
     pub bytes: u64,
+    /// Written by quantising the adapter tensor to block FP8 (the weight and its
+    /// `weight_scale_inv` both), not copied.
+    pub requantized: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +89,8 @@ pub struct MergeReport {
     pub adapters: Vec<AdapterSummary>,
     pub replaced: Vec<Replacement>,
     pub replaced_bytes: u64,
+    /// Base F8_E4M3 weights written by quantising an adapter tensor.
+    pub requantized: Vec<String>,
     /// Bytes of the output's safetensors files.
     pub total_bytes: u64,
     pub files: Vec<String>,
@@ -126,6 +140,27 @@ struct Source {
     tensor: usize,
     /// Absolute file offset of this unit's first byte.
     offset: u64,
+    /// Index of the `Requant` that computes this unit (an FP8 weight or its
+    /// scale tensor) instead of copying it.
+    requant: Option<usize>,
+}
+
+/// A BF16/F16/F32 adapter tensor quantised into an F8_E4M3 base weight and
+/// its block scales.
+#[derive(Debug)]
+struct Requant {
+    adapter: usize,
+    /// Shard of the adapter's checkpoint, tensor index there, absolute offset.
+    shard: usize,
+    tensor: usize,
+    src_off: u64,
+    dtype: Dtype,
+    /// Base (shard, tensor) of the weight and of its `weight_scale_inv`.
+    weight: (usize, usize),
+    scale: (usize, usize),
+    rows: u64,
+    cols: u64,
+    block: [u64; 2],
 }
 
 /// Key of a byte range's source file: the base shard or an adapter shard.
@@ -164,7 +199,7 @@ pub fn merge(
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
-    let painted = plan(&ckpt, &adapters, opts.on_conflict)?;
+    let (painted, requants) = plan(&ckpt, &adapters, opts)?;
     let replaced = describe(&ckpt, &adapters, &painted);
     let is_dir =
         ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
@@ -194,7 +229,15 @@ pub fn merge(
         // so a refused merge leaves nothing); a mismatch stops the writing.
         let (checked, written) = rayon::join(
             || check_fp(&Control::default()).inspect_err(|_| ctl.cancel()),
-            || write(&ckpt, &adapters, &painted, &staged, is_dir, &others, ctl),
+            || {
+                let job = Job {
+                    ckpt: &ckpt,
+                    adapters: &adapters,
+                    painted: &painted,
+                    requants: &requants,
+                };
+                write(&job, &staged, is_dir, &others, ctl)
+            },
         );
         let checked = checked?;
         written?;
@@ -223,6 +266,14 @@ pub fn merge(
             })
             .collect(),
         replaced_bytes: replaced.iter().map(|r| r.bytes).sum(),
+        requantized: requants
+            .iter()
+            .map(|q| {
+                ckpt.shards[q.weight.0].file.header.tensors[q.weight.1]
+                    .name
+                    .clone()
+            })
+            .collect(),
         replaced,
         total_bytes: ckpt.shards.iter().map(|s| s.file.file_len).sum(),
         files: ckpt.shards.iter().map(|s| s.name.clone()).collect(),
@@ -279,7 +330,18 @@ fn compare_fingerprints(
     Ok(warnings)
 }
 
-fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Result<Painted> {
+fn plan(
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    opts: &MergeOptions,
+) -> Result<(Painted, Vec<Requant>)> {
+    let on_conflict = opts.on_conflict;
+    let block = if ckpt.tensors().any(|(_, t)| t.dtype == Dtype::F8_E4M3) {
+        Some(fp8::block_size(&ckpt.path)?)
+    } else {
+        None
+    };
+    let mut requants: Vec<Requant> = Vec::new();
     let mut index: HashMap<&str, (usize, usize)> = HashMap::new();
     for (si, s) in ckpt.shards.iter().enumerate() {
         for (ti, t) in s.file.header.tensors.iter().enumerate() {
@@ -302,9 +364,15 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
             let found = index
                 .get(at.name.as_str())
                 .or_else(|| index.get(naming::canonical(&at.name).as_ref()));
+            let mut requant = None;
             let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
                 let bt = base_tensor(key);
-                if bt.dtype != at.info.dtype || bt.shape != at.info.shape {
+                if let (Some(block), true) = (&block, is_fp8_slot(bt, at.info)) {
+                    let q = requant_slot(ckpt, &index, key, (ai, &a.path), &at, block, opts)?;
+                    requant = Some(requants.len());
+                    requants.push(q);
+                }
+                if requant.is_none() && (bt.dtype != at.info.dtype || bt.shape != at.info.shape) {
                     return Err(mismatch(format!(
                         "is {} {:?} but the base's {:?} is {} {:?}",
                         at.info.dtype, at.info.shape, bt.name, bt.dtype, bt.shape
@@ -357,28 +425,35 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                     ckpt.path.display()
                 )));
             };
-            let slots = painted.entry(key).or_default();
-            for (unit, offset) in units {
-                let src = Source {
-                    adapter: ai,
-                    shard,
-                    tensor,
-                    offset,
-                };
-                match slots.get(&unit) {
-                    None => {
-                        slots.insert(unit, src);
-                    }
-                    Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
-                        let prev_a = &adapters[prev.adapter];
-                        let prev_name =
-                            &prev_a.ckpt.shards[prev.shard].file.header.tensors[prev.tensor].name;
-                        let hint = if prev.adapter == ai {
-                            ""
-                        } else {
-                            "; pass --on-conflict first or last to choose"
-                        };
-                        return Err(Error::Mismatch(format!(
+            let mut targets = vec![(key, units)];
+            if let Some(q) = requant {
+                targets.push((requants[q].scale, vec![(0, src_off)]));
+            }
+            for (key, units) in targets {
+                let slots = painted.entry(key).or_default();
+                for (unit, offset) in units {
+                    let src = Source {
+                        adapter: ai,
+                        shard,
+                        tensor,
+                        offset,
+                        requant,
+                    };
+                    match slots.get(&unit) {
+                        None => {
+                            slots.insert(unit, src);
+                        }
+                        Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
+                            let prev_a = &adapters[prev.adapter];
+                            let prev_name = &prev_a.ckpt.shards[prev.shard].file.header.tensors
+                                [prev.tensor]
+                                .name;
+                            let hint = if prev.adapter == ai {
+                                ""
+                            } else {
+                                "; pass --on-conflict first or last to choose"
+                            };
+                            return Err(Error::Mismatch(format!(
                             "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
                             a.path.display(),
                             at.info.name,
@@ -386,16 +461,125 @@ fn plan(ckpt: &Checkpoint, adapters: &[Adapter], on_conflict: OnConflict) -> Res
                             prev_name,
                             prev_a.path.display(),
                         )));
+                        }
+                        Some(_) if on_conflict == OnConflict::Last => {
+                            slots.insert(unit, src);
+                        }
+                        Some(_) => {}
                     }
-                    Some(_) if on_conflict == OnConflict::Last => {
-                        slots.insert(unit, src);
-                    }
-                    Some(_) => {}
                 }
             }
         }
     }
-    Ok(painted)
+    // Under --on-conflict first/last, a weight and its scale tensor could end up
+    // from different adapters; only whole requantisations are kept.
+    for (q, r) in requants.iter().enumerate() {
+        let from =
+            |key: (usize, usize)| painted.get(&key).and_then(|s| s.get(&0)).map(|s| s.requant);
+        let (w, sc) = (from(r.weight), from(r.scale));
+        if (w == Some(Some(q))) != (sc == Some(Some(q))) {
+            let name = &base_tensor(r.weight).name;
+            return Err(Error::Mismatch(format!(
+                "{}: {name:?} would be requantised but its scale tensor would come from another adapter \
+                 (or the other way round); merge these adapters one at a time",
+                adapters[r.adapter].path.display()
+            )));
+        }
+    }
+    // Drop requantisations that another adapter's tensor superseded.
+    let mut renumbered = vec![None; requants.len()];
+    let mut live = Vec::new();
+    for (q, r) in requants.into_iter().enumerate() {
+        let slot = painted.get(&r.weight).and_then(|s| s.get(&0));
+        if slot.is_some_and(|s| s.requant == Some(q)) {
+            renumbered[q] = Some(live.len());
+            live.push(r);
+        }
+    }
+    for src in painted.values_mut().flat_map(BTreeMap::values_mut) {
+        src.requant = src.requant.and_then(|q| renumbered[q]);
+    }
+    Ok((painted, live))
+}
+
+/// Whether adapter tensor `at` goes into an F8_E4M3 base slot with another
+/// dtype (to be requantised or refused).
+fn is_fp8_slot(bt: &TensorInfo, at: &TensorInfo) -> bool {
+    bt.dtype == Dtype::F8_E4M3 && at.dtype != Dtype::F8_E4M3
+}
+
+/// Checks that adapter tensor `at` can be quantised into the F8_E4M3 base
+/// weight `key` (and that it was asked for). `adapter`: its index and path.
+fn requant_slot(
+    ckpt: &Checkpoint,
+    index: &HashMap<&str, (usize, usize)>,
+    key: (usize, usize),
+    (ai, adapter): (usize, &Path),
+    at: &AdapterTensor,
+    block: &BlockSize,
+    opts: &MergeOptions,
+) -> Result<Requant> {
+    let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
+    let bt = base_tensor(key);
+    let refuse = |what: String| {
+        Error::Mismatch(format!(
+            "{}: adapter tensor {} is {} but the base stores F8_E4M3 {what}",
+            adapter.display(),
+            at.name,
+            at.info.dtype
+        ))
+    };
+    let scale_name = fp8::scale_name(&bt.name);
+    let scale = scale_name.as_deref().and_then(|n| index.get(n)).copied();
+    let Some(scale) = scale else {
+        return Err(refuse(format!(
+            "without block scales (no {}_scale_inv), which cannot be requantised; dequantise the base first",
+            bt.name
+        )));
+    };
+    let label = block.label();
+    if !opts.requantize_fp8 {
+        return Err(refuse(format!(
+            "with {label} block scales; pass --requantize-fp8 (Python: requantize_fp8=True) to \
+             quantise it (rewrites its weight_scale_inv), or dequantise the base first"
+        )));
+    }
+    if !fp8::quantizable(at.info.dtype) || bt.shape != at.info.shape || bt.shape.len() != 2 {
+        return Err(refuse(format!(
+            "{:?} (adapter: {:?}); only a BF16, F16 or F32 tensor of the same 2-D shape can be requantised",
+            bt.shape, at.info.shape
+        )));
+    }
+    let st = base_tensor(scale);
+    let want = block.scale_shape(&bt.shape).unwrap_or_default();
+    if st.dtype != Dtype::F32 || st.shape != want {
+        let from = if block.from == "default" {
+            "the default block size"
+        } else {
+            "config.json's quantization_config.weight_block_size"
+        };
+        return Err(Error::Mismatch(format!(
+            "{}: {:?} is {} {:?}, but {label} block scales of {:?} {:?} ({from}) are F32 {want:?}",
+            ckpt.path.display(),
+            st.name,
+            st.dtype,
+            st.shape,
+            bt.name,
+            bt.shape
+        )));
+    }
+    Ok(Requant {
+        adapter: ai,
+        shard: at.shard,
+        tensor: at.index,
+        src_off: at.file.offset_of(at.info),
+        dtype: at.info.dtype,
+        weight: key,
+        scale,
+        rows: bt.shape[0],
+        cols: bt.shape[1],
+        block: block.block,
+    })
 }
 
 /// One report entry per replaced tensor, or per expert slice when a fused
@@ -421,6 +605,7 @@ fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<R
             layer: role.layer(),
             expert,
             bytes,
+            requantized: src.requant.is_some(),
         };
         let first = slots.values().next();
         let whole = slots.len() == units as usize
@@ -484,15 +669,22 @@ fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(
     Ok(out)
 }
 
+/// What `write` writes: the base, the adapters, and the plan.
+struct Job<'a> {
+    ckpt: &'a Checkpoint,
+    adapters: &'a [Adapter],
+    painted: &'a Painted,
+    requants: &'a [Requant],
+}
+
 fn write(
-    ckpt: &Checkpoint,
-    adapters: &[Adapter],
-    painted: &Painted,
+    job: &Job,
     staged: &Staged,
     is_dir: bool,
     others: &[(String, PathBuf)],
     ctl: &Control,
 ) -> Result<()> {
+    let ckpt = job.ckpt;
     let out_path = |name: &str| {
         if is_dir {
             staged.path().join(name)
@@ -512,7 +704,7 @@ fn write(
             .map_err(|e| Error::io(&path, e))?;
         copy::preallocate(&f, &path, shard.file.file_len)?;
         outputs.push((f, path));
-        shard_ranges(si, &shard.file, painted, &mut ranges);
+        shard_ranges(si, &shard.file, job.painted, &mut ranges);
     }
     let ranges = copy::chunked(ranges);
     let other_bytes: u64 = others
@@ -520,19 +712,25 @@ fn write(
         .filter_map(|(_, p)| fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
+    let requant_bytes: u64 = job
+        .requants
+        .iter()
+        .map(|q| q.rows * q.cols * q.dtype.bits() / 8)
+        .sum();
     ctl.stage(
         "merge",
-        ranges.iter().map(|(_, r)| r.len).sum::<u64>() + other_bytes,
+        ranges.iter().map(|(_, r)| r.len).sum::<u64>() + requant_bytes + other_bytes,
     );
     ranges.par_iter().try_for_each(|&((si, from), r)| {
         let src: &SafetensorsFile = match from {
             Src::Base(s) => &ckpt.shards[s].file,
-            Src::Adapter(a, s) => &adapters[a].ckpt.shards[s].file,
+            Src::Adapter(a, s) => &job.adapters[a].ckpt.shards[s].file,
         };
         let (dst, dst_path) = &outputs[si];
         copy::copy_range(src.file(), &src.path, dst, dst_path, r)?;
         ctl.advance(r.len)
     })?;
+    requantize(job, &outputs, ctl)?;
     if let Some(index) = &ckpt.index {
         let name = index
             .path
@@ -548,6 +746,58 @@ fn write(
         ctl.advance(n)?;
     }
     Ok(())
+}
+
+/// Quantises each requantised adapter tensor into its FP8 weight and scale
+/// tensor, one block row (`block[0]` rows) per work item, so memory stays at a
+/// few block rows whatever the tensor size.
+fn requantize(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Result<()> {
+    let items: Vec<(usize, u64)> = job
+        .requants
+        .iter()
+        .enumerate()
+        .flat_map(|(q, r)| (0..r.rows.div_ceil(r.block[0])).map(move |b| (q, b)))
+        .collect();
+    items.par_iter().try_for_each_init(
+        || (Vec::new(), fp8::Scratch::default()),
+        |(buf, scratch), &(q, b)| {
+            let r = &job.requants[q];
+            let adapter = &job.adapters[r.adapter];
+            let src = &adapter.ckpt.shards[r.shard].file;
+            let esize = r.dtype.bits() / 8;
+            let row0 = b * r.block[0];
+            let rows = r.block[0].min(r.rows - row0);
+            let len = rows * r.cols * esize;
+            let off = r.src_off + row0 * r.cols * esize;
+            buf.resize(len as usize, 0);
+            copy::read_exact_at(src.file(), buf, off).map_err(|e| Error::io(&src.path, e))?;
+            let block_cols = r.block[1] as usize;
+            if let Err(i) = fp8::quantize_block_row(buf, r.dtype, r.cols as usize, block_cols, scratch)
+            {
+                let at = row0 + i as u64 / r.cols;
+                return Err(Error::invalid(
+                    &adapter.path,
+                    format!(
+                        "tensor {:?} holds a non-finite value (row {at}, column {}), which cannot be quantised to F8_E4M3",
+                        src.header.tensors[r.tensor].name,
+                        i as u64 % r.cols
+                    ),
+                ));
+            }
+            let at = |(si, ti): (usize, usize)| {
+                let f = &job.ckpt.shards[si].file;
+                (&outputs[si], f.offset_of(&f.header.tensors[ti]))
+            };
+            let ((wf, wpath), woff) = at(r.weight);
+            copy::write_all_at(wf, &scratch.fp8, woff + row0 * r.cols)
+                .map_err(|e| Error::io(wpath, e))?;
+            let ((sf, spath), soff) = at(r.scale);
+            let scale_row = r.cols.div_ceil(r.block[1]) * 4;
+            copy::write_all_at(sf, &scratch.scales, soff + b * scale_row)
+                .map_err(|e| Error::io(spath, e))?;
+            ctl.advance(len)
+        },
+    )
 }
 
 /// The byte ranges of one output shard: header and unchanged tensors from the
@@ -582,6 +832,8 @@ fn shard_ranges(
         for u in 0..units {
             let dst = start + u64::from(u) * len;
             let (k, r) = match slots.get(&u) {
+                // Written by `requantize`.
+                Some(src) if src.requant.is_some() => continue,
                 Some(src) => (
                     (si, Src::Adapter(src.adapter, src.shard)),
                     Range {
@@ -659,6 +911,7 @@ pub(crate) mod tests {
             force: false,
             dry_run: false,
             overwrite: false,
+            requantize_fp8: false,
         }
     }
 

@@ -5,6 +5,8 @@
 //! - By difference with a base: every routed-expert tensor (or fused-tensor
 //!   expert slice) whose bytes differ from the base's, compared in parallel
 //!   with bounded buffers; the expert config is derived from what differs.
+//!   A block-FP8 weight (F8_E4M3) and its `weight_scale_inv` go together: if
+//!   either differs, both are extracted.
 //!
 //! The adapter is written like merge's outputs: header first, tensor bytes
 //! copied in-kernel from the model's files, under a temporary name.
@@ -22,11 +24,12 @@ use crate::copy::{self, read_exact_at, Range};
 use crate::error::{Error, Result};
 use crate::expert_config::ExpertConfig;
 use crate::fingerprint;
+use crate::fp8;
 use crate::merge::expert_units;
 use crate::naming::{self, Role};
 use crate::progress::Control;
 use crate::safetensors::writer::{self, NewTensor};
-use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
+use crate::safetensors::{Checkpoint, Dtype, SafetensorsFile, TensorInfo};
 use crate::staging::{self, Staged};
 
 #[derive(Debug, Clone, Default)]
@@ -487,6 +490,30 @@ fn by_diff<'a>(
         },
     )?;
 
+    // A block-FP8 weight and its scale tensor are only meaningful together: if
+    // either differs, both are extracted.
+    let whole: HashMap<&str, usize> = units
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| expert_units(u.2).0 == 1)
+        .map(|(ui, u)| (u.2.name.as_str(), ui))
+        .collect();
+    for (ui, u) in units.iter().enumerate() {
+        if !differs[ui].load(Ordering::Relaxed) {
+            continue;
+        }
+        let companion = match fp8::weight_of_scale(&u.2.name) {
+            Some(w) => whole.get(w),
+            None if u.2.dtype == Dtype::F8_E4M3 => {
+                fp8::scale_name(&u.2.name).and_then(|sc| whole.get(sc.as_str()))
+            }
+            None => None,
+        };
+        if let Some(&c) = companion {
+            differs[c].store(true, Ordering::Relaxed);
+        }
+    }
+
     // Group differing units back by tensor, in model order.
     let mut by_tensor: Vec<(usize, &SafetensorsFile, &TensorInfo, Vec<u32>)> = Vec::new();
     for (ui, &(si, file, t, u, _, _)) in units.iter().enumerate() {
@@ -673,6 +700,7 @@ mod tests {
             force: false,
             dry_run: false,
             overwrite: false,
+            requantize_fp8: false,
         };
         let m = merge(&b, &[ad], Some(&out), &mopts, &ctl).unwrap();
         assert!(m.warnings.is_empty());

@@ -44,6 +44,14 @@ def _print(info: Inspection, list_tensors: bool) -> None:
     )
     if info.metadata:
         echo("metadata: " + ", ".join(f"{k}={_short(v)}" for k, v in info.metadata.items()))
+    if (fp8 := info.fp8) is not None:
+        rows, cols = fp8.block_size
+        echo(
+            f"FP8: block-quantised F8_E4M3 base, {rows}x{cols} blocks ({fp8.block_size_from});"
+            f" {fp8.scaled_weights} weights with weight_scale_inv"
+            f" ({human_bytes(fp8.scale_bytes)} of scales)"
+            + (f"; {len(fp8.unscaled)} F8_E4M3 tensors without scales" if fp8.unscaled else "")
+        )
     moe = info.moe
     if not moe.moe_layers:
         echo("MoE: none recognised")
@@ -56,6 +64,9 @@ def _print(info: Inspection, list_tensors: bool) -> None:
     echo(
         f"  routed experts per layer: {per if per is not None else 'varies'};"
         f" {moe.routed_expert_tensors} tensors, {human_bytes(moe.routed_expert_bytes)}"
+        + (f"; {human_bytes(moe.bytes_per_expert)} per expert"
+           if moe.bytes_per_expert is not None else "")
+        + (" incl. block scales" if info.fp8 is not None and info.fp8.scaled_weights else "")
     )
     layouts = sorted({layer.layout for layer in moe.layers.values()})
     shared = sum(layer.shared_experts for layer in moe.layers.values())

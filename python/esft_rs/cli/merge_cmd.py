@@ -63,6 +63,11 @@ def _experts_phrase(entries: Iterable[Replacement | Extracted]) -> str:
     show_default=True, help="When two adapters replace the same tensor: fail, or which one wins.",
 )
 @click.option("--force", is_flag=True, help="Merge even adapters trained from a different base.")
+@click.option(
+    "--requantize-fp8", is_flag=True,
+    help="Quantise BF16/F16/F32 adapter tensors into block-FP8 (F8_E4M3) base weights, "
+    "rewriting their weight_scale_inv (default: refuse them).",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be replaced; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
@@ -72,6 +77,7 @@ def merge_cmd(
     out: Path | None,
     on_conflict: str,
     force: bool,
+    requantize_fp8: bool,
     dry_run: bool,
     overwrite: bool,
     as_json: bool,
@@ -87,20 +93,24 @@ def merge_cmd(
     with StageBars() as bars:
         report = merge(
             base, adapters, out, on_conflict=on_conflict, force=force,  # type: ignore[arg-type]
-            dry_run=dry_run, overwrite=overwrite, progress=bars, on_warning=bars.warn,
+            dry_run=dry_run, overwrite=overwrite, requantize_fp8=requantize_fp8,
+            progress=bars, on_warning=bars.warn,
         )
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return
     n = len(report.replaced)
     size = f"{human_bytes(report.replaced_bytes)} of {human_bytes(report.total_bytes)}"
+    q = len(report.requantized)
+    requant = f"; requantising {q} tensors to block FP8" if q else ""
     if dry_run:
-        click.echo(f"would write {report.out}, replacing {n} tensors ({size}):")
+        click.echo(f"would write {report.out}, replacing {n} tensors ({size}){requant}:")
         for line in _by_layer(report.replaced):
             click.echo(line)
         return
     click.echo(
         f"{report.out}: replaced {n} tensors ({size}), {_experts_phrase(report.replaced)}"
+        + (f"; requantised {q} tensors to block FP8" if q else "")
         + (f"; copied {len(report.copied_files)} other files" if report.copied_files else "")
     )
 
