@@ -257,3 +257,57 @@ def test_shared_experts_train_with_their_gate(name: str, tmp_path_factory: pytes
                      else {"shared_expert"})
     moe_layers = {0, 1, 2} if name == "qwen2_moe" else {1, 2}  # DeepSeek's layer 0 is dense
     assert {classify(k).layer for k in shared} == moe_layers
+
+
+def fp8_copy(src: Path, out: Path, block: int = 16) -> Path:
+    """``src`` as DeepSeek-V3 publishes it: projections in block FP8 with weight_scale_inv."""
+    from safetensors.torch import load_file, save_file
+
+    from esft_rs.testing import fp8_config, is_fp8_linear, quantize_fp8_blocks
+
+    tensors = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if is_fp8_linear(name, tuple(t.shape)):
+            tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(t, (block, block))
+        else:
+            tensors[name] = t.to(torch.bfloat16)
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.update(fp8_config((block, block)), dtype="bfloat16")
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_fp8_deepseek_v3_trains_and_merges_by_requantising(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """transformers dequantises the FP8 base on CPU; the BF16 adapter goes back into the
+    FP8 slots only with --requantize-fp8, which is checked before training starts."""
+    root = make_family(tmp_path_factory, "deepseek_v3")
+    base = fp8_copy(root / "base", tmp_path / "fp8")
+    with pytest.raises(esft_rs.MismatchError, match="pass --requantize-fp8"):
+        esft_rs.train(base, root / "task.jsonl", tmp_path / "refused", root / "experts.json",
+                      progress=False, save_merged=tmp_path / "never", **TRAIN)
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "never").exists()
+    before = logits_of(load_model(base).float())
+    result = esft_rs.train(base, root / "task.jsonl", tmp_path / "out", root / "experts.json",
+                           progress=False, save_merged=tmp_path / "merged", requantize_fp8=True,
+                           **TRAIN)
+    with safe_open(tmp_path / "out" / "adapter.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert len(f.keys()) == 3 * EXPERTS.num_experts
+    with safe_open(base / "model.safetensors", "pt") as old, \
+            safe_open(tmp_path / "merged" / "model.safetensors", "pt") as new:
+        changed = {n for n in old.keys() if not torch.equal(
+            old.get_tensor(n).view(torch.uint8), new.get_tensor(n).view(torch.uint8))}
+    # Only trained experts' weights and their scales change (an expert no token reached
+    # may requantise to its old bytes); everything else is byte-identical.
+    selected = {n for n in changed if classify(n).kind == "routed_expert"
+                and classify(n).expert in EXPERTS.experts.get(classify(n).layer, ())}
+    assert changed == selected and len(changed) >= len(EXPERTS.experts)
+    assert any(n.endswith("_scale_inv") for n in changed)
+    merged = load_model(tmp_path / "merged").float()
+    trained, again = logits_of(result.model), logits_of(merged)
+    # Requantising costs far less than what training changed.
+    assert (again - trained).abs().max() < 0.1 * (before - trained).abs().max()

@@ -40,6 +40,9 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--save-merged", type=click.Path(path_type=Path),
               help="Also write the full merged model here (Rust merge into MODEL).")
+@click.option("--requantize-fp8", is_flag=True,
+              help="With --save-merged into a block-FP8 base (DeepSeek-V3): quantise the"
+              " trained weights with block scales.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines instead of failing.")
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda if available].")
 @config_options
@@ -51,6 +54,7 @@ def train_cmd(
     config: Path | None,
     resume: bool,
     save_merged: Path | None,
+    requantize_fp8: bool,
     skip_bad: bool,
     device: str | None,
     **overrides: Any,
@@ -71,7 +75,7 @@ def train_cmd(
     from esft_rs.training.api import train
 
     result = train(model, data, out_dir, experts, cfg, resume=resume, save_merged=save_merged,
-                   skip_bad=skip_bad, device=device, progress=main)
+                   requantize_fp8=requantize_fp8, skip_bad=skip_bad, device=device, progress=main)
     if not main:
         return
     fit = result.fit

@@ -98,7 +98,7 @@ def load(
         model = transformers.AutoModelForCausalLM.from_pretrained(
             root, dtype=dtype if dtype is not None else "auto", local_files_only=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ImportError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
     model.config.use_cache = False  # training and profiling never decode incrementally
@@ -196,16 +196,36 @@ def _reverted(
     model: torch.nn.Module, trainables: list[Trainable], *, meta: bool
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """On-disk name -> (tensor, in-memory name it comes from)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     out = {}
     for t in trainables:
         owner, _, attr = t.name.rpartition(".")
         full = getattr(model.get_submodule(owner), attr).detach()  # fused: slices written in
         # one tensor at a time, so every on-disk name is known to come from t
-        reverted = revert_weight_conversion(model, {t.name: full.to("meta") if meta else full})
+        reverted = _revert(model, {t.name: full.to("meta") if meta else full})
         for disk, value in reverted.items():
             role = classify(disk)
             if t.experts is None or (role.kind == "routed_expert" and role.expert in t.experts):
                 out[disk] = (value, t.name)
     return out
+
+
+def _revert(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' save-time conversion of ``state``, without quantisation.
+
+    A model loaded through a quantiser's conversion (FP8 weights dequantised on
+    load: ``Fp8Dequantize``, an op from ``transformers.integrations``, not a layout
+    op of ``transformers.core_model_loading``) is reverted with its family's layout
+    mapping, the one ``save_pretrained`` uses for a model built from scratch: the
+    adapter keeps the trained dtype, and ``esft-rs merge --requantize-fp8`` quantises.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    loaded = getattr(model, "_weight_conversions", None)
+    ops = [op for c in loaded or () for op in getattr(c, "operations", ())]
+    if all(type(op).__module__ == "transformers.core_model_loading" for op in ops):
+        return revert_weight_conversion(model, state)
+    model._weight_conversions = None
+    try:
+        return revert_weight_conversion(model, state)
+    finally:
+        model._weight_conversions = loaded

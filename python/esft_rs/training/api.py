@@ -19,6 +19,7 @@ from esft_rs.training.outputs import ADAPTER, write_outputs
 if TYPE_CHECKING:
     import torch
 
+    from esft_rs.inspect import TensorInfo
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.loop import FitResult
 
@@ -47,6 +48,7 @@ def train(
     *,
     resume: bool = False,
     save_merged: PathLike | None = None,
+    requantize_fp8: bool = False,
     base: PathLike | None = None,
     skip_bad: bool = False,
     device: str | None = None,
@@ -58,7 +60,8 @@ def train(
 
     ``model`` is a checkpoint directory or an in-memory model whose parameter
     names are checkpoint names (then ``base`` names its checkpoint, for the
-    fingerprint and ``save_merged``). ``data`` is a chat JSONL file or packed
+    fingerprint and ``save_merged``; ``requantize_fp8`` lets that merge quantise
+    trained tensors into a block-FP8 base). ``data`` is a chat JSONL file or packed
     tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
     YAML file (official ESFT keys) or a ``TrainConfig``; ``overrides`` set keys.
     Under torchrun, every process calls this; rank 0 writes the outputs.
@@ -96,9 +99,10 @@ def train(
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         _check_enough(len(train_idx), cfg, place.world)
         trainables = freeze(net, resolved)
-        on_disk = _base_names(base) if base is not None else {}
+        on_disk = _base_tensors(base) if base is not None else {}
         if base is not None:
-            _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk))
+            _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
+                                fp8_ok=save_merged is None or requantize_fp8)
         _prepare(net, trainables, dev, cfg)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
@@ -119,7 +123,7 @@ def train(
             weights = checkpoint_tensors(net, trainables, on_disk)
             write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
             if merged is not None:
-                _merge(base, adapter, merged)
+                _merge(base, adapter, merged, requantize_fp8)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
     finally:
@@ -214,23 +218,30 @@ def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
         )
 
 
-def _base_names(base: PathLike) -> dict[str, tuple[int, ...]]:
-    """The base checkpoint's tensor names and shapes (headers only)."""
+def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
+    """The base checkpoint's tensors (headers only)."""
     from esft_rs.inspect import inspect as inspect_checkpoint
 
-    return {n: tuple(t.shape) for n, t in inspect_checkpoint(base).tensors.items()}
+    return dict(inspect_checkpoint(base).tensors)
 
 
-def _check_against_base(base: PathLike, known: Mapping[str, tuple[int, ...]],
-                        shapes: Mapping[str, tuple[int, ...] | None]) -> None:
-    """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge."""
+def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
+                        shapes: Mapping[str, tuple[int, ...] | None], *, fp8_ok: bool) -> None:
+    """Every trained tensor must exist in the base checkpoint, or the adapter cannot merge;
+    ``--save-merged`` into block-FP8 slots needs ``--requantize-fp8`` (checked before training)."""
     for name, shape in shapes.items():
-        have = known.get(name)
-        if have is None:
+        info = known.get(name)
+        if info is None:
             raise MismatchError(f"{base}: has no tensor {name!r}, which the model trains")
-        if shape is not None and have != shape:
+        if shape is not None and tuple(info.shape) != shape:
             raise MismatchError(
-                f"{base}: {name} has shape {list(have)}, the model's is {list(shape)}"
+                f"{base}: {name} has shape {list(info.shape)}, the model's is {list(shape)}"
+            )
+        if info.dtype == "F8_E4M3" and not fp8_ok:
+            raise MismatchError(
+                f"{base}: stores {name} in block FP8 (F8_E4M3), so --save-merged must quantise"
+                " the trained weights: pass --requantize-fp8, or leave out --save-merged and"
+                " merge later"
             )
 
 
@@ -260,10 +271,10 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:32]
 
 
-def _merge(base: PathLike | None, adapter: Path, out: Path) -> None:
+def _merge(base: PathLike | None, adapter: Path, out: Path, requantize_fp8: bool) -> None:
     """The full fine-tuned model: the adapter merged into the base by the Rust streaming merge."""
     if base is None:
         raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
     from esft_rs.merge import merge
 
-    merge(base, adapter, out)
+    merge(base, adapter, out, requantize_fp8=requantize_fp8)
