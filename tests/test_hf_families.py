@@ -311,3 +311,27 @@ def test_fp8_deepseek_v3_trains_and_merges_by_requantising(
     trained, again = logits_of(result.model), logits_of(merged)
     # Requantising costs far less than what training changed.
     assert (again - trained).abs().max() < 0.1 * (before - trained).abs().max()
+
+
+def test_a_checkpoint_missing_tensors_is_refused(mixtral: Path, tmp_path: Path) -> None:
+    """transformers would initialise missing or misfitting tensors at random; esft-rs refuses
+    in one line (no load report)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    tensors = load_file(mixtral / "base" / "model.safetensors")
+    del tensors["model.layers.1.post_attention_layernorm.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    (broken / "config.json").write_bytes((mixtral / "base" / "config.json").read_bytes())
+    with pytest.raises(esft_rs.InvalidFileError, match=(
+            f"{broken}: the checkpoint has no tensor model.layers.1.post_attention_layernorm")):
+        load_model(broken)
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    proc = run_cli("eval", broken, mixtral / "task.jsonl", "--device", "cpu")
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "Loading weights" not in x]
+    assert lines == [f"esft-rs: error: {broken}: tensor model.layers.1.mlp.experts.down_proj has"
+                     " shape [7, 32, 16], config.json needs [8, 32, 16] (a tensor missing from a"
+                     " fused expert group shortens it)"]

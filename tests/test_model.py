@@ -223,7 +223,7 @@ def test_load_rejects_mismatched_tensors(tmp_path: Path, tiny, edit, message: st
         (lambda c: c.pop("hidden_size"), "missing key 'hidden_size'"),
         (lambda c: c.update(n_routed_experts="16"), 'n_routed_experts must be int, got "16"'),
         (lambda c: c.update(num_experts_per_tok=17), "num_experts_per_tok exceeds n_routed"),
-        (lambda c: c.update(model_type="deepseek_v2"), "is not the built-in model"),
+        (lambda c: c.update(model_type="llama"), "'llama' is not a supported MoE family"),
         (lambda c: c.update(num_attention_heads=5), "even integer"),
     ],
 )

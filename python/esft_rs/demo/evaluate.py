@@ -44,8 +44,7 @@ def greedy_answers(
             done = torch.zeros(len(batch), dtype=torch.bool, device=device)
             new: list[torch.Tensor] = []
             for _ in range(max_new_tokens):
-                out = model(ids, mask)  # transformers models return an output object
-                nxt = getattr(out, "logits", out)[:, -1].argmax(-1)
+                nxt = model(ids, mask)[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos), nxt)
                 new.append(nxt)
                 done |= nxt == tokenizer.eos

@@ -83,24 +83,40 @@ def load(
 ) -> torch.nn.Module:
     """A transformers MoE causal LM from a local directory (never the network).
 
-    ``dtype`` defaults to config.json's. Raises ``EsftError`` for a family esft-rs
-    does not support and ``InvalidFileError`` when transformers cannot load it.
+    ``dtype`` defaults to config.json's. Raises ``InvalidFileError`` for a family
+    esft-rs does not support, or a checkpoint transformers cannot load or would
+    complete with random tensors; ``EsftError`` without a supported transformers.
     """
     root = Path(directory)
     kind = model_type(root)
     if kind not in FAMILIES:
-        raise EsftError(
-            f"{root}: model_type {kind!r} is not a supported MoE family"
+        raise InvalidFileError(
+            f"{root / 'config.json'}: model_type {kind!r} is not a supported MoE family"
             f" (supported: {', '.join(FAMILIES)})"
         )
     transformers = require_transformers()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report: esft-rs says it in one line
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            root, dtype=dtype if dtype is not None else "auto", local_files_only=True
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            root, dtype=dtype if dtype is not None else "auto", local_files_only=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except (OSError, ImportError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # transformers would initialise these at random: never train or profile that
+    if mismatched := sorted(info.get("mismatched_keys", ()), key=str):
+        name, disk, want = mismatched[0]  # (in-memory name, loaded shape, config's shape)
+        raise InvalidFileError(
+            f"{root}: tensor {name} has shape {list(disk)}, config.json needs {list(want)}"
+            " (a tensor missing from a fused expert group shortens it)"
+        )
+    if missing := sorted(info.get("missing_keys", ())):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InvalidFileError(f"{root}: the checkpoint has no tensor {missing[0]}{more}")
     model.config.use_cache = False  # training and profiling never decode incrementally
     routers(model)  # fails early, with the family's name, when no router is found
     return model.to(device)
