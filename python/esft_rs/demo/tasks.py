@@ -3,8 +3,12 @@ that the pretrained base is poor at. Each task is a seeded generator of
 (prompt, answer) pairs, written as official ESFT chat JSONL.
 
 Every prompt starts with the task's keyword, so a task is recognisable from its
-first tokens, as a domain is for a real model; answers are short, so that exact
-match by greedy decoding is cheap to evaluate.
+first tokens, as a domain is for a real model. Words are four letters from a
+twelve-letter alphabet: a model of a few hundred thousand parameters learns the
+letter-wise tasks within a CPU minute or two, and every answer is short, so exact
+match is cheap to evaluate. Letter-wise tasks share one skill (find the i-th letter
+of the word) and differ in what they do with the letter (the experts' part), which
+is what ESFT needs: a downstream task that reuses the base's skills with new facts.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-LETTERS = string.ascii_lowercase
+LETTERS = string.ascii_lowercase[:12]
+WORD_LENGTH = 4
 
 
-def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH))
 
 
 def _substitution(seed: int) -> dict[str, str]:
@@ -32,27 +37,9 @@ def _substitution(seed: int) -> dict[str, str]:
 _TRANSLATE = _substitution(7)
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"add {a} {b}", str(a + b)
-
-
-def _reverse(rng: random.Random) -> tuple[str, str]:
+def _upper(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"reverse {w}", w[::-1]
-
-
-def _sort(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"sort {w}", "".join(sorted(w))
-
-
-def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(LETTERS, 4)
-    values = [str(rng.randint(0, 9)) for _ in keys]
-    k = rng.randrange(4)
-    table = " ".join(f"{a}={v}" for a, v in zip(keys, values, strict=True))
-    return f"lookup {keys[k]} in {table}", values[k]
+    return f"upper {w}", w.upper()
 
 
 def _translate(rng: random.Random) -> tuple[str, str]:
@@ -60,19 +47,34 @@ def _translate(rng: random.Random) -> tuple[str, str]:
     return f"translate {w}", "".join(_TRANSLATE[c] for c in w)
 
 
-def _upper(rng: random.Random) -> tuple[str, str]:
+def _last(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"upper {w}", w.upper()
+    return f"last {w}", w[-1]
 
 
-def _binary(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 255)
-    return f"binary {n}", format(n, "b")
+def _double(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng)
+    return f"double {w}", w + w
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    w = _word(rng)
+    return f"reverse {w}", w[::-1]
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"add {a} {b}", str(a + b)
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"shift {w}", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
+    return f"shift {w}", "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in w)
+
+
+def _binary(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 63)
+    return f"binary {n}", format(n, "b")
 
 
 Generator = Callable[[random.Random], tuple[str, str]]
@@ -85,47 +87,41 @@ class Task:
 
 
 GENERAL: tuple[Task, ...] = (
-    Task("add", _add),
-    Task("reverse", _reverse),
-    Task("sort", _sort),
-    Task("lookup", _lookup),
-    Task("translate", _translate),
     Task("upper", _upper),
+    Task("translate", _translate),
+    Task("last", _last),
+    Task("double", _double),
+    Task("reverse", _reverse),
+    Task("add", _add),
 )
 
 DOWNSTREAM: tuple[Task, ...] = (
-    Task("binary", _binary),
     Task("shift", _shift),
+    Task("binary", _binary),
 )
 
 TASKS = {t.name: t for t in GENERAL + DOWNSTREAM}
 
 
 def examples(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` distinct (prompt, answer) pairs, deterministic in (task, seed)."""
+    """Up to ``n`` distinct (prompt, answer) pairs (fewer if the task has fewer),
+    deterministic in (task, seed)."""
     rng = random.Random(f"{task.name}:{seed}")
     seen: dict[str, str] = {}
-    tries = 0
-    while len(seen) < n and tries < 50 * n:
+    for _ in range(50 * n):
+        if len(seen) >= n:
+            break
         prompt, answer = task.generate(rng)
         seen.setdefault(prompt, answer)
-        tries += 1
     return list(seen.items())
 
 
 def split(
     task: Task, train: int, test: int, seed: int
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Disjoint train and held-out test items."""
+    """Disjoint train and held-out test items (the test items come first)."""
     items = examples(task, train + test, seed)
     return items[test:], items[:test]
-
-
-def mixture(tasks: tuple[Task, ...], per_task: int, seed: int) -> Iterator[tuple[str, str]]:
-    """Interleaved items of several tasks, shuffled under ``seed``."""
-    items = [x for t in tasks for x in examples(t, per_task, seed)]
-    random.Random(seed).shuffle(items)
-    return iter(items)
 
 
 def write_jsonl(items: list[tuple[str, str]], path: Path) -> Path:
