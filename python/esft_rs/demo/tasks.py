@@ -47,24 +47,19 @@ def _translate(rng: random.Random) -> tuple[str, str]:
     return f"translate {w}", "".join(_TRANSLATE[c] for c in w)
 
 
-def _last(rng: random.Random) -> tuple[str, str]:
+def _mirror(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"last {w}", w[-1]
+    return f"mirror {w}", "".join(LETTERS[-1 - LETTERS.index(c)] for c in w)
 
 
-def _double(rng: random.Random) -> tuple[str, str]:
+def _rotate(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"double {w}", w + w
+    return f"rotate {w}", "".join(LETTERS[(LETTERS.index(c) + 5) % len(LETTERS)] for c in w)
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
+def _swap(rng: random.Random) -> tuple[str, str]:
     w = _word(rng)
-    return f"reverse {w}", w[::-1]
-
-
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"add {a} {b}", str(a + b)
+    return f"swap {w}", "".join(LETTERS[LETTERS.index(c) ^ 1] for c in w)
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
@@ -89,10 +84,9 @@ class Task:
 GENERAL: tuple[Task, ...] = (
     Task("upper", _upper),
     Task("translate", _translate),
-    Task("last", _last),
-    Task("double", _double),
-    Task("reverse", _reverse),
-    Task("add", _add),
+    Task("mirror", _mirror),
+    Task("rotate", _rotate),
+    Task("swap", _swap),
 )
 
 DOWNSTREAM: tuple[Task, ...] = (
