@@ -22,10 +22,7 @@ from pathlib import Path
 
 LETTERS = string.ascii_lowercase[:12]
 WORD_LENGTH = 4
-
-
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH))
+WORDS = 1  # per prompt
 
 
 def _substitution(seed: int) -> dict[str, str]:
@@ -34,37 +31,27 @@ def _substitution(seed: int) -> dict[str, str]:
     return dict(zip(LETTERS, shuffled, strict=True))
 
 
-_TRANSLATE = _substitution(7)
+def _letterwise(keyword: str, table: dict[str, str]) -> Callable[[random.Random], tuple[str, str]]:
+    """A task that maps every letter of a few words through ``table``."""
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        words = ["".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH)) for _ in range(WORDS)]
+        return f"{keyword} {' '.join(words)}", " ".join(
+            "".join(table[c] for c in w) for w in words)
+
+    return generate
 
 
-def _upper(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"upper {w}", w.upper()
+def _rotation(k: int) -> dict[str, str]:
+    return {c: LETTERS[(i + k) % len(LETTERS)] for i, c in enumerate(LETTERS)}
 
 
-def _translate(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"translate {w}", "".join(_TRANSLATE[c] for c in w)
-
-
-def _mirror(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"mirror {w}", "".join(LETTERS[-1 - LETTERS.index(c)] for c in w)
-
-
-def _rotate(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"rotate {w}", "".join(LETTERS[(LETTERS.index(c) + 5) % len(LETTERS)] for c in w)
-
-
-def _swap(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"swap {w}", "".join(LETTERS[LETTERS.index(c) ^ 1] for c in w)
-
-
-def _shift(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"shift {w}", "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in w)
+_upper = _letterwise("upper", {c: c.upper() for c in LETTERS})
+_translate = _letterwise("translate", _substitution(7))
+_mirror = _letterwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
+_rotate = _letterwise("rotate", _rotation(5))
+_swap = _letterwise("swap", {c: LETTERS[i ^ 1] for i, c in enumerate(LETTERS)})
+_shift = _letterwise("shift", _rotation(1))
 
 
 def _binary(rng: random.Random) -> tuple[str, str]:
