@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LETTERS = string.ascii_lowercase[:12]
+DIGITS = string.digits
 WORD_LENGTH = 4
-WORDS = 1  # per prompt
 
 
 def _substitution(seed: int) -> dict[str, str]:
@@ -31,27 +31,27 @@ def _substitution(seed: int) -> dict[str, str]:
     return dict(zip(LETTERS, shuffled, strict=True))
 
 
-def _letterwise(keyword: str, table: dict[str, str]) -> Callable[[random.Random], tuple[str, str]]:
-    """A task that maps every letter of a few words through ``table``."""
+def _symbolwise(keyword: str, table: dict[str, str]) -> Callable[[random.Random], tuple[str, str]]:
+    """A task that maps every symbol of a word (over ``table``'s keys) through ``table``."""
+    alphabet = sorted(table)
 
     def generate(rng: random.Random) -> tuple[str, str]:
-        words = ["".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH)) for _ in range(WORDS)]
-        return f"{keyword} {' '.join(words)}", " ".join(
-            "".join(table[c] for c in w) for w in words)
+        word = "".join(rng.choice(alphabet) for _ in range(WORD_LENGTH))
+        return f"{keyword} {word}", "".join(table[c] for c in word)
 
     return generate
 
 
-def _rotation(k: int) -> dict[str, str]:
-    return {c: LETTERS[(i + k) % len(LETTERS)] for i, c in enumerate(LETTERS)}
+def _rotation(alphabet: str, k: int) -> dict[str, str]:
+    return {c: alphabet[(i + k) % len(alphabet)] for i, c in enumerate(alphabet)}
 
 
-_upper = _letterwise("upper", {c: c.upper() for c in LETTERS})
-_translate = _letterwise("translate", _substitution(7))
-_mirror = _letterwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
-_rotate = _letterwise("rotate", _rotation(5))
-_swap = _letterwise("swap", {c: LETTERS[i ^ 1] for i, c in enumerate(LETTERS)})
-_shift = _letterwise("shift", _rotation(1))
+_upper = _symbolwise("upper", {c: c.upper() for c in LETTERS})
+_translate = _symbolwise("translate", _substitution(7))
+_mirror = _symbolwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
+_complement = _symbolwise("complement", {d: str(9 - int(d)) for d in DIGITS})
+_successor = _symbolwise("successor", _rotation(DIGITS, 1))
+_shift = _symbolwise("shift", _rotation(DIGITS, 3))
 
 
 def _binary(rng: random.Random) -> tuple[str, str]:
@@ -72,8 +72,8 @@ GENERAL: tuple[Task, ...] = (
     Task("upper", _upper),
     Task("translate", _translate),
     Task("mirror", _mirror),
-    Task("rotate", _rotate),
-    Task("swap", _swap),
+    Task("complement", _complement),
+    Task("successor", _successor),
 )
 
 DOWNSTREAM: tuple[Task, ...] = (
