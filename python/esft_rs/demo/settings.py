@@ -13,7 +13,7 @@ from esft_rs.models.config import ModelConfig
 
 #: Method name -> learning rate. Each method gets its own, as the paper tuned them:
 #: full fine-tuning moves every weight and needs a smaller step than ESFT.
-LEARNING_RATES = {"fft": 1e-3, "esft_token": 5e-3, "esft_gate": 5e-3, "random": 5e-3}
+LEARNING_RATES = {"fft": 1e-3, "esft_token": 1e-2, "esft_gate": 1e-2, "random": 1e-2}
 
 #: The demo's model: DeepSeek-style fine-grained routed experts (32, top-4) plus a shared
 #: expert, at ~0.6M parameters, so that pretraining on one CPU thread learns the general
