@@ -46,6 +46,11 @@ def test_report_complete(report: tuple[dict, Path]) -> None:
         assert 0 < m["trainable_params"] <= m["total_params"]
         assert m["train_seconds"] > 0
     assert r["methods"]["fft"]["trainable_params"] == r["methods"]["fft"]["total_params"]
+    for accs, mean in [(r["base"]["general_acc_by_task"], r["base"]["general_acc"])] + [
+        (m["general_acc_after_by_task"], m["general_acc_after"]) for m in r["methods"].values()
+    ]:
+        assert sum(accs.values()) / len(accs) == pytest.approx(mean)
+    assert all(c["holds"] in (True, False, None) for c in r["claims"].values())
     assert {"concentration", "overlap"} <= set(r["routing"])
     assert (out / "report.md").read_text().startswith("# esft-rs demo report")
 

@@ -129,10 +129,11 @@ def profile_tasks(model: torch.nn.Module, data: Data, s: Settings, progress: boo
     return out
 
 
-def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data) -> float:
-    """Mean exact match over the general tasks (each task weighs the same)."""
-    accs = [exact_match(model, tok, items) for items in data.general_test.values()]
-    return sum(accs) / len(accs)
+def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data
+                     ) -> tuple[float, dict[str, float]]:
+    """Mean exact match over the general tasks (each task weighs the same), and per task."""
+    accs = {name: exact_match(model, tok, items) for name, items in data.general_test.items()}
+    return sum(accs.values()) / len(accs), accs
 
 
 def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
@@ -167,7 +168,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     }
     routing = routing_figures(stats, top_p=0.2)
 
-    general_before = general_accuracy(base, tok, data)
+    general_before, general_before_by_task = general_accuracy(base, tok, data)
     downstream_before = exact_match(base, tok, data.downstream_test)
     experts = {
         "fft": None,
@@ -190,10 +191,12 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         model = result.model.eval()
         models[name] = model
         adapter = inspect(result.adapter)
+        general_after, general_after_by_task = general_accuracy(model, tok, data)
         methods[name] = {
             "downstream_acc": exact_match(model, tok, data.downstream_test),
             "general_acc_before": general_before,
-            "general_acc_after": general_accuracy(model, tok, data),
+            "general_acc_after": general_after,
+            "general_acc_after_by_task": general_after_by_task,
             "trainable_params": sum(
                 _numel(t.shape) for t in adapter.tensors.values()
             ),
@@ -212,7 +215,8 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     report = {
         "settings": asdict(s),
         "base": {"path": str(base_dir), "pretrain_seconds": pretrain_seconds,
-                 "downstream_acc": downstream_before, "general_acc": general_before},
+                 "downstream_acc": downstream_before, "general_acc": general_before,
+                 "general_acc_by_task": general_before_by_task},
         "finetune_task": s.finetune_task,
         "methods": methods,
         "routing": routing,

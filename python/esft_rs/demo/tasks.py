@@ -3,12 +3,13 @@ that the pretrained base is poor at. Each task is a seeded generator of
 (prompt, answer) pairs, written as official ESFT chat JSONL.
 
 Every prompt starts with the task's keyword, so a task is recognisable from its
-first tokens, as a domain is for a real model. Words are four letters from a
-twelve-letter alphabet: a model of a few hundred thousand parameters learns the
-letter-wise tasks within a CPU minute or two, and every answer is short, so exact
-match is cheap to evaluate. Letter-wise tasks share one skill (find the i-th letter
-of the word) and differ in what they do with the letter (the experts' part), which
-is what ESFT needs: a downstream task that reuses the base's skills with new facts.
+first tokens, as a domain is for a real model. Most tasks map each symbol of a
+four-symbol word through a table: letters (``a``-``l``) or digits. They share one
+skill (find the i-th symbol of the word) and differ in their table, which is what
+the experts hold: the downstream task ``shift`` (digit + 3) reuses that skill with
+a new table in the digits' domain, so it is learnable by the experts alone, and
+distinct from the general mix. A model of half a million parameters learns these
+within a CPU minute or two, and answers are short, so exact match is cheap.
 """
 
 from __future__ import annotations
