@@ -25,6 +25,8 @@ LETTERS = string.ascii_lowercase[:12]
 DIGITS = string.digits
 WORD_LENGTH = 4
 
+Generator = Callable[[random.Random], tuple[str, str]]
+
 
 def _substitution(seed: int) -> dict[str, str]:
     shuffled = list(LETTERS)
@@ -32,7 +34,7 @@ def _substitution(seed: int) -> dict[str, str]:
     return dict(zip(LETTERS, shuffled, strict=True))
 
 
-def _symbolwise(keyword: str, table: dict[str, str]) -> Callable[[random.Random], tuple[str, str]]:
+def _symbolwise(keyword: str, table: dict[str, str]) -> Generator:
     """A task that maps every symbol of a word (over ``table``'s keys) through ``table``."""
     alphabet = sorted(table)
 
@@ -58,9 +60,6 @@ _shift = _symbolwise("shift", _rotation(DIGITS, 3))
 def _binary(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(0, 63)
     return f"binary {n}", format(n, "b")
-
-
-Generator = Callable[[random.Random], tuple[str, str]]
 
 
 @dataclass(frozen=True)
