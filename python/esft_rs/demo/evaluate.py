@@ -1,68 +1,62 @@
-"""Exact-match accuracy by greedy decoding, batched with left padding."""
+"""Exact match of greedy decoding, computed in one forward pass.
+
+Greedy decoding reproduces a reference answer (its tokens, then EOS) exactly when,
+fed the prompt and the reference, the model's argmax at every answer position is the
+reference's next token: each greedy step then sees the same prefix as the reference.
+So one teacher-forced pass over prompt + answer scores greedy exact match without
+a decoding loop (tests/test_demo.py checks it against a literal greedy decoder).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from esft_rs.data import Message, format_conversation
+from esft_rs.data import IGNORE_INDEX, Message, format_conversation
 from esft_rs.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
 
 
-def prompt_ids(prompt: str, tokenizer: Tokenizer) -> list[int]:
-    """The tokens a model sees before its answer, formatted as in training."""
-    ids, _ = format_conversation([Message("user", prompt)], tokenizer)
-    return ids
-
-
-def greedy_answers(
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 12,
-    batch_size: int = 128,
-) -> list[str]:
-    """Greedy continuation of each prompt up to EOS, decoded and stripped."""
+def rows(items: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """One (prompt, answer) item per row, formatted as in training, right-padded to the
+    longest: ``input_ids``, ``labels`` (answer tokens and EOS only) and ``attention_mask``."""
     import torch
 
-    device = next(model.parameters()).device
-    out: list[str] = []
+    encoded = [format_conversation([Message("user", p), Message("assistant", a)], tokenizer)
+               for p, a in items]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = [width - len(ids) for ids, _ in encoded]
+    return {
+        "input_ids": torch.tensor([ids + [tokenizer.pad] * n
+                                   for (ids, _), n in zip(encoded, pad, strict=True)]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * n
+                                for (_, labels), n in zip(encoded, pad, strict=True)]),
+        "attention_mask": torch.tensor([[1] * (width - n) + [0] * n for n in pad]),
+    }
+
+
+def correct(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row: does greedy decoding reproduce the row's answer (module docstring)?"""
+    import torch
+
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            batch = [prompt_ids(p, tokenizer) for p in prompts[start : start + batch_size]]
-            width = max(map(len, batch))
-            ids = torch.tensor(
-                [[tokenizer.pad] * (width - len(b)) + b for b in batch], device=device
-            )
-            mask = torch.tensor(
-                [[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device
-            )
-            done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-            new: list[torch.Tensor] = []
-            for _ in range(max_new_tokens):
-                nxt = model(ids, mask)[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos), nxt)
-                new.append(nxt)
-                done |= nxt == tokenizer.eos
-                if bool(done.all()):
-                    break
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            for row in torch.stack(new, dim=1).tolist():
-                row = row[: row.index(tokenizer.eos)] if tokenizer.eos in row else row
-                out.append(tokenizer.decode(row).strip())
-    return out
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    predicted = logits[:, :-1].argmax(-1)
+    target = batch["labels"][:, 1:]
+    return ((predicted == target) | (target == IGNORE_INDEX)).all(-1)
 
 
 def exact_match(
-    model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[tuple[str, str]]
+    model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[tuple[str, str]],
+    batch_size: int = 256,
 ) -> float:
-    """Share of (prompt, answer) items whose greedy answer equals the reference."""
+    """Share of (prompt, answer) items that greedy decoding answers exactly."""
     if not items:
         return 0.0
-    answers = greedy_answers(model, tokenizer, [p for p, _ in items])
-    return sum(a == ref for a, (_, ref) in zip(answers, items, strict=True)) / len(items)
+    hits = 0
+    for start in range(0, len(items), batch_size):
+        batch = rows(items[start : start + batch_size], tokenizer)
+        hits += int(correct(model, batch).sum())
+    return hits / len(items)

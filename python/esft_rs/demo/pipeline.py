@@ -9,17 +9,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from esft_rs.demo import tasks as T
-from esft_rs.demo.evaluate import exact_match
+from esft_rs.demo.evaluate import exact_match, rows
 from esft_rs.demo.settings import Settings, cache_dir
 
 if TYPE_CHECKING:
@@ -29,15 +31,11 @@ if TYPE_CHECKING:
     from esft_rs.tokenizer import Tokenizer
 
 METHODS = ("fft", "esft_token", "esft_gate", "random")
-#: Short in-memory runs: no validation split, no resumable checkpoints, one micro-step
-#: per step (the items are short, so a step of a few rows is a fair batch).
-_QUIET_RUN = {"val_ratio": 0.0, "eval_steps": 10**9, "save_steps": 10**9,
-              "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
 
 
 @dataclass
 class Data:
-    """Packed training rows and held-out items of every task."""
+    """Training rows (one item per row) and held-out items of every task."""
 
     general_train: dict[str, torch.Tensor]
     finetune_train: dict[str, torch.Tensor]
@@ -45,19 +43,18 @@ class Data:
     general_test: dict[str, list[tuple[str, str]]]
     profile_rows: dict[str, dict[str, torch.Tensor]]
 
-
-def _pack(items: list[tuple[str, str]], path: Path, tok: Tokenizer, s: Settings
-          ) -> dict[str, torch.Tensor]:
-    from esft_rs.data import read_task_data
-
-    packed = read_task_data(T.write_jsonl(items, path)).pack(
-        tok, seq_length=s.seq_length, random_concat_ratio=0.2, seed=s.seed
-    )
-    return packed._asdict()
+    def digest(self) -> str:
+        """Fingerprint of the pretraining rows: the base's cache key covers the task design."""
+        h = hashlib.sha256()
+        for k in sorted(self.general_train):
+            h.update(self.general_train[k].numpy().tobytes())
+        return h.hexdigest()
 
 
 def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
-    """Generate every task's items (written as chat JSONL under ``out/data``) and pack them."""
+    """Generate every task's items, write them as chat JSONL under ``out/data`` (the files
+    ``esft-rs train`` takes) and format them one item per row: the items are a few dozen
+    tokens, so packing them into long rows would only cut some in two."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
     general_train: list[tuple[str, str]] = []
@@ -66,17 +63,19 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
         train, test = T.split(task, s.pretrain_items, s.general_test_items, s.seed)
         general_train += train
         general_test[task.name] = test
-    T.random.Random(s.seed).shuffle(general_train)
+    random.Random(s.seed).shuffle(general_train)
     ft_task = T.TASKS[s.finetune_task]
     ft_train, ft_test = T.split(ft_task, s.finetune_items, s.test_items, s.seed)
-    profile_rows = {
-        task.name: _pack(T.examples(task, s.profile_items, s.seed + 1),
-                         folder / f"profile-{task.name}.jsonl", tok, s)
-        for task in T.GENERAL + T.DOWNSTREAM
-    }
+    T.write_jsonl(general_train, folder / "general-train.jsonl")
+    T.write_jsonl(ft_train, folder / f"{ft_task.name}-train.jsonl")
+    profile_rows = {}
+    for task in T.GENERAL + T.DOWNSTREAM:
+        items = T.examples(task, s.profile_items, s.seed + 1)
+        T.write_jsonl(items, folder / f"profile-{task.name}.jsonl")
+        profile_rows[task.name] = rows(items, tok)
     return Data(
-        general_train=_pack(general_train, folder / "general-train.jsonl", tok, s),
-        finetune_train=_pack(ft_train, folder / f"{ft_task.name}-train.jsonl", tok, s),
+        general_train=rows(general_train, tok),
+        finetune_train=rows(ft_train, tok),
         downstream_test=ft_test,
         general_test=general_test,
         profile_rows=profile_rows,
@@ -84,22 +83,21 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
 
 
 def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
-    """The base model directory, pretrained once per settings and cached."""
-    from esft_rs.models import PRESETS, init_model, save_model
+    """The base model directory, pretrained once per settings and data, and cached."""
+    from esft_rs.models import init_model, save_model
     from esft_rs.training import train
 
-    final = cache_dir() / "demo" / f"base-{s.base_key()}"
+    final = cache_dir() / "demo" / f"base-{s.base_key(data.digest())}"
     if (final / "config.json").is_file():
         return final
     work = final.with_name(final.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    config = PRESETS[s.preset].replace(aux_loss_alpha=s.pretrain_aux_alpha)
+    config = s.model.replace(aux_loss_alpha=s.pretrain_aux_alpha)
     init = save_model(init_model(config, seed=s.seed), work / "init")
     result = train(
         init, data.general_train, work / "run", mode="full", steps=s.pretrain_steps,
-        learning_rate=s.pretrain_lr, per_device_batch_size=s.batch_size,
-        seq_length=s.seq_length, warmup_steps=s.pretrain_steps // 20, lr_scheduler="cosine",
-        weight_decay=0.0, seed=s.seed, device="cpu", progress=progress, **_QUIET_RUN,
+        learning_rate=s.pretrain_lr, warmup_steps=s.pretrain_steps // 20, lr_scheduler="cosine",
+        **_run_options(s, data.general_train, progress),
     )
     save_model(result.model, work / "model")
     (work / "model").rename(final)
@@ -107,24 +105,35 @@ def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
     return final
 
 
+def _run_options(s: Settings, train_rows: dict[str, torch.Tensor], progress: bool
+                 ) -> dict[str, Any]:
+    """Short in-memory runs: no validation split, no resumable checkpoints, one
+    micro-step of ``batch_size`` rows per step, rows as wide as the data's longest."""
+    return {"per_device_batch_size": s.batch_size, "seq_length": train_rows["input_ids"].shape[1],
+            "weight_decay": 0.0, "seed": s.seed, "device": "cpu", "progress": progress,
+            "val_ratio": 0.0, "eval_steps": 10**9, "save_steps": 10**9,
+            "gradient_accumulation_steps": 1, "gradient_checkpointing": False}
+
+
 def profile_tasks(model: torch.nn.Module, data: Data, s: Settings, progress: bool
                   ) -> dict[str, RoutingStats]:
     from esft_rs.profiling import profile
 
     out = {}
-    for name, rows in tqdm(data.profile_rows.items(), desc="profile", disable=not progress,
+    for name, task_rows in tqdm(data.profile_rows.items(), desc="profile", disable=not progress,
                            unit="task"):
-        ids, mask = rows["input_ids"], rows["attention_mask"]
+        ids, mask = task_rows["input_ids"], task_rows["attention_mask"]
         batches = [(ids[i : i + s.batch_size], mask[i : i + s.batch_size])
                    for i in range(0, len(ids), s.batch_size)]
         out[name] = profile(model, batches, metadata={"task": name})
     return out
 
 
-def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data) -> float:
-    """Mean exact match over the general tasks (each task weighs the same)."""
-    accs = [exact_match(model, tok, items) for items in data.general_test.values()]
-    return sum(accs) / len(accs)
+def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data
+                     ) -> tuple[float, dict[str, float]]:
+    """Mean exact match over the general tasks (each task weighs the same), and per task."""
+    accs = {name: exact_match(model, tok, items) for name, items in data.general_test.items()}
+    return sum(accs.values()) / len(accs), accs
 
 
 def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
@@ -139,6 +148,9 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     from esft_rs.tokenizer import ByteTokenizer
     from esft_rs.training import train
 
+    # One intra-op thread: the figures then do not depend on the machine's core count, and
+    # on a busy 2-core machine it is faster than two threads that wait on each other.
+    torch.set_num_threads(1)
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteTokenizer()
@@ -156,7 +168,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     }
     routing = routing_figures(stats, top_p=0.2)
 
-    general_before = general_accuracy(base, tok, data)
+    general_before, general_before_by_task = general_accuracy(base, tok, data)
     downstream_before = exact_match(base, tok, data.downstream_test)
     experts = {
         "fft": None,
@@ -173,18 +185,18 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         result = train(
             base_dir, data.finetune_train, out / "runs" / name, experts=experts[name],
             mode=modes[name], steps=s.finetune_steps, learning_rate=s.learning_rates[name],
-            per_device_batch_size=s.batch_size, seq_length=s.seq_length,
-            warmup_steps=0, weight_decay=0.0, seed=s.seed, device="cpu", progress=progress,
-            **_QUIET_RUN,
+            warmup_steps=0, **_run_options(s, data.finetune_train, progress),
         )
         seconds = time.perf_counter() - t
         model = result.model.eval()
         models[name] = model
         adapter = inspect(result.adapter)
+        general_after, general_after_by_task = general_accuracy(model, tok, data)
         methods[name] = {
             "downstream_acc": exact_match(model, tok, data.downstream_test),
             "general_acc_before": general_before,
-            "general_acc_after": general_accuracy(model, tok, data),
+            "general_acc_after": general_after,
+            "general_acc_after_by_task": general_after_by_task,
             "trainable_params": sum(
                 _numel(t.shape) for t in adapter.tensors.values()
             ),
@@ -201,9 +213,10 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
 
     report = {
-        "settings": {k: v for k, v in vars(s).items()},
+        "settings": asdict(s),
         "base": {"path": str(base_dir), "pretrain_seconds": pretrain_seconds,
-                 "downstream_acc": downstream_before, "general_acc": general_before},
+                 "downstream_acc": downstream_before, "general_acc": general_before,
+                 "general_acc_by_task": general_before_by_task},
         "finetune_task": s.finetune_task,
         "methods": methods,
         "routing": routing,

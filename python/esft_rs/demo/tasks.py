@@ -3,8 +3,13 @@ that the pretrained base is poor at. Each task is a seeded generator of
 (prompt, answer) pairs, written as official ESFT chat JSONL.
 
 Every prompt starts with the task's keyword, so a task is recognisable from its
-first tokens, as a domain is for a real model; answers are short, so that exact
-match by greedy decoding is cheap to evaluate.
+first tokens, as a domain is for a real model. Most tasks map each symbol of a
+four-symbol word through a table: letters (``a``-``l``) or digits. They share one
+skill (find the i-th symbol of the word) and differ in their table, which is what
+the experts hold: the downstream task ``shift`` (digit + 3) reuses that skill with
+a new table in the digits' domain, so it is learnable by the experts alone, and
+distinct from the general mix. A model of half a million parameters learns these
+within a CPU minute or two, and answers are short, so exact match is cheap.
 """
 
 from __future__ import annotations
@@ -12,15 +17,15 @@ from __future__ import annotations
 import json
 import random
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-LETTERS = string.ascii_lowercase
+LETTERS = string.ascii_lowercase[:12]
+DIGITS = string.digits
+WORD_LENGTH = 4
 
-
-def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+Generator = Callable[[random.Random], tuple[str, str]]
 
 
 def _substitution(seed: int) -> dict[str, str]:
@@ -29,53 +34,32 @@ def _substitution(seed: int) -> dict[str, str]:
     return dict(zip(LETTERS, shuffled, strict=True))
 
 
-_TRANSLATE = _substitution(7)
+def _symbolwise(keyword: str, table: dict[str, str]) -> Generator:
+    """A task that maps every symbol of a word (over ``table``'s keys) through ``table``."""
+    alphabet = sorted(table)
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        word = "".join(rng.choice(alphabet) for _ in range(WORD_LENGTH))
+        return f"{keyword} {word}", "".join(table[c] for c in word)
+
+    return generate
 
 
-def _add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return f"add {a} {b}", str(a + b)
+def _rotation(alphabet: str, k: int) -> dict[str, str]:
+    return {c: alphabet[(i + k) % len(alphabet)] for i, c in enumerate(alphabet)}
 
 
-def _reverse(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"reverse {w}", w[::-1]
-
-
-def _sort(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"sort {w}", "".join(sorted(w))
-
-
-def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(LETTERS, 4)
-    values = [str(rng.randint(0, 9)) for _ in keys]
-    k = rng.randrange(4)
-    table = " ".join(f"{a}={v}" for a, v in zip(keys, values, strict=True))
-    return f"lookup {keys[k]} in {table}", values[k]
-
-
-def _translate(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"translate {w}", "".join(_TRANSLATE[c] for c in w)
-
-
-def _upper(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"upper {w}", w.upper()
+_upper = _symbolwise("upper", {c: c.upper() for c in LETTERS})
+_translate = _symbolwise("translate", _substitution(7))
+_mirror = _symbolwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
+_complement = _symbolwise("complement", {d: str(9 - int(d)) for d in DIGITS})
+_successor = _symbolwise("successor", _rotation(DIGITS, 1))
+_shift = _symbolwise("shift", _rotation(DIGITS, 3))
 
 
 def _binary(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 255)
+    n = rng.randint(0, 63)
     return f"binary {n}", format(n, "b")
-
-
-def _shift(rng: random.Random) -> tuple[str, str]:
-    w = _word(rng)
-    return f"shift {w}", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in w)
-
-
-Generator = Callable[[random.Random], tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -85,47 +69,40 @@ class Task:
 
 
 GENERAL: tuple[Task, ...] = (
-    Task("add", _add),
-    Task("reverse", _reverse),
-    Task("sort", _sort),
-    Task("lookup", _lookup),
-    Task("translate", _translate),
     Task("upper", _upper),
+    Task("translate", _translate),
+    Task("mirror", _mirror),
+    Task("complement", _complement),
+    Task("successor", _successor),
 )
 
 DOWNSTREAM: tuple[Task, ...] = (
-    Task("binary", _binary),
     Task("shift", _shift),
+    Task("binary", _binary),
 )
 
 TASKS = {t.name: t for t in GENERAL + DOWNSTREAM}
 
 
 def examples(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
-    """``n`` distinct (prompt, answer) pairs, deterministic in (task, seed)."""
+    """Up to ``n`` distinct (prompt, answer) pairs (fewer if the task has fewer),
+    deterministic in (task, seed)."""
     rng = random.Random(f"{task.name}:{seed}")
     seen: dict[str, str] = {}
-    tries = 0
-    while len(seen) < n and tries < 50 * n:
+    for _ in range(50 * n):
+        if len(seen) >= n:
+            break
         prompt, answer = task.generate(rng)
         seen.setdefault(prompt, answer)
-        tries += 1
     return list(seen.items())
 
 
 def split(
     task: Task, train: int, test: int, seed: int
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Disjoint train and held-out test items."""
+    """Disjoint train and held-out test items (the test items come first)."""
     items = examples(task, train + test, seed)
     return items[test:], items[:test]
-
-
-def mixture(tasks: tuple[Task, ...], per_task: int, seed: int) -> Iterator[tuple[str, str]]:
-    """Interleaved items of several tasks, shuffled under ``seed``."""
-    items = [x for t in tasks for x in examples(t, per_task, seed)]
-    random.Random(seed).shuffle(items)
-    return iter(items)
 
 
 def write_jsonl(items: list[tuple[str, str]], path: Path) -> Path:
