@@ -5,7 +5,7 @@ Model: ``--model DIR``, the demo's pretrained base (its path is ``base.path`` in
 EOS, so greedy decoding runs its 12 steps: its worst case); items: 200 held-out
 ``shift`` items (the demo's downstream test set).
 Baseline: batched greedy decoding (no KV cache, as the demo had before), up to EOS or
-12 new tokens, answers decoded and compared. Ours: ``esft_rs.demo.evaluate.exact_match``.
+12 new tokens, answers decoded and compared. Ours: ``esft_rs.evaluation.exact_match``.
 Both give the same score (printed; tests/test_demo.py checks the equivalence on a model
 whose answers are known). One intra-op thread, as the demo runs. Methods run
 interleaved, round after round; figures are medians.
@@ -22,8 +22,8 @@ import torch
 
 from esft_rs.data import Message, format_conversation
 from esft_rs.demo import tasks as T
-from esft_rs.demo.evaluate import exact_match
 from esft_rs.demo.settings import DEMO_MODEL
+from esft_rs.evaluation import exact_match
 from esft_rs.models import init_model, load_model
 from esft_rs.tokenizer import ByteTokenizer
 

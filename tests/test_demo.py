@@ -9,15 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.data import Message, format_conversation
-from esft_rs.demo.evaluate import exact_match
-from esft_rs.demo.tasks import DOWNSTREAM, examples
 from esft_rs.naming import classify
-from esft_rs.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -80,50 +75,3 @@ def test_merged_model_scores_like_in_memory(report: tuple[dict, Path]) -> None:
 
 def test_demo_help() -> None:
     assert "--quick" in run_cli("demo", "--help", check=True).stdout
-
-
-class _Memorizer:
-    """A stand-in LM that, after a known prompt, answers a fixed token sequence then EOS
-    (one-hot logits): greedy decoding's output is known exactly."""
-
-    def __init__(self, answers: dict[tuple[int, ...], list[int]], tok: ByteTokenizer) -> None:
-        self.answers, self.tok = answers, tok
-
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = torch.zeros(*ids.shape, self.tok.vocab_size)
-        for b, row in enumerate(ids.tolist()):
-            for t in range(len(row)):
-                for prompt, answer in self.answers.items():
-                    n = len(prompt)
-                    if t + 1 >= n and tuple(row[:n]) == prompt:
-                        out = [*answer, self.tok.eos]
-                        logits[b, t, out[min(t + 1 - n, len(out) - 1)]] = 1.0
-        return logits
-
-
-def test_one_pass_exact_match_is_greedy_decoding() -> None:
-    tok = ByteTokenizer()
-    items = examples(DOWNSTREAM[0], 8, seed=0) + examples(DOWNSTREAM[1], 4, seed=0)
-    # What the model answers: right, one letter wrong, one letter short, one letter long.
-    answers = {}
-    for i, (p, a) in enumerate(items):
-        prompt = tuple(format_conversation([Message("user", p)], tok)[0])
-        answers[prompt] = tok.encode(" " + [a, a[:-1] + "#", a[:-1], a + "x"][i % 4])
-    model = _Memorizer(answers, tok)
-
-    def greedy(prompt: list[int]) -> list[int]:
-        ids = list(prompt)
-        while len(ids) < len(prompt) + 12:
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            if ids[-1] == tok.eos:
-                break
-        return ids[len(prompt):]
-
-    expected = sum(
-        greedy(format_conversation([Message("user", p)], tok)[0])
-        == [*tok.encode(" " + a), tok.eos]
-        for p, a in items
-    )
-    assert expected == 3
-    assert exact_match(model, tok, items) == expected / len(items)
-    assert exact_match(model, tok, items, batch_size=5) == expected / len(items)

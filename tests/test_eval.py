@@ -1,5 +1,5 @@
 """``esft-rs eval`` / ``esft_rs.evaluation``: loss and greedy exact match against references
-computed another way (one conversation at a time; transformers' own ``generate``)."""
+computed another way (one conversation at a time; a literal greedy decoder)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 from conftest import run_cli
 from esft_rs.data import Message, TaskData, causal_lm_loss, format_conversation, loss_tokens
-from esft_rs.evaluation import evaluate
+from esft_rs.demo.tasks import DOWNSTREAM, examples
+from esft_rs.evaluation import evaluate, exact_match
 from esft_rs.models import load_model
 from esft_rs.tokenizer import ByteTokenizer
 from hf_tiny import save
@@ -24,37 +25,63 @@ def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save("mixtral", tmp_path_factory.mktemp("eval") / "mixtral", seed=3)
 
 
-def generate_reference(model: torch.nn.Module, prompt: str, max_new: int) -> str:
-    """transformers' greedy ``generate`` on one unpadded prompt."""
-    tok = ByteTokenizer()
-    ids, _ = format_conversation([Message("user", prompt)], tok)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=tok.eos, pad_token_id=tok.pad)[0, len(ids):].tolist()
-    return tok.decode(out[: out.index(tok.eos)] if tok.eos in out else out).strip()
-
-
 def task(answers: list[str]) -> TaskData:
     convs = [[Message("user", p), Message("assistant", a)] for p, a in zip(PROMPTS, answers,
                                                                            strict=True)]
     return TaskData(convs, [f"x:{i}" for i in range(len(convs))], [])
 
 
-def test_exact_match_agrees_with_transformers_generate(mixtral: Path) -> None:
-    model = load_model(mixtral).eval()
-    greedy = [generate_reference(model, p, 4) for p in PROMPTS]
-    # Half the references are the model's own greedy answers, half are not.
-    answers = [g if i % 2 == 0 else g + "#" for i, g in enumerate(greedy)]
-    answers = [a if a else "#" for a in answers]
-    expected = sum(a == g for a, g in zip(answers, greedy, strict=True))
-    result = evaluate(model, ByteTokenizer(), task(answers), batch_size=4, max_new_tokens=4)
-    assert result.answered == len(PROMPTS)
-    assert result.correct == expected
+class _Memorizer:
+    """A stand-in LM that, after a known prompt, answers a fixed token sequence then EOS
+    (one-hot logits): greedy decoding's output is known exactly."""
+
+    def __init__(self, answers: dict[tuple[int, ...], list[int]], tok: ByteTokenizer) -> None:
+        self.answers, self.tok = answers, tok
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.tok.vocab_size)
+        for b, row in enumerate(ids.tolist()):
+            for t in range(len(row)):
+                for prompt, answer in self.answers.items():
+                    n = len(prompt)
+                    if t + 1 >= n and tuple(row[:n]) == prompt:
+                        out = [*answer, self.tok.eos]
+                        logits[b, t, out[min(t + 1 - n, len(out) - 1)]] = 1.0
+        return logits
+
+
+def test_one_pass_exact_match_is_greedy_decoding() -> None:
+    tok = ByteTokenizer()
+    items = examples(DOWNSTREAM[0], 8, seed=0) + examples(DOWNSTREAM[1], 4, seed=0)
+    # What the model answers: right, one letter wrong, one letter short, one letter long.
+    answers = {}
+    for i, (p, a) in enumerate(items):
+        prompt = tuple(format_conversation([Message("user", p)], tok)[0])
+        answers[prompt] = tok.encode(" " + [a, a[:-1] + "#", a[:-1], a + "x"][i % 4])
+    model = _Memorizer(answers, tok)
+
+    def greedy(prompt: list[int]) -> list[int]:
+        ids = list(prompt)
+        while len(ids) < len(prompt) + 12:
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            if ids[-1] == tok.eos:
+                break
+        return ids[len(prompt):]
+
+    expected = sum(
+        greedy(format_conversation([Message("user", p)], tok)[0])
+        == [*tok.encode(" " + a), tok.eos]
+        for p, a in items
+    )
+    assert expected == 3
+    assert exact_match(model, tok, items) == expected / len(items)
+    assert exact_match(model, tok, items, batch_size=5) == expected / len(items)
 
 
 def test_loss_equals_one_conversation_at_a_time(mixtral: Path) -> None:
     model = load_model(mixtral).eval()
     data = task(["eom", "1 2 3", "UPPER CASE", "4", "Hello there", "router"])
-    result = evaluate(model, ByteTokenizer(), data, batch_size=4, generate=False)
+    result = evaluate(model, ByteTokenizer(), data, batch_size=4)
     total, count = 0.0, 0
     with torch.no_grad():
         for conv in data.conversations:
@@ -63,7 +90,7 @@ def test_loss_equals_one_conversation_at_a_time(mixtral: Path) -> None:
             count += loss_tokens(labels)
     assert result.label_tokens == count
     assert result.loss == pytest.approx(total / count, rel=1e-5)
-    assert result.answered == 0 and result.exact_match is None
+    assert result.answered == len(PROMPTS)
 
 
 def test_cli_prints_and_writes_figures(mixtral: Path, tmp_path: Path) -> None:

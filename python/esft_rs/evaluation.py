@@ -3,7 +3,14 @@
 Any causal LM whose call ``model(ids, attention_mask)`` returns logits (or an
 output with ``.logits``, as transformers models do) works: the built-in model and
 every transformers family. Conversations are formatted as for training
-(``esft_rs.data.format_conversation``), one per batch row, never packed.
+(``esft_rs.data.format_conversation``), one per row, never packed.
+
+Exact match needs no decoding loop. Greedy decoding reproduces a reference answer
+(its tokens, then EOS) exactly when, fed the prompt and the reference, the model's
+argmax at every answer position is the reference's next token: each greedy step then
+sees the same prefix as the reference. So the one teacher-forced pass that gives the
+loss also scores exact match (tests check it against literal greedy decoding and
+transformers' ``generate``; ``benches/bench_demo_eval.py`` times both).
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ class EvalResult:
     conversations: int
     label_tokens: int  # answer tokens the loss averages over
     loss: float  # mean next-token cross-entropy over the answer tokens
-    answered: int  # conversations ending in user -> assistant: scored by greedy decoding
-    correct: int  # of those, greedy answers equal to the reference (stripped)
+    answered: int  # conversations ending in user -> assistant: scored for exact match
+    correct: int  # of those, answers greedy decoding reproduces exactly (tokens, then EOS)
 
     @property
     def perplexity(self) -> float:
@@ -37,9 +44,56 @@ class EvalResult:
         return self.correct / self.answered if self.answered else None
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = model(ids, mask)
-    return getattr(out, "logits", out)  # transformers models return an output object
+def conversation_rows(
+    conversations: Sequence[Sequence[Message]], tokenizer: Tokenizer, max_length: int | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One conversation per row, formatted as in training and right-padded:
+    (``input_ids``, ``labels``, ``attention_mask``; the length of each row's scored
+    answer: its last turn with EOS when that is an assistant reply to a user, else 0).
+
+    ``max_length`` keeps the last tokens of longer conversations (as packing does).
+    """
+    import torch
+
+    encoded, answer = [], []
+    for conv in conversations:
+        ids, labels = format_conversation(conv, tokenizer)
+        scored = len(conv) >= 2 and conv[-1].role == "assistant" and conv[-2].role == "user"
+        n = len(ids) - len(format_conversation(conv[:-1], tokenizer)[0]) if scored else 0
+        if max_length is not None:
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        encoded.append((ids, labels))
+        answer.append(min(n, len(ids) - 1))
+    width = max(len(ids) for ids, _ in encoded)
+    pad = [width - len(ids) for ids, _ in encoded]
+    rows = {
+        "input_ids": torch.tensor([ids + [tokenizer.pad] * n
+                                   for (ids, _), n in zip(encoded, pad, strict=True)]),
+        "labels": torch.tensor([labels + [IGNORE_INDEX] * n
+                                for (_, labels), n in zip(encoded, pad, strict=True)]),
+        "attention_mask": torch.tensor([[1] * (width - n) + [0] * n for n in pad]),
+    }
+    return rows, torch.tensor(answer)
+
+
+def item_rows(items: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
+    """(prompt, answer) items as one-turn conversations, one per row (``conversation_rows``)."""
+    return conversation_rows(_conversations(items), tokenizer)[0]
+
+
+def greedy_reproduces(
+    logits: torch.Tensor, rows: dict[str, torch.Tensor], answer: torch.Tensor
+) -> torch.Tensor:
+    """Per row: does greedy decoding reproduce the row's last ``answer`` tokens
+    (module docstring)? Rows with no scored answer are False."""
+    import torch
+
+    ids, mask = rows["input_ids"], rows["attention_mask"]
+    length = mask.sum(-1, keepdim=True)  # real tokens (right padding)
+    pos = torch.arange(ids.shape[1] - 1, device=ids.device)  # predicts token pos + 1
+    scored = (pos >= length - answer[:, None].to(ids.device) - 1) & (pos < length - 1)
+    hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
+    return (hit | ~scored).all(-1) & (answer.to(ids.device) > 0)
 
 
 def evaluate(
@@ -49,101 +103,48 @@ def evaluate(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    generate: bool = True,
-    max_new_tokens: int | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> EvalResult:
-    """Answer-token loss of every conversation, and exact match of the greedy answer to
-    each conversation's last turn when it is an assistant reply to a user.
+    """Answer-token loss of every conversation, and greedy exact match of each
+    conversation's last turn when it is an assistant reply to a user.
 
-    ``max_length`` keeps the last tokens of longer conversations (as packing does).
-    ``max_new_tokens``: the greedy budget; default: the batch's longest reference + EOS.
-    ``progress`` is called with the number of conversations done in each batch.
+    ``max_length``: see ``conversation_rows``. ``progress`` is called with the
+    number of conversations done in each batch.
     """
     import torch
 
     from esft_rs.data import causal_lm_loss, loss_tokens
 
-    device = next(model.parameters()).device
+    param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = param.device if param is not None else torch.device("cpu")
     convs = data.conversations
     total, count, answered, correct = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(convs), batch_size):
-            batch = [format_conversation(c, tokenizer) for c in convs[start : start + batch_size]]
-            if max_length is not None:
-                batch = [(x[-max_length:], y[-max_length:]) for x, y in batch]
-            width = max(len(x) for x, _ in batch)
-            ids = torch.tensor([x + [tokenizer.pad] * (width - len(x)) for x, _ in batch])
-            labels = torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for _, y in batch])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
-            logits = _logits(model, ids.to(device), mask.to(device))
-            total += float(causal_lm_loss(logits, labels.to(device), reduction="sum"))
-            count += loss_tokens(labels)
-            if generate:
-                items = [_prompt_and_answer(c, tokenizer, max_length)
-                         for c in convs[start : start + batch_size]]
-                items = [it for it in items if it is not None]
-                if items:
-                    budget = max_new_tokens or 1 + max(
-                        len(tokenizer.encode(f" {a}")) for _, a in items)
-                    got = greedy_answers(model, tokenizer, [p for p, _ in items],
-                                         max_new_tokens=budget, batch_size=batch_size)
-                    answered += len(items)
-                    correct += sum(g == a for g, (_, a) in zip(got, items, strict=True))
+            rows, answer = conversation_rows(convs[start : start + batch_size], tokenizer,
+                                             max_length)
+            rows = {k: v.to(device) for k, v in rows.items()}
+            out = model(rows["input_ids"], rows["attention_mask"])
+            logits = getattr(out, "logits", out)  # transformers models return an output object
+            total += float(causal_lm_loss(logits, rows["labels"], reduction="sum"))
+            count += loss_tokens(rows["labels"])
+            answered += int((answer > 0).sum())
+            correct += int(greedy_reproduces(logits, rows, answer).sum())
             if progress is not None:
-                progress(len(batch))
+                progress(len(answer))
     return EvalResult(len(convs), count, total / count if count else math.nan, answered, correct)
 
 
-def _prompt_and_answer(
-    messages: Sequence[Message], tokenizer: Tokenizer, max_length: int | None
-) -> tuple[list[int], str] | None:
-    """(prompt ids up to "Assistant:", reference answer) of a conversation's last turn."""
-    if len(messages) < 2 or messages[-1].role != "assistant" or messages[-2].role != "user":
-        return None
-    ids, _ = format_conversation(messages[:-1], tokenizer)
-    return (ids[-max_length:] if max_length is not None else ids), messages[-1].content.strip()
+def exact_match(
+    model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[tuple[str, str]],
+    batch_size: int = 256,
+) -> float:
+    """Share of (prompt, answer) items that greedy decoding answers exactly."""
+    if not items:
+        return 0.0
+    data = TaskData(_conversations(items), [f"item {i}" for i in range(len(items))], [])
+    return evaluate(model, tokenizer, data, batch_size=batch_size).exact_match or 0.0
 
 
-def greedy_answers(
-    model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    prompts: Sequence[list[int]],
-    *,
-    max_new_tokens: int = 12,
-    batch_size: int = 128,
-) -> list[str]:
-    """Greedy continuation of each prompt (token ids) up to EOS, decoded and stripped.
-
-    Batched with left padding; each step re-reads the whole prefix (no KV cache),
-    which keeps it model-agnostic and is cheap for short answers.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    out: list[str] = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.tensor(
-                [[tokenizer.pad] * (width - len(b)) + list(b) for b in batch], device=device
-            )
-            mask = torch.tensor(
-                [[0] * (width - len(b)) + [1] * len(b) for b in batch], device=device
-            )
-            done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-            new: list[torch.Tensor] = []
-            for _ in range(max_new_tokens):
-                nxt = _logits(model, ids, mask)[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos), nxt)
-                new.append(nxt)
-                done |= nxt == tokenizer.eos
-                if bool(done.all()):
-                    break
-                ids = torch.cat([ids, nxt[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            for row in torch.stack(new, dim=1).tolist():
-                row = row[: row.index(tokenizer.eos)] if tokenizer.eos in row else row
-                out.append(tokenizer.decode(row).strip())
-    return out
+def _conversations(items: Sequence[tuple[str, str]]) -> list[list[Message]]:
+    return [[Message("user", p), Message("assistant", a)] for p, a in items]

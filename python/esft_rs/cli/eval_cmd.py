@@ -19,10 +19,6 @@ from esft_rs.errors import InvalidFileError
               help="Conversations per forward pass.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate only the first N conversations.")
-@click.option("--generate/--no-generate", default=True, show_default=True,
-              help="Also score the greedy answer to each conversation's last turn (exact match).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="Greedy budget per answer [default: the batch's longest reference + EOS].")
 @click.option("--device", default="auto", show_default=True,
               help="torch device (cpu, cuda, cuda:1, ...); auto: a GPU if there is one.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -34,17 +30,16 @@ def eval_cmd(
     data: tuple[Path, ...],
     batch_size: int,
     limit: int | None,
-    generate: bool,
-    max_new_tokens: int | None,
     device: str,
     output: Path | None,
     skip_bad: bool,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
     DATA, ESFT chat JSONL: mean loss and perplexity over the answer tokens, and the
-    share of conversations whose greedy answer to the last turn equals the reference.
+    share of conversations whose last turn greedy decoding reproduces exactly.
 
-    Conversations are formatted as for training, one per row (never packed).
+    Conversations are formatted as for training, one per row (never packed); one
+    teacher-forced pass scores both (no decoding loop).
     """
     from dataclasses import asdict, replace
 
@@ -68,8 +63,7 @@ def eval_cmd(
     net = load_model(model, device=dev).eval()
     with tqdm(total=len(task.conversations), unit="conv", desc="eval", dynamic_ncols=True) as bar:
         result = evaluate(net, tokenizer, task, batch_size=batch_size,
-                          max_length=context_length(net), generate=generate,
-                          max_new_tokens=max_new_tokens, progress=bar.update)
+                          max_length=context_length(net), progress=bar.update)
     line = (f"loss {result.loss:.4f} (perplexity {result.perplexity:.2f}) over"
             f" {result.label_tokens} answer tokens of {result.conversations} conversations")
     if result.exact_match is not None:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from esft_rs.demo import tasks as T
-from esft_rs.demo.evaluate import exact_match, rows
 from esft_rs.demo.settings import Settings, cache_dir
+from esft_rs.evaluation import exact_match, item_rows
 
 if TYPE_CHECKING:
     import torch
@@ -72,10 +72,10 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
     for task in T.GENERAL + T.DOWNSTREAM:
         items = T.examples(task, s.profile_items, s.seed + 1)
         T.write_jsonl(items, folder / f"profile-{task.name}.jsonl")
-        profile_rows[task.name] = rows(items, tok)
+        profile_rows[task.name] = item_rows(items, tok)
     return Data(
-        general_train=rows(general_train, tok),
-        finetune_train=rows(ft_train, tok),
+        general_train=item_rows(general_train, tok),
+        finetune_train=item_rows(ft_train, tok),
         downstream_test=ft_test,
         general_test=general_test,
         profile_rows=profile_rows,
