@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from esft_rs.errors import InvalidFileError
-
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -45,19 +43,11 @@ def eval_cmd(
 
     from tqdm import tqdm
 
-    from esft_rs.cli.profile_cmd import context_length, torch_device
-    from esft_rs.data import read_task_data
+    from esft_rs.cli.model_inputs import context_length, task_inputs
     from esft_rs.evaluation import evaluate
     from esft_rs.models import load_model
-    from esft_rs.tokenizer import load_tokenizer
 
-    if not (model / "config.json").is_file():
-        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
-    dev = torch_device(device)
-    tokenizer = load_tokenizer(model)
-    task = read_task_data(list(data), skip_bad=skip_bad)
-    for line in task.skipped:
-        click.echo(f"warning: skipped {line}", err=True)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
     net = load_model(model, device=dev).eval()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esft_rs.errors import InvalidFileError, MismatchError
+from esft_rs.errors import MismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -78,18 +78,10 @@ def profile_cmd(
     """
     import torch.distributed as dist
 
-    from esft_rs.data import read_task_data
+    from esft_rs.cli.model_inputs import context_length, task_inputs
     from esft_rs.profiling import profile
-    from esft_rs.tokenizer import load_tokenizer
 
-    # Everything that can be wrong with the inputs fails here, before the model loads.
-    if not (model / "config.json").is_file():
-        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
-    dev = torch_device(device)
-    tokenizer = load_tokenizer(model)
-    task = read_task_data(list(data), skip_bad=skip_bad)
-    for line in task.skipped:
-        click.echo(f"warning: skipped {line}", err=True)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -164,31 +156,3 @@ def load_model(path: Path, device: torch.device) -> MoEModel:
     from esft_rs.models import load_model as load_any
 
     return as_moe_model(load_any(path, device=device))
-
-
-def context_length(model: object) -> int | None:
-    """The model's max_position_embeddings, when its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def torch_device(name: str) -> torch.device:
-    """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise click.BadParameter(
-            f"{name!r} is not a torch device", param_hint="'--device'"
-        ) from None
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    try:
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise click.BadParameter(
-            f"{name!r} is not available here ({str(e).splitlines()[0]})", param_hint="'--device'"
-        ) from None
-    return dev

@@ -1,0 +1,64 @@
+"""What the model-running commands (profile, eval) share: --device, and the inputs checked
+before a model loads (torch imported inside)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from esft_rs.errors import InvalidFileError
+
+if TYPE_CHECKING:
+    import torch
+
+    from esft_rs.data import TaskData
+    from esft_rs.tokenizer import Tokenizer
+
+
+def task_inputs(
+    model: Path, data: tuple[Path, ...], device: str, skip_bad: bool
+) -> tuple[torch.device, Tokenizer, TaskData]:
+    """(device, tokenizer, task data): everything that can be wrong with the inputs
+    fails here, before the model loads. Skipped lines are listed on stderr."""
+    from esft_rs.data import read_task_data
+    from esft_rs.tokenizer import load_tokenizer
+
+    if not (model / "config.json").is_file():
+        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
+    dev = torch_device(device)
+    tokenizer = load_tokenizer(model)
+    task = read_task_data(list(data), skip_bad=skip_bad)
+    for line in task.skipped:
+        click.echo(f"warning: skipped {line}", err=True)
+    return dev, tokenizer, task
+
+
+def context_length(model: object) -> int | None:
+    """The model's max_position_embeddings, when its config says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(
+            f"{name!r} is not a torch device", param_hint="'--device'"
+        ) from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise click.BadParameter(
+            f"{name!r} is not available here ({str(e).splitlines()[0]})", param_hint="'--device'"
+        ) from None
+    return dev
