@@ -1,6 +1,7 @@
 """``esft-rs demo``: ESFT end to end on a built-in MoE, the paper's findings in miniature.
 
-1. pretrain a base on a mix of general tasks (cached under the user's cache dir);
+1. pretrain a base on a mix of general tasks, with the demo's word-level tokenizer
+   (cached under the user's cache dir);
 2. profile routing on every task and select experts for the downstream task;
 3. fine-tune with FFT, ESFT-Token, ESFT-Gate and random experts at ESFT-Token's budget;
 4. measure downstream accuracy, general accuracy before/after, trainable share, adapter bytes;
@@ -55,7 +56,7 @@ class Data:
 
 def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
     """Generate every task's items, write them as chat JSONL under ``out/data`` (the files
-    ``esft-rs train`` takes) and format them one item per row: the items are a few dozen
+    ``esft-rs train`` takes) and format them one item per row: the items are a dozen
     tokens, so packing them into long rows would only cut some in two."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)

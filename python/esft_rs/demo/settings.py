@@ -17,13 +17,14 @@ from esft_rs.models.config import ModelConfig
 LEARNING_RATES = {"fft": 1e-3, "esft_token": 1e-2, "esft_gate": 1e-2, "random": 1e-2}
 
 #: The demo's model: DeepSeek-style fine-grained routed experts (32, top-4) plus a shared
-#: expert, at ~0.6M parameters, so that pretraining on one CPU thread learns the general
+#: expert, at 0.67M parameters, so that pretraining on one CPU thread learns the general
 #: tasks in about two minutes. Every layer is MoE: with a dense first layer (DeepSeek-V2's
 #: choice at 27 layers) a third of this model's MLP capacity is outside the experts, the
 #: letter maps are learned there, and ESFT, which cannot train it, fails the task.
 DEMO_MODEL = ModelConfig(
     vocab_size=len(VOCAB), tokenizer="tokenizer.json", bos_token_id=BOS_ID,
-    eos_token_id=EOS_ID, pad_token_id=PAD_ID, hidden_size=64, intermediate_size=256, moe_intermediate_size=32,
+    eos_token_id=EOS_ID, pad_token_id=PAD_ID, hidden_size=64, intermediate_size=256,
+    moe_intermediate_size=32,
     num_hidden_layers=3, num_attention_heads=4, n_routed_experts=32, n_shared_experts=1,
     num_experts_per_tok=4, first_k_dense_replace=0, max_position_embeddings=256,
 )
