@@ -18,7 +18,7 @@ LEARNING_RATES = {"fft": 1e-3, "esft_token": 1e-2, "esft_gate": 1e-2, "random": 
 
 #: The demo's model: DeepSeek-style fine-grained routed experts (32, top-4) plus a shared
 #: expert, at 0.67M parameters, so that pretraining on one CPU thread learns the general
-#: tasks in about two minutes. Every layer is MoE: with a dense first layer (DeepSeek-V2's
+#: tasks in about a minute. Every layer is MoE: with a dense first layer (DeepSeek-V2's
 #: choice at 27 layers) a third of this model's MLP capacity is outside the experts, the
 #: letter maps are learned there, and ESFT, which cannot train it, fails the task.
 DEMO_MODEL = ModelConfig(
