@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from esft_rs.data import Message, format_conversation
 from esft_rs.demo import tasks as T
 from esft_rs.demo.settings import DEMO_MODEL
+from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match
 from esft_rs.models import init_model, load_model
-from esft_rs.tokenizer import ByteTokenizer
+from esft_rs.tokenizer import Tokenizer, load_tokenizer
 
 
-def greedy_exact_match(model: torch.nn.Module, tok: ByteTokenizer,
+def greedy_exact_match(model: torch.nn.Module, tok: Tokenizer,
                        items: list[tuple[str, str]], max_new: int = 12) -> float:
     """Left-padded batched greedy decoding, one full forward per new token."""
     prompts = [format_conversation([Message("user", p)], tok)[0] for p, _ in items]
@@ -71,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = (load_model(args.model) if args.model else init_model(DEMO_MODEL, seed=0)).eval()
-    tok = ByteTokenizer()
+    with tempfile.TemporaryDirectory() as tmp:  # the model directory carries the tokenizer
+        tok = load_tokenizer(args.model or write_tokenizer(Path(tmp)))
     _, items = T.split(T.TASKS["shift"], 0, 200, seed=0)
     greedy, ours = greedy_exact_match(model, tok, items), exact_match(model, tok, items)
     print(f"exact match: greedy decoding {greedy:.3f}, one pass {ours:.3f}")

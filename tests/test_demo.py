@@ -73,5 +73,27 @@ def test_merged_model_scores_like_in_memory(report: tuple[dict, Path]) -> None:
     assert r["merge"]["downstream_acc"] == r["methods"]["esft_token"]["downstream_acc"]
 
 
+def test_base_and_merged_carry_the_word_tokenizer(report: tuple[dict, Path]) -> None:
+    from esft_rs.data import Message, format_conversation
+    from esft_rs.demo.vocabulary import VOCAB
+    from esft_rs.tokenizer import load_tokenizer
+
+    r, _ = report
+    conv = [Message("user", "shift 1 2 3 4"), Message("assistant", "4 5 6 7")]
+    for model_dir in (r["base"]["path"], r["merge"]["path"]):
+        tok = load_tokenizer(model_dir)
+        ids, _ = format_conversation(conv, tok)
+        words = ["<bos>", "User:", "shift", "1", "2", "3", "4", "Assistant:", "4", "5", "6", "7",
+                 "<eos>"]
+        assert ids == [VOCAB.index(w) for w in words]
+        assert tok.decode(ids) == "User: shift 1 2 3 4 Assistant: 4 5 6 7"
+
+
+def test_base_key_covers_the_tokenizer() -> None:
+    from esft_rs.demo.settings import FULL
+
+    assert FULL.base_key("data", "tokenizer-a") != FULL.base_key("data", "tokenizer-b")
+
+
 def test_demo_help() -> None:
     assert "--quick" in run_cli("demo", "--help", check=True).stdout

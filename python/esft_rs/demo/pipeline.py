@@ -1,6 +1,7 @@
 """``esft-rs demo``: ESFT end to end on a built-in MoE, the paper's findings in miniature.
 
-1. pretrain a base on a mix of general tasks (cached under the user's cache dir);
+1. pretrain a base on a mix of general tasks, with the demo's word-level tokenizer
+   (cached under the user's cache dir);
 2. profile routing on every task and select experts for the downstream task;
 3. fine-tune with FFT, ESFT-Token, ESFT-Gate and random experts at ESFT-Token's budget;
 4. measure downstream accuracy, general accuracy before/after, trainable share, adapter bytes;
@@ -13,7 +14,7 @@ import hashlib
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 
 from esft_rs.demo import tasks as T
 from esft_rs.demo.settings import Settings, cache_dir
+from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
+from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match, item_rows
 
 if TYPE_CHECKING:
@@ -53,7 +56,7 @@ class Data:
 
 def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
     """Generate every task's items, write them as chat JSONL under ``out/data`` (the files
-    ``esft-rs train`` takes) and format them one item per row: the items are a few dozen
+    ``esft-rs train`` takes) and format them one item per row: the items are a dozen
     tokens, so packing them into long rows would only cut some in two."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,12 +85,14 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
     )
 
 
-def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
-    """The base model directory, pretrained once per settings and data, and cached."""
+def pretrained_base(s: Settings, data: Data, tokenizer_dir: Path, progress: bool) -> Path:
+    """The base model directory, with the demo's tokenizer files, pretrained once per
+    settings, data and tokenizer, and cached."""
     from esft_rs.models import init_model, save_model
     from esft_rs.training import train
 
-    final = cache_dir() / "demo" / f"base-{s.base_key(data.digest())}"
+    key = s.base_key(data.digest(), _digest(tokenizer_dir / f for f in TOKENIZER_FILES))
+    final = cache_dir() / "demo" / f"base-{key}"
     if (final / "config.json").is_file():
         return final
     work = final.with_name(final.name + ".partial")
@@ -100,9 +105,18 @@ def pretrained_base(s: Settings, data: Data, progress: bool) -> Path:
         **_run_options(s, data.general_train, progress),
     )
     save_model(result.model, work / "model")
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / f, work / "model" / f)
     (work / "model").rename(final)
     shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _digest(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 def _run_options(s: Settings, train_rows: dict[str, torch.Tensor], progress: bool
@@ -145,7 +159,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     from esft_rs.merge import merge
     from esft_rs.models import load_model
     from esft_rs.selection import select
-    from esft_rs.tokenizer import ByteTokenizer
+    from esft_rs.tokenizer import load_tokenizer
     from esft_rs.training import train
 
     # One intra-op thread: the figures then do not depend on the machine's core count, and
@@ -153,10 +167,11 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     torch.set_num_threads(1)
     torch.manual_seed(s.seed)
     out.mkdir(parents=True, exist_ok=True)
-    tok = ByteTokenizer()
+    tokenizer_dir = write_tokenizer(out / "tokenizer")
+    tok = load_tokenizer(tokenizer_dir)
     data = build_data(s, out, tok)
     t0 = time.perf_counter()
-    base_dir = pretrained_base(s, data, progress)
+    base_dir = pretrained_base(s, data, tokenizer_dir, progress)
     pretrain_seconds = time.perf_counter() - t0
     base = load_model(base_dir)
     base.eval()

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from esft_rs import __version__
+from esft_rs.demo.vocabulary import BOS_ID, EOS_ID, PAD_ID, VOCAB
 from esft_rs.models.config import ModelConfig
 
 #: Method name -> learning rate. Each method gets its own, as the paper tuned them:
@@ -16,12 +17,14 @@ from esft_rs.models.config import ModelConfig
 LEARNING_RATES = {"fft": 1e-3, "esft_token": 1e-2, "esft_gate": 1e-2, "random": 1e-2}
 
 #: The demo's model: DeepSeek-style fine-grained routed experts (32, top-4) plus a shared
-#: expert, at ~0.6M parameters, so that pretraining on one CPU thread learns the general
-#: tasks in about two minutes. Every layer is MoE: with a dense first layer (DeepSeek-V2's
+#: expert, at 0.67M parameters, so that pretraining on one CPU thread learns the general
+#: tasks in about a minute. Every layer is MoE: with a dense first layer (DeepSeek-V2's
 #: choice at 27 layers) a third of this model's MLP capacity is outside the experts, the
 #: letter maps are learned there, and ESFT, which cannot train it, fails the task.
 DEMO_MODEL = ModelConfig(
-    vocab_size=259, hidden_size=64, intermediate_size=256, moe_intermediate_size=32,
+    vocab_size=len(VOCAB), tokenizer="tokenizer.json", bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID, pad_token_id=PAD_ID, hidden_size=64, intermediate_size=256,
+    moe_intermediate_size=32,
     num_hidden_layers=3, num_attention_heads=4, n_routed_experts=32, n_shared_experts=1,
     num_experts_per_tok=4, first_k_dense_replace=0, max_position_embeddings=256,
 )
@@ -44,11 +47,12 @@ class Settings:
     profile_items: int = 200  # per task
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
 
-    def base_key(self, data_digest: str) -> str:
-        """Cache key of the pretrained base: everything that shapes it, its data included."""
+    def base_key(self, data_digest: str, tokenizer_digest: str) -> str:
+        """Cache key of the pretrained base: everything that shapes it, its data and
+        tokenizer included."""
         base = {k: v for k, v in asdict(self).items() if k.startswith(("pretrain", "model"))}
         base |= {"seed": self.seed, "batch": self.batch_size, "data": data_digest,
-                 "version": __version__}
+                 "tokenizer": tokenizer_digest, "version": __version__}
         return hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest()[:16]
 
 

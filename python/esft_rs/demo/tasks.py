@@ -2,8 +2,10 @@
 that the pretrained base is poor at. Each task is a seeded generator of
 (prompt, answer) pairs, written as official ESFT chat JSONL.
 
-Every prompt starts with the task's keyword, so a task is recognisable from its
-first tokens, as a domain is for a real model. Most tasks map each symbol of a
+Every prompt starts with the task's name as its keyword, so a task is recognisable
+from its first tokens, as a domain is for a real model. Symbols are written apart
+(``shift 1 2 3 4`` -> ``4 5 6 7``) so that the demo's word-level tokenizer
+(``vocabulary``) makes each one token. Most tasks map each symbol of a
 four-symbol word through a table: letters (``a``-``l``) or digits. They share one
 skill (find the i-th symbol of the word) and differ in their table, which is what
 the experts hold: the downstream task ``shift`` (digit + 3) reuses that skill with
@@ -39,8 +41,8 @@ def _symbolwise(keyword: str, table: dict[str, str]) -> Generator:
     alphabet = sorted(table)
 
     def generate(rng: random.Random) -> tuple[str, str]:
-        word = "".join(rng.choice(alphabet) for _ in range(WORD_LENGTH))
-        return f"{keyword} {word}", "".join(table[c] for c in word)
+        word = [rng.choice(alphabet) for _ in range(WORD_LENGTH)]
+        return f"{keyword} {' '.join(word)}", " ".join(table[c] for c in word)
 
     return generate
 
@@ -59,7 +61,7 @@ _shift = _symbolwise("shift", _rotation(DIGITS, 3))
 
 def _binary(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(0, 63)
-    return f"binary {n}", format(n, "b")
+    return f"binary {' '.join(str(n))}", " ".join(format(n, "b"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ DOWNSTREAM: tuple[Task, ...] = (
 )
 
 TASKS = {t.name: t for t in GENERAL + DOWNSTREAM}
+KEYWORDS = tuple(TASKS)
+#: Every symbol a prompt or answer holds: the letters, their upper case, the digits.
+SYMBOLS = tuple(LETTERS + LETTERS.upper() + DIGITS)
 
 
 def examples(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
