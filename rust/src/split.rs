@@ -356,31 +356,39 @@ fn check_in_base(picks: &[Pick], base: &Checkpoint) -> Result<()> {
     let index: HashMap<&str, &TensorInfo> =
         base.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
     for p in picks {
-        match index.get(p.tensor.name.as_str()) {
-            Some(b) if b.dtype == p.tensor.dtype && b.shape == p.tensor.shape => {}
-            Some(b) => {
-                return Err(Error::Mismatch(format!(
-                    "{}: tensor {:?} is {} {:?} but the base {} has {} {:?}",
-                    p.file.path.display(),
-                    p.tensor.name,
-                    p.tensor.dtype,
-                    p.tensor.shape,
-                    base.path.display(),
-                    b.dtype,
-                    b.shape
-                )))
-            }
-            None => {
-                return Err(Error::Mismatch(format!(
-                    "{}: tensor {:?} is not in the base {}",
-                    p.file.path.display(),
-                    p.tensor.name,
-                    base.path.display()
-                )))
-            }
-        }
+        same_in_base(index.get(p.tensor.name.as_str()).copied(), p.tensor, &p.file.path, base, "")?;
     }
     Ok(())
+}
+
+/// `t` (of `owner`) must be in `base` with the same dtype and shape; `found` is
+/// the base's tensor of that name.
+fn same_in_base(
+    found: Option<&TensorInfo>,
+    t: &TensorInfo,
+    owner: &Path,
+    base: &Checkpoint,
+    hint: &str,
+) -> Result<()> {
+    match found {
+        Some(b) if b.dtype == t.dtype && b.shape == t.shape => Ok(()),
+        Some(b) => Err(Error::Mismatch(format!(
+            "{}: tensor {:?} is {} {:?} but the base {} has {} {:?}{hint}",
+            owner.display(),
+            t.name,
+            t.dtype,
+            t.shape,
+            base.path.display(),
+            b.dtype,
+            b.shape
+        ))),
+        None => Err(Error::Mismatch(format!(
+            "{}: tensor {:?} is not in the base {}",
+            owner.display(),
+            t.name,
+            base.path.display()
+        ))),
+    }
 }
 
 /// Bytes compared per work item: large tensors are compared by several threads.
@@ -401,29 +409,8 @@ fn by_diff<'a>(
         .map(|(s, t)| (t.name.as_str(), (&s.file, t)))
         .collect();
     for (_, t) in ckpt.tensors() {
-        match index.get(t.name.as_str()) {
-            Some((_, b)) if b.dtype == t.dtype && b.shape == t.shape => {}
-            Some((_, b)) => {
-                return Err(Error::Mismatch(format!(
-                    "{}: tensor {:?} is {} {:?} but {} has {} {:?}; not fine-tuned from this base",
-                    ckpt.path.display(),
-                    t.name,
-                    t.dtype,
-                    t.shape,
-                    base.path.display(),
-                    b.dtype,
-                    b.shape
-                )))
-            }
-            None => {
-                return Err(Error::Mismatch(format!(
-                    "{}: tensor {:?} is not in the base {}",
-                    ckpt.path.display(),
-                    t.name,
-                    base.path.display()
-                )))
-            }
-        }
+        let found = index.get(t.name.as_str()).map(|(_, b)| *b);
+        same_in_base(found, t, &ckpt.path, base, "; not fine-tuned from this base")?;
     }
     let model_count = ckpt.tensors().count();
     if model_count != index.len() {
