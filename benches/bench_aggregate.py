@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +27,10 @@ import numpy as np
 import esft_rs
 from esft_rs.routing import RoutingStats
 from esft_rs.testing import official_data_dir
+from timing import interleaved
 
 L, T, K, E = 4, 1_000_000, 6, 64
 TASKS = ("intent", "law", "summary", "translation")
-
-
-def interleaved(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def bench_records(rounds: int, add_at_rounds: int) -> float:

@@ -14,10 +14,7 @@ interleaved, round after round; figures are medians.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match
 from esft_rs.models import init_model, load_model
 from esft_rs.tokenizer import Tokenizer, load_tokenizer
+from timing import interleaved
 
 
 def greedy_exact_match(model: torch.nn.Module, tok: Tokenizer,
@@ -55,16 +53,6 @@ def greedy_exact_match(model: torch.nn.Module, tok: Tokenizer,
         row = row[: row.index(tok.eos)] if tok.eos in row else row
         hits += tok.decode(row).strip() == answer
     return hits / len(items)
-
-
-def interleaved(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_merge import clean, digest, measure
+from timing import clean, digest, interleaved_processes, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, INTER, EXPERTS = 7168, 2048, 8
@@ -118,12 +118,7 @@ def run(tmp: Path, rounds: int) -> None:
     for _, out in jobs.values():
         clean(out)
 
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
-    for r in range(rounds):
-        for name, (cmd, out) in jobs.items():
-            results[name].append(measure([*cmd, str(out)]))
-            clean(out)
-        print(f"round {r + 1}/{rounds} done", flush=True)
+    results = interleaved_processes(jobs, rounds)
     med = {k: statistics.median(x["wall"] for x in v) for k, v in results.items()}
     inner = {k: statistics.median(x["inner"] or 0 for x in v) for k, v in results.items()}
     rss = {k: max(x["rss_kb"] for x in v) / 1024 for k, v in results.items()}

@@ -19,8 +19,6 @@ Data lives under target/ (or $ESFT_BENCH_DIR), never on tmpfs, and is deleted.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -34,6 +32,7 @@ import numpy as np
 from esft_rs.adapter import save_adapter
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, expert_tensors, moe_tensor_shapes, write_checkpoint
+from timing import clean, digest, interleaved_processes, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = MoEShape(
@@ -41,19 +40,6 @@ SHAPE = MoEShape(
     dense_intermediate=2048, vocab=8192,
 )
 CHOSEN = {layer: [3, 17, 29, 41, 60] for layer in range(1, SHAPE.layers)}
-
-# Runs a command as a child and reports its wall time and peak RSS.
-MEASURE = """
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-wall = time.perf_counter() - t
-if p.returncode:
-    sys.exit(p.stderr)
-inner = p.stdout.strip().splitlines()
-print(json.dumps({"wall": wall, "rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                  "inner": float(inner[-1]) if inner else None}))
-"""
 
 OURS = """
 import sys, time, esft_rs
@@ -107,25 +93,6 @@ def generate(tmp: Path) -> tuple[Path, Path, Path]:
     return base, adapter, tmp / "expert_cfg.json"
 
 
-def measure(cmd: list[str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"bench: {cmd[:3]} failed: {out.stderr.strip()}")
-    return json.loads(out.stdout)
-
-
-def clean(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    os.sync()  # no dirty pages carried into the next timed run
-
-
-def digest(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -169,13 +136,7 @@ def run(tmp: Path, fstype: str, rounds: int) -> None:
     for _, out in jobs.values():
         clean(out)
 
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in jobs}
-    for r in range(rounds):
-        for name, (cmd, out) in jobs.items():
-            results[name].append(measure([*cmd, str(out)]))
-            clean(out)
-        print(f"round {r + 1}/{rounds} done", flush=True)
-
+    results = interleaved_processes(jobs, rounds)
     med = {k: statistics.median(x["wall"] for x in v) for k, v in results.items()}
     inner = {k: statistics.median(x["inner"] or 0 for x in v) for k, v in results.items()}
     rss = {k: max(x["rss_kb"] for x in v) / 1024 for k, v in results.items()}
