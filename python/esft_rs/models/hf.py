@@ -212,10 +212,11 @@ def _reverted(
     model: torch.nn.Module, trainables: list[Trainable], *, meta: bool
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """On-disk name -> (tensor, in-memory name it comes from)."""
+    from esft_rs.training.freeze import whole_tensor
+
     out = {}
     for t in trainables:
-        owner, _, attr = t.name.rpartition(".")
-        full = getattr(model.get_submodule(owner), attr).detach()  # fused: slices written in
+        full = whole_tensor(model, t, current=not meta)
         # one tensor at a time, so every on-disk name is known to come from t
         reverted = _revert(model, {t.name: full.to("meta") if meta else full})
         for disk, value in reverted.items():

@@ -179,6 +179,26 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
     return out
 
 
+def whole_tensor(model: torch.nn.Module, t: Trainable, *, current: bool = True) -> torch.Tensor:
+    """The whole tensor ``t`` trains (a fused one with every expert), without a copy.
+
+    With ``current``, a fused tensor's trained slices are first written into its
+    frozen original in place: the forward pass never reads those rows (the
+    parametrization puts the slices over them), and a copy of a real model's fused
+    layer could take gigabytes. Without, only the shape and dtype are meant.
+    """
+    if t.experts is None:
+        return t.param.detach()
+    owner, _, attr = t.name.rpartition(".")
+    parametrized = model.get_submodule(owner).parametrizations[attr]
+    original = parametrized.original
+    if current:
+        slices = parametrized[0]
+        with torch.no_grad():
+            original.index_copy_(0, slices.ids, slices.slices.to(original.dtype))
+    return original.detach()
+
+
 class FusedSlices(torch.nn.Module):
     """Rebuilds a fused [E, ...] weight from its frozen original and the trainable slices.
 
