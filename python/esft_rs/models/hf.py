@@ -21,13 +21,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.models.interface import RouterOutput
 from esft_rs.naming import classify
 
 if TYPE_CHECKING:
-    import torch
-
     from esft_rs.training.freeze import Trainable
 
 #: model_type in config.json -> family name; the families tested against transformers.
@@ -139,22 +139,17 @@ def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(out.items()))
 
 
-class _Tap:
+class RouterTap(torch.nn.Module):
     """Re-emits a transformers router's decision as a ``RouterOutput`` through a module
     the profiler can hook (transformers routers return logits first)."""
 
-    def __init__(self) -> None:
-        import torch
+    def forward(self, out: RouterOutput) -> RouterOutput:
+        return out
 
-        class Tap(torch.nn.Module):
-            def forward(self, out: RouterOutput) -> RouterOutput:
-                return out
-
-        self.module = Tap()
-
-    def __call__(self, _router: Any, _inputs: Any, output: tuple[Any, ...]) -> None:
+    def hook(self, _router: Any, _inputs: Any, output: tuple[Any, ...]) -> None:
+        """Forward hook for the router: its (logits, mixing weights, ids)."""
         _logits, weights, indices = output[:3]
-        self.module(RouterOutput(indices, weights))
+        self(RouterOutput(indices, weights))
 
 
 class MoEView:
@@ -167,11 +162,9 @@ class MoEView:
         first = next(iter(found.values()))
         self.num_experts = int(first.num_experts)
         self.top_k = int(first.top_k)
-        self._taps = {}
+        self._taps = {layer: RouterTap() for layer in found}
         for layer, router in found.items():
-            tap = _Tap()
-            router.register_forward_hook(tap)
-            self._taps[layer] = tap.module
+            router.register_forward_hook(self._taps[layer].hook)
 
     def routers(self) -> dict[int, torch.nn.Module]:
         return dict(self._taps)

@@ -20,6 +20,7 @@ import torch
 from esft_rs.cli.fmt import id_ranges
 from esft_rs.errors import MismatchError
 from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import hf
 from esft_rs.naming import classify
 
 SHARED_KINDS = ("shared_expert", "shared_expert_gate")
@@ -118,8 +119,6 @@ def checkpoint_shapes(
 ) -> dict[str, tuple[int, ...] | None]:
     """Base-checkpoint name -> shape of each tensor the adapter will hold (None: a
     fused tensor, whose slices the merge checks). ``on_disk``: the base's tensor names."""
-    from esft_rs.models import hf
-
     stored, reverted = _by_layout(model, trainables, on_disk)
     return {**{t.name: None if t.experts else tuple(t.param.shape) for t in stored},
             **(hf.checkpoint_shapes(model, reverted) if reverted else {})}
@@ -130,8 +129,6 @@ def checkpoint_tensors(
 ) -> dict[str, torch.Tensor]:
     """The trained values under the base checkpoint's names, in its dtypes: what the
     adapter holds (see ``_by_layout``)."""
-    from esft_rs.models import hf
-
     stored, reverted = _by_layout(model, trainables, on_disk)
     return {**{n: v for t in stored for n, v in t.current().items()},
             **(hf.checkpoint_tensors(model, reverted) if reverted else {})}
@@ -147,8 +144,6 @@ def _by_layout(
     name, fused slices as ``esft_rs.naming.fused_slice_name`` says; the others are
     reverted to their per-expert on-disk names (``esft_rs.models.hf``).
     """
-    from esft_rs.models import hf
-
     if not hf.is_hf(model):
         return trainables, []
     stored = [t for t in trainables if t.name in on_disk]
