@@ -8,7 +8,7 @@ UV_VERSION := 0.13.9
 # uv links packages from its cache, so a fresh clone gets torch in seconds once
 # the cache is warm. Bootstrapped with pip when missing.
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
-RUST_SRC := $(shell find rust/src -name '*.rs') Cargo.toml Cargo.lock
+RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 
 .PHONY: setup test test-hf-floor demo wheel-check bench fuzz clean
 
@@ -30,8 +30,8 @@ requirements.lock: pyproject.toml
 	$(UV) pip compile pyproject.toml --extra test --universal --python-version 3.10 -q -o $@
 
 test: setup
-	cargo test --quiet
-	cargo clippy --all-targets --quiet -- -D warnings
+	cargo test --workspace --quiet
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory test-hf-floor

@@ -3,7 +3,7 @@
 //! that merge relies on (contiguous offsets covering the data section).
 #![no_main]
 
-use esft_rs::safetensors::header;
+use esft_core::safetensors::header;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

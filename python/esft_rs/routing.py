@@ -1,7 +1,7 @@
 """Routing statistics and ``aggregate``: how often each expert was picked, per layer.
 
 Counting, log parsing and the file format live in the Rust core
-(``rust/src/routing``); this module holds the arrays and sums them.
+(``rust/core/src/routing``); this module holds the arrays and sums them.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::error::Error;
-use crate::expert_config::ExpertConfig;
-use crate::progress::Control;
-use crate::{adapter, inspect, merge, naming, split};
+use esft_core::error::Error;
+use esft_core::expert_config::ExpertConfig;
+use esft_core::progress::Control;
+use esft_core::{adapter, inspect, merge, naming, split};
 
 create_exception!(_core, EsftError, PyException, "Base class of all esft-rs errors.");
 create_exception!(
@@ -102,8 +102,8 @@ fn dump_expert_config(
 use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::types::PyDict;
 
-use crate::routing::count::{ExpertId, Records, Weight};
-use crate::routing::{self, RoutingStats};
+use esft_core::routing::count::{ExpertId, Records, Weight};
+use esft_core::routing::{self, RoutingStats};
 
 /// Routing stats as a dict of numpy arrays and scalars (`esft_rs.routing` wraps it).
 fn stats_to_dict(py: Python<'_>, s: RoutingStats) -> PyResult<Bound<'_, PyDict>> {
@@ -264,7 +264,7 @@ fn run_watched<T: Send>(
     py: Python<'_>,
     progress: Option<&Bound<'_, PyAny>>,
     on_warning: Option<&Bound<'_, PyAny>>,
-    job: impl FnOnce(&Control) -> crate::error::Result<T> + Send,
+    job: impl FnOnce(&Control) -> esft_core::error::Result<T> + Send,
 ) -> PyResult<T> {
     let ctl = Control::default();
     std::thread::scope(|s| {
@@ -367,7 +367,7 @@ fn split_json(
 /// The base fingerprint of a checkpoint (see fingerprint.rs for the scheme).
 #[pyfunction]
 fn fingerprint(py: Python<'_>, path: PathBuf) -> PyResult<String> {
-    py.detach(|| crate::fingerprint::fingerprint_path(&path, &Control::default())).map_err(to_py)
+    py.detach(|| esft_core::fingerprint::fingerprint_path(&path, &Control::default())).map_err(to_py)
 }
 
 /// Kind, expert config, base fingerprint, metadata and tensor names of an adapter, as JSON.

@@ -1,7 +1,8 @@
 //! esft-rs core: byte-bound work of Expert-Specialized Fine-Tuning.
 //!
-//! Everything outside `bindings` is plain Rust with no Python types, so the core
-//! can be tested with `cargo test` and reused without an interpreter.
+//! Plain Rust with no Python types, so the core can be tested with `cargo test`
+//! and reused without an interpreter; `rust/python` (the `esft_rs._core`
+//! extension) is a thin binding over it.
 
 pub mod adapter;
 pub mod copy;
@@ -17,7 +18,5 @@ pub mod progress;
 pub mod safetensors;
 pub mod split;
 pub mod staging;
-
-mod bindings;
 
 pub use error::{Error, FormatError, Result};
