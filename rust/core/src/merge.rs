@@ -963,12 +963,13 @@ pub(crate) mod tests {
             f.header_bytes(),
             SafetensorsFile::open(&b).unwrap().header_bytes()
         );
-        let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
+        let fused = f.read_tensor(f.tensor(FUSED).unwrap()).unwrap();
         assert!(fused[..48].iter().all(|&x| x == 2));
         assert!(fused[48..72].iter().all(|&x| x == 9));
         assert!(fused[72..].iter().all(|&x| x == 2));
         assert!(f
-            .tensor_bytes(f.tensor("model.norm.weight").unwrap())
+            .read_tensor(f.tensor("model.norm.weight").unwrap())
+            .unwrap()
             .iter()
             .all(|&x| x == 8));
     }
@@ -1009,7 +1010,7 @@ pub(crate) mod tests {
             )
             .unwrap();
             let f = SafetensorsFile::open(&out).unwrap();
-            let fused = f.tensor_bytes(f.tensor(FUSED).unwrap());
+            let fused = f.read_tensor(f.tensor(FUSED).unwrap()).unwrap();
             assert!(fused[..24].iter().all(|&x| x == slice0));
             assert!(fused[24..].iter().all(|&x| x == 5));
         }

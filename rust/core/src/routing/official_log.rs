@@ -3,15 +3,15 @@
 //! is one forward pass: the flattened top-K expert ids of its tokens separated
 //! by tabs, a double tab, then the matching routing weights.
 //!
-//! Files are memory-mapped and cut into chunks at line boundaries; chunks are
+//! Files are read whole (they are inputs of tens of MB; a map would save one
+//! copy at the price of `unsafe`) and cut into chunks at line boundaries; chunks are
 //! parsed in parallel with hand-written number parsing, and their partial
 //! histograms are summed in file order, so results do not depend on the number
 //! of threads. Each line counts as one sample for the per-sample averages.
 
-use std::fs::File;
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::RoutingStats;
@@ -35,7 +35,10 @@ pub fn read_dir(dir: &Path, top_k: usize, num_experts: Option<usize>) -> Result<
         return Err(Error::Value("top_k must be at least 1".into()));
     }
     let files = find_files(dir)?;
-    let maps = files.iter().map(|f| map_file(&f.path)).collect::<Result<Vec<_>>>()?;
+    let maps = files
+        .iter()
+        .map(|f| fs::read(&f.path).map_err(|e| Error::io(&f.path, e)))
+        .collect::<Result<Vec<_>>>()?;
     let tasks: Vec<(usize, std::ops::Range<usize>)> = maps
         .iter()
         .enumerate()
@@ -153,33 +156,6 @@ fn find_files(dir: &Path) -> Result<Vec<LogFile>> {
         ));
     }
     Ok(all)
-}
-
-/// File bytes, memory-mapped (an empty file maps to nothing).
-enum Bytes {
-    Map(Mmap),
-    Empty,
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Bytes::Map(m) => m,
-            Bytes::Empty => &[],
-        }
-    }
-}
-
-fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
-        return Ok(Bytes::Empty);
-    }
-    // SAFETY: read-only private map; the logs are inputs we never write.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Bytes::Map(map))
 }
 
 /// Splits bytes into ranges of about `CHUNK_BYTES`, each ending after a newline

@@ -110,7 +110,7 @@ pub fn load(path: &Path) -> Result<RoutingStats> {
         .tensor(COUNT)
         .and_then(|t| t.shape.get(1).copied())
         .ok_or_else(|| Error::invalid(path, format!("no 2-D tensor {COUNT:?}")))?;
-    let read = |name: &str, dtype: Dtype, shape: &[u64]| -> Result<&[u8]> {
+    let read = |name: &str, dtype: Dtype, shape: &[u64]| -> Result<Vec<u8>> {
         let t = file
             .tensor(name)
             .ok_or_else(|| Error::invalid(path, format!("tensor {name:?} is missing")))?;
@@ -120,7 +120,7 @@ pub fn load(path: &Path) -> Result<RoutingStats> {
                 format!("tensor {name:?} is {} {:?}, expected {dtype} {shape:?}", t.dtype, t.shape),
             ));
         }
-        Ok(file.tensor_bytes(t))
+        file.read_tensor(t)
     };
     let i64s = |b: &[u8]| -> Vec<i64> {
         b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
@@ -129,11 +129,11 @@ pub fn load(path: &Path) -> Result<RoutingStats> {
         b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
     };
     let stats = RoutingStats {
-        counts: i64s(read(COUNT, Dtype::I64, &[l, e])?),
-        gate_sum: f64s(read(GATE_SUM, Dtype::F64, &[l, e])?),
-        tokens: i64s(read(TOKENS, Dtype::I64, &[l])?),
-        sample_token_sum: f64s(read(SAMPLE_TOKEN_SUM, Dtype::F64, &[l, e])?),
-        sample_gate_sum: f64s(read(SAMPLE_GATE_SUM, Dtype::F64, &[l, e])?),
+        counts: i64s(&read(COUNT, Dtype::I64, &[l, e])?),
+        gate_sum: f64s(&read(GATE_SUM, Dtype::F64, &[l, e])?),
+        tokens: i64s(&read(TOKENS, Dtype::I64, &[l])?),
+        sample_token_sum: f64s(&read(SAMPLE_TOKEN_SUM, Dtype::F64, &[l, e])?),
+        sample_gate_sum: f64s(&read(SAMPLE_GATE_SUM, Dtype::F64, &[l, e])?),
         layers,
         num_experts: e as usize,
         top_k,

@@ -1,20 +1,23 @@
-//! A safetensors file opened through a read-only memory map. Parsing touches
-//! only the header pages; tensor bytes are read lazily by whoever slices them.
+//! A safetensors file opened for positional reads: `open` reads the 8-byte
+//! length and the header (`8 + N` bytes, nothing more); tensor bytes are read
+//! or copied by offset by whoever needs them. No memory map: the header is
+//! small, and a shared map would let another process change bytes behind a
+//! `&[u8]`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
 use super::header::{self, Header, TensorInfo};
+use crate::copy::read_exact_at;
 use crate::error::{Error, FormatError, Result};
 
 pub struct SafetensorsFile {
     pub path: PathBuf,
     pub header: Header,
     pub file_len: u64,
-    map: Mmap,
+    /// The header as stored: the 8-byte length prefix and the JSON.
+    header_bytes: Vec<u8>,
     /// Kept open for in-kernel copies (`copy_file_range`) and positional reads.
     file: File,
     /// Tensor name -> position in `header.tensors`.
@@ -32,11 +35,12 @@ impl SafetensorsFile {
         if file_len < 8 {
             return Err(Error::format(path, FormatError::HeaderTooSmall(file_len)));
         }
-        // SAFETY: the map is read-only and private to this process. A file
-        // truncated by another process while mapped would fault; that is the
-        // accepted contract of every mmap-based safetensors reader.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let header = header::parse(&map, file_len).map_err(|e| Error::format(path, e))?;
+        let mut prefix = [0u8; 8];
+        read_exact_at(&file, &mut prefix, 0).map_err(|e| Error::io(path, e))?;
+        let len = header::header_len(&prefix, file_len).map_err(|e| Error::format(path, e))?;
+        let mut header_bytes = vec![0u8; 8 + len as usize];
+        read_exact_at(&file, &mut header_bytes, 0).map_err(|e| Error::io(path, e))?;
+        let header = header::parse(&header_bytes, file_len).map_err(|e| Error::format(path, e))?;
         let by_name = header
             .tensors
             .iter()
@@ -47,23 +51,22 @@ impl SafetensorsFile {
             path: path.to_path_buf(),
             header,
             file_len,
-            map,
+            header_bytes,
             file,
             by_name,
         })
     }
 
-    /// The raw bytes of one tensor, straight from the map.
-    pub fn tensor_bytes(&self, t: &TensorInfo) -> &[u8] {
-        let start = (self.header.data_start() + t.start) as usize;
-        let end = (self.header.data_start() + t.end) as usize;
-        // Offsets were validated against the file length at open.
-        &self.map[start..end]
+    /// The raw bytes of one tensor, read from the file.
+    pub fn read_tensor(&self, t: &TensorInfo) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; t.nbytes() as usize];
+        read_exact_at(&self.file, &mut buf, self.offset_of(t)).map_err(|e| Error::io(&self.path, e))?;
+        Ok(buf)
     }
 
     /// The header bytes, prefix included, exactly as stored.
     pub fn header_bytes(&self) -> &[u8] {
-        &self.map[..self.header.data_start() as usize]
+        &self.header_bytes
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {

@@ -1,4 +1,4 @@
-//! The safetensors format: header parsing and validation, memory-mapped files,
+//! The safetensors format: header parsing and validation, files read by offset,
 //! checkpoints made of one file or of shards with an index, and new headers.
 
 pub mod checkpoint;
