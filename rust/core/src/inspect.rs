@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::fp8;
-use crate::naming::{classify, Role};
+use crate::naming::{self, classify, Role};
 use crate::safetensors::{Checkpoint, Dtype};
 
 #[derive(Debug, Serialize)]
@@ -160,8 +160,6 @@ fn fp8_summary(path: &Path, tensors: &[(String, TensorEntry)]) -> Result<Option<
 fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
     let mut s = MoeSummary::default();
     let mut all_layers = BTreeSet::new();
-    let mut per_expert: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
-    let mut fused: BTreeMap<u32, u64> = BTreeMap::new();
     // Bytes of each routed expert: its tensors, or its share of fused ones.
     let mut expert_bytes: BTreeMap<(u32, u32), u64> = BTreeMap::new();
     for (name, t) in tensors {
@@ -176,7 +174,6 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
         let layer = s.layers.entry(l).or_default();
         match role {
             Role::RoutedExpert { expert, .. } => {
-                per_expert.entry(l).or_default().insert(expert);
                 *expert_bytes.entry((l, expert)).or_default() += t.bytes;
                 layer.expert_bytes += t.bytes;
                 s.routed_expert_tensors += 1;
@@ -184,8 +181,6 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
             }
             Role::FusedExperts { .. } => {
                 let e = t.shape.first().copied().unwrap_or(0);
-                let known = fused.entry(l).or_insert(e);
-                *known = (*known).max(e);
                 for x in 0..u32::try_from(e).unwrap_or(0) {
                     *expert_bytes.entry((l, x)).or_default() += t.bytes / e;
                 }
@@ -204,21 +199,11 @@ fn moe_summary(tensors: &[(String, TensorEntry)]) -> MoeSummary {
             Role::LayerOther { .. } | Role::Global => {}
         }
     }
+    let layout = naming::moe_layout(tensors.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice())));
     for (l, layer) in s.layers.iter_mut() {
-        let ids = per_expert.remove(l).unwrap_or_default();
-        let fused_e = fused.get(l).copied();
-        layer.layout = match (ids.is_empty(), fused_e.is_some()) {
-            (false, true) => "mixed",
-            (true, true) => "fused",
-            (false, false) => "per-expert",
-            (true, false) => "none",
-        }
-        .to_string();
-        let mut ids: BTreeSet<u32> = ids;
-        if let Some(e) = fused_e {
-            ids.extend(0..u32::try_from(e).unwrap_or(u32::MAX));
-        }
-        layer.experts = ids.into_iter().collect();
+        let experts = layout.get(l).cloned().unwrap_or_default();
+        layer.layout = experts.layout().to_string();
+        layer.experts = experts.ids().into_iter().collect();
     }
     s.moe_layers = s
         .layers

@@ -19,4 +19,7 @@ pub mod safetensors;
 pub mod split;
 pub mod staging;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{Error, FormatError, Result};

@@ -20,6 +20,7 @@
 //! that routed expert.
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -155,6 +156,65 @@ pub fn expert_units(name: &str, shape: &[u64], nbytes: u64) -> (u32, u64) {
     (1, nbytes)
 }
 
+/// The routed experts of one MoE layer, as a checkpoint's tensor names show them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LayerExperts {
+    /// Expert ids of per-expert tensors (`experts.E.*`).
+    pub per_expert: BTreeSet<u32>,
+    /// Experts of fused tensors (`experts.NAME` [E, ...]): the largest dim 0 seen.
+    pub fused: Option<u32>,
+}
+
+impl LayerExperts {
+    pub fn has(&self, expert: u32) -> bool {
+        self.per_expert.contains(&expert) || self.fused.is_some_and(|n| expert < n)
+    }
+
+    /// Number of routed experts: one more than the largest id.
+    pub fn count(&self) -> u32 {
+        let per_expert = self.per_expert.last().map_or(0, |&e| e.saturating_add(1));
+        per_expert.max(self.fused.unwrap_or(0))
+    }
+
+    /// The expert ids present: per-expert ids and 0..E of fused tensors.
+    pub fn ids(&self) -> BTreeSet<u32> {
+        let mut ids = self.per_expert.clone();
+        ids.extend(0..self.fused.unwrap_or(0));
+        ids
+    }
+
+    /// "per-expert", "fused", "mixed", or "none".
+    pub fn layout(&self) -> &'static str {
+        match (self.per_expert.is_empty(), self.fused.is_some()) {
+            (false, true) => "mixed",
+            (true, true) => "fused",
+            (false, false) => "per-expert",
+            (true, false) => "none",
+        }
+    }
+}
+
+/// The MoE layout a checkpoint's tensor names (and fused tensors' dim 0) show:
+/// layer -> its routed experts. The one place that infers it (inspect, split
+/// and training's freezing all ask here).
+pub fn moe_layout<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u64])>) -> BTreeMap<u32, LayerExperts> {
+    let mut out: BTreeMap<u32, LayerExperts> = BTreeMap::new();
+    for (name, shape) in tensors {
+        match classify(name) {
+            Role::RoutedExpert { layer, expert } => {
+                out.entry(layer).or_default().per_expert.insert(expert);
+            }
+            Role::FusedExperts { layer } => {
+                let e = shape.first().map_or(0, |&e| u32::try_from(e).unwrap_or(u32::MAX));
+                let fused = &mut out.entry(layer).or_default().fused;
+                *fused = Some(fused.map_or(e, |f| f.max(e)));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Maps a name saved relative to the model body (legacy official adapters
 /// saved `model.model`'s state dict: `layers.L...`, `embed_tokens.weight`,
 /// `norm.weight`) to its checkpoint name.
@@ -225,5 +285,23 @@ mod tests {
         assert_eq!(fused_slice_name("model.layers.5.mlp.gate.weight", 1), None);
         assert_eq!(fused_slice_parent("model.layers.5.mlp.gate.weight"), None);
         assert_eq!(fused_slice_parent("model.layers.5.mlp.experts.3"), None);
+    }
+
+    #[test]
+    fn moe_layout_of_per_expert_fused_and_mixed_layers() {
+        let names = [
+            ("model.layers.0.mlp.gate_proj.weight", vec![4, 2]),
+            ("model.layers.1.mlp.experts.0.up_proj.weight", vec![4, 2]),
+            ("model.layers.1.mlp.experts.3.up_proj.weight", vec![4, 2]),
+            ("model.layers.2.mlp.experts.gate_up_proj", vec![8, 4, 2]),
+            ("model.layers.3.mlp.experts.gate_up_proj", vec![2, 4, 2]),
+            ("model.layers.3.mlp.experts.5.down_proj", vec![2, 4]),
+        ];
+        let l = moe_layout(names.iter().map(|(n, s)| (*n, s.as_slice())));
+        assert_eq!(l.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!((l[&1].layout(), l[&1].count(), l[&1].has(2)), ("per-expert", 4, false));
+        assert_eq!((l[&2].layout(), l[&2].count(), l[&2].has(7)), ("fused", 8, true));
+        assert_eq!((l[&3].layout(), l[&3].count()), ("mixed", 6));
+        assert_eq!(l[&3].ids().into_iter().collect::<Vec<_>>(), [0, 1, 5]);
     }
 }

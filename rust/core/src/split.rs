@@ -25,11 +25,10 @@ use crate::error::{Error, Result};
 use crate::expert_config::ExpertConfig;
 use crate::fingerprint;
 use crate::fp8;
-use crate::merge::expert_units;
-use crate::naming::{self, Role};
+use crate::naming::{self, LayerExperts, Role};
 use crate::progress::Control;
 use crate::safetensors::writer::{self, NewTensor};
-use crate::safetensors::{Checkpoint, Dtype, SafetensorsFile, TensorInfo};
+use crate::safetensors::{expert_units, Checkpoint, Dtype, SafetensorsFile, TensorInfo};
 use crate::staging::{self, Staged};
 
 #[derive(Debug, Clone, Default)]
@@ -144,7 +143,7 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
             ("experts", picks, cfg, Vec::new(), 0)
         }
         (None, Some(b)) => {
-            let (picks, cfg, excluded, compared) = by_diff(&ckpt, b, &layout, opts, ctl)?;
+            let Diff { picks, config: cfg, excluded, compared } = by_diff(&ckpt, b, &layout, opts, ctl)?;
             if picks.is_empty() {
                 let mut msg = format!(
                     "{}: no routed-expert tensor differs from {}",
@@ -239,48 +238,23 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     Ok(report)
 }
 
-/// Which routed experts a model has, per MoE layer.
-struct Layout {
-    /// Per-expert layout: (layer, expert) pairs present.
-    per_expert: HashSet<(u32, u32)>,
-    /// Fused layout: layer -> number of experts.
-    fused: HashMap<u32, u32>,
-    moe_layers: BTreeSet<u32>,
-}
+/// Which routed experts a model has, per MoE layer (`naming::moe_layout`).
+struct Layout(BTreeMap<u32, LayerExperts>);
 
 impl Layout {
     fn of(ckpt: &Checkpoint) -> Self {
-        let mut l = Layout {
-            per_expert: HashSet::new(),
-            fused: HashMap::new(),
-            moe_layers: BTreeSet::new(),
-        };
-        for (_, t) in ckpt.tensors() {
-            match naming::classify(&t.name) {
-                Role::RoutedExpert { layer, expert } => {
-                    l.per_expert.insert((layer, expert));
-                    l.moe_layers.insert(layer);
-                }
-                Role::FusedExperts { layer } => {
-                    let (n, _) = expert_units(t);
-                    let e = l.fused.entry(layer).or_insert(n);
-                    *e = (*e).max(n);
-                    l.moe_layers.insert(layer);
-                }
-                _ => {}
-            }
-        }
-        l
+        Layout(naming::moe_layout(
+            ckpt.tensors().map(|(_, t)| (t.name.as_str(), t.shape.as_slice())),
+        ))
     }
 
     fn has(&self, layer: u32, expert: u32) -> bool {
-        self.per_expert.contains(&(layer, expert))
-            || self.fused.get(&layer).is_some_and(|&n| expert < n)
+        self.0.get(&layer).is_some_and(|l| l.has(expert))
     }
 
     fn check_config(&self, cfg: &ExpertConfig, cfg_path: &Path, model: &Path) -> Result<()> {
         for (&layer, ids) in &cfg.experts {
-            if !self.moe_layers.contains(&layer) {
+            if !self.0.contains_key(&layer) {
                 return Err(Error::Mismatch(format!(
                     "{}: layer {layer} has no routed experts in {}",
                     cfg_path.display(),
@@ -395,7 +369,27 @@ fn same_in_base(
 const COMPARE_CHUNK: u64 = 16 << 20;
 const COMPARE_BUF: usize = 1 << 20;
 
-type Diff<'a> = (Vec<Pick<'a>>, ExpertConfig, Vec<String>, u64);
+/// One compared unit of the model: a whole tensor, or expert `unit`'s slice
+/// of a fused tensor (`offset`: its start within the tensor).
+#[derive(Clone, Copy)]
+struct Unit<'a> {
+    shard: usize,
+    file: &'a SafetensorsFile,
+    tensor: &'a TensorInfo,
+    unit: u32,
+    offset: u64,
+    len: u64,
+}
+
+/// What differs from the base, and the expert config it amounts to.
+struct Diff<'a> {
+    picks: Vec<Pick<'a>>,
+    config: ExpertConfig,
+    /// Differing tensors left out (shared experts, non-expert modules).
+    excluded: Vec<String>,
+    /// Bytes compared.
+    compared: u64,
+}
 
 fn by_diff<'a>(
     ckpt: &'a Checkpoint,
@@ -428,18 +422,25 @@ fn by_diff<'a>(
     }
 
     // Units (whole tensors, or expert slices of fused tensors), then work items of bounded size.
-    let mut units: Vec<(usize, &SafetensorsFile, &TensorInfo, u32, u64, u64)> = Vec::new();
+    let mut units: Vec<Unit> = Vec::new();
     for (si, shard) in ckpt.shards.iter().enumerate() {
         for t in &shard.file.header.tensors {
             let (n, len) = expert_units(t);
             for u in 0..n {
-                units.push((si, &shard.file, t, u, u64::from(u) * len, len));
+                units.push(Unit {
+                    shard: si,
+                    file: &shard.file,
+                    tensor: t,
+                    unit: u,
+                    offset: u64::from(u) * len,
+                    len,
+                });
             }
         }
     }
     let differs: Vec<AtomicBool> = units.iter().map(|_| AtomicBool::new(false)).collect();
     let mut items = Vec::new();
-    for (ui, &(_, _, _, _, _, len)) in units.iter().enumerate() {
+    for (ui, &Unit { len, .. }) in units.iter().enumerate() {
         let mut off = 0;
         while off < len {
             let n = (len - off).min(COMPARE_CHUNK);
@@ -447,12 +448,12 @@ fn by_diff<'a>(
             off += n;
         }
     }
-    let total: u64 = units.iter().map(|u| u.5).sum();
+    let total: u64 = units.iter().map(|u| u.len).sum();
     ctl.stage("compare", total);
     items.par_iter().try_for_each_init(
         || (vec![0u8; COMPARE_BUF], vec![0u8; COMPARE_BUF]),
         |(a, b), &(ui, off, n)| {
-            let (_, file, t, _, unit_off, _) = units[ui];
+            let Unit { file, tensor: t, offset: unit_off, .. } = units[ui];
             if !differs[ui].load(Ordering::Relaxed) {
                 let (bfile, bt) = index[t.name.as_str()];
                 let (ma, mb) = (
@@ -482,17 +483,17 @@ fn by_diff<'a>(
     let whole: HashMap<&str, usize> = units
         .iter()
         .enumerate()
-        .filter(|(_, u)| expert_units(u.2).0 == 1)
-        .map(|(ui, u)| (u.2.name.as_str(), ui))
+        .filter(|(_, u)| expert_units(u.tensor).0 == 1)
+        .map(|(ui, u)| (u.tensor.name.as_str(), ui))
         .collect();
     for (ui, u) in units.iter().enumerate() {
         if !differs[ui].load(Ordering::Relaxed) {
             continue;
         }
-        let companion = match fp8::weight_of_scale(&u.2.name) {
+        let companion = match fp8::weight_of_scale(&u.tensor.name) {
             Some(w) => whole.get(w),
-            None if u.2.dtype == Dtype::F8_E4M3 => {
-                fp8::scale_name(&u.2.name).and_then(|sc| whole.get(sc.as_str()))
+            None if u.tensor.dtype == Dtype::F8_E4M3 => {
+                fp8::scale_name(&u.tensor.name).and_then(|sc| whole.get(sc.as_str()))
             }
             None => None,
         };
@@ -503,7 +504,7 @@ fn by_diff<'a>(
 
     // Group differing units back by tensor, in model order.
     let mut by_tensor: Vec<(usize, &SafetensorsFile, &TensorInfo, Vec<u32>)> = Vec::new();
-    for (ui, &(si, file, t, u, _, _)) in units.iter().enumerate() {
+    for (ui, &Unit { shard: si, file, tensor: t, unit: u, .. }) in units.iter().enumerate() {
         if !differs[ui].load(Ordering::Relaxed) {
             continue;
         }
@@ -515,8 +516,8 @@ fn by_diff<'a>(
     let mut picks = Vec::new();
     let mut excluded = Vec::new();
     let mut experts: BTreeMap<u32, BTreeSet<u32>> = layout
-        .moe_layers
-        .iter()
+        .0
+        .keys()
         .map(|&l| (l, BTreeSet::new()))
         .collect();
     let (mut shared, mut non_expert) = (false, false);
@@ -562,7 +563,12 @@ fn by_diff<'a>(
         shared_experts: shared,
         non_expert_modules: non_expert,
     };
-    Ok((picks, config, excluded, total))
+    Ok(Diff {
+        picks,
+        config,
+        excluded,
+        compared: total,
+    })
 }
 
 /// Writes the adapter: header, then each picked range copied from the model.
@@ -626,7 +632,7 @@ mod tests {
     use super::*;
     use std::fs;
 
-    use crate::merge::tests::write_st;
+    use crate::test_support::write_st;
     use crate::merge::{merge, MergeOptions, OnConflict};
 
     #[test]

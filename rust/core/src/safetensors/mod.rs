@@ -11,3 +11,10 @@ pub use checkpoint::{Checkpoint, Shard};
 pub use dtype::Dtype;
 pub use file::SafetensorsFile;
 pub use header::{Header, TensorInfo, MAX_HEADER_LEN};
+
+/// How a tensor splits into independently replaceable units (see
+/// `naming::expert_units`): (units, bytes per unit). Merge paints and split
+/// extracts these units.
+pub fn expert_units(t: &TensorInfo) -> (u32, u64) {
+    crate::naming::expert_units(&t.name, &t.shape, t.nbytes())
+}

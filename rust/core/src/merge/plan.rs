@@ -1,0 +1,226 @@
+//! Planning a merge: which adapter bytes replace which base bytes.
+//!
+//! Each adapter tensor is resolved to a base tensor (by name, legacy official
+//! names mapped) or to one expert's slice of a fused base tensor, checked for
+//! dtype and shape, and painted unit by unit (a whole tensor, or an expert
+//! slice) under the conflict policy. A tensor aimed at a block-FP8 slot goes
+//! through [`super::requant`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::requant::{self, is_fp8_slot, requant_slot, Requant};
+use super::{MergeOptions, OnConflict, Replacement};
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::fp8;
+use crate::naming::{self, Role};
+use crate::safetensors::{expert_units, Checkpoint, Dtype};
+
+/// Where an adapter tensor's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Source {
+    pub(super) adapter: usize,
+    /// Shard of the adapter's checkpoint.
+    pub(super) shard: usize,
+    /// Index in that shard's tensors.
+    pub(super) tensor: usize,
+    /// Absolute file offset of this unit's first byte.
+    pub(super) offset: u64,
+    /// Index of the `Requant` that computes this unit (an FP8 weight or its
+    /// scale tensor) instead of copying it.
+    pub(super) requant: Option<usize>,
+}
+
+/// The plan: for each base tensor (shard, index) that changes, the source of
+/// each replaced unit.
+pub(super) type Painted = BTreeMap<(usize, usize), BTreeMap<u32, Source>>;
+
+pub(super) fn plan(
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    opts: &MergeOptions,
+) -> Result<(Painted, Vec<Requant>)> {
+    let on_conflict = opts.on_conflict;
+    let block = if ckpt.tensors().any(|(_, t)| t.dtype == Dtype::F8_E4M3) {
+        Some(fp8::block_size(&ckpt.path)?)
+    } else {
+        None
+    };
+    let mut requants: Vec<Requant> = Vec::new();
+    let mut index: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (si, s) in ckpt.shards.iter().enumerate() {
+        for (ti, t) in s.file.header.tensors.iter().enumerate() {
+            index.insert(&t.name, (si, ti));
+        }
+    }
+    let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
+    let mut painted: Painted = BTreeMap::new();
+    for (ai, a) in adapters.iter().enumerate() {
+        for at in a.tensors() {
+            let (shard, tensor) = (at.shard, at.index);
+            let src_off = at.file.offset_of(at.info);
+            let mismatch = |what: String| {
+                Error::Mismatch(format!(
+                    "{}: tensor {:?} {what}",
+                    a.path.display(),
+                    at.info.name
+                ))
+            };
+            let found = index
+                .get(at.name.as_str())
+                .or_else(|| index.get(naming::canonical(&at.name).as_ref()));
+            let mut requant = None;
+            let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
+                let bt = base_tensor(key);
+                if let (Some(block), true) = (&block, is_fp8_slot(bt, at.info)) {
+                    let q = requant_slot(ckpt, &index, key, (ai, &a.path), &at, block, opts)?;
+                    requant = Some(requants.len());
+                    requants.push(q);
+                }
+                if requant.is_none() && (bt.dtype != at.info.dtype || bt.shape != at.info.shape) {
+                    return Err(mismatch(format!(
+                        "is {} {:?} but the base's {:?} is {} {:?}",
+                        at.info.dtype, at.info.shape, bt.name, bt.dtype, bt.shape
+                    )));
+                }
+                let (n, len) = expert_units(bt);
+                (
+                    key,
+                    (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect(),
+                )
+            } else if let Some((parent, e)) =
+                naming::fused_slice_parent(&naming::canonical(&at.name))
+            {
+                let Some(&key) = index.get(parent.as_str()) else {
+                    return Err(mismatch(format!(
+                        "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
+                        ckpt.path.display()
+                    )));
+                };
+                let bt = base_tensor(key);
+                let (n, len) = expert_units(bt);
+                let e_total = bt.shape.first().copied().unwrap_or(0);
+                if u64::from(e) >= e_total {
+                    return Err(mismatch(format!(
+                        "is expert {e}'s slice of {parent:?}, which has {e_total} experts"
+                    )));
+                }
+                if u64::from(n) != e_total {
+                    return Err(mismatch(format!(
+                        "is a slice of {parent:?}, whose {} {:?} does not split into byte-aligned expert slices",
+                        bt.dtype, bt.shape
+                    )));
+                }
+                if bt.dtype != at.info.dtype || bt.shape[1..] != at.info.shape[..] {
+                    return Err(mismatch(format!(
+                        "is {} {:?} but one expert's slice of {parent:?} ({} {:?}) is {} {:?}",
+                        at.info.dtype,
+                        at.info.shape,
+                        bt.dtype,
+                        bt.shape,
+                        bt.dtype,
+                        &bt.shape[1..]
+                    )));
+                }
+                debug_assert_eq!(len, at.info.nbytes());
+                (key, vec![(e, src_off)])
+            } else {
+                return Err(mismatch(format!(
+                    "is not in the base {}",
+                    ckpt.path.display()
+                )));
+            };
+            let mut targets = vec![(key, units)];
+            if let Some(q) = requant {
+                targets.push((requants[q].scale, vec![(0, src_off)]));
+            }
+            for (key, units) in targets {
+                let slots = painted.entry(key).or_default();
+                for (unit, offset) in units {
+                    let src = Source {
+                        adapter: ai,
+                        shard,
+                        tensor,
+                        offset,
+                        requant,
+                    };
+                    match slots.get(&unit) {
+                        None => {
+                            slots.insert(unit, src);
+                        }
+                        Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
+                            let prev_a = &adapters[prev.adapter];
+                            let prev_name = &prev_a.ckpt.shards[prev.shard].file.header.tensors
+                                [prev.tensor]
+                                .name;
+                            let hint = if prev.adapter == ai {
+                                ""
+                            } else {
+                                "; pass --on-conflict first or last to choose"
+                            };
+                            return Err(Error::Mismatch(format!(
+                            "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
+                            a.path.display(),
+                            at.info.name,
+                            base_tensor(key).name,
+                            prev_name,
+                            prev_a.path.display(),
+                        )));
+                        }
+                        Some(_) if on_conflict == OnConflict::Last => {
+                            slots.insert(unit, src);
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    requant::settle(painted, requants, ckpt, adapters)
+}
+
+/// One report entry per replaced tensor, or per expert slice when a fused
+/// tensor is replaced only in part (or by several adapters).
+pub(super) fn describe(ckpt: &Checkpoint, adapters: &[Adapter], painted: &Painted) -> Vec<Replacement> {
+    let mut out = Vec::new();
+    for (&(si, ti), slots) in painted {
+        let shard = &ckpt.shards[si];
+        let t = &shard.file.header.tensors[ti];
+        let (units, unit_len) = expert_units(t);
+        let role = naming::classify(&t.name);
+        let entry = |src: &Source, expert: Option<u32>, bytes: u64| Replacement {
+            tensor: t.name.clone(),
+            file: shard.name.clone(),
+            adapter: adapters[src.adapter].path.display().to_string(),
+            source: adapters[src.adapter].ckpt.shards[src.shard]
+                .file
+                .header
+                .tensors[src.tensor]
+                .name
+                .clone(),
+            kind: role.kind(),
+            layer: role.layer(),
+            expert,
+            bytes,
+            requantized: src.requant.is_some(),
+        };
+        let first = slots.values().next();
+        let whole = slots.len() == units as usize
+            && first.is_some_and(|f| {
+                slots
+                    .values()
+                    .all(|s| (s.adapter, s.shard, s.tensor) == (f.adapter, f.shard, f.tensor))
+            });
+        match (whole, first) {
+            (true, Some(src)) => {
+                let expert = match role {
+                    Role::RoutedExpert { expert, .. } => Some(expert),
+                    _ => None,
+                };
+                out.push(entry(src, expert, t.nbytes()));
+            }
+            _ => out.extend(slots.iter().map(|(&u, src)| entry(src, Some(u), unit_len))),
+        }
+    }
+    out
+}
