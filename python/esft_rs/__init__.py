@@ -10,9 +10,15 @@ from typing import TYPE_CHECKING
 
 from esft_rs._core import __version__
 from esft_rs.adapter import fingerprint, read_adapter, save_adapter
-from esft_rs.errors import EsftError, InvalidFileError, MismatchError
-from esft_rs.inspect import Inspection, inspect
-from esft_rs.merge import MergeReport, SplitReport, merge, split
+from esft_rs.errors import (
+    EsftError,
+    EsftIOError,
+    EsftValueError,
+    InvalidFileError,
+    MismatchError,
+)
+from esft_rs.inspection import Inspection, inspect
+from esft_rs.merging import MergeReport, SplitReport, merge, split
 
 if TYPE_CHECKING:
     from esft_rs.evaluation import EvalResult, evaluate
@@ -44,6 +50,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "EsftError",
+    "EsftIOError",
+    "EsftValueError",
     "EvalResult",
     "Inspection",
     "InvalidFileError",

@@ -11,14 +11,13 @@ ignores. An expert's slice of a fused tensor ``P.experts.NAME`` is stored as
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from esft_rs import _core
+from esft_rs._core import AdapterInfo
 from esft_rs.expert_config import ExpertConfig
 
 ADAPTER_KEYS: dict[str, str] = dict(_core.ADAPTER_KEYS)
@@ -37,30 +36,9 @@ def fingerprint(path: str | os.PathLike[str]) -> str:
     return _core.fingerprint(os.fspath(path))
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    path: str
-    kind: str  # esft | plain | official
-    expert_config: ExpertConfig | None
-    base_fingerprint: str | None
-    metadata: dict[str, str]
-    tensors: tuple[str, ...]  # checkpoint names (legacy official names mapped)
-    total_bytes: int
-
-
 def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
     """Describe an adapter: ours, a plain safetensors file, or an official folder."""
-    raw = json.loads(_core.adapter_info_json(os.fspath(path)))
-    cfg = raw["expert_config"]
-    return AdapterInfo(
-        path=raw["path"],
-        kind=raw["kind"],
-        expert_config=ExpertConfig.parse(cfg, path) if cfg is not None else None,
-        base_fingerprint=raw["base_fingerprint"],
-        metadata=dict(raw["metadata"]),
-        tensors=tuple(raw["tensors"]),
-        total_bytes=raw["total_bytes"],
-    )
+    return _core.adapter_info(os.fspath(path))
 
 
 def adapter_metadata(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from esft_rs.errors import InvalidFileError
+from esft_rs.errors import EsftValueError, InvalidFileError
 from esft_rs.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -122,25 +122,25 @@ def _parse_line(line: bytes) -> list[Message]:
     try:
         obj = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ValueError("not valid UTF-8") from None
+        raise EsftValueError("not valid UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        raise EsftValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise ValueError("not a JSON object")
+        raise EsftValueError("not a JSON object")
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ValueError('no "messages" list (or it is empty)')
+        raise EsftValueError('no "messages" list (or it is empty)')
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"message {i} is not an object")
+            raise EsftValueError(f"message {i} is not an object")
         role, content, mask = m.get("role"), m.get("content"), m.get("mask", 0)
         if role not in ROLES:
-            raise ValueError(f"message {i} has unknown role {json.dumps(role)}")
+            raise EsftValueError(f"message {i} has unknown role {json.dumps(role)}")
         if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message {i} has empty or non-string content")
+            raise EsftValueError(f"message {i} has empty or non-string content")
         if mask not in (0, 1):
-            raise ValueError(f"message {i} has mask {json.dumps(mask)} (expected 0 or 1)")
+            raise EsftValueError(f"message {i} has mask {json.dumps(mask)} (expected 0 or 1)")
         out.append(Message(role, content, bool(mask)))
     return out
 
@@ -180,7 +180,7 @@ def pack(
     import torch
 
     if seq_length <= 0:
-        raise ValueError("seq_length must be positive")
+        raise EsftValueError("seq_length must be positive")
     coin = random.Random(seed)
     rows: list[tuple[list[int], list[int]]] = []
     ids: list[int] = []

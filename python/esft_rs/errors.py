@@ -1,12 +1,88 @@
-"""The esft-rs exception hierarchy, defined in the Rust core and shared with Python code.
+"""The esft-rs exception hierarchy: one base, and the builtin a Python user would catch.
 
-- ``EsftError``: base of everything esft-rs raises on bad input.
-- ``InvalidFileError``: a file is malformed or says something impossible.
-- ``MismatchError``: inputs that are each valid do not fit together.
+Everything esft-rs raises for bad input or a bad file is an ``EsftError``, and
+also the builtin exception that fits (as in polars):
 
-I/O failures are the built-in ``OSError`` subclasses (``FileNotFoundError``, ...).
+- ``EsftValueError(EsftError, ValueError)``: a bad value or argument.
+- ``InvalidFileError(EsftValueError)``: a file is malformed or says something impossible.
+- ``MismatchError(EsftValueError)``: inputs that are each valid do not fit together.
+- ``EsftIOError(EsftError, OSError)``: an I/O failure, with ``errno``, ``strerror`` and
+  ``filename`` set; per-errno subclasses are also the builtin ones
+  (``EsftFileNotFoundError`` is a ``FileNotFoundError``, ...).
+
+Errors about a file carry it in ``.path`` (else ``None``). The Rust core's
+errors are raised as these classes (``rust/python/src/errors.rs``).
 """
 
-from esft_rs._core import EsftError, InvalidFileError, MismatchError
+from __future__ import annotations
 
-__all__ = ["EsftError", "InvalidFileError", "MismatchError"]
+import os
+
+
+class EsftError(Exception):
+    """Base class of all esft-rs errors."""
+
+    path: str | None = None
+
+
+class EsftValueError(EsftError, ValueError):
+    """A bad value or argument."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = os.fspath(path) if path is not None else None
+
+
+class InvalidFileError(EsftValueError):
+    """A file (safetensors, index, config, data) is malformed or says something impossible."""
+
+
+class MismatchError(EsftValueError):
+    """Inputs that are each valid do not fit together (adapter vs base, layers, shapes)."""
+
+
+class EsftIOError(EsftError, OSError):
+    """An I/O failure on ``filename`` (also ``.path``); the message is ``FILE: what``."""
+
+    @property  # type: ignore[override]
+    def path(self) -> str | None:
+        return None if self.filename is None else os.fspath(self.filename)
+
+    def __str__(self) -> str:
+        if self.filename is None:
+            return str(self.strerror)
+        return f"{self.filename}: {self.strerror}"
+
+
+class EsftFileNotFoundError(EsftIOError, FileNotFoundError):
+    pass
+
+
+class EsftFileExistsError(EsftIOError, FileExistsError):
+    pass
+
+
+class EsftPermissionError(EsftIOError, PermissionError):
+    pass
+
+
+class EsftIsADirectoryError(EsftIOError, IsADirectoryError):
+    pass
+
+
+class EsftNotADirectoryError(EsftIOError, NotADirectoryError):
+    pass
+
+
+__all__ = [
+    "EsftError",
+    "EsftFileExistsError",
+    "EsftFileNotFoundError",
+    "EsftIOError",
+    "EsftIsADirectoryError",
+    "EsftNotADirectoryError",
+    "EsftPermissionError",
+    "EsftValueError",
+    "InvalidFileError",
+    "MismatchError",
+]

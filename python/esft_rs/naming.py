@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from esft_rs import _core
@@ -35,3 +36,11 @@ def fused_slice_name(fused: str, expert: int) -> str | None:
 def fused_slice_parent(name: str) -> tuple[str, int] | None:
     """The (fused tensor, expert) a slice name stands for; None if it is not one."""
     return _core.fused_slice_parent(name)
+
+
+def moe_layout(shapes: Iterable[tuple[str, Sequence[int]]]) -> dict[int, int]:
+    """MoE layer -> number of routed experts, from tensor names (and fused tensors' dim 0).
+
+    The Rust core's ``naming::moe_layout``, which inspect and split use too.
+    """
+    return dict(_core.moe_layout([(name, list(shape)) for name, shape in shapes]))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esft_rs.errors import MismatchError
+from esft_rs.errors import EsftValueError, MismatchError
 from esft_rs.routing import RoutingStats
 
 if TYPE_CHECKING:
@@ -52,11 +52,13 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = ids.unsqueeze(0)
         mask = None if mask is None else torch.as_tensor(mask).unsqueeze(0)
     if ids.dim() != 2:
-        raise ValueError(f"input ids must be [batch, seq] or [seq], got shape {list(ids.shape)}")
+        raise EsftValueError(
+            f"input ids must be [batch, seq] or [seq], got shape {list(ids.shape)}"
+        )
     if mask is not None:
         mask = torch.as_tensor(mask)
         if mask.shape != ids.shape:
-            raise ValueError(
+            raise EsftValueError(
                 f"attention mask shape {list(mask.shape)} differs from ids {list(ids.shape)}"
             )
     return ids, mask

@@ -15,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 
 from esft_rs import _core, scoring
-from esft_rs.errors import MismatchError
+from esft_rs.errors import EsftValueError, MismatchError
 from esft_rs.scoring import OFFICIAL_TOP_K
 
 #: What ``aggregate`` sums: stats objects, routing-stats files, official log folders.
@@ -90,7 +90,7 @@ class RoutingStats:
         """Sums statistics over the same layers, experts and top-K; ``names``
         label the items in errors. Metadata keeps the keys all items agree on."""
         if not items:
-            raise ValueError("nothing to sum")
+            raise EsftValueError("nothing to sum")
         names = list(names) if names is not None else [f"input {i}" for i in range(len(items))]
         first = items[0]
         for item, name in zip(items[1:], names[1:], strict=True):
@@ -185,13 +185,13 @@ def aggregate(
     (file:line), inputs disagreeing on layers, experts or top-K.
     """
     if isinstance(hist, list | tuple) and not hist:
-        raise ValueError("nothing to aggregate")
+        raise EsftValueError("nothing to aggregate")
     if _is_source(hist) or (
         isinstance(hist, list | tuple) and hist and all(_is_source(h) for h in hist)
     ):
         items = list(hist) if isinstance(hist, list | tuple) else [hist]
         if weights is not None or lengths is not None or layers is not None:
-            raise ValueError("weights, lengths and layers apply only to per-token records")
+            raise EsftValueError("weights, lengths and layers apply only to per-token records")
         loaded = [load_source(s, top_k=top_k, num_experts=num_experts) for s in items]
         return RoutingStats.sum(loaded, [source_name(s) for s in items])
     ids = np.ascontiguousarray(hist)

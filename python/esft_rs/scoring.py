@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+from esft_rs.errors import EsftValueError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -42,9 +44,9 @@ def scores(
 ) -> np.ndarray:
     """Scores [layers, experts] (float64); rows of layers without tokens are NaN."""
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise EsftValueError(f"score must be one of {SCORES}, got {score!r}")
     if average not in AVERAGES:
-        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        raise EsftValueError(f"average must be one of {AVERAGES}, got {average!r}")
     import numpy as np  # here, so that the CLI's option parsing does not load numpy
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -86,13 +88,13 @@ def select_top_p(row: Sequence[float], top_p: float) -> tuple[list[int], float]:
 def default_top_p(score: Score) -> float:
     """The paper's top-p for a score: 0.2 for token scores, 0.1 for gate scores."""
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise EsftValueError(f"score must be one of {SCORES}, got {score!r}")
     return DEFAULT_TOP_P[score]
 
 
 def check_top_p(top_p: float) -> None:
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise EsftValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def summary(stats: RoutingStats, decimals: int = SUMMARY_DECIMALS) -> dict[str, dict]:

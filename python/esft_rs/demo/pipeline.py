@@ -156,7 +156,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
 
     from esft_rs import inspect
     from esft_rs.demo.report import routing_figures, write_report
-    from esft_rs.merge import merge
+    from esft_rs.merging import merge
     from esft_rs.models import load_model
     from esft_rs.selection import select
     from esft_rs.tokenizer import load_tokenizer

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from esft_rs.errors import InvalidFileError
-from esft_rs.inspect import inspect
+from esft_rs.inspection import inspect
 from esft_rs.models.config import ModelConfig
 from esft_rs.models.reference import ReferenceMoE, blank
 

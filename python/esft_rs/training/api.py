@@ -19,7 +19,7 @@ from esft_rs.training.outputs import ADAPTER, write_outputs
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.inspect import TensorInfo
+    from esft_rs.inspection import TensorInfo
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.loop import FitResult
 
@@ -220,7 +220,7 @@ def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
 
 def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
     """The base checkpoint's tensors (headers only)."""
-    from esft_rs.inspect import inspect as inspect_checkpoint
+    from esft_rs.inspection import inspect as inspect_checkpoint
 
     return dict(inspect_checkpoint(base).tensors)
 
@@ -275,6 +275,6 @@ def _merge(base: PathLike | None, adapter: Path, out: Path, requantize_fp8: bool
     """The full fine-tuned model: the adapter merged into the base by the Rust streaming merge."""
     if base is None:
         raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
-    from esft_rs.merge import merge
+    from esft_rs.merging import merge
 
     merge(base, adapter, out, requantize_fp8=requantize_fp8)

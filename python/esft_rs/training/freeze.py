@@ -12,7 +12,7 @@ optimizer state and no weight decay, and stay bit-identical.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -21,21 +21,9 @@ from esft_rs.cli.fmt import id_ranges
 from esft_rs.errors import MismatchError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import hf
-from esft_rs.naming import classify
+from esft_rs.naming import classify, moe_layout  # noqa: F401 (moe_layout: re-exported)
 
 SHARED_KINDS = ("shared_expert", "shared_expert_gate")
-
-
-def moe_layout(shapes: Iterable[tuple[str, tuple[int, ...]]]) -> dict[int, int]:
-    """MoE layer -> number of routed experts, from tensor names (and fused tensors' dim 0)."""
-    out: dict[int, int] = {}
-    for name, shape in shapes:
-        role = classify(name)
-        if role.kind == "routed_expert":
-            out[role.layer] = max(out.get(role.layer, 0), role.expert + 1)
-        elif role.kind == "fused_experts":
-            out[role.layer] = max(out.get(role.layer, 0), shape[0])
-    return dict(sorted(out.items()))
 
 
 def resolve_experts(

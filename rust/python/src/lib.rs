@@ -1,56 +1,30 @@
-//! The only module that touches Python: exposes the core as `esft_rs._core`,
-//! maps core errors onto the Python exception hierarchy, and releases the GIL
-//! around all file and compute work.
+//! The Python binding of esft-core, built by maturin into `esft_rs._core`:
+//! conversions (reports as frozen classes, routing stats as numpy arrays),
+//! the error mapping (`errors`), and the GIL released around all file and
+//! compute work. No logic of its own.
+
+mod errors;
+mod reports;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 
-use esft_core::error::Error;
+use errors::{to_py, value_error};
 use esft_core::expert_config::ExpertConfig;
 use esft_core::progress::Control;
 use esft_core::{adapter, inspect, merge, naming, split};
 
-create_exception!(_core, EsftError, PyException, "Base class of all esft-rs errors.");
-create_exception!(
-    _core,
-    InvalidFileError,
-    EsftError,
-    "A file (safetensors, index, config, data) is malformed or says something impossible."
-);
-create_exception!(
-    _core,
-    MismatchError,
-    EsftError,
-    "Inputs that are each valid do not fit together (adapter vs base, layers, shapes)."
-);
-
-fn to_py(err: Error) -> PyErr {
-    match err {
-        // Keep the OSError subclass (FileNotFoundError, PermissionError, ...).
-        Error::Io { path, source } => std::io::Error::new(
-            source.kind(),
-            format!("{}: {}", path.display(), source),
-        )
-        .into(),
-        e @ (Error::Format { .. } | Error::Invalid { .. }) => InvalidFileError::new_err(e.to_string()),
-        e @ Error::Mismatch(_) => MismatchError::new_err(e.to_string()),
-        Error::Value(msg) => PyValueError::new_err(msg),
-        e @ Error::Usage(_) => EsftError::new_err(e.to_string()),
-        Error::Cancelled => pyo3::exceptions::PyKeyboardInterrupt::new_err("cancelled"),
-    }
-}
-
-/// Inspects a safetensors file, checkpoint directory or adapter; returns JSON.
+/// Inspects a safetensors file, checkpoint directory or adapter, from headers alone.
 #[pyfunction]
-fn inspect_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+#[pyo3(name = "inspect")]
+fn py_inspect(py: Python<'_>, path: PathBuf) -> PyResult<reports::Inspection> {
     let report = py.detach(|| inspect::inspect(&path)).map_err(to_py)?;
-    serde_json::to_string(&report).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    reports::Inspection::new(py, report)
 }
 
 /// Classifies a checkpoint tensor name: (kind, layer, expert).
@@ -124,14 +98,14 @@ fn stats_to_dict(py: Python<'_>, s: RoutingStats) -> PyResult<Bound<'_, PyDict>>
 fn dict_array<'py, T: Element + Copy>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<(Vec<T>, Vec<usize>)> {
     let item = d
         .get_item(key)?
-        .ok_or_else(|| PyValueError::new_err(format!("routing stats lack {key:?}")))?;
+        .ok_or_else(|| value_error(d.py(), format!("routing stats lack {key:?}")))?;
     let arr: PyReadonlyArrayDyn<'py, T> = item.extract()?;
     Ok((arr.as_array().iter().copied().collect(), arr.shape().to_vec()))
 }
 
 fn dict_item<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
     d.get_item(key)?
-        .ok_or_else(|| PyValueError::new_err(format!("routing stats lack {key:?}")))?
+        .ok_or_else(|| value_error(d.py(), format!("routing stats lack {key:?}")))?
         .extract()
         .map_err(Into::into)
 }
@@ -164,12 +138,12 @@ fn count_typed<I: ExpertId + Element, W: Weight + Element>(
     weights: Option<&PyReadonlyArrayDyn<'_, W>>,
     args: CountArgs,
 ) -> PyResult<RoutingStats> {
-    let not_contiguous = |what: &str| PyValueError::new_err(format!("{what} must be C-contiguous"));
+    let not_contiguous = |what: &str| value_error(py, format!("{what} must be C-contiguous"));
     let shape = ids.shape().to_vec();
     let ids = ids.as_slice().map_err(|_| not_contiguous("expert ids"))?;
     let weights = match weights {
         Some(w) if w.shape() != shape.as_slice() => {
-            return Err(PyValueError::new_err(format!(
+            return Err(value_error(py, format!(
                 "weights have shape {:?} but expert ids have shape {shape:?}",
                 w.shape()
             )))
@@ -309,13 +283,13 @@ fn run_watched<T: Send>(
     })
 }
 
-/// Merges adapters into a base checkpoint; returns the report as JSON.
+/// Merges adapters into a base checkpoint.
 /// `progress(stage, done, total)` and `on_warning(message)` are called from
 /// this thread while the work runs without the GIL.
 #[pyfunction]
-#[pyo3(signature = (base, adapters, out=None, on_conflict="error", force=false, dry_run=false, overwrite=false, progress=None, on_warning=None, requantize_fp8=false))]
+#[pyo3(name = "merge", signature = (base, adapters, out=None, on_conflict="error", force=false, dry_run=false, overwrite=false, progress=None, on_warning=None, requantize_fp8=false))]
 #[allow(clippy::too_many_arguments)]
-fn merge_json(
+fn py_merge(
     py: Python<'_>,
     base: PathBuf,
     adapters: Vec<PathBuf>,
@@ -327,26 +301,26 @@ fn merge_json(
     progress: Option<Bound<'_, PyAny>>,
     on_warning: Option<Bound<'_, PyAny>>,
     requantize_fp8: bool,
-) -> PyResult<String> {
+) -> PyResult<reports::MergeReport> {
     let on_conflict = match on_conflict {
         "error" => merge::OnConflict::Error,
         "first" => merge::OnConflict::First,
         "last" => merge::OnConflict::Last,
-        other => return Err(PyValueError::new_err(format!("on_conflict must be error, first or last, not {other:?}"))),
+        other => return Err(value_error(py, format!("on_conflict must be error, first or last, not {other:?}"))),
     };
     let opts = merge::MergeOptions { on_conflict, force, dry_run, overwrite, requantize_fp8 };
     let report = run_watched(py, progress.as_ref(), on_warning.as_ref(), |ctl| {
         merge::merge(&base, &adapters, out.as_deref(), &opts, ctl)
     })?;
-    serde_json::to_string(&report).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    reports::MergeReport::new(py, report)
 }
 
 /// Extracts expert weights of `model` into an adapter at `out` (by expert
-/// config, or by difference with `base`); returns the report as JSON.
+/// config, or by difference with `base`).
 #[pyfunction]
-#[pyo3(signature = (model, out, experts=None, base=None, shared_experts=false, non_expert_modules=false, dry_run=false, overwrite=false, progress=None, on_warning=None))]
+#[pyo3(name = "split", signature = (model, out, experts=None, base=None, shared_experts=false, non_expert_modules=false, dry_run=false, overwrite=false, progress=None, on_warning=None))]
 #[allow(clippy::too_many_arguments)]
-fn split_json(
+fn py_split(
     py: Python<'_>,
     model: PathBuf,
     out: PathBuf,
@@ -358,10 +332,10 @@ fn split_json(
     overwrite: bool,
     progress: Option<Bound<'_, PyAny>>,
     on_warning: Option<Bound<'_, PyAny>>,
-) -> PyResult<String> {
+) -> PyResult<reports::SplitReport> {
     let opts = split::SplitOptions { experts, base, shared_experts, non_expert_modules, dry_run, overwrite };
     let report = run_watched(py, progress.as_ref(), on_warning.as_ref(), |ctl| split::split(&model, &out, &opts, ctl))?;
-    serde_json::to_string(&report).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    reports::SplitReport::new(py, report)
 }
 
 /// The base fingerprint of a checkpoint (see fingerprint.rs for the scheme).
@@ -370,11 +344,11 @@ fn fingerprint(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     py.detach(|| esft_core::fingerprint::fingerprint_path(&path, &Control::default())).map_err(to_py)
 }
 
-/// Kind, expert config, base fingerprint, metadata and tensor names of an adapter, as JSON.
+/// Kind, expert config, base fingerprint, metadata and tensor names of an adapter.
 #[pyfunction]
-fn adapter_info_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+fn adapter_info(py: Python<'_>, path: PathBuf) -> PyResult<reports::AdapterInfo> {
     let info = py.detach(|| adapter::info(&path)).map_err(to_py)?;
-    serde_json::to_string(&info).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    reports::AdapterInfo::new(py, info)
 }
 
 /// The `__metadata__` entries of an adapter we write, in order: format, the
@@ -387,7 +361,7 @@ fn adapter_metadata(
     extra: Vec<(String, String)>,
 ) -> PyResult<Vec<(String, String)>> {
     let cfg = ExpertConfig::parse(expert_config, std::path::Path::new("<expert config>")).map_err(to_py)?;
-    adapter::adapter_metadata(&cfg, base_fingerprint, &extra).map_err(|e| PyValueError::new_err(e.to_string()))
+    adapter::adapter_metadata(&cfg, base_fingerprint, &extra).map_err(to_py)
 }
 
 /// Name of expert `expert`'s slice of the fused tensor `fused` (None if not fused).
@@ -402,14 +376,26 @@ fn fused_slice_parent(name: &str) -> Option<(String, u32)> {
     naming::fused_slice_parent(name)
 }
 
+/// MoE layer -> number of routed experts, from (tensor name, shape) pairs
+/// (`naming::moe_layout`, the one place that infers it).
+#[pyfunction]
+fn moe_layout(tensors: Vec<(String, Vec<u64>)>) -> BTreeMap<u32, u32> {
+    naming::moe_layout(tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+        .into_iter()
+        .map(|(l, e)| (l, e.count()))
+        .collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("EsftError", py.get_type::<EsftError>())?;
-    m.add("InvalidFileError", py.get_type::<InvalidFileError>())?;
-    m.add("MismatchError", py.get_type::<MismatchError>())?;
-    m.add_function(wrap_pyfunction!(inspect_json, m)?)?;
+    m.add_function(wrap_pyfunction!(py_inspect, m)?)?;
+    m.add_class::<reports::Inspection>()?;
+    m.add_class::<reports::TensorInfo>()?;
+    m.add_class::<reports::MoeInfo>()?;
+    m.add_class::<reports::MoeLayer>()?;
+    m.add_class::<reports::Fp8Info>()?;
+    m.add_function(wrap_pyfunction!(moe_layout, m)?)?;
     m.add_function(wrap_pyfunction!(classify_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_name, m)?)?;
     m.add_function(wrap_pyfunction!(parse_expert_config, m)?)?;
@@ -428,10 +414,16 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("official_config", adapter::OFFICIAL_CONFIG),
     ];
     m.add("ADAPTER_KEYS", keys.into_iter().collect::<BTreeMap<_, _>>())?;
-    m.add_function(wrap_pyfunction!(merge_json, m)?)?;
-    m.add_function(wrap_pyfunction!(split_json, m)?)?;
+    m.add_function(wrap_pyfunction!(py_merge, m)?)?;
+    m.add_class::<reports::MergeReport>()?;
+    m.add_class::<reports::Replacement>()?;
+    m.add_class::<reports::AdapterSummary>()?;
+    m.add_function(wrap_pyfunction!(py_split, m)?)?;
+    m.add_class::<reports::SplitReport>()?;
+    m.add_class::<reports::Extracted>()?;
     m.add_function(wrap_pyfunction!(fingerprint, m)?)?;
-    m.add_function(wrap_pyfunction!(adapter_info_json, m)?)?;
+    m.add_function(wrap_pyfunction!(adapter_info, m)?)?;
+    m.add_class::<reports::AdapterInfo>()?;
     m.add_function(wrap_pyfunction!(adapter_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(fused_slice_name, m)?)?;
     m.add_function(wrap_pyfunction!(fused_slice_parent, m)?)?;
