@@ -92,3 +92,13 @@ def test_core_value_errors_are_esft_value_errors(tmp_path: Path) -> None:
         from esft_rs.scoring import check_top_p
 
         check_top_p(2.0)
+
+
+def test_python_file_errors_carry_the_path(tmp_path: Path) -> None:
+    from esft_rs.tokenizer import load_tokenizer
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(InvalidFileError) as info:
+        load_tokenizer(tmp_path)
+    assert info.value.path == str(tmp_path / "config.json")
+    assert str(info.value) == f"{tmp_path / 'config.json'}: not a JSON object"

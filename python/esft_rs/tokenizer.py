@@ -56,7 +56,7 @@ class HFTokenizer:
         try:
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on a bad file
-            raise InvalidFileError(f"{path}: not a valid tokenizer.json ({e})") from None
+            raise InvalidFileError(f"{path}: not a valid tokenizer.json ({e})", path) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         tok_cfg = _json_object(path.parent / "tokenizer_config.json")
         model_cfg = _json_object(path.parent / "config.json")
@@ -74,7 +74,8 @@ class HFTokenizer:
         if missing:
             raise InvalidFileError(
                 f"{path.parent}: no {' or '.join(missing)} token in tokenizer_config.json"
-                " or config.json"
+                " or config.json",
+                path.parent,
             )
         self.bos, self.eos, self.pad = ids["bos"], ids["eos"], ids["pad"]
 
@@ -95,7 +96,8 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
         return ByteTokenizer()
     raise InvalidFileError(
         f"{root}: no tokenizer.json, and config.json does not name the byte tokenizer"
-        ' ("tokenizer": "byte")'
+        ' ("tokenizer": "byte")',
+        root,
     )
 
 
@@ -106,7 +108,7 @@ def _json_object(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
+        raise InvalidFileError(f"{path}: not valid JSON ({e})", path) from None
     if not isinstance(raw, dict):
-        raise InvalidFileError(f"{path}: not a JSON object")
+        raise InvalidFileError(f"{path}: not a JSON object", path)
     return raw

@@ -88,7 +88,8 @@ def _check(root: Path, found: dict, expected: dict[str, tuple[int, ...]]) -> Non
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""
         raise InvalidFileError(
-            f"{root}: tensors do not match config.json: {'; '.join(problems[:3])}{more}"
+            f"{root}: tensors do not match config.json: {'; '.join(problems[:3])}{more}",
+            root,
         )
 
 

@@ -113,9 +113,9 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_bytes())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
+            raise InvalidFileError(f"{path}: not valid JSON ({e})", path) from None
         if not isinstance(raw, dict):
-            raise InvalidFileError(f"{path}: not a JSON object")
+            raise InvalidFileError(f"{path}: not a JSON object", path)
         return cls.from_dict(raw, str(path))
 
     def replace(self, **changes: Any) -> ModelConfig:
