@@ -13,10 +13,10 @@
 //! quantised block row by block row into the weight and its scale tensor,
 //! both written in place (shapes and dtypes, hence headers, are unchanged).
 //!
-//! Three steps, one module each: [`plan`] resolves adapter tensor names to base
+//! Three steps, one module each: `plan` resolves adapter tensor names to base
 //! tensors and expert slices, checks dtypes and shapes, and applies the conflict
-//! policy; [`requant`] is the block-FP8 pass over that plan (which slots are
-//! quantised, and the quantising writer); [`write`] turns the plan into byte
+//! policy; `requant` is the block-FP8 pass over that plan (which slots are
+//! quantised, and the quantising writer); `write` turns the plan into byte
 //! ranges and copies them into a staged output.
 //!
 //! ```

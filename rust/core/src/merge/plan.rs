@@ -4,7 +4,7 @@
 //! names mapped) or to one expert's slice of a fused base tensor, checked for
 //! dtype and shape, and painted unit by unit (a whole tensor, or an expert
 //! slice) under the conflict policy. A tensor aimed at a block-FP8 slot goes
-//! through [`super::requant`].
+//! through `super::requant`.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -2,9 +2,9 @@
 //!
 //! A BF16/F16/F32 adapter tensor aimed at an F8_E4M3 base weight with
 //! `weight_scale_inv` is refused, or (with `requantize_fp8`) becomes a
-//! [`Requant`]: [`requant_slot`] checks it while planning, [`settle`] keeps
+//! `Requant`: `requant_slot` checks it while planning, `settle` keeps
 //! only whole requantisations once the conflict policy has run, and
-//! [`requantize`] writes the quantised rows and their scales into the output.
+//! `requantize` writes the quantised rows and their scales into the output.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;

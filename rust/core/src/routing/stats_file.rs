@@ -1,5 +1,5 @@
 //! Routing statistics as one safetensors file:
-//! `count` [L, E] I64, `gate_sum` [L, E] F64, `tokens` [L] I64,
+//! `count` [L, E] I64, `gate_sum` [L, E] F64, `tokens` `[L]` I64,
 //! `sample_token_sum` and `sample_gate_sum` [L, E] F64 (per-sample averages,
 //! summed over samples), and `__metadata__` with `format`, `layers` (JSON
 //! list of decoder-layer indices), `top_k`, `num_samples` and free-form keys
