@@ -409,6 +409,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EsftError", py.get_type::<EsftError>())?;
     m.add("InvalidFileError", py.get_type::<InvalidFileError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
+    m.add("MAX_EXPERTS", crate::routing::MAX_EXPERTS)?;
     m.add_function(wrap_pyfunction!(inspect_json, m)?)?;
     m.add_function(wrap_pyfunction!(classify_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_name, m)?)?;

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::adapter::{Adapter, AdapterKind, AdapterTensor};
 use crate::copy::{self, Range};
-use crate::error::{Error, Result};
+use crate::error::{read_input_text, Error, Result};
 use crate::fingerprint;
 use crate::fp8::{self, BlockSize};
 use crate::naming::{self, Role};
@@ -43,7 +43,8 @@ pub enum OnConflict {
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
     pub on_conflict: OnConflict,
-    /// Merge even when an adapter's base fingerprint differs from the base's.
+    /// Merge even when an adapter's base fingerprint differs from the base's, or
+    /// it holds tensors its own expert config does not select.
     pub force: bool,
     pub dry_run: bool,
     pub overwrite: bool,
@@ -200,6 +201,7 @@ pub fn merge(
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
     let (painted, requants) = plan(&ckpt, &adapters, opts)?;
+    warnings.extend(outside_configs(&adapters, opts.force)?);
     let replaced = describe(&ckpt, &adapters, &painted);
     let is_dir =
         ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
@@ -300,6 +302,22 @@ fn missing_fingerprints(ckpt: &Checkpoint, adapters: &[Adapter]) -> Vec<String> 
             )
         })
         .collect()
+}
+
+/// Refuses (or with `force`, warns about) an adapter holding tensors that its own
+/// expert config does not select: it would change more of the model than it says.
+fn outside_configs(adapters: &[Adapter], force: bool) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for a in adapters {
+        let Some(why) = a.outside_config() else {
+            continue;
+        };
+        if !force {
+            return Err(Error::invalid(&a.path, format!("{why}; pass --force to merge anyway")));
+        }
+        warnings.push(format!("{}: {why}; merging anyway (--force)", a.path.display()));
+    }
+    Ok(warnings)
 }
 
 /// Compares each adapter's recorded base fingerprint with the base's `fp`:
@@ -853,7 +871,7 @@ fn shard_ranges(
 /// everything else (key order, weight_map, other metadata) kept. An index
 /// whose total is already right is copied byte for byte.
 fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
-    let text = fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+    let text = read_input_text(src)?;
     let mut v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(src, format!("not a safetensors index: {e}")))?;
     let obj = v

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from esft_rs.errors import InvalidFileError
@@ -143,14 +142,9 @@ def from_mapping(raw: object, origin: str) -> tuple[TrainConfig, list[str]]:
 
 def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
     """Read a YAML training config (an official ESFT one works unchanged)."""
-    import yaml
+    from esft_rs.inputs import load_yaml
 
-    text = Path(path).read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidFileError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return from_mapping(raw, os.fspath(path))
+    return from_mapping(load_yaml(path), os.fspath(path))
 
 
 def _typed(value: object, kind: type, key: str, origin: str) -> Any:
