@@ -174,6 +174,7 @@ def routing_report_cmd(
     per layer, how many experts cover 50% and 90% of the task's token selections,
     then the Jaccard overlap of the selected expert sets between tasks.
     """
+    from esft_rs.routing import check_same_model
     from esft_rs.routing_report import summarize
     from esft_rs.selection import select
 
@@ -189,6 +190,7 @@ def routing_report_cmd(
         )
         for name, path in zip(names, routing, strict=True)
     ]
+    check_same_model([t.selection.stats for t in tasks], [str(p) for p in routing])
     _print_concentration(tasks)
     click.echo()
     _print_overlap(tasks)
