@@ -153,6 +153,7 @@ def load_routing_stats(path: str) -> dict[str, Any]: ...
 def save_routing_stats(path: str, stats: dict[str, Any]) -> None: ...
 # --- merge / split / adapters ---
 ADAPTER_KEYS: dict[str, str]
+MAX_EXPERTS: int
 
 @final
 class Replacement:

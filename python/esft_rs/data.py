@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from esft_rs.errors import EsftValueError, InvalidFileError
+from esft_rs.inputs import json_problem, read_bytes
 from esft_rs.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def read_task_data(
     sources: list[str] = []
     bad: list[str] = []
     for path in map(Path, paths):
-        for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        for number, line in enumerate(read_bytes(path).split(b"\n"), 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -119,12 +120,9 @@ def read_task_data(
 
 
 def _parse_line(line: bytes) -> list[Message]:
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise EsftValueError("not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise EsftValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    obj, why = json_problem(line)
+    if why is not None:
+        raise EsftValueError(why)
     if not isinstance(obj, dict):
         raise EsftValueError("not a JSON object")
     messages = obj.get("messages")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from esft_rs.data import IGNORE_INDEX, Message, TaskData, format_conversation
 from esft_rs.tokenizer import Tokenizer
@@ -108,8 +108,9 @@ def evaluate(
     """Answer-token loss of every conversation, and greedy exact match of each
     conversation's last turn when it is an assistant reply to a user.
 
-    ``max_length``: see ``conversation_rows``. ``progress`` is called with the
-    number of conversations done in each batch.
+    ``max_length``: see ``conversation_rows``. ``progress`` is called with 0 once the
+    inputs are checked (token ids, answer tokens), then with the number of conversations
+    done in each batch.
     """
     import torch
 
@@ -118,6 +119,9 @@ def evaluate(
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = param.device if param is not None else torch.device("cpu")
     convs = data.conversations
+    _preflight(model, tokenizer, data, max_length)
+    if progress is not None:
+        progress(0)  # the inputs hold: a caller may show its progress bar from here on
     total, count, answered, correct = 0.0, 0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(convs), batch_size):
@@ -144,6 +148,22 @@ def exact_match(
         return 0.0
     data = TaskData(_conversations(items), [f"item {i}" for i in range(len(items))], [])
     return evaluate(model, tokenizer, data, batch_size=batch_size).exact_match or 0.0
+
+
+def _preflight(model: Any, tokenizer: Tokenizer, data: TaskData, max_length: int | None) -> None:
+    """Token ids and answer tokens of every conversation, checked before the first batch runs."""
+    from esft_rs.preflight import check_answer_tokens, check_token_ids
+
+    lo, hi, answer = 0, 0, 0
+    for conv in data.conversations:
+        ids, labels = format_conversation(conv, tokenizer)
+        if max_length is not None:
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        lo, hi = min(lo, *ids), max(hi, *ids)
+        answer += sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+    origin = ", ".join(sorted({s.rsplit(":", 1)[0] for s in data.sources})) or "data"
+    check_token_ids(lo, hi, model, origin)
+    check_answer_tokens(answer, origin, "to score")
 
 
 def _conversations(items: Sequence[tuple[str, str]]) -> list[list[Message]]:

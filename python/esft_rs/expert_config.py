@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esft_rs import _core
+from esft_rs.inputs import read_text
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ExpertConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertConfig:
-        return cls.parse(Path(path).read_text(), path)
+        return cls.parse(read_text(path), path)
 
     def to_json(self) -> str:
         return _core.dump_expert_config(self.experts, self.shared_experts, self.non_expert_modules)

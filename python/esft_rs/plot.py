@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from esft_rs.errors import EsftError
+
 if TYPE_CHECKING:
     from esft_rs.selection import Selection
 
@@ -24,9 +26,23 @@ def require_matplotlib() -> None:
         raise ImportError(MISSING) from None
 
 
+def check_plot_path(path: str | os.PathLike[str]) -> None:
+    """Refuses a path whose suffix names no format matplotlib writes (before any work)."""
+    require_matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    if suffix not in kinds:
+        what = f"extension .{suffix}" if suffix else "no extension"
+        raise EsftError(
+            f"{os.fspath(path)}: {what}; a plot needs one of ." + ", .".join(sorted(kinds))
+        )
+
+
 def heatmap(selection: Selection, path: str | os.PathLike[str]) -> None:
     """Writes the score heatmap of ``selection`` to ``path`` (format from the suffix)."""
-    require_matplotlib()
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -92,15 +92,8 @@ class RoutingStats:
         if not items:
             raise EsftValueError("nothing to sum")
         names = list(names) if names is not None else [f"input {i}" for i in range(len(items))]
+        check_same_model(items, names)
         first = items[0]
-        for item, name in zip(items[1:], names[1:], strict=True):
-            for what, a, b in (
-                ("layers", first.layers, item.layers),
-                ("experts per layer", first.num_experts, item.num_experts),
-                ("top-k", first.top_k, item.top_k),
-            ):
-                if a != b:
-                    raise MismatchError(f"{name}: {what} {b} differ from {names[0]}: {a}")
         if len(items) == 1:
             return first
         meta = {
@@ -146,6 +139,31 @@ class RoutingStats:
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> RoutingStats:
         return cls(**d)
+
+
+#: Metadata key of the profiled model's fingerprint (``esft_rs.adapter.fingerprint``).
+MODEL_FINGERPRINT = "model_fingerprint"
+
+
+def check_same_model(items: Sequence[RoutingStats], names: Sequence[str]) -> None:
+    """Statistics to be summed or compared must come from one model: the same layers,
+    experts and top-K, and the same model fingerprint where both files record one."""
+    first = items[0]
+    for item, name in zip(items[1:], names[1:], strict=True):
+        for what, a, b in (
+            ("layers", first.layers, item.layers),
+            ("experts per layer", first.num_experts, item.num_experts),
+            ("top-k", first.top_k, item.top_k),
+        ):
+            if a != b:
+                raise MismatchError(f"{name}: {what} {b} differ from {names[0]}: {a}")
+        a, b = first.metadata.get(MODEL_FINGERPRINT), item.metadata.get(MODEL_FINGERPRINT)
+        if a and b and a != b:
+            models = f" ({item.metadata.get('model')} vs {first.metadata.get('model')})"
+            raise MismatchError(
+                f"{name}: profiled on a different model than {names[0]}"
+                + (models if "model" in item.metadata and "model" in first.metadata else "")
+            )
 
 
 def _fsum(arrays: Iterable[np.ndarray]) -> np.ndarray:

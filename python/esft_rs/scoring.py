@@ -32,6 +32,8 @@ AVERAGES: tuple[Average, ...] = ("tokens", "samples")
 DEFAULT_TOP_P: dict[str, float] = {"token": 0.2, "gate": 0.1}
 #: The official logs come from DeepSeek-V2-Lite, which routes each token to 6 experts.
 OFFICIAL_TOP_K = 6
+#: More decimals than a float64 holds change nothing; a larger --round is a typo.
+MAX_DECIMALS = 17
 # The official summary.json rounds to 4 decimals.
 SUMMARY_DECIMALS = 4
 
@@ -67,6 +69,8 @@ def round_scores(values: np.ndarray, decimals: int) -> np.ndarray:
     can differ in the last place from ``round`` on a Python float."""
     import numpy as np
 
+    if not 0 <= decimals <= MAX_DECIMALS:
+        raise ValueError(f"decimals must be between 0 and {MAX_DECIMALS}, got {decimals}")
     return np.round(values, decimals)
 
 

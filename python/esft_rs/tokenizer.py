@@ -6,12 +6,12 @@ places BOS and EOS itself, as the official ESFT code does).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from esft_rs.errors import InvalidFileError
+from esft_rs.inputs import check_file, load_json
 
 
 @runtime_checkable
@@ -52,7 +52,7 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        path = Path(path)
+        path = check_file(path)
         try:
             self._tok = RustTokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on a bad file
@@ -103,12 +103,9 @@ def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
 
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object file's content; {} when the file does not exist."""
-    try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not path.exists():
         return {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidFileError(f"{path}: not valid JSON ({e})", path) from None
+    raw = load_json(path)
     if not isinstance(raw, dict):
         raise InvalidFileError(f"{path}: not a JSON object", path)
     return raw

@@ -21,6 +21,7 @@ from esft_rs.cli.profile_cmd import profile_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.errors import EsftError
+from esft_rs.inputs import describe_text_problem
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,6 +54,10 @@ def fail(message: str) -> None:
 
 def run() -> None:
     """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    for arg in sys.argv[1:]:
+        # Bytes that are not UTF-8 arrive as lone surrogates, which no file format can hold.
+        if describe_text_problem(arg) is not None:
+            fail(f"argument {arg!r} is not valid UTF-8")
     try:
         code = main.main(standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
@@ -72,4 +77,6 @@ def run() -> None:
         sys.exit(130)
     except (EsftError, OSError) as e:
         fail(str(e))
+    except RecursionError:  # a parser below us met nesting it could not follow
+        fail("input nested too deeply to read")
     sys.exit(code if isinstance(code, int) else 0)

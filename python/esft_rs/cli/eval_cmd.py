@@ -43,17 +43,29 @@ def eval_cmd(
 
     from tqdm import tqdm
 
-    from esft_rs.cli.model_inputs import context_length, task_inputs
+    from esft_rs.cli.model_inputs import task_inputs
     from esft_rs.evaluation import evaluate
     from esft_rs.models import load_model
+    from esft_rs.preflight import context_length
 
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
     net = load_model(model, device=dev).eval()
-    with tqdm(total=len(task.conversations), unit="conv", desc="eval", dynamic_ncols=True) as bar:
+    bars: list[tqdm] = []  # opened once the inputs are checked, so an error is the only line
+
+    def advance(n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=len(task.conversations), unit="conv", desc="eval",
+                             dynamic_ncols=True))
+        bars[0].update(n)
+
+    try:
         result = evaluate(net, tokenizer, task, batch_size=batch_size,
-                          max_length=context_length(net), progress=bar.update)
+                          max_length=context_length(net), progress=advance)
+    finally:
+        for bar in bars:
+            bar.close()
     line = (f"loss {result.loss:.4f} (perplexity {result.perplexity:.2f}) over"
             f" {result.label_tokens} answer tokens of {result.conversations} conversations")
     if result.exact_match is not None:

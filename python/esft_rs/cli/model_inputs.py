@@ -36,11 +36,6 @@ def task_inputs(
     return dev, tokenizer, task
 
 
-def context_length(model: object) -> int | None:
-    """The model's max_position_embeddings, when its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
 def torch_device(name: str) -> torch.device:
     """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
     import torch

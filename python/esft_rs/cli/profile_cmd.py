@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esft_rs.errors import MismatchError
+from esft_rs.errors import EsftError
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,8 @@ def profile_cmd(
     """
     import torch.distributed as dist
 
-    from esft_rs.cli.model_inputs import context_length, task_inputs
+    from esft_rs.cli.model_inputs import task_inputs
+    from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.profiling import profile
 
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
@@ -100,12 +101,7 @@ def profile_cmd(
             )
         packed = task.pack(tokenizer, seq_length=seq_len, seed=seed)
         ids, mask = packed.input_ids, packed.attention_mask
-        vocab = getattr(getattr(moe, "config", None), "vocab_size", None)
-        if vocab is not None and int(ids.max()) >= vocab:
-            raise MismatchError(
-                f"{model}: the tokenizer produced id {int(ids.max())}, beyond the model's"
-                f" vocabulary ({vocab})"
-            )
+        check_token_ids(int(ids.min()), int(ids.max()), moe, ",".join(map(str, data)))
         real = mask.sum(dim=1)
         # Rows in order until --tokens; the row that reaches it stays.
         rows = min(int((real.cumsum(0) < tokens).sum()) + 1, len(real))
@@ -125,6 +121,7 @@ def profile_cmd(
             "tokens": str(int(real.sum())),
             "seq_len": str(seq_len),
             "seed": str(seed),
+            **_fingerprint(model),
         }
         try:
             stats = profile(
@@ -148,6 +145,18 @@ def profile_cmd(
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def _fingerprint(model: Path) -> dict[str, str]:
+    """The model's fingerprint for the stats metadata, so that select and routing-report
+    can refuse statistics of different models; none for a model without safetensors."""
+    from esft_rs.adapter import fingerprint
+    from esft_rs.routing import MODEL_FINGERPRINT
+
+    try:
+        return {MODEL_FINGERPRINT: fingerprint(model)}
+    except EsftError:
+        return {}
 
 
 def load_model(path: Path, device: torch.device) -> MoEModel:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from esft_rs import scoring
+from esft_rs._core import MAX_EXPERTS
 from esft_rs.scoring import OFFICIAL_TOP_K
 
 if TYPE_CHECKING:  # the commands import numpy-backed modules when they run, not at --help
@@ -37,15 +38,16 @@ def _score_options(f: Callable[..., None]) -> Callable[..., None]:
             help="Average over all tokens (official files) or per sample first (paper).",
         ),
         click.option(
-            "--round", "decimals", type=click.IntRange(min=0), default=None,
+            "--round", "decimals", type=click.IntRange(0, scoring.MAX_DECIMALS), default=None,
             help="Round scores to N decimals before selecting (the official configs: 4).",
         ),
         click.option(
-            "--top-k", type=click.IntRange(min=1), default=OFFICIAL_TOP_K, show_default=True,
+            "--top-k", type=click.IntRange(1, MAX_EXPERTS), default=OFFICIAL_TOP_K,
+            show_default=True,
             help="Experts per token in official log folders.",
         ),
         click.option(
-            "--num-experts", type=click.IntRange(min=1), default=None,
+            "--num-experts", type=click.IntRange(1, MAX_EXPERTS), default=None,
             help="Routed experts per layer in official log folders [default: max id + 1].",
         ),
     ]
@@ -101,10 +103,10 @@ def select_cmd(
 
     _check_top_p(top_p)
     if plot is not None:
-        from esft_rs.plot import MISSING, require_matplotlib
+        from esft_rs.plot import MISSING, check_plot_path
 
         try:
-            require_matplotlib()
+            check_plot_path(plot)
         except ImportError:
             raise click.UsageError(MISSING) from None
     sel = select(
@@ -172,6 +174,7 @@ def routing_report_cmd(
     per layer, how many experts cover 50% and 90% of the task's token selections,
     then the Jaccard overlap of the selected expert sets between tasks.
     """
+    from esft_rs.routing import check_same_model
     from esft_rs.routing_report import summarize
     from esft_rs.selection import select
 
@@ -187,6 +190,7 @@ def routing_report_cmd(
         )
         for name, path in zip(names, routing, strict=True)
     ]
+    check_same_model([t.selection.stats for t in tasks], [str(p) for p in routing])
     _print_concentration(tasks)
     click.echo()
     _print_overlap(tasks)

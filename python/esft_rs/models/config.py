@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esft_rs.errors import InvalidFileError
+from esft_rs.inputs import load_json
 
 MODEL_TYPE = "esft_rs_moe"
 ARCHITECTURE = "EsftRsMoEForCausalLM"
@@ -110,10 +111,7 @@ class ModelConfig:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ModelConfig:
         path = Path(directory) / CONFIG_NAME
-        try:
-            raw = json.loads(path.read_bytes())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidFileError(f"{path}: not valid JSON ({e})", path) from None
+        raw = load_json(path)
         if not isinstance(raw, dict):
             raise InvalidFileError(f"{path}: not a JSON object", path)
         return cls.from_dict(raw, str(path))

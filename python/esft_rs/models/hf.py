@@ -15,7 +15,6 @@ reverts on save; adapters are written with the reverted, on-disk names
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.inputs import load_json
 from esft_rs.models.interface import RouterOutput
 from esft_rs.naming import classify
 
@@ -46,12 +46,9 @@ TRANSFORMERS_RANGE = (">=5.20", "<6")
 def model_type(directory: str | os.PathLike[str]) -> str | None:
     """config.json's ``model_type``; None when there is no config.json."""
     path = Path(directory) / "config.json"
-    try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
+    raw = load_json(path)
     value = raw.get("model_type") if isinstance(raw, dict) else None
     return value if isinstance(value, str) else None
 

@@ -69,6 +69,7 @@ def train(
     import torch
 
     from esft_rs.adapter import fingerprint as fingerprint_of
+    from esft_rs.preflight import check_length
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -94,10 +95,13 @@ def train(
         net = _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
+        if not isinstance(data, Mapping):  # packing rows longer than the model can take is waste
+            check_length(cfg.seq_length, net, "seq_length")
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         _check_enough(len(train_idx), cfg, place.world)
+        _check_data(net, tensors, train_idx, data)
         trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
         if base is not None:
@@ -154,6 +158,11 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
     from esft_rs.training import checkpoint
 
     found = checkpoint.latest(out)
+    if resume and (out / ADAPTER).exists():
+        raise EsftError(
+            f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
+            " (choose another directory to train again)"
+        )
     if resume:
         if found is None:
             log.warning("%s: no checkpoint to resume from; starting at step 0", out)
@@ -203,6 +212,21 @@ def _load_data(
     packed = task.pack(load_tokenizer(base), seq_length=cfg.seq_length,
                        random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
     return packed._asdict()
+
+
+def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
+                train_idx: torch.Tensor, data: object) -> None:
+    """Packed rows against the model, before the first step: ids in its vocabulary, rows
+    within its positions, and answer tokens to learn from in the training split."""
+    from esft_rs.data import loss_tokens
+    from esft_rs.preflight import check_answer_tokens, check_length, check_token_ids
+
+    origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
+    ids = tensors["input_ids"]
+    check_token_ids(int(ids.min()), int(ids.max()), net, origin)
+    check_length(ids.shape[-1], net, "seq_length")
+    check_answer_tokens(loss_tokens(tensors["labels"][train_idx]), origin,
+                        f"in the training split after packing into rows of {ids.shape[-1]}")
 
 
 def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:

@@ -8,9 +8,9 @@ official base.yaml values, so an official config file means the same here.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from esft_rs.errors import InvalidFileError
@@ -24,6 +24,9 @@ IGNORED_KEYS = {
     "n_device": "the number of processes comes from torchrun",
     "ep_size": "experts are replicated on every process (no expert parallelism)",
 }
+
+#: Longer than any model's context; a larger seq_length is a typo that would exhaust memory.
+MAX_SEQ_LENGTH = 1 << 24
 
 # Keys that change neither the data order nor the arithmetic: a resumed run may differ in them.
 BOOKKEEPING_KEYS = frozenset(
@@ -68,6 +71,15 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """What is impossible about these values (empty when they are fine)."""
         out = []
+        for k, v in self.to_dict().items():
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"{k} must be a finite number, got {v}")
+        if self.seq_length == 1:
+            out.append("seq_length must be at least 2 (a token predicts the next one)")
+        if self.seq_length > MAX_SEQ_LENGTH:
+            out.append(f"seq_length must be at most {MAX_SEQ_LENGTH}, got {self.seq_length}")
+        if self.learning_rate == 0:
+            out.append("learning_rate must be positive, got 0 (nothing would train)")
         for k in ("seq_length", "per_device_batch_size", "steps", "logging_steps", "eval_steps",
                   "save_steps", "gradient_accumulation_steps"):
             if getattr(self, k) <= 0:
@@ -143,14 +155,9 @@ def from_mapping(raw: object, origin: str) -> tuple[TrainConfig, list[str]]:
 
 def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
     """Read a YAML training config (an official ESFT one works unchanged)."""
-    import yaml
+    from esft_rs.inputs import load_yaml
 
-    text = Path(path).read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise InvalidFileError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-    return from_mapping(raw, os.fspath(path))
+    return from_mapping(load_yaml(path), os.fspath(path))
 
 
 def _typed(value: object, kind: type, key: str, origin: str) -> Any:

@@ -32,6 +32,7 @@ from esft_rs.training import checkpoint
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import Trainable
+from esft_rs.training.guards import StopRequest, check_finite
 
 log = logging.getLogger("esft_rs.training")
 
@@ -208,10 +209,11 @@ class Loop:
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         )
+        loss_value = float(place.sum(total)) / max(1, n_label)
+        check_finite(step + 1, loss_value, float(norm))  # before the update reaches the weights
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = float(place.sum(total)) / max(1, n_label)
         tokens = int(self.data["attention_mask"][batch].sum())
         return loss_value, n_label, float(norm), tokens
 
@@ -279,9 +281,12 @@ class Loop:
         bar = _progress(cfg.steps, start, enabled=progress and place.main)
         self.model.train()
         train_loss = None
+        stop = StopRequest(place.sum if place.world > 1 else None, self.device)
         try:
             tick = time.perf_counter()
             for step in range(start, cfg.steps):
+                if stop():
+                    raise KeyboardInterrupt
                 loss, n_label, norm, tokens = self.step(step)
                 done = step + 1
                 w = self.window
@@ -315,6 +320,7 @@ class Loop:
                 if on_step is not None:
                     on_step(done, record)
         finally:
+            stop.close()
             bar.close()
             metrics.close()
         if self.best is not None:

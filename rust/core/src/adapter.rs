@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::expert_config::ExpertConfig;
-use crate::naming;
+use crate::naming::{self, Role};
 use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
 
 pub const KEY_FORMAT: &str = "format";
@@ -116,6 +116,32 @@ impl Adapter {
             metadata,
             ckpt,
             names,
+        })
+    }
+
+    /// The first tensor that the adapter's own expert config does not select, with
+    /// why: another expert, a shared expert or a non-expert tensor the config leaves
+    /// frozen. `None` when every tensor fits, or when there is no config to check.
+    pub fn outside_config(&self) -> Option<String> {
+        let cfg = self.expert_config.as_ref()?;
+        self.names.iter().find_map(|name| {
+            let why = match naming::classify(name) {
+                Role::RoutedExpert { layer, expert } => {
+                    let listed = cfg.experts.get(&layer).is_some_and(|ids| ids.contains(&expert));
+                    (!listed).then(|| format!("expert {expert} of layer {layer} is not in its expert config"))
+                }
+                Role::FusedExperts { layer } => cfg
+                    .experts
+                    .get(&layer)
+                    .is_none_or(Vec::is_empty)
+                    .then(|| format!("its expert config lists no experts of layer {layer}")),
+                Role::SharedExpert { .. } | Role::SharedExpertGate { .. } => (!cfg.shared_experts)
+                    .then(|| "a shared expert, but its expert config has shared_experts false".to_string()),
+                _ => (!cfg.non_expert_modules).then(|| {
+                    "not an expert tensor, but its expert config has non_expert_modules false".to_string()
+                }),
+            }?;
+            Some(format!("holds {name:?}: {why}"))
         })
     }
 

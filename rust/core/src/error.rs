@@ -99,3 +99,48 @@ impl Error {
         }
     }
 }
+
+/// Opens an input for reading, after checking with `stat` that it is a regular
+/// file: a named pipe would block the open until a writer comes, and a device
+/// or socket is never what a user meant.
+pub fn open_input(path: &Path) -> Result<std::fs::File> {
+    let kind = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.file_type();
+    if kind.is_file() {
+        return std::fs::File::open(path).map_err(|e| Error::io(path, e));
+    }
+    let what = if kind.is_dir() { "a directory" } else { special_kind(kind) };
+    Err(Error::invalid(path, format!("is {what}, not a regular file")))
+}
+
+#[cfg(unix)]
+fn special_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+
+    if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: std::fs::FileType) -> &'static str {
+    "not a regular file"
+}
+
+/// A text input (checked as `open_input` does), which must be UTF-8.
+pub fn read_input_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+
+    let mut bytes = Vec::new();
+    open_input(path)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::invalid(path, format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
+    })
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{read_input_text, Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExpertConfig {
@@ -21,11 +21,40 @@ pub struct ExpertConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
-    experts: BTreeMap<String, Vec<Value>>,
+    experts: UniqueMap<Vec<Value>>,
     #[serde(default)]
     shared_experts: bool,
     #[serde(default)]
     non_expert_modules: bool,
+}
+
+/// A JSON object read into a map, refusing a key given twice (serde keeps the last).
+pub(crate) struct UniqueMap<V>(pub BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = access.next_entry::<String, V>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(Serialize)]
@@ -41,7 +70,7 @@ impl ExpertConfig {
         let raw: Raw = serde_json::from_str(text)
             .map_err(|e| Error::invalid(origin, format!("not an expert config: {e}")))?;
         let mut experts = BTreeMap::new();
-        for (layer, ids) in raw.experts {
+        for (layer, ids) in raw.experts.0 {
             let l: u32 = layer.parse().map_err(|_| {
                 Error::invalid(origin, format!("layer key {layer:?} is not a non-negative integer"))
             })?;
@@ -65,7 +94,7 @@ impl ExpertConfig {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_input_text(path)?;
         Self::parse(&text, path)
     }
 
@@ -104,6 +133,8 @@ mod tests {
             r#"{"experts": {"1": [1, 1]}}"#,
             r#"{"experts": {"1": [1]}, "typo": true}"#,
             r#"{"layers": {}}"#,
+            r#"{"experts": {"1": [1], "1": [2]}}"#,
+            r#"{"experts": {"1": [1]}, "experts": {"2": [2]}}"#,
             "[]",
         ] {
             let err = ExpertConfig::parse(bad, p).unwrap_err().to_string();

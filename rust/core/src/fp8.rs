@@ -13,14 +13,13 @@
 //! `per_block_cast_to_fp8` clamps amax to 1e-4 instead, which only changes
 //! the unused scale). Non-finite inputs are refused: they have no block scale.
 
-use std::fs;
 use std::path::Path;
 
 use float8::F8E4M3;
 use half::{bf16, f16};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{read_input_text, Error, Result};
 use crate::safetensors::Dtype;
 
 /// The largest finite F8_E4M3 (fn variant, as torch.float8_e4m3fn) value.
@@ -85,7 +84,7 @@ pub fn block_size(path: &Path) -> Result<BlockSize> {
 }
 
 fn block_size_from_config(path: &Path) -> Result<BlockSize> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_input_text(path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(path, format!("not valid JSON: {e}")))?;
     let Some(bs) = v
@@ -204,6 +203,7 @@ pub fn quantize_block_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn e4m3_edge_values() {

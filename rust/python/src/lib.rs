@@ -396,6 +396,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reports::MoeLayer>()?;
     m.add_class::<reports::Fp8Info>()?;
     m.add_function(wrap_pyfunction!(moe_layout, m)?)?;
+    m.add("MAX_EXPERTS", esft_core::routing::MAX_EXPERTS)?;
     m.add_function(wrap_pyfunction!(classify_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(canonical_name, m)?)?;
     m.add_function(wrap_pyfunction!(parse_expert_config, m)?)?;

@@ -81,7 +81,8 @@ pub enum OnConflict {
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
     pub on_conflict: OnConflict,
-    /// Merge even when an adapter's base fingerprint differs from the base's.
+    /// Merge even when an adapter's base fingerprint differs from the base's, or
+    /// it holds tensors its own expert config does not select.
     pub force: bool,
     pub dry_run: bool,
     pub overwrite: bool,
@@ -188,6 +189,7 @@ pub fn merge(
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
     let (painted, requants) = plan(&ckpt, &adapters, opts)?;
+    warnings.extend(outside_configs(&adapters, opts.force)?);
     let replaced = describe(&ckpt, &adapters, &painted);
     let is_dir =
         ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
@@ -268,6 +270,22 @@ pub fn merge(
         copied_files: others.iter().map(|(n, _)| n.clone()).collect(),
         warnings,
     })
+}
+
+/// Refuses (or with `force`, warns about) an adapter holding tensors that its own
+/// expert config does not select: it would change more of the model than it says.
+fn outside_configs(adapters: &[Adapter], force: bool) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for a in adapters {
+        let Some(why) = a.outside_config() else {
+            continue;
+        };
+        if !force {
+            return Err(Error::invalid(&a.path, format!("{why}; pass --force to merge anyway")));
+        }
+        warnings.push(format!("{}: {why}; merging anyway (--force)", a.path.display()));
+    }
+    Ok(warnings)
 }
 
 /// A warning for each adapter that carries no base fingerprint.

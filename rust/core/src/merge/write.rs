@@ -12,7 +12,7 @@ use super::plan::Painted;
 use super::requant::{requantize, Requant};
 use crate::adapter::Adapter;
 use crate::copy::{self, Range};
-use crate::error::{Error, Result};
+use crate::error::{read_input_text, Error, Result};
 use crate::progress::Control;
 use crate::safetensors::{expert_units, Checkpoint, SafetensorsFile};
 use crate::staging::Staged;
@@ -156,7 +156,7 @@ fn shard_ranges(
 /// everything else (key order, weight_map, other metadata) kept. An index
 /// whose total is already right is copied byte for byte.
 fn write_index(src: &Path, dst: &Path, total: u64) -> Result<()> {
-    let text = fs::read_to_string(src).map_err(|e| Error::io(src, e))?;
+    let text = read_input_text(src)?;
     let mut v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(src, format!("not a safetensors index: {e}")))?;
     let obj = v

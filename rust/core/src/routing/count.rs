@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// enough to balance the threads.
 const CHUNK_TOKENS: usize = 1 << 15;
 /// Largest expert count inferred when the caller does not give one.
-const MAX_INFERRED_EXPERTS: u64 = 1 << 20;
+const MAX_INFERRED_EXPERTS: u64 = super::MAX_EXPERTS as u64;
 
 /// An integer dtype usable as an expert id.
 pub trait ExpertId: Copy + Send + Sync + std::fmt::Display {
@@ -175,8 +175,10 @@ pub fn count<I: ExpertId, W: Weight>(
         None => vec![t],
     };
     let e = match num_experts {
-        Some(0) => return Err(Error::Value("num_experts must be at least 1".into())),
-        Some(e) => e,
+        Some(e) => {
+            super::check_sizes(Some(e), 1)?;
+            e
+        }
         None => infer_experts(rec)?,
     };
 

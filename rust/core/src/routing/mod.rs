@@ -8,6 +8,26 @@ pub mod count;
 pub mod official_log;
 pub mod stats_file;
 
+use crate::error::{Error, Result};
+
+/// Most routed experts per layer (and experts per token) accepted: more is a typo,
+/// and would size the histograms beyond any memory.
+pub const MAX_EXPERTS: usize = 1 << 20;
+
+/// Refuses an expert count or top-K that no model has, before anything is allocated.
+pub fn check_sizes(num_experts: Option<usize>, top_k: usize) -> Result<()> {
+    let bound = num_experts.unwrap_or(MAX_EXPERTS);
+    if num_experts == Some(0) || bound > MAX_EXPERTS {
+        return Err(Error::Value(format!(
+            "num_experts must be between 1 and {MAX_EXPERTS}, got {bound}"
+        )));
+    }
+    if top_k == 0 || top_k > bound {
+        return Err(Error::Value(format!("top_k must be between 1 and {bound}, got {top_k}")));
+    }
+    Ok(())
+}
+
 /// Per-layer routing histograms of one or more forward passes.
 ///
 /// Arrays are row-major `[layers, num_experts]`. The two `sample_*` sums hold,

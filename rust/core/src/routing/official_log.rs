@@ -9,19 +9,18 @@
 //! histograms are summed in file order, so results do not depend on the number
 //! of threads. Each line counts as one sample for the per-sample averages.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
 
 use super::RoutingStats;
-use crate::error::{Error, Result};
+use crate::error::{open_input, Error, Result};
 
 /// Bytes per parse task (cut at the next newline).
 const CHUNK_BYTES: usize = 1 << 20;
 /// Largest expert id accepted when the caller does not bound it.
-const MAX_EXPERT_ID: u64 = 1 << 20;
+const MAX_EXPERT_ID: u64 = super::MAX_EXPERTS as u64;
 
 /// One `expert_weights_{layer}.txt` file.
 struct LogFile {
@@ -32,9 +31,7 @@ struct LogFile {
 /// Reads a log folder into statistics. `num_experts` bounds the ids (default:
 /// max id + 1 over all layers).
 pub fn read_dir(dir: &Path, top_k: usize, num_experts: Option<usize>) -> Result<RoutingStats> {
-    if top_k == 0 {
-        return Err(Error::Value("top_k must be at least 1".into()));
-    }
+    super::check_sizes(num_experts, top_k)?;
     let files = find_files(dir)?;
     let maps = files.iter().map(|f| map_file(&f.path)).collect::<Result<Vec<_>>>()?;
     let tasks: Vec<(usize, std::ops::Range<usize>)> = maps
@@ -173,7 +170,7 @@ impl std::ops::Deref for Bytes {
 }
 
 fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_input(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
         return Ok(Bytes::Empty);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::file::SafetensorsFile;
-use crate::error::{Error, Result};
+use crate::error::{read_input_text, Error, Result};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -32,7 +32,14 @@ pub struct Index {
     pub path: PathBuf,
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(deserialize_with = "unique_map")]
     pub weight_map: BTreeMap<String, String>,
+}
+
+fn unique_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<String, String>, D::Error> {
+    Ok(<crate::expert_config::UniqueMap<String> as serde::Deserialize>::deserialize(d)?.0)
 }
 
 impl Checkpoint {
@@ -72,7 +79,7 @@ impl Checkpoint {
     }
 
     fn open_indexed(dir: &Path, index_path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let text = read_input_text(index_path)?;
         let mut index: Index = serde_json::from_str(&text)
             .map_err(|e| Error::invalid(index_path, format!("not a safetensors index: {e}")))?;
         index.path = index_path.to_path_buf();

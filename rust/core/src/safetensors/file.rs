@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::header::{self, Header, TensorInfo};
 use crate::copy::read_exact_at;
-use crate::error::{Error, FormatError, Result};
+use crate::error::{open_input, Error, FormatError, Result};
 
 pub struct SafetensorsFile {
     pub path: PathBuf,
@@ -26,11 +26,8 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = open_input(path)?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            return Err(Error::invalid(path, "is a directory, expected a .safetensors file"));
-        }
         let file_len = meta.len();
         if file_len < 8 {
             return Err(Error::format(path, FormatError::HeaderTooSmall(file_len)));
