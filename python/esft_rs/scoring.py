@@ -70,7 +70,7 @@ def round_scores(values: np.ndarray, decimals: int) -> np.ndarray:
     import numpy as np
 
     if not 0 <= decimals <= MAX_DECIMALS:
-        raise ValueError(f"decimals must be between 0 and {MAX_DECIMALS}, got {decimals}")
+        raise EsftValueError(f"decimals must be between 0 and {MAX_DECIMALS}, got {decimals}")
     return np.round(values, decimals)
 
 
