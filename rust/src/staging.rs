@@ -112,17 +112,12 @@ pub fn check_target(target: &Path, overwrite: bool, keep: &[String]) -> Result<(
     match fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(target, e)),
-        Ok(m) if m.is_dir() && is_empty_dir(target) => Ok(()),
         Ok(_) if !overwrite => Err(Error::Usage(format!(
             "{}: already exists (pass --overwrite to replace it)",
             target.display()
         ))),
         Ok(_) => check_replaceable(target, keep),
     }
-}
-
-fn is_empty_dir(path: &Path) -> bool {
-    fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_none())
 }
 
 /// Refuses to replace what esft-rs could not have written: a directory with an
@@ -396,7 +391,6 @@ fn install(tmp: &Path, target: &Path, overwrite: bool, keep: &[String]) -> Resul
             Err(e) if taken(&e) => {}
             Err(e) => return Err(Error::io(target, e)),
         }
-        // Without `overwrite` only an empty directory is replaced (it holds nothing).
         check_target(target, overwrite, keep)?;
         match exchange(tmp, target) {
             // `tmp` now holds the old output.

@@ -107,7 +107,7 @@ def pretrained_base(s: Settings, data: Data, tokenizer_dir: Path, progress: bool
             learning_rate=s.pretrain_lr, warmup_steps=s.pretrain_steps // 20,
             lr_scheduler="cosine", **_run_options(s, data.general_train, progress),
         )
-        save_model(result.model, model_dir)
+        save_model(result.model, model_dir, overwrite=True)  # the empty staging folder
         for f in TOKENIZER_FILES:
             write_file(model_dir / f, (tokenizer_dir / f).read_bytes())
     return final
