@@ -243,5 +243,9 @@ def test_split_output_checks(tmp_path: Path, single_ckpt: Path) -> None:
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep"
     with pytest.raises(esft_rs.EsftError, match="lie inside the input"):
         esft_rs.split(ft, ft / "a.safetensors", base=single_ckpt)
+    with pytest.raises(esft_rs.EsftError, match="holds a text file of 4 bytes"):
+        esft_rs.split(ft, tmp_path / "taken.safetensors", base=single_ckpt, overwrite=True)
+    assert (tmp_path / "taken.safetensors").read_bytes() == b"keep"  # not ours: kept
+    (tmp_path / "taken.safetensors").write_bytes((ft / "model.safetensors").read_bytes())
     esft_rs.split(ft, tmp_path / "taken.safetensors", base=single_ckpt, overwrite=True)
     assert read_adapter(tmp_path / "taken.safetensors").kind == "esft"

@@ -66,23 +66,11 @@ def save_adapter(
 
     The base fingerprint is taken from ``base_fingerprint``, or computed from
     the ``base`` checkpoint. The file is written under a temporary name and
-    renamed into place, so ``path`` never holds a partial adapter.
+    renamed into place (``esft_rs.outputs``), so ``path`` never holds a partial adapter.
     """
+    from esft_rs.outputs import save_tensors
+
     if base_fingerprint is None and base is not None:
         base_fingerprint = fingerprint(base)
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.esft-partial")
-    try:
-        if all(type(t).__module__ == "numpy" for t in tensors.values()):
-            from safetensors.numpy import save_file
-
-            save_file(dict(tensors), tmp, metadata=metadata)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_tensors(tensors, path, metadata)

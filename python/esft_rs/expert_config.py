@@ -32,7 +32,9 @@ class ExpertConfig:
         return _core.dump_expert_config(self.experts, self.shared_experts, self.non_expert_modules)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        from esft_rs.outputs import write_file
+
+        write_file(path, self.to_json() + "\n")
 
     @property
     def num_experts(self) -> int:

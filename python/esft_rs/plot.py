@@ -6,7 +6,7 @@ Needs matplotlib, the optional extra ``plot``: ``pip install 'esft-rs[plot]'``.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,5 +62,14 @@ def heatmap(selection: Selection, path: str | os.PathLike[str]) -> None:
     ax.set_title(f"{selection.score} scores, top-p {selection.top_p}")
     fig.colorbar(image, ax=ax, label=f"{selection.score} score")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+    """``fig.savefig`` into ``path`` (format from its suffix), whole or not at all."""
+    from esft_rs.outputs import staged
+
+    fmt = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else None
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, dpi=150, format=fmt)

@@ -253,15 +253,23 @@ def profile(
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     stats = rec.stats(meta)
     if rec.records is not None and records is not None:
-        folder = Path(records) if world == 1 else Path(records) / f"rank_{rank}"
+        folder = Path(records)
+        if world > 1:  # each rank puts its own folder in place
+            folder.mkdir(parents=True, exist_ok=True)
+            folder = folder / f"rank_{rank}"
         _write_records(folder, rec.records)
     return stats
 
 
 def _write_records(folder: Path, records: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for layer, parts in records.items():
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.int64)
-        weights = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 0), np.float32)
-        np.save(folder / f"layer_{layer}_ids.npy", ids)
-        np.save(folder / f"layer_{layer}_weights.npy", weights)
+    """The folder of ``.npy`` files, put in place whole (an earlier one is replaced)."""
+    from esft_rs.outputs import staged
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged(folder, directory=True) as tmp:
+        for layer, parts in records.items():
+            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.int64)
+            weights = (np.concatenate([p[1] for p in parts]) if parts
+                       else np.zeros((0, 0), np.float32))
+            np.save(tmp / f"layer_{layer}_ids.npy", ids)
+            np.save(tmp / f"layer_{layer}_weights.npy", weights)

@@ -7,7 +7,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -99,4 +98,6 @@ def summary_json(stats: RoutingStats) -> str:
 
 
 def write_summary(stats: RoutingStats, path: str | os.PathLike[str]) -> None:
-    Path(path).write_text(summary_json(stats))
+    from esft_rs.outputs import write_file
+
+    write_file(path, summary_json(stats))

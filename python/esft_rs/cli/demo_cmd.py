@@ -22,12 +22,16 @@ def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     """
     from dataclasses import replace
 
-    from esft_rs.demo.pipeline import run
+    from esft_rs.demo.pipeline import OUTPUTS, run
     from esft_rs.demo.report import method_table, routing_table, verdict
     from esft_rs.demo.settings import FULL, QUICK
+    from esft_rs.outputs import check_outputs, check_target, staged
 
     settings = replace(QUICK if quick else FULL, seed=seed)
-    report = run(out, settings)
+    check_outputs([out], [])
+    check_target(out, keep=OUTPUTS)  # replaces an earlier demo's output, nothing else
+    with staged(out, directory=True, keep=OUTPUTS) as tmp:
+        report = run(tmp, settings)
     echo = click.echo
     echo()
     for line in [*method_table(report), "", *routing_table(report)]:

@@ -47,7 +47,11 @@ def eval_cmd(
     from esft_rs.evaluation import evaluate
     from esft_rs.models import load_model
     from esft_rs.preflight import context_length
+    from esft_rs.outputs import check_outputs, check_target, write_file
 
+    check_outputs([output], [model, *data])
+    if output is not None:
+        check_target(output)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
@@ -75,4 +79,4 @@ def eval_cmd(
         figures = {**asdict(result), "perplexity": result.perplexity,
                    "exact_match": result.exact_match, "model": str(model),
                    "data": [str(d) for d in data]}
-        output.write_text(json.dumps(figures, indent=2) + "\n")
+        write_file(output, json.dumps(figures, indent=2) + "\n")

@@ -80,8 +80,13 @@ def profile_cmd(
 
     from esft_rs.cli.model_inputs import task_inputs
     from esft_rs.preflight import check_token_ids, context_length
+    from esft_rs.outputs import check_outputs, check_target
     from esft_rs.profiling import profile
 
+    check_outputs([output, records], [model, *data])
+    for path in (output, records):
+        if path is not None:
+            check_target(path)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():

@@ -99,9 +99,14 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
+    from esft_rs.outputs import check_outputs, check_target, write_file
     from esft_rs.selection import select, summary_json
 
     _check_top_p(top_p)
+    check_outputs([output, summary, plot], routing)
+    for path in (output, summary, plot):
+        if path is not None:
+            check_target(path)
     if plot is not None:
         from esft_rs.plot import MISSING, check_plot_path
 
@@ -118,7 +123,7 @@ def select_cmd(
     sel.config(shared_experts, non_expert_modules).save(output)
     written = [str(output)]
     if summary is not None and summary_text is not None:
-        summary.write_text(summary_text)
+        write_file(summary, summary_text)
         written.append(str(summary))
     if plot is not None:
         from esft_rs.plot import heatmap

@@ -14,6 +14,7 @@ import hashlib
 import random
 import shutil
 import time
+from tempfile import TemporaryDirectory
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from esft_rs.demo.settings import Settings, cache_dir
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match, item_rows
+from esft_rs.outputs import staged, write_file
 
 if TYPE_CHECKING:
     import torch
@@ -95,20 +97,19 @@ def pretrained_base(s: Settings, data: Data, tokenizer_dir: Path, progress: bool
     final = cache_dir() / "demo" / f"base-{key}"
     if (final / "config.json").is_file():
         return final
-    work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     config = s.model.replace(aux_loss_alpha=s.pretrain_aux_alpha)
-    init = save_model(init_model(config, seed=s.seed), work / "init")
-    result = train(
-        init, data.general_train, work / "run", mode="full", steps=s.pretrain_steps,
-        learning_rate=s.pretrain_lr, warmup_steps=s.pretrain_steps // 20, lr_scheduler="cosine",
-        **_run_options(s, data.general_train, progress),
-    )
-    save_model(result.model, work / "model")
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / f, work / "model" / f)
-    (work / "model").rename(final)
-    shutil.rmtree(work, ignore_errors=True)
+    with (TemporaryDirectory(dir=final.parent, prefix=".work-") as work,
+          staged(final, directory=True) as model_dir):
+        init = save_model(init_model(config, seed=s.seed), Path(work) / "init")
+        result = train(
+            init, data.general_train, Path(work) / "run", mode="full", steps=s.pretrain_steps,
+            learning_rate=s.pretrain_lr, warmup_steps=s.pretrain_steps // 20,
+            lr_scheduler="cosine", **_run_options(s, data.general_train, progress),
+        )
+        save_model(result.model, model_dir, overwrite=True)  # the empty staging folder
+        for f in TOKENIZER_FILES:
+            write_file(model_dir / f, (tokenizer_dir / f).read_bytes())
     return final
 
 
@@ -150,8 +151,14 @@ def general_accuracy(model: torch.nn.Module, tok: Tokenizer, data: Data
     return sum(accs.values()) / len(accs), accs
 
 
+#: What a demo writes into its output directory (an earlier demo's output may be replaced).
+OUTPUTS = ("data", "tokenizer", "runs", "merged-esft-token", "report.json", "report.md",
+           "routing-heatmap.png", "accuracy-vs-share.png")
+
+
 def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``."""
+    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``
+    (paths in the report are relative to ``out``)."""
     import torch
 
     from esft_rs import inspect
@@ -219,12 +226,12 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
             "adapter_bytes": adapter.total_bytes,
             "train_seconds": seconds,
             "experts_trained": result.experts.num_experts if name != "fft" else None,
-            "adapter": str(result.adapter),
+            "adapter": str(result.adapter.relative_to(out)),
         }
 
     merged_dir = out / "merged-esft-token"
     shutil.rmtree(merged_dir, ignore_errors=True)
-    merge(base_dir, methods["esft_token"]["adapter"], merged_dir)
+    merge(base_dir, out / methods["esft_token"]["adapter"], merged_dir)
     merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
 
     report = {
@@ -235,7 +242,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         "finetune_task": s.finetune_task,
         "methods": methods,
         "routing": routing,
-        "merge": {"path": str(merged_dir), "downstream_acc": merged_acc,
+        "merge": {"path": merged_dir.name, "downstream_acc": merged_acc,
                   "in_memory_acc": methods["esft_token"]["downstream_acc"],
                   "equal": merged_acc == methods["esft_token"]["downstream_acc"]},
     }

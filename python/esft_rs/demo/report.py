@@ -133,10 +133,12 @@ def routing_table(report: dict[str, Any]) -> list[str]:
 
 def write_report(report: dict[str, Any], stats: dict[str, RoutingStats],
                  selections: dict[str, Selection], out: Path) -> None:
+    from esft_rs.outputs import write_file
+
     report["claims"] = claims(report)
     plots = _plots(report, selections, out)
     report["plots"] = plots
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_file(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     lines = ["# esft-rs demo report", "", f"Downstream task: `{report['finetune_task']}`.", ""]
     lines += [*method_table(report), "", "General tasks, exact match:", "",
               *forgetting_table(report), "", "## Routing", "", *routing_table(report)]
@@ -148,7 +150,7 @@ def write_report(report: dict[str, Any], stats: dict[str, RoutingStats],
               f"{m['in_memory_acc']:.3f} ({'equal' if m['equal'] else 'DIFFERENT'})."]
     if plots:
         lines += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_file(out / "report.md", "\n".join(lines) + "\n")
 
 
 def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) -> list[str]:
@@ -157,7 +159,7 @@ def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) 
         import matplotlib
     except ImportError:
         return []
-    from esft_rs.plot import heatmap
+    from esft_rs.plot import heatmap, save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,6 +175,6 @@ def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) 
     ax.set_xlabel("share of parameters trained")
     ax.set_ylabel("downstream exact match")
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=150)
+    save_figure(fig, paths[1])
     plt.close(fig)
-    return [str(p) for p in paths]
+    return [p.name for p in paths]

@@ -45,11 +45,14 @@ def init_model(config: ModelConfig | str = "tiny", *, seed: int = 0) -> Referenc
     return build(config, seed)
 
 
-def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> os.PathLike[str]:
-    """Write ``config.json`` + ``model.safetensors`` (DeepSeek-V2 tensor names)."""
+def save_model(
+    model: ReferenceMoE, directory: str | os.PathLike[str], *, overwrite: bool = False
+) -> os.PathLike[str]:
+    """Write ``config.json`` + ``model.safetensors`` (DeepSeek-V2 tensor names) as a new
+    directory, or in place of an existing checkpoint directory with ``overwrite``."""
     from esft_rs.models import checkpoint
 
-    return checkpoint.save_model(model, directory)
+    return checkpoint.save_model(model, directory, overwrite=overwrite)
 
 
 def load_model(

@@ -20,22 +20,25 @@ WEIGHTS_NAME = "model.safetensors"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def save_model(model: ReferenceMoE, directory: str | os.PathLike[str]) -> Path:
+def save_model(
+    model: ReferenceMoE, directory: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names).
 
-    Files appear complete or not at all (written aside, then renamed).
+    The directory is built aside and put in place whole (``esft_rs.outputs``): an
+    existing one is replaced only with ``overwrite``, and only if it holds a
+    checkpoint, so no file of an earlier model (an index, shards) stays beside the new.
     """
-    from safetensors.torch import save_file
+    from esft_rs.outputs import save_tensors, staged
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     dtype = next(iter(tensors.values())).dtype
     cfg = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    cfg.save(out)
+    with staged(out, directory=True, overwrite=overwrite) as tmp:
+        save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
+        cfg.save(tmp)
     return out
 
 

@@ -102,11 +102,10 @@ class ModelConfig:
         return cfg
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        from esft_rs.outputs import write_file
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        return write_file(Path(directory) / CONFIG_NAME, text)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ModelConfig:

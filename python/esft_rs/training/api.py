@@ -70,6 +70,7 @@ def train(
 
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.preflight import check_length
+    from esft_rs.outputs import check_outputs, check_target
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -80,8 +81,15 @@ def train(
     )
     from esft_rs.training.loop import Loop, init_distributed
 
-    cfg = _config(config, overrides)
+    def given(x: object) -> PathLike | None:
+        return x if isinstance(x, str | os.PathLike) else None
+
     out = Path(out_dir)
+    check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
+                                       base])
+    if save_merged is not None:
+        check_target(save_merged, overwrite=False)
+    cfg = _config(config, overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     place, created_group = init_distributed(dev.type)
     try:
@@ -110,12 +118,18 @@ def train(
         _prepare(net, trainables, dev, cfg)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
+        created = place.main and not out.exists()
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
         place.barrier()
         loop = Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
                     place=place, identity=identity)
-        fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+        try:
+            fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+        except BaseException:
+            if created:
+                _remove_if_nothing_to_resume(out)
+            raise
         if fit.unchanged:
             log.warning(
                 "%d trained tensors did not change (experts that no token reached?): %s",
@@ -133,6 +147,17 @@ def train(
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
+
+
+def _remove_if_nothing_to_resume(out: Path) -> None:
+    """A run directory this run created, failed before its first checkpoint: it holds
+    nothing to resume (only metrics), so it goes, and the run leaves nothing behind."""
+    import shutil
+
+    from esft_rs.training import checkpoint
+
+    if checkpoint.latest(out) is None:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _config(config: PathLike | TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:

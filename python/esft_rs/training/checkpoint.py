@@ -4,8 +4,8 @@ Layout: ``OUT_DIR/checkpoints/step-N/`` with ``trainable.safetensors`` (fp32
 trained tensors), ``best.safetensors`` (the best weights by eval loss so far),
 ``trainer.pt`` (optimizer and scheduler state), ``rng-R.pt`` per process and
 ``state.json`` (the step, loop counters and what the run was made from, checked
-on resume). A checkpoint is written under a temporary name and renamed into
-place, and only the latest is kept.
+on resume). A checkpoint is built in a staging folder and put in place whole
+(``esft_rs.outputs``); only then is the previous one removed.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from esft_rs.errors import MismatchError
+from esft_rs.outputs import save_tensors, staged, write_file
 from esft_rs.training.freeze import Trainable
 
 CHECKPOINTS = "checkpoints"
@@ -70,28 +72,37 @@ def write(
     """Write checkpoint ``step`` (every process calls this; ``barrier`` syncs them)."""
     root = out_dir / CHECKPOINTS
     final = root / f"{PREFIX}{step}"
-    tmp = root / f".tmp-{PREFIX}{step}"
+    with ExitStack() as stack:
+        tmp = None
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(staged(final, directory=True))
+        tmp = _from_rank0(tmp)
+        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        if rank == 0:
+            save_tensors(_weights(trainables), tmp / "trainable.safetensors")
+            if best is not None:
+                save_tensors(best, tmp / "best.safetensors")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "trainer.pt")
+            write_file(tmp / "state.json", json.dumps({"step": step, **state}, indent=1))
+        barrier()  # every rank's file is in; rank 0 commits as the block ends
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    if rank == 0:
-        save_file(_weights(trainables), tmp / "trainable.safetensors")
-        if best is not None:
-            save_file(best, tmp / "best.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for old in root.glob(f"{PREFIX}*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _from_rank0(path: Path | None) -> Path:
+    """Rank 0's staging folder, on every rank."""
+    import torch.distributed as dist
+
+    shared = [str(path) if path is not None else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    return Path(str(shared[0]))
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -356,20 +356,21 @@ def _empty_window() -> dict[str, float]:
 
 
 class _Metrics:
-    """``metrics.jsonl`` (records after the resumed step dropped) and TensorBoard if installed."""
+    """``metrics.jsonl`` (records after the resumed step dropped) and TensorBoard if installed.
+
+    The file is replaced whole at each record (``esft_rs.outputs``): it never ends
+    in half a line, whatever stops the run."""
 
     def __init__(self, out_dir: Path, start: int, enabled: bool) -> None:
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        path = out_dir / METRICS
-        kept = []
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
+        self.path = out_dir / METRICS
+        self.lines: list[str] = []
+        if self.path.is_file():
+            self.lines = [line + "\n" for line in self.path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start]
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -380,8 +381,10 @@ class _Metrics:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        from esft_rs.outputs import write_file
+
+        self.lines.append(json.dumps(record) + "\n")
+        write_file(self.path, "".join(self.lines))
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step":
@@ -389,7 +392,6 @@ class _Metrics:
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
             if self.tb is not None:
                 self.tb.close()
 

@@ -30,17 +30,18 @@ def write_outputs(
     config: dict[str, Any],
     metrics: dict[str, Any],
 ) -> Path:
-    """Write the adapter, ``expert_cfg.json`` and ``train_config.yaml``; returns the adapter."""
+    """Write ``expert_cfg.json``, ``train_config.yaml`` and, last, the adapter (whose
+    presence marks a finished run); each file appears whole (``esft_rs.outputs``)."""
     import yaml
 
     from esft_rs.adapter import save_adapter
+    from esft_rs.outputs import write_file
 
-    path = save_adapter(
+    experts.save(out_dir / EXPERT_CFG)
+    write_file(out_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+    return save_adapter(
         {k: v.detach().cpu() for k, v in tensors.items()}, out_dir / ADAPTER, experts,
         base_fingerprint=base_fingerprint,
         extra_metadata={"esft.training_config": json.dumps(config),
                         "esft.metrics": json.dumps(metrics)},
     )
-    experts.save(out_dir / EXPERT_CFG)
-    (out_dir / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-    return path

@@ -118,9 +118,9 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     let mut inputs: Vec<&Path> = vec![model];
     inputs.extend(opts.base.as_deref());
     inputs.extend(opts.experts.as_deref());
-    staging::check_not_input(out, &inputs)?;
+    staging::check_paths(&[out], &inputs)?;
     if !opts.dry_run {
-        staging::check_target(out, opts.overwrite)?;
+        staging::check_target(out, opts.overwrite, &[])?;
     }
     let mut warnings = Vec::new();
     let layout = Layout::of(&ckpt);
@@ -624,7 +624,7 @@ fn write_adapter(
         ctl.advance(r.len)
     })?;
     ctl.check()?;
-    staged.commit(overwrite)
+    staged.commit(overwrite, &[])
 }
 
 #[cfg(test)]

@@ -1,15 +1,449 @@
-//! Outputs that appear only when complete: everything is written under a
-//! hidden temporary name (`.NAME.esft-partial`) next to the final path and
-//! renamed into place at the end. An error or a cancelled job removes the
-//! temporary; a killed one leaves it behind under a name that cannot be taken
-//! for the output, and the next run to the same output clears it first.
+//! Outputs, in one place: the guard that keeps them off the inputs, and the
+//! staging that makes them appear whole or not at all (docs/outputs.md).
+//!
+//! Guard: an output that is, contains or lies inside an input, or that
+//! collides with another output of the same command, is refused before any
+//! work; paths are compared after resolving symlinks and `..`, also for outputs
+//! that do not exist yet. An existing output is replaced only if it is
+//! something esft-rs could have written (`check_replaceable`).
+//!
+//! Staging: an output is written under a hidden name unique to the run,
+//! `.NAME.esft-staging.HOST.PID.NONCE`, beside its target, and committed with
+//! one rename: into an empty place without replacing what a concurrent run put
+//! there meanwhile, or, over an existing output, swapped with it in one step
+//! (`renameat2(RENAME_EXCHANGE)`), after which the old output, now under the
+//! staging name, is removed. The target therefore never goes missing. An error
+//! or a cancelled job removes the staging copy; a killed one leaves it, and the
+//! next run to the same output removes those of processes that no longer exist.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
-pub const PARTIAL_SUFFIX: &str = ".esft-partial";
+/// Marks staging names: `.NAME` + this + `HOST.PID.NONCE`.
+pub const STAGING_MARK: &str = ".esft-staging.";
+
+/// `path` made absolute, with symlinks and `..` resolved; for a path that does
+/// not exist yet, its deepest existing ancestor is resolved and the rest
+/// appended (names that do not exist cannot be symlinks).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).map_err(|e| Error::io(path, e))?;
+    // Component by component, as the kernel walks it: an existing prefix is
+    // canonicalized (links followed), so a later `..` leaves the link's target.
+    let mut real = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::CurDir => {}
+            other => {
+                real.push(other);
+                if let Ok(r) = fs::canonicalize(&real) {
+                    real = r;
+                }
+            }
+        }
+    }
+    Ok(real)
+}
+
+/// The same existing file or directory under two names (hard links, bind mounts).
+#[cfg(unix)]
+fn same_object(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_object(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// The guard: refuses an output that is, contains or lies inside an input, and
+/// two outputs of which one is, or lies inside, the other. One line naming both.
+pub fn check_paths(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
+    let resolved = |paths: &[&Path]| -> Result<Vec<PathBuf>> {
+        paths.iter().map(|p| resolve(p)).collect()
+    };
+    let (outs, ins) = (resolved(outputs)?, resolved(inputs)?);
+    for (o, ro) in outputs.iter().zip(&outs) {
+        for (i, ri) in inputs.iter().zip(&ins) {
+            if ro.starts_with(ri) || same_object(ro, ri) {
+                return Err(Error::Usage(format!(
+                    "{}: the output would overwrite or lie inside the input {}",
+                    o.display(),
+                    i.display()
+                )));
+            }
+            if ri.starts_with(ro) {
+                return Err(Error::Usage(format!(
+                    "{}: the output would contain the input {} (replacing it would delete that input)",
+                    o.display(),
+                    i.display()
+                )));
+            }
+        }
+    }
+    for (a, (oa, ra)) in outputs.iter().zip(&outs).enumerate() {
+        for (ob, rb) in outputs.iter().zip(&outs).skip(a + 1) {
+            if ra.starts_with(rb) || rb.starts_with(ra) {
+                return Err(Error::Usage(format!(
+                    "{} and {}: two outputs of one command collide (one is, or lies inside, the other)",
+                    oa.display(),
+                    ob.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an existing output unless `overwrite`, and then unless esft-rs could
+/// have written it. `keep`: further top-level names the output may hold (merge
+/// copies the base's other files).
+pub fn check_target(target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
+    match fs::symlink_metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(target, e)),
+        Ok(_) if !overwrite => Err(Error::Usage(format!(
+            "{}: already exists (pass --overwrite to replace it)",
+            target.display()
+        ))),
+        Ok(_) => check_replaceable(target, keep),
+    }
+}
+
+/// Refuses to replace what esft-rs could not have written: a directory with an
+/// entry that is not a checkpoint, tokenizer or esft-rs file, or a file that is
+/// not safetensors, JSON, NumPy or an image. Says what is there.
+pub fn check_replaceable(target: &Path, keep: &[String]) -> Result<()> {
+    let meta = match fs::metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(target, e)),
+        Ok(m) => m,
+    };
+    let refuse = |what: String| {
+        Err(Error::Usage(format!(
+            "{}: holds {what}, which esft-rs did not write; not replaced (remove it or choose another output)",
+            target.display()
+        )))
+    };
+    if meta.is_dir() {
+        let mut foreign = Vec::new();
+        foreign_entries(target, true, keep, &mut foreign);
+        return match foreign.first() {
+            None => Ok(()),
+            Some(first) if foreign.len() == 1 => refuse(first.clone()),
+            Some(first) => refuse(format!("{first} and {} more entries", foreign.len() - 1)),
+        };
+    }
+    if !meta.is_file() {
+        return refuse("something that is not a regular file or directory".into());
+    }
+    match sniff(target, meta.len()) {
+        Ok(None) => Ok(()),
+        Ok(Some(what)) => refuse(what),
+        Err(e) => Err(Error::io(target, e)),
+    }
+}
+
+/// Names of entries under `dir` that esft-rs does not write (entries that
+/// vanish while being looked at, as with a concurrent run, are skipped).
+fn foreign_entries(dir: &Path, top: bool, keep: &[String], found: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        let ours = if name.contains(STAGING_MARK) || (top && keep.contains(&name)) {
+            true
+        } else if kind.is_dir() {
+            let known = ["checkpoints", "tensorboard"].contains(&name.as_str())
+                || numbered(&name, "step-")
+                || numbered(&name, "rank_");
+            if known {
+                foreign_entries(&path, false, keep, found);
+            }
+            known
+        } else {
+            kind.is_file() && ours_by_name(&name)
+        };
+        if !ours {
+            found.push(path.display().to_string());
+        }
+    }
+}
+
+fn numbered(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Files a checkpoint directory holds (weights, index, configs, tokenizer) and
+/// the files esft-rs itself writes into its output directories.
+fn ours_by_name(name: &str) -> bool {
+    const EXTENSIONS: [&str; 6] = [".safetensors", ".json", ".npy", ".pt", ".model", ".tiktoken"];
+    const NAMES: [&str; 6] = [
+        "merges.txt",
+        "vocab.txt",
+        "train_config.yaml",
+        "metrics.jsonl",
+        "chat_template.jinja",
+        "report.md",
+    ];
+    EXTENSIONS.iter().any(|e| name.ends_with(e))
+        || NAMES.contains(&name)
+        || name.starts_with("events.out.tfevents.")
+}
+
+/// None for a file esft-rs could have written (or an empty one); otherwise what it is.
+fn sniff(path: &Path, len: u64) -> io::Result<Option<String>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut head = Vec::with_capacity(4096);
+    fs::File::open(path)?.take(4096).read_to_end(&mut head)?;
+    let starts = |magic: &[u8]| head.starts_with(magic);
+    if starts(b"\x89PNG") || starts(b"%PDF") || starts(b"\x93NUMPY") || starts(b"\xff\xd8\xff")
+        || starts(b"%!PS") || starts(b"<?xml") || starts(b"<svg")
+    {
+        return Ok(None);
+    }
+    if head.len() >= 9 && head[8] == b'{' {
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&head[..8]);
+        if u64::from_le_bytes(n).checked_add(8).is_some_and(|end| end <= len) {
+            return Ok(None); // a safetensors header
+        }
+    }
+    let first = head.iter().find(|b| !b.is_ascii_whitespace());
+    // A JSON file, not JSON Lines: one value, parsed whole (our JSON outputs are small).
+    if matches!(first, Some(b'{' | b'[')) && len <= 64 << 20 {
+        let reader = io::BufReader::new(fs::File::open(path)?);
+        if serde_json::from_reader::<_, serde::de::IgnoredAny>(reader).is_ok() {
+            return Ok(None);
+        }
+    }
+    let text = std::str::from_utf8(&head).is_ok()
+        || std::str::from_utf8(&head[..head.len().saturating_sub(3)]).is_ok();
+    Ok(Some(format!(
+        "a {} file of {len} bytes",
+        if text { "text" } else { "binary" }
+    )))
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// (parent directory, file name) of an output path.
+fn split_target(target: &Path) -> Result<(PathBuf, String)> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::Usage(format!("{}: not a file name", target.display())))?;
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok((parent.to_path_buf(), name.to_string_lossy().into_owned()))
+}
+
+fn host() -> String {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    if name.is_empty() {
+        "host".into()
+    } else {
+        name
+    }
+}
+
+/// A staging name for `NAME` beside it, unique to this process and call.
+fn staging_name(parent: &Path, name: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let nonce = nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(40);
+    parent.join(format!(
+        ".{name}{STAGING_MARK}{}.{}.{nonce:x}",
+        host(),
+        std::process::id()
+    ))
+}
+
+/// Removes staging copies of `name` left by processes of this host that no
+/// longer run (killed mid-write, or between a swap and its cleanup).
+fn clear_stale(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a dead process from a live one here
+    }
+    let prefix = format!(".{name}{STAGING_MARK}");
+    let me = host();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '.');
+        let (_, pid, h) = (parts.next(), parts.next(), parts.next());
+        let dead = pid.is_some_and(|p| !Path::new("/proc").join(p).exists());
+        if h == Some(me.as_str()) && dead {
+            // Best effort: a copy we cannot remove does not stop this run.
+            let _ = remove_any(&entry.path());
+        }
+    }
+}
+
+/// Permissions a new file gets from the user's umask (library writers such as
+/// safetensors create 0600 files).
+fn file_mode() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    let umask = u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()?;
+    Some(0o666 & !umask)
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match file_mode() {
+        Some(mode) => fs::set_permissions(path, fs::Permissions::from_mode(mode)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Why a rename flag cannot be used here (old kernel, filesystem without it).
+#[cfg(target_os = "linux")]
+fn unsupported(e: &rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    [Errno::INVAL, Errno::NOSYS, Errno::OPNOTSUPP].contains(e)
+}
+
+/// Renames `from` to `to` only if `to` does not exist (`AlreadyExists` otherwise).
+fn rename_new(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(e) if unsupported(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if fs::symlink_metadata(to).is_ok() {
+        return Err(io::ErrorKind::AlreadyExists.into());
+    }
+    fs::rename(from, to)
+}
+
+/// Swaps `a` and `b` in one step; `Ok(false)` where the system cannot.
+fn exchange(a: &Path, b: &Path) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        match renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+            Ok(()) => return Ok(true),
+            Err(e) if unsupported(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = (a, b);
+    Ok(false)
+}
+
+fn taken(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AlreadyExists || e.kind() == io::ErrorKind::DirectoryNotEmpty
+}
+
+/// Puts the finished `tmp` at `target`: a rename into an empty place, or a swap
+/// with the existing output (then removed). Retries when a concurrent run
+/// creates or removes the target in between.
+fn install(tmp: &Path, target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
+    let (parent, name) = split_target(target)?;
+    for _ in 0..16 {
+        match rename_new(tmp, target) {
+            Ok(()) => return Ok(()),
+            Err(e) if taken(&e) => {}
+            Err(e) => return Err(Error::io(target, e)),
+        }
+        check_target(target, overwrite, keep)?;
+        match exchange(tmp, target) {
+            // `tmp` now holds the old output.
+            Ok(true) => return remove_any(tmp).map_err(|e| Error::io(tmp, e)),
+            Ok(false) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(target, e)),
+        }
+        // No exchange: move the old output aside under a staging name (cleared
+        // later if this process dies), then rename into the empty place.
+        let aside = staging_name(&parent, &name);
+        match fs::rename(target, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(target, e)),
+        }
+        let put = rename_new(tmp, target);
+        remove_any(&aside).map_err(|e| Error::io(&aside, e))?;
+        match put {
+            Ok(()) => return Ok(()),
+            Err(e) if taken(&e) => continue,
+            Err(e) => return Err(Error::io(target, e)),
+        }
+    }
+    Err(Error::Usage(format!(
+        "{}: other processes keep replacing this output; try again",
+        target.display()
+    )))
+}
+
+/// Test hook: with `ESFT_RS_TEST_INTERRUPT=SIGNAL@commit:NAME` (SIGNAL: KILL or
+/// INT) in the environment, this process signals itself just before committing
+/// an output named NAME, so tests can interrupt at a known moment. Returns
+/// whether the job should stop as on Ctrl-C.
+fn interrupt_point(target: &Path) -> bool {
+    let Ok(spec) = std::env::var("ESFT_RS_TEST_INTERRUPT") else {
+        return false;
+    };
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+    let Some((signal, point)) = spec.split_once('@') else {
+        return false;
+    };
+    if Some(point) != name.map(|n| format!("commit:{n}")).as_deref() {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{getpid, kill_process, Signal};
+        let sig = if signal == "KILL" { Signal::KILL } else { Signal::INT };
+        let _ = kill_process(getpid(), sig);
+    }
+    signal != "KILL"
+}
 
 pub struct Staged {
     target: PathBuf,
@@ -18,68 +452,12 @@ pub struct Staged {
     committed: bool,
 }
 
-/// `dir/.NAME<suffix>` for `dir/NAME`.
-fn sibling(target: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::Usage(format!("{}: not a file name", target.display())))?;
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    Ok(parent.join(format!(".{}{suffix}", name.to_string_lossy())))
-}
-
-fn remove_any(path: &Path) -> std::io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Refuses an existing output unless `overwrite`.
-pub fn check_target(target: &Path, overwrite: bool) -> Result<()> {
-    if !overwrite && fs::symlink_metadata(target).is_ok() {
-        return Err(Error::Usage(format!(
-            "{}: already exists (pass --overwrite to replace it)",
-            target.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses an output that is an input, lies inside an input directory, or
-/// contains an input (replacing it would delete that input).
-pub fn check_not_input(target: &Path, inputs: &[&Path]) -> Result<()> {
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let parent = fs::canonicalize(parent).map_err(|e| Error::io(parent, e))?;
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::Usage(format!("{}: not a file name", target.display())))?;
-    let out = parent.join(name);
-    for input in inputs {
-        let inp = fs::canonicalize(input).map_err(|e| Error::io(input, e))?;
-        if out == inp || out.starts_with(&inp) || inp.starts_with(&out) {
-            return Err(Error::Usage(format!(
-                "{}: the output would overwrite or lie inside the input {}",
-                target.display(),
-                input.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
 impl Staged {
     /// Starts a staged file (`dir == false`) or directory at `target`.
     pub fn new(target: &Path, dir: bool) -> Result<Self> {
-        let tmp = sibling(target, PARTIAL_SUFFIX)?;
-        remove_any(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let (parent, name) = split_target(target)?;
+        clear_stale(&parent, &name);
+        let tmp = staging_name(&parent, &name);
         if dir {
             fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
@@ -91,29 +469,24 @@ impl Staged {
         })
     }
 
-    /// Where to write: the temporary file, or the temporary directory.
+    /// Where to write: the staging file, or the staging directory.
     pub fn path(&self) -> &Path {
         &self.tmp
     }
 
     /// Moves the finished output into place. An existing target is replaced
-    /// only with `overwrite` (a file atomically; a directory is moved aside
-    /// first, then removed).
-    pub fn commit(mut self, overwrite: bool) -> Result<()> {
-        check_target(&self.target, overwrite)?;
-        let old = if self.dir && self.target.exists() {
-            let old = sibling(&self.target, ".esft-old")?;
-            remove_any(&old).map_err(|e| Error::io(&old, e))?;
-            fs::rename(&self.target, &old).map_err(|e| Error::io(&self.target, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        fs::rename(&self.tmp, &self.target).map_err(|e| Error::io(&self.target, e))?;
-        self.committed = true;
-        if let Some(old) = old {
-            remove_any(&old).map_err(|e| Error::io(&old, e))?;
+    /// only with `overwrite`, and only if esft-rs could have written it
+    /// (`keep`: see `check_target`).
+    pub fn commit(mut self, overwrite: bool, keep: &[String]) -> Result<()> {
+        if interrupt_point(&self.target) {
+            return Err(Error::Cancelled);
         }
+        check_target(&self.target, overwrite, keep)?;
+        if !self.dir {
+            set_mode(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
+        }
+        install(&self.tmp, &self.target, overwrite, keep)?;
+        self.committed = true;
         Ok(())
     }
 }
@@ -131,38 +504,91 @@ impl Drop for Staged {
 mod tests {
     use super::*;
 
+    fn names(d: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn file_and_dir() {
         let d = tempfile::tempdir().unwrap();
         let target = d.path().join("out.safetensors");
         let s = Staged::new(&target, false).unwrap();
-        fs::write(s.path(), b"x").unwrap();
+        fs::write(s.path(), b"").unwrap();
         assert!(s
             .path()
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .starts_with(".out.safetensors"));
-        s.commit(false).unwrap();
-        assert_eq!(fs::read(&target).unwrap(), b"x");
+            .starts_with(".out.safetensors.esft-staging."));
+        s.commit(false, &[]).unwrap();
 
         let s = Staged::new(&target, false).unwrap();
         fs::write(s.path(), b"y").unwrap();
-        assert!(s.commit(false).is_err());
-        assert_eq!(fs::read(&target).unwrap(), b"x");
-        assert_eq!(
-            fs::read_dir(d.path()).unwrap().count(),
-            1,
-            "temporary removed on failure"
-        );
+        assert!(s.commit(false, &[]).is_err());
+        assert_eq!(fs::read(&target).unwrap(), b"");
+        assert_eq!(names(d.path()), ["out.safetensors"], "staging removed on failure");
 
         let dir = d.path().join("model");
         for (content, overwrite) in [(&b"1"[..], false), (&b"2"[..], true)] {
             let s = Staged::new(&dir, true).unwrap();
-            fs::write(s.path().join("a"), content).unwrap();
-            s.commit(overwrite).unwrap();
+            fs::write(s.path().join("config.json"), content).unwrap();
+            s.commit(overwrite, &[]).unwrap();
         }
-        assert_eq!(fs::read(dir.join("a")).unwrap(), b"2");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
+        assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
+        assert_eq!(names(d.path()), ["model", "out.safetensors"]);
+    }
+
+    #[test]
+    fn refuses_foreign_outputs() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("config.json"), b"{}").unwrap();
+        fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        let err = check_target(&dir, true, &[]).unwrap_err().to_string();
+        assert!(err.contains("notes.txt") && err.contains("did not write"), "{err}");
+        check_target(&dir, true, &["notes.txt".into()]).unwrap();
+
+        let data = d.path().join("data.jsonl");
+        fs::write(&data, b"{\"a\": 1}\n{\"a\": 2}\n").unwrap();
+        let err = check_replaceable(&data, &[]).unwrap_err().to_string();
+        assert!(err.contains("a text file of 18 bytes"), "{err}");
+        fs::write(&data, b"{\"a\": 1}\n").unwrap();
+        check_replaceable(&data, &[]).unwrap();
+    }
+
+    #[test]
+    fn guard_resolves_links_and_missing_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base");
+        fs::create_dir(&base).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&base, d.path().join("link")).unwrap();
+        let inside = d.path().join("x/../link/new/out");
+        #[cfg(unix)]
+        assert!(check_paths(&[&inside], &[&base]).is_err());
+        assert!(check_paths(&[d.path()], &[&base]).is_err());
+        assert!(check_paths(&[&d.path().join("a")], &[&base]).is_ok());
+        let (a, b) = (d.path().join("a"), d.path().join("a/b.json"));
+        let err = check_paths(&[&a, &b], &[]).unwrap_err().to_string();
+        assert!(err.contains("collide"), "{err}");
+    }
+
+    #[test]
+    fn clears_copies_of_dead_processes() {
+        let d = tempfile::tempdir().unwrap();
+        let stale = d
+            .path()
+            .join(format!(".out{STAGING_MARK}{}.999999999.1", host()));
+        fs::create_dir(&stale).unwrap();
+        let s = Staged::new(&d.path().join("out"), true).unwrap();
+        assert!(!stale.exists() || !Path::new("/proc/self").exists());
+        s.commit(false, &[]).unwrap();
+        assert_eq!(names(d.path()).len(), 1 + usize::from(stale.exists()));
     }
 }

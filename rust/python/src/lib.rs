@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use errors::{to_py, value_error};
 use esft_core::expert_config::ExpertConfig;
 use esft_core::progress::Control;
-use esft_core::{adapter, inspect, merge, naming, split};
+use esft_core::{adapter, inspect, merge, naming, split, staging};
 
 /// Inspects a safetensors file, checkpoint directory or adapter, from headers alone.
 #[pyfunction]
@@ -338,6 +338,60 @@ fn py_split(
     reports::SplitReport::new(py, report)
 }
 
+// --- outputs (staging.rs): the guard and staged writes, shared with the Python writers ---
+
+/// Refuses outputs that are, contain or lie inside an input, or collide (EsftError).
+#[pyfunction]
+fn check_output_paths(outputs: Vec<PathBuf>, inputs: Vec<PathBuf>) -> PyResult<()> {
+    let outs: Vec<&std::path::Path> = outputs.iter().map(PathBuf::as_path).collect();
+    let ins: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    staging::check_paths(&outs, &ins).map_err(to_py)
+}
+
+/// Refuses an existing `target` unless `overwrite` and esft-rs could have written it.
+#[pyfunction]
+#[pyo3(signature = (target, overwrite, keep=Vec::new()))]
+fn check_output_target(target: PathBuf, overwrite: bool, keep: Vec<String>) -> PyResult<()> {
+    staging::check_target(&target, overwrite, &keep).map_err(to_py)
+}
+
+/// A staged output: write at `path`, then `commit` (or `discard`, or let it be collected).
+#[pyclass(module = "esft_rs._core")]
+struct Staging {
+    staged: Option<staging::Staged>,
+    path: PathBuf,
+}
+
+#[pymethods]
+impl Staging {
+    #[new]
+    #[pyo3(signature = (target, directory=false))]
+    fn new(target: PathBuf, directory: bool) -> PyResult<Self> {
+        let staged = staging::Staged::new(&target, directory).map_err(to_py)?;
+        let path = staged.path().to_path_buf();
+        Ok(Staging { staged: Some(staged), path })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    #[pyo3(signature = (overwrite, keep=Vec::new()))]
+    fn commit(&mut self, py: Python<'_>, overwrite: bool, keep: Vec<String>) -> PyResult<()> {
+        let staged = self
+            .staged
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("already committed or discarded"))?;
+        py.detach(|| staged.commit(overwrite, &keep)).map_err(to_py)
+    }
+
+    fn discard(&mut self, py: Python<'_>) {
+        let staged = self.staged.take();
+        py.detach(|| drop(staged));
+    }
+}
+
 /// The base fingerprint of a checkpoint (see fingerprint.rs for the scheme).
 #[pyfunction]
 fn fingerprint(py: Python<'_>, path: PathBuf) -> PyResult<String> {
@@ -428,5 +482,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adapter_metadata, m)?)?;
     m.add_function(wrap_pyfunction!(fused_slice_name, m)?)?;
     m.add_function(wrap_pyfunction!(fused_slice_parent, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output_target, m)?)?;
+    m.add_class::<Staging>()?;
+    m.add("STAGING_MARK", staging::STAGING_MARK)?;
     Ok(())
 }

@@ -181,9 +181,11 @@ pub fn merge(
     let out = out.map_or_else(|| default_out(base), Path::to_path_buf);
     let mut inputs: Vec<&Path> = vec![base];
     inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
-    staging::check_not_input(&out, &inputs)?;
+    staging::check_paths(&[&out], &inputs)?;
+    // A merged directory may hold whatever the base's directory holds (copied).
+    let keep = top_level_names(base);
     if !opts.dry_run {
-        staging::check_target(&out, opts.overwrite)?;
+        staging::check_target(&out, opts.overwrite, &keep)?;
     }
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
@@ -232,7 +234,7 @@ pub fn merge(
         let checked = checked?;
         written?;
         ctl.check()?;
-        staged.commit(opts.overwrite)?;
+        staged.commit(opts.overwrite, &keep)?;
         checked
     };
     if need_fp {
@@ -375,6 +377,18 @@ fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(
         }
     }
     Ok(out)
+}
+
+/// Names in `base` when it is a directory (none for a file).
+fn top_level_names(base: &Path) -> Vec<String> {
+    fs::read_dir(base)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -6,13 +6,14 @@
 //! (model, data, ...). Written atomically (temporary file, then rename).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
 use super::RoutingStats;
 use crate::error::{Error, Result};
 use crate::safetensors::{Dtype, SafetensorsFile};
+use crate::staging::Staged;
 
 /// The `format` metadata value that marks a routing-stats file.
 pub const FORMAT: &str = "esft-rs.routing-stats/1";
@@ -61,25 +62,18 @@ pub fn save(stats: &RoutingStats, path: &Path) -> Result<()> {
     let mut json = Value::Object(header).to_string().into_bytes();
     // Pad to 8 bytes, as the reference writer does, so data stays aligned.
     json.resize(json.len().div_ceil(8) * 8, b' ');
-    let tmp = temp_path(path);
+    // Replaces an earlier output (esft-rs files only), as `profile -o` always has.
+    let staged = Staged::new(path, false)?;
+    let tmp = staged.path();
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::File::create(tmp)?;
         f.write_all(&(json.len() as u64).to_le_bytes())?;
         f.write_all(&json)?;
         f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
+    written.map_err(|e| Error::io(path, e))?;
+    staged.commit(true, &[])
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {

@@ -1,0 +1,83 @@
+"""Every output esft-rs writes goes through here: the guard and staged writes.
+
+The rules are implemented once, in the Rust core (``staging.rs``), and shared
+with ``merge`` and ``split``; see ``docs/outputs.md`` for the guarantees.
+
+- ``check_outputs(outputs, inputs)``: before any work, refuses an output that is,
+  contains or lies inside an input, or two outputs that collide (``EsftError``,
+  one line naming both paths); symlinks and ``..`` are resolved.
+- ``check_target(path, overwrite=...)``: refuses an existing output unless it may
+  be replaced: with ``overwrite`` and only if esft-rs could have written it.
+- ``staged(path)``: write under a hidden name unique to the run, beside ``path``;
+  on success the result takes its final name in one rename (a directory is
+  swapped with the old one in one step); on any error or Ctrl-C nothing appears.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from esft_rs import _core
+
+PathLike = str | os.PathLike[str]
+
+
+def _paths(paths: Iterable[PathLike | None]) -> list[str]:
+    return [os.fspath(p) for p in paths if p is not None]
+
+
+def check_outputs(outputs: Iterable[PathLike | None], inputs: Iterable[PathLike | None]) -> None:
+    """Refuse outputs that are, contain or lie inside an input, or collide (``None``s skipped)."""
+    _core.check_output_paths(_paths(outputs), _paths(inputs))
+
+
+def check_target(target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = ()) -> None:
+    """Refuse an existing ``target`` unless ``overwrite`` and esft-rs could have written it.
+
+    ``overwrite=True`` is what commands without an ``--overwrite`` flag use: they
+    replace their own earlier output, never a file of another kind.
+    """
+    _core.check_output_target(os.fspath(target), overwrite, list(keep))
+
+
+@contextmanager
+def staged(
+    target: PathLike, *, directory: bool = False, overwrite: bool = True, keep: Iterable[str] = ()
+) -> Iterator[Path]:
+    """Yield a hidden staging path (a file to create, or an empty directory) for ``target``;
+    commit it to ``target`` when the block succeeds, remove it otherwise."""
+    staging = _core.Staging(os.fspath(target), directory)
+    try:
+        yield Path(staging.path)
+        staging.commit(overwrite, list(keep))
+    finally:
+        staging.discard()
+
+
+def save_tensors(
+    tensors: Mapping[str, Any], target: PathLike, metadata: Mapping[str, str] | None = None,
+    *, overwrite: bool = True,
+) -> Path:
+    """Write torch tensors or numpy arrays as one safetensors file, whole or not at all."""
+    with staged(target, overwrite=overwrite) as tmp:
+        if all(type(t).__module__ == "numpy" for t in tensors.values()):
+            from safetensors.numpy import save_file
+
+            save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata=dict(metadata or {}))
+    return Path(target)
+
+
+def write_file(target: PathLike, data: str | bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` (text as UTF-8) to ``target``, whole or not at all."""
+    with staged(target, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(target)
