@@ -4,6 +4,8 @@ and without gradient checkpointing; gradients equal training the whole tensor.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -176,3 +178,50 @@ def test_every_expert_selected_trains_the_fused_tensor_itself() -> None:
     assert {t.name for t in trainables} == set(params)
     assert all(t.param is params[t.name] for t in trainables)
     assert not any(n.endswith(".slices") for n, _ in net.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["esft", "full"])
+def test_a_bf16_model_keeps_bf16_storage_and_trains_fp32_masters(mode: str, tmp_path: Path) -> None:
+    """Frozen tensors stay in the checkpoint's dtype (bf16) on every device; trained ones are
+    fp32 masters with fp32 AdamW state; the adapter is written back in bf16."""
+    import esft_rs
+    from train_fakes import fake_data
+
+    net = hf_tiny.build("qwen3_moe").to(torch.bfloat16)
+    base = {n: p.detach().clone() for n, p in net.named_parameters()}
+    result = esft_rs.train(
+        net, fake_data(vocab=256), tmp_path / "out", ExpertConfig({1: [2]}), progress=False,
+        mode=mode, steps=2, per_device_batch_size=2, gradient_accumulation_steps=1,
+        learning_rate=1e-2, val_ratio=0.0,
+        gradient_checkpointing=False)
+    masters = [p for p in net.parameters() if p.requires_grad]
+    assert masters and all(p.dtype == torch.float32 for p in masters)
+    n = sum(p.numel() for p in masters)
+    assert result.fit.trainable_params == n
+    assert result.fit.optimizer_state_bytes == 8 * n + 4 * len(masters)
+    frozen = {n: p for n, p in net.named_parameters() if not p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    if mode == "full":
+        assert not frozen and n == sum(p.numel() for p in base.values())  # no second copy
+    else:
+        fused = {n: p for n, p in frozen.items() if n.endswith("original")}
+        assert len(fused) == 2  # layer 1's gate_up_proj and down_proj, bf16
+        for name, p in fused.items():
+            before = base[name.replace("parametrizations.", "").removesuffix(".original")]
+            assert torch.equal(p[[0, 1, 3]], before[[0, 1, 3]])
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(result.adapter).values()} == {torch.bfloat16}
+
+
+def test_freezing_imports_neither_transformers_nor_the_cli() -> None:
+    """The model interface names checkpoint tensors (``to_checkpoint``): freezing needs no
+    transformers and the library never imports the CLI; what trains needs no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, esft_rs.training.trained; assert 'torch' not in sys.modules;"
+            " import esft_rs.training.freeze;"
+            " bad = {'transformers', 'esft_rs.models.hf', 'esft_rs.cli'} & set(sys.modules);"
+            " assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -121,6 +121,15 @@ def make_optimizer(trainables: list[Trainable], cfg: TrainConfig) -> torch.optim
     )
 
 
+def autocast(model: torch.nn.Module, device: torch.device) -> Any:
+    """bf16 autocast on CUDA; on CPU, autocast to the frozen tensors' dtype when it is not
+    fp32, so that fp32 masters of trained tensors meet the frozen bf16 ones."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    low = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+    return torch.autocast("cpu", dtype=min(low, key=str)) if low else contextlib.nullcontext()
+
+
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(
         v.numel() * v.element_size()
@@ -164,10 +173,7 @@ class Loop:
         self.params = [t.param for t in trainables]
         self.optimizer = make_optimizer(trainables, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        self.autocast = autocast(model, device)
         self.ddp = model
         if place.world > 1:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
