@@ -16,6 +16,7 @@ from esft_rs.training.freeze import FusedSlices, freeze
 
 transformers = pytest.importorskip("transformers")
 import hf_tiny  # noqa: E402
+from train_fakes import saved_bytes  # noqa: E402
 
 IMPLEMENTATIONS = ["grouped_mm", "eager", "batched_mm"]
 TRAINED = {1: [0, 5], 2: [3]}  # layers 1 and 2 of the tiny Qwen3-MoE; 16 experts each
@@ -50,22 +51,9 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def saved_bytes(net: torch.nn.Module) -> int:
-    """Bytes of the distinct storages autograd saves during one step, other than the
-    model's own parameters and buffers (recomputation included: with reentrant
-    checkpointing, the recomputed forward saves under these hooks too)."""
-    own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    kept: dict[int, torch.UntypedStorage] = {}  # kept alive: no address is reused
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept.setdefault(storage.data_ptr(), storage)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(batch()).logits.float().square().mean().backward()
-    return sum(s.nbytes() for s in kept.values())
+def step_bytes(net: torch.nn.Module) -> int:
+    """Bytes saved for backward during one step (``train_fakes.saved_bytes``)."""
+    return saved_bytes(net, lambda: net(batch()).logits.float().square().mean().backward())
 
 
 @pytest.mark.parametrize("checkpointing", [None, "reentrant"])
@@ -73,13 +61,13 @@ def saved_bytes(net: torch.nn.Module) -> int:
 def test_slices_save_no_copy_of_the_fused_tensor(impl: str, checkpointing: str | None) -> None:
     ref = model(impl, checkpointing)
     train_whole(ref)
-    activations = saved_bytes(ref)
+    activations = step_bytes(ref)
     net = model(impl, checkpointing)
     trainables = freeze(net, ExpertConfig(TRAINED))
     slices = sum(t.param.numel() * t.param.element_size() for t in trainables)
     smallest_fused = min(p.numel() * p.element_size() for p in fused(net).values()
                          if p.shape[0] == 16)
-    saved = saved_bytes(net)
+    saved = step_bytes(net)
     # the old re-parametrisation saved a rebuilt fused tensor per read: >= smallest_fused more
     assert saved <= activations + slices < activations + smallest_fused, (saved, activations)
 

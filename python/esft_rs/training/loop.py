@@ -83,6 +83,7 @@ class FitResult:
     best_step: int | None
     trainable_params: int
     optimizer_state_bytes: int
+    grad_bytes: int  # of the gradients at an optimizer step (what ``esft-rs plan`` predicts)
     unchanged: list[str]  # trained tensors that ended equal to the base
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -186,6 +187,7 @@ class Loop:
         self.best_step: int | None = None
         self.window = _empty_window()
         self.history: list[dict[str, Any]] = []
+        self.grad_bytes = 0
 
     # --- data -----------------------------------------------------------------------------
 
@@ -214,6 +216,8 @@ class Loop:
         norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         )
+        self.grad_bytes = max(self.grad_bytes, sum(
+            _local_bytes(p.grad) for p in self.params if p.grad is not None))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,9 +339,16 @@ class Loop:
             best_step=self.best_step,
             trainable_params=sum(p.numel() for p in self.params),
             optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+            grad_bytes=self.grad_bytes,
             unchanged=unchanged,
             history=self.history,
         )
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of ``t`` (its shard, for a sharded tensor)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def _checksums(trainables: list[Trainable]) -> dict[str, int]:
