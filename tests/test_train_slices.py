@@ -213,3 +213,43 @@ def test_freezing_imports_neither_transformers_nor_the_cli() -> None:
             " bad = {'transformers', 'esft_rs.models.hf', 'esft_rs.cli'} & set(sys.modules);"
             " assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _fsdp_rank(rank: int, world: int, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for impl in IMPLEMENTATIONS:
+            ref = model(impl, None)
+            train_whole(ref)
+            ref(batch()).logits.square().mean().backward()
+            net = model(impl, None)
+            trainables = freeze(net, ExpertConfig(TRAINED))
+            for layer in net.model.layers:
+                fully_shard(layer)
+            fully_shard(net)
+            net(batch()).logits.square().mean().backward()  # the same batch on every rank
+            for t in trainables:
+                assert type(t.param).__name__ == "DTensor"  # the sharded parameter
+                got = t.param.grad.full_tensor()
+                torch.testing.assert_close(got, fused(ref)[t.name].grad[list(t.experts)])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
+    """FSDP2 wraps the re-parametrised experts as they are: the slices are sharded like
+    any parameter, ``Trainable.param`` follows them, and gradients equal the reference."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port), nprocs=2, join=True)

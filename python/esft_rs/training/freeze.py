@@ -31,12 +31,21 @@ __all__ = ["Trainable", "checkpoint_shapes", "checkpoint_tensors", "freeze", "mo
 
 @dataclass
 class Trainable:
-    """One checkpoint tensor (or the selected slices of a fused one) being trained."""
+    """One checkpoint tensor (or the selected slices of a fused one) being trained.
+
+    ``param`` is looked up on its module at each use, so that it stays the module's
+    parameter when FSDP2's ``fully_shard`` replaces it with a sharded one.
+    """
 
     name: str  # checkpoint name
-    param: torch.nn.Parameter
+    module: torch.nn.Module  # the module that holds the parameter, as ``attr``
+    attr: str
     dtype: torch.dtype  # the checkpoint's dtype, for the adapter
     experts: tuple[int, ...] | None = None  # fused: the expert ids of param's rows, in order
+
+    @property
+    def param(self) -> torch.nn.Parameter:
+        return self.module._parameters[self.attr]  # type: ignore[return-value]
 
     def current(self) -> dict[str, torch.Tensor]:
         """The trained values under checkpoint names (fused: one tensor per expert slice)."""
@@ -107,14 +116,16 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
         whole = plan is True or (plan and len(plan) == p.shape[0])
         p.requires_grad_(bool(whole))
         if whole:
-            out.append(Trainable(name, p, p.dtype, tuple(plan) if plan is not True else None))
+            owner, _, attr = name.rpartition(".")
+            out.append(Trainable(name, model.get_submodule(owner), attr, p.dtype,
+                                 tuple(plan) if plan is not True else None))
         elif plan:
             owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
             slices = FusedSlices(p.detach(), plan)
             torch.nn.utils.parametrize.register_parametrization(module, attr, slices, unsafe=True)
             module.parametrizations[attr].original.requires_grad_(False)
-            out.append(Trainable(name, slices.slices, p.dtype, tuple(plan)))
+            out.append(Trainable(name, slices, "slices", p.dtype, tuple(plan)))
     if not out:
         raise MismatchError("the expert config selects no tensor of this model to train")
     return out
