@@ -4,6 +4,7 @@ it reads headers only (no torch) and says what to change when a run does not fit
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -32,21 +33,30 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"builtin": save_model(init_model("tiny"), root / "builtin")}
     hf_tiny = pytest.importorskip("hf_tiny")
     if pytest.importorskip("transformers"):
-        for family in ("qwen3_moe", "deepseek_v2", "mixtral"):
+        for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "mixtral",
+                       "olmoe"):
             out[family] = hf_tiny.save(family, root / family)
+        from test_hf_families import fp8_copy
+
+        out["fp8"] = fp8_copy(root / "deepseek_v3", root / "fp8")  # bf16 once dequantised
     return {k: Path(v) for k, v in out.items()}
 
 
 CASES = [("builtin", "esft"), ("builtin", "full"), ("qwen3_moe", "esft"), ("qwen3_moe", "full"),
-         ("deepseek_v2", "esft"), ("mixtral", "random")]
+         ("deepseek_v2", "esft"), ("deepseek_v3", "full"), ("qwen2_moe", "esft"),
+         ("mixtral", "random"), ("olmoe", "esft"), ("fp8", "esft"), ("qwen2_moe", "flags")]
+#: esft with shared experts and non-expert modules trained too
+FLAGS = ExpertConfig(EXPERTS.experts, shared_experts=True, non_expert_modules=True)
 
 
 @pytest.mark.parametrize(("family", "mode"), CASES)
 def test_plan_equals_what_training_measures(models: dict[str, Path], family: str, mode: str,
                                            tmp_path: Path) -> None:
-    expected = plan(models[family], EXPERTS, mode, device="cpu")
+    experts = FLAGS if mode == "flags" else EXPERTS
+    mode = "esft" if mode == "flags" else mode
+    expected = plan(models[family], experts, mode, device="cpu")
     result = esft_rs.train(
-        models[family], fake_data(n=8, seq=64, vocab=256), tmp_path / "out", EXPERTS,
+        models[family], fake_data(n=8, seq=64, vocab=256), tmp_path / "out", experts,
         progress=False, device="cpu", mode=mode, steps=2, per_device_batch_size=2,
         gradient_accumulation_steps=2, val_ratio=0.0, gradient_checkpointing=False)
     params = list(result.model.parameters())
@@ -77,6 +87,32 @@ def test_activation_estimate_is_within_tolerance(models: dict[str, Path], family
     estimate = plan(models[family], EXPERTS, mode, seq_length=64, per_device_batch_size=2,
                     gradient_checkpointing=False, device="cpu").activation_bytes
     assert TOLERANCE[0] <= estimate / measured <= TOLERANCE[1], (estimate, measured)
+
+
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe"])
+def test_checkpointing_estimate_lies_between_layer_inputs_and_everything(
+        models: dict[str, Path], family: str) -> None:
+    """With checkpointing, autograd keeps each layer's input (measured: what the
+    non-reentrant forward saves) and one layer is recomputed at a time (estimated)."""
+    net = load_model(models[family]).train()
+    layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+    freeze(net, resolve_experts(layout, None, "full", 0))
+    if "gradient_checkpointing_kwargs" in inspect.signature(
+            net.gradient_checkpointing_enable).parameters:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        net.gradient_checkpointing_enable()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        out = net(ids)
+        causal_lm_loss(getattr(out, "logits", out), ids, reduction="sum").backward()
+
+    kept = saved_bytes(net, step)
+    estimate = {ck: plan(models[family], mode="full", seq_length=64, per_device_batch_size=2,
+                         gradient_checkpointing=ck, device="cpu").activation_bytes
+                for ck in (True, False)}
+    assert kept < estimate[True] < estimate[False]
 
 
 def test_more_ranks_divide_weights_gradients_and_optimizer_state(
