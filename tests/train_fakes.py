@@ -7,6 +7,8 @@ a forward that returns logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -158,3 +160,24 @@ def ddp_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> N
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     esft_rs.train(*args, progress=False, **kwargs)
+
+
+def saved_bytes(model: nn.Module, step: Callable[[], None]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``step`` runs
+    (a forward and backward), other than the model's own parameters and buffers.
+
+    Saved tensors are kept alive until the end, so no address is reused: with
+    reentrant checkpointing, the recomputed forward saves under these hooks too.
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept.setdefault(storage.data_ptr(), storage)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(s.nbytes() for s in kept.values())

@@ -17,6 +17,7 @@ from esft_rs.cli.eval_cmd import eval_cmd
 from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
+from esft_rs.cli.plan_cmd import plan_cmd
 from esft_rs.cli.profile_cmd import profile_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.cli.train_cmd import train_cmd
@@ -44,6 +45,7 @@ main.add_command(merge_cmd)
 main.add_command(split_cmd)
 main.add_command(profile_cmd)
 main.add_command(eval_cmd)
+main.add_command(plan_cmd)
 
 
 def fail(message: str) -> None:

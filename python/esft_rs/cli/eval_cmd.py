@@ -46,8 +46,8 @@ def eval_cmd(
     from esft_rs.cli.model_inputs import task_inputs
     from esft_rs.evaluation import evaluate
     from esft_rs.models import load_model
-    from esft_rs.preflight import context_length
     from esft_rs.outputs import check_outputs, check_target, write_file
+    from esft_rs.preflight import context_length
 
     check_outputs([output], [model, *data])
     if output is not None:

@@ -79,8 +79,8 @@ def profile_cmd(
     import torch.distributed as dist
 
     from esft_rs.cli.model_inputs import task_inputs
-    from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.outputs import check_outputs, check_target
+    from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.profiling import profile
 
     check_outputs([output, records], [model, *data])

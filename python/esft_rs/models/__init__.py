@@ -25,6 +25,7 @@ __all__ = [
     "init_model",
     "load_model",
     "save_model",
+    "to_checkpoint",
 ]
 
 
@@ -79,3 +80,14 @@ def as_moe_model(model: torch.nn.Module) -> MoEModel:
     from esft_rs.models import hf
 
     return hf.MoEView(model) if hf.is_hf(model) else model
+
+
+def to_checkpoint(
+    model: torch.nn.Module, name: str, tensor: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors that ``model``'s in-memory tensor ``name`` (holding ``tensor``)
+    is stored as: itself for the built-in model and plain torch models; transformers
+    families revert their load-time conversion (fused experts -> one tensor per expert)."""
+    from esft_rs.models import hf
+
+    return hf.to_checkpoint(model, name, tensor) if hf.is_hf(model) else {name: tensor}

@@ -10,7 +10,7 @@ routed experts are fused in memory into ``mlp.experts.gate_up_proj`` [E, 2I, H] 
 ``mlp.experts.down_proj`` [E, H, I]. Checkpoints on disk keep per-expert names
 (Mixtral: ``block_sparse_moe.experts.E.w1``). transformers converts on load and
 reverts on save; adapters are written with the reverted, on-disk names
-(``checkpoint_tensors``), so ``esft-rs merge`` writes into the original shards.
+(``to_checkpoint``), so ``esft-rs merge`` writes into the original shards.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,9 +26,6 @@ from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.inputs import load_json
 from esft_rs.models.interface import RouterOutput
 from esft_rs.naming import classify
-
-if TYPE_CHECKING:
-    from esft_rs.training.freeze import Trainable
 
 #: model_type in config.json -> family name; the families tested against transformers.
 FAMILIES = {
@@ -175,45 +172,12 @@ class MoEView:
         return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def checkpoint_shapes(
-    model: torch.nn.Module, trainables: list[Trainable]
-) -> dict[str, tuple[int, ...]]:
-    """The on-disk names and shapes the trained tensors will have in the adapter
-    (computed on the meta device: no memory)."""
-    return {k: tuple(v.shape) for k, (v, _) in _reverted(model, trainables, meta=True).items()}
-
-
-def checkpoint_tensors(
-    model: torch.nn.Module, trainables: list[Trainable]
+def to_checkpoint(
+    model: torch.nn.Module, name: str, tensor: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The trained tensors under their on-disk names, in the checkpoint's dtypes.
-
-    Each trained tensor is reverted whole by transformers' own save-time
-    conversion; of a fused one, only the trained experts' tensors are kept.
-    """
-    dtypes = {t.name: t.dtype for t in trainables}
-    return {
-        k: v.to(dtypes[src]).contiguous()
-        for k, (v, src) in _reverted(model, trainables, meta=False).items()
-    }
-
-
-def _reverted(
-    model: torch.nn.Module, trainables: list[Trainable], *, meta: bool
-) -> dict[str, tuple[torch.Tensor, str]]:
-    """On-disk name -> (tensor, in-memory name it comes from)."""
-    from esft_rs.training.freeze import whole_tensor
-
-    out = {}
-    for t in trainables:
-        full = whole_tensor(model, t, current=not meta)
-        # one tensor at a time, so every on-disk name is known to come from t
-        reverted = _revert(model, {t.name: full.to("meta") if meta else full})
-        for disk, value in reverted.items():
-            role = classify(disk)
-            if t.experts is None or (role.kind == "routed_expert" and role.expert in t.experts):
-                out[disk] = (value, t.name)
-    return out
+    """The on-disk tensors that in-memory tensor ``name`` (holding ``tensor``) is saved as:
+    transformers' own save-time conversion (a fused expert tensor: one per expert)."""
+    return _revert(model, {name: tensor})
 
 
 def _revert(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

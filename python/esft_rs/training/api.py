@@ -69,8 +69,8 @@ def train(
     import torch
 
     from esft_rs.adapter import fingerprint as fingerprint_of
-    from esft_rs.preflight import check_length
     from esft_rs.outputs import check_outputs, check_target
+    from esft_rs.preflight import check_length
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -296,11 +296,12 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
 
 def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.device,
              cfg: TrainConfig) -> None:
-    """Place the model: fp32 on CPU; on CUDA frozen tensors keep their dtype and trained
-    ones are fp32 master weights (bf16 would round most 1e-5 updates away)."""
+    """Place the model: frozen tensors keep the checkpoint's dtype; trained ones become fp32
+    master weights (bf16 would round most 1e-5 updates away), which are the parameters
+    themselves: no second copy. The forward computes in the checkpoint's dtype
+    (``loop.autocast``); full mode holds 4 bytes of master, 4 of gradient and 8 of AdamW
+    state per parameter, which FSDP2 divides among the ranks."""
     model.to(dev)
-    if dev.type == "cpu":
-        model.float()
     for t in trainables:
         t.param.data = t.param.data.float()
     if cfg.gradient_checkpointing:

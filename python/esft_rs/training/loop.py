@@ -84,6 +84,7 @@ class FitResult:
     best_step: int | None
     trainable_params: int
     optimizer_state_bytes: int
+    grad_bytes: int  # of the gradients at an optimizer step (what ``esft-rs plan`` predicts)
     unchanged: list[str]  # trained tensors that ended equal to the base
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -120,6 +121,15 @@ def make_optimizer(trainables: list[Trainable], cfg: TrainConfig) -> torch.optim
         [g for g in groups if g["params"]], lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8, fused=True,
     )
+
+
+def autocast(model: torch.nn.Module, device: torch.device) -> Any:
+    """bf16 autocast on CUDA; on CPU, autocast to the frozen tensors' dtype when it is not
+    fp32, so that fp32 masters of trained tensors meet the frozen bf16 ones."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    low = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+    return torch.autocast("cpu", dtype=min(low, key=str)) if low else contextlib.nullcontext()
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -165,10 +175,7 @@ class Loop:
         self.params = [t.param for t in trainables]
         self.optimizer = make_optimizer(trainables, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-            else contextlib.nullcontext()
-        )
+        self.autocast = autocast(model, device)
         self.ddp = model
         if place.world > 1:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
@@ -181,6 +188,7 @@ class Loop:
         self.best_step: int | None = None
         self.window = _empty_window()
         self.history: list[dict[str, Any]] = []
+        self.grad_bytes = 0
 
     # --- data -----------------------------------------------------------------------------
 
@@ -211,6 +219,8 @@ class Loop:
         )
         loss_value = float(place.sum(total)) / max(1, n_label)
         check_finite(step + 1, loss_value, float(norm))  # before the update reaches the weights
+        self.grad_bytes = max(self.grad_bytes, sum(
+            _local_bytes(p.grad) for p in self.params if p.grad is not None))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,9 +345,16 @@ class Loop:
             best_step=self.best_step,
             trainable_params=sum(p.numel() for p in self.params),
             optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
+            grad_bytes=self.grad_bytes,
             unchanged=unchanged,
             history=self.history,
         )
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    """Bytes this process holds of ``t`` (its shard, for a sharded tensor)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def _checksums(trainables: list[Trainable]) -> dict[str, int]:

@@ -1,0 +1,71 @@
+"""``esft-rs plan``: will a training run fit? Memory per rank, from the headers alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from esft_rs.cli.fmt import human_bytes
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-e", "--experts", "experts_path", type=click.Path(path_type=Path),
+              help="Expert config (JSON) to train; not needed with --mode full.")
+@click.option("--mode", type=click.Choice(["esft", "full", "random"]), default="esft",
+              show_default=True, help="What trains, as in 'esft-rs train'.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ranks (GPUs) in all; above 1, FSDP2 shards the weights among them.")
+@click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--per-device-batch-size", type=click.IntRange(min=1), default=1,
+              show_default=True)
+@click.option("--gpu-memory", default="80GiB", show_default=True,
+              help="Memory of one device, e.g. 80GiB, 141GB, 24GiB.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True,
+              show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
+              show_default=True, help="cuda computes in bf16, cpu in the checkpoint's dtype.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, seq_length: int,
+             per_device_batch_size: int, gpu_memory: str, gradient_checkpointing: bool,
+             device: str, as_json: bool) -> None:
+    """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
+    master weights, gradients, AdamW state and activations; whether it fits, and what
+    to change if not. Reads config.json and the safetensors headers only."""
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.plan import parse_size, plan
+
+    try:
+        budget = parse_size(gpu_memory)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gpu-memory") from None
+    experts = ExpertConfig.load(experts_path) if experts_path is not None else None
+    result = plan(model, experts, mode, nproc=nproc, seq_length=seq_length,
+                  per_device_batch_size=per_device_batch_size,
+                  gradient_checkpointing=gradient_checkpointing, gpu_memory=budget,
+                  device=device, origin=str(experts_path or "expert config"))
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    echo = click.echo
+    echo(f"{result.model}: {result.mode} on {nproc} rank{'s' if nproc > 1 else ''},"
+         f" {per_device_batch_size} x {seq_length} tokens per device,"
+         f" checkpointing {'on' if gradient_checkpointing else 'off'}")
+    echo(f"trained parameters: {result.trained_params:,}"
+         f" (frozen: {result.frozen_params:,}); adapter {human_bytes(result.adapter_bytes)}")
+    rows = [("frozen weights", result.frozen_bytes),
+            ("fp32 master weights", result.master_bytes),
+            ("fp32 gradients", result.grad_bytes),
+            ("AdamW state", result.optimizer_bytes)]
+    if nproc > 1:
+        rows.append(("one layer gathered", result.gather_bytes))
+    rows += [("activations (estimate)", result.activation_bytes),
+             ("total per rank", result.total_bytes)]
+    for label, n in rows:
+        echo(f"  {label:<24}{human_bytes(n):>12}")
+    verdict = "fits" if result.fits else "does NOT fit"
+    echo(f"{verdict} in {human_bytes(budget)} per device")
+    for line in result.advice:
+        echo(f"  - {line}")

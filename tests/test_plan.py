@@ -1,0 +1,179 @@
+"""``esft-rs plan``: its parameter, gradient and optimizer figures equal what a training run
+measures; its activation estimate is within a stated tolerance of the bytes autograd saves;
+it reads headers only (no torch) and says what to change when a run does not fit."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import esft_rs
+from conftest import run_cli
+from esft_rs.data import causal_lm_loss
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import init_model, load_model, save_model
+from esft_rs.plan import plan
+from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
+from train_fakes import fake_data, saved_bytes
+
+EXPERTS = ExpertConfig({1: [0, 2]})
+#: activation estimate / bytes saved for backward, on the tiny models (see docs/scale.md)
+TOLERANCE = (0.65, 1.4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plan")
+    out = {"builtin": save_model(init_model("tiny"), root / "builtin")}
+    hf_tiny = pytest.importorskip("hf_tiny")
+    if pytest.importorskip("transformers"):
+        for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "mixtral",
+                       "olmoe"):
+            out[family] = hf_tiny.save(family, root / family)
+        from test_hf_families import fp8_copy
+
+        out["fp8"] = fp8_copy(root / "deepseek_v3", root / "fp8")  # bf16 once dequantised
+    return {k: Path(v) for k, v in out.items()}
+
+
+CASES = [("builtin", "esft"), ("builtin", "full"), ("qwen3_moe", "esft"), ("qwen3_moe", "full"),
+         ("deepseek_v2", "esft"), ("deepseek_v3", "full"), ("qwen2_moe", "esft"),
+         ("mixtral", "random"), ("olmoe", "esft"), ("fp8", "esft"), ("qwen2_moe", "flags")]
+#: esft with shared experts and non-expert modules trained too
+FLAGS = ExpertConfig(EXPERTS.experts, shared_experts=True, non_expert_modules=True)
+
+
+@pytest.mark.parametrize(("family", "mode"), CASES)
+def test_plan_equals_what_training_measures(models: dict[str, Path], family: str, mode: str,
+                                           tmp_path: Path) -> None:
+    experts = FLAGS if mode == "flags" else EXPERTS
+    mode = "esft" if mode == "flags" else mode
+    expected = plan(models[family], experts, mode, device="cpu")
+    result = esft_rs.train(
+        models[family], fake_data(n=8, seq=64, vocab=256), tmp_path / "out", experts,
+        progress=False, device="cpu", mode=mode, steps=2, per_device_batch_size=2,
+        gradient_accumulation_steps=2, val_ratio=0.0, gradient_checkpointing=False)
+    params = list(result.model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    assert expected.trained_params == result.fit.trainable_params
+    assert expected.master_bytes == sum(p.numel() * p.element_size() for p in trained)
+    assert expected.grad_bytes == result.fit.grad_bytes
+    assert expected.optimizer_bytes == result.fit.optimizer_state_bytes
+    assert expected.frozen_bytes == sum(
+        p.numel() * p.element_size() for p in params if not p.requires_grad)
+    assert expected.frozen_params + expected.trained_params >= sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("mode", ["esft", "full"])
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe", "deepseek_v2", "mixtral"])
+def test_activation_estimate_is_within_tolerance(models: dict[str, Path], family: str,
+                                                 mode: str) -> None:
+    net = load_model(models[family]).train()
+    layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+    freeze(net, resolve_experts(layout, EXPERTS, mode, 0))
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        out = net(ids)
+        causal_lm_loss(getattr(out, "logits", out), ids, reduction="sum").backward()
+
+    measured = saved_bytes(net, step)
+    estimate = plan(models[family], EXPERTS, mode, seq_length=64, per_device_batch_size=2,
+                    gradient_checkpointing=False, device="cpu").activation_bytes
+    assert TOLERANCE[0] <= estimate / measured <= TOLERANCE[1], (estimate, measured)
+
+
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe"])
+def test_checkpointing_estimate_lies_between_layer_inputs_and_everything(
+        models: dict[str, Path], family: str) -> None:
+    """With checkpointing, autograd keeps each layer's input (measured: what the
+    non-reentrant forward saves) and one layer is recomputed at a time (estimated)."""
+    net = load_model(models[family]).train()
+    layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+    freeze(net, resolve_experts(layout, None, "full", 0))
+    if "gradient_checkpointing_kwargs" in inspect.signature(
+            net.gradient_checkpointing_enable).parameters:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        net.gradient_checkpointing_enable()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        out = net(ids)
+        causal_lm_loss(getattr(out, "logits", out), ids, reduction="sum").backward()
+
+    kept = saved_bytes(net, step)
+    estimate = {ck: plan(models[family], mode="full", seq_length=64, per_device_batch_size=2,
+                         gradient_checkpointing=ck, device="cpu").activation_bytes
+                for ck in (True, False)}
+    assert kept < estimate[True] < estimate[False]
+
+
+def test_more_ranks_divide_weights_gradients_and_optimizer_state(
+        models: dict[str, Path]) -> None:
+    one = plan(models["builtin"], mode="full", device="cpu")
+    four = plan(models["builtin"], mode="full", nproc=4, device="cpu")
+    assert four.trained_params == one.trained_params  # the whole run's count
+    for key in ("master_bytes", "grad_bytes"):
+        # dim 0 of each tensor padded to a multiple of 4: at most 3 rows more per tensor
+        assert one.to_dict()[key] / 4 <= four.to_dict()[key] < one.to_dict()[key] / 4 * 1.1
+    assert 0 < four.gather_bytes < one.master_bytes  # one layer, all-gathered
+    assert four.activation_bytes == one.activation_bytes
+
+
+def test_json_has_the_figures(models: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(EXPERTS.to_json())
+    proc = run_cli("plan", models["builtin"], "-e", cfg, "--nproc", "2", "--seq-length", "512",
+                   "--json", check=True)
+    got = json.loads(proc.stdout)
+    want = plan(models["builtin"], EXPERTS, nproc=2, seq_length=512, gpu_memory=80 * 2**30)
+    assert got == want.to_dict()
+    assert {"trained_params", "frozen_bytes", "master_bytes", "grad_bytes", "optimizer_bytes",
+            "activation_bytes", "total_bytes"} <= set(got)
+    assert got["total_bytes"] == sum(got[k] for k in (
+        "frozen_bytes", "master_bytes", "grad_bytes", "optimizer_bytes", "gather_bytes",
+        "activation_bytes"))
+
+
+def test_says_whether_it_fits_and_what_to_change(models: dict[str, Path]) -> None:
+    fits = run_cli("plan", models["builtin"], "--mode", "full", check=True).stdout
+    assert "fits in 80.0 GiB per device" in fits
+    small = run_cli("plan", models["builtin"], "--mode", "full", "--gpu-memory", "8MiB",
+                    "--seq-length", "64", "--no-gradient-checkpointing", check=True).stdout
+    assert "does NOT fit in 8.0 MiB" in small
+    # 15 MiB of fp32 weights, gradients and AdamW state: 4 ranks hold 3.8 MiB each
+    assert "gradient checkpointing" in small and "use 4 or more ranks (--nproc 4)" in small
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "esft"], "mode esft needs an expert config"),
+    (["--mode", "full", "--gpu-memory", "lots"], "not a size: 'lots'"),
+])
+def test_bad_input_is_one_line(models: dict[str, Path], args: list[str], message: str) -> None:
+    proc = run_cli("plan", models["builtin"], *args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+
+
+def test_a_directory_without_config_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli("plan", tmp_path, "--mode", "full")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"esft-rs: error: {tmp_path / 'config.json'}: not found (plan reads the model's"
+        " config.json)")
+
+
+def test_plan_imports_no_torch(models: dict[str, Path]) -> None:
+    code = ("import sys; from esft_rs.cli import main\n"
+            f"try:\n    main(['plan', {str(models['builtin'])!r}, '--mode', 'full'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = {'torch', 'numpy', 'transformers'} & set(sys.modules)\n"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
