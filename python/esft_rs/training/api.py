@@ -69,6 +69,8 @@ def train(
     import torch
 
     from esft_rs.adapter import fingerprint as fingerprint_of
+    from esft_rs.distributed import device_for, process_group
+    from esft_rs.training import sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -77,16 +79,13 @@ def train(
         moe_layout,
         resolve_experts,
     )
-    from esft_rs.training.loop import Loop, init_distributed
+    from esft_rs.training.loop import Loop, global_batch_size
 
     cfg = _config(config, overrides)
     out = Path(out_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    place, created_group = init_distributed(dev.type)
-    try:
-        if dev.type == "cuda" and place.world > 1:
-            dev = torch.device("cuda", place.local_rank)
-            torch.cuda.set_device(dev)
+    dev = device_for(device)
+    with process_group(dev) as place:
+        fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
@@ -104,8 +103,10 @@ def train(
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
         _prepare(net, trainables, dev, cfg)
+        if fsdp:
+            trainables = sharding.shard(net, trainables, place, dev)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
-                    "config": cfg.identity(), "world": place.world}
+                    "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
         place.barrier()
@@ -119,16 +120,14 @@ def train(
             )
         adapter = out / ADAPTER
         merged = Path(save_merged) if save_merged is not None else None
+        weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
+                   else checkpoint_tensors(net, trainables, on_disk) if place.main else {})
         if place.main:
-            weights = checkpoint_tensors(net, trainables, on_disk)
             write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
             if merged is not None:
                 _merge(base, adapter, merged, requantize_fp8)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
-    finally:
-        if created_group:
-            torch.distributed.destroy_process_group()
 
 
 def _config(config: PathLike | TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
