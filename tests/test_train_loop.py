@@ -164,3 +164,32 @@ def test_fused_experts_adapter_merges_into_the_fused_base(tmp_path: Path) -> Non
             assert not torch.equal(t[1], base[name][1]) and not torch.equal(t[3], base[name][3])
         else:
             assert torch.equal(t, base[name]), name
+
+
+@pytest.mark.parametrize(("scheduler", "warmup"), [("constant", 0), ("constant", 3),
+                                                    ("cosine", 0), ("cosine", 4)])
+def test_lr_schedule_is_hugging_faces(scheduler: str, warmup: int) -> None:
+    """torch's LinearLR + CosineAnnealingLR give the Hugging Face formulas the official ESFT
+    trains with: linear warm-up from 0, then constant or cosine to 0 at the last step."""
+    import math
+
+    from esft_rs.training.config import TrainConfig
+    from esft_rs.training.loop import lr_schedule
+
+    cfg = TrainConfig(steps=12, warmup_steps=warmup, lr_scheduler=scheduler, learning_rate=0.1)
+
+    def hf(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if scheduler == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (cfg.steps - warmup)))
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.learning_rate)
+    sched = lr_schedule(opt, cfg)
+    seen = []
+    for _ in range(cfg.steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * hf(s) for s in range(cfg.steps)], rel=1e-12, abs=1e-15)

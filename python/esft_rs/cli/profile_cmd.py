@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,18 +75,13 @@ def profile_cmd(
     of the rows and rank 0 writes the file; the result does not depend on the
     number of processes.
     """
-    import torch.distributed as dist
-
     from esft_rs.cli.model_inputs import context_length, task_inputs
+    from esft_rs.distributed import process_group
     from esft_rs.profiling import profile
 
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        started = True
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with process_group(dev) as place:
+        rank, world = place.rank, place.world
         t0 = time.perf_counter()
         moe = load_model(model, dev)
         limit = context_length(moe)
@@ -145,9 +139,6 @@ def profile_cmd(
             f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
             f" {time.perf_counter() - t0:.1f} s"
         )
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def load_model(path: Path, device: torch.device) -> MoEModel:
