@@ -4,6 +4,7 @@ batch, on the built-in model and on transformers families (experts fused in memo
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 import esft_rs
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
-from train_fakes import ddp_worker
+from train_fakes import ddp_worker, stop_after_2
 
 #: global batch 8 = per-device batch x processes x 2 micro-steps, whatever the world size
 GLOBAL = 8
@@ -90,6 +91,26 @@ def test_fsdp_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: i
     adapter = load_file(many / "adapter.safetensors")
     for name, t in merged.items():
         assert torch.equal(t, adapter.get(name, base[name])), name
+
+
+def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Path) -> None:
+    """Resumed on 2 ranks: the losses of the uninterrupted run, exactly. The same
+    checkpoint resumed in 1 process (the same global batch): equal within float tolerance."""
+    kw = dict(steps=4, save_steps=2, eval_steps=2)
+    whole = train(builtin, tmp_path / "whole", 2, **kw)
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="KeyboardInterrupt"):
+        train(builtin, tmp_path / "cut", 2, on_step=stop_after_2, **kw)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-2"]
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+    resumed = train(builtin, tmp_path / "cut", 2, resume=True, **kw)
+    assert torch.equal(losses(resumed), losses(whole))
+    x, y = load_file(whole / "adapter.safetensors"), load_file(resumed / "adapter.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+    in_one = train(builtin, tmp_path / "cut1", 1, resume=True, **kw)
+    assert_same_adapter(whole, in_one)
+    state = json.loads((in_one / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["world"] == 1
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2"])

@@ -193,3 +193,38 @@ def test_lr_schedule_is_hugging_faces(scheduler: str, warmup: int) -> None:
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.1 * hf(s) for s in range(cfg.steps)], rel=1e-12, abs=1e-15)
+
+
+def test_checkpoint_gives_no_optimizer_state_to_tensors_not_yet_trained(tmp_path: Path) -> None:
+    """A tensor with no gradient so far has no AdamW state; after a resume it must still have
+    none (a state with step 1 would change its bias correction when it first trains)."""
+    from esft_rs.distributed import Dist
+    from esft_rs.training import checkpoint
+    from esft_rs.training.config import TrainConfig
+    from esft_rs.training.freeze import freeze
+    from esft_rs.training.loop import lr_schedule, make_optimizer
+
+    cfg = TrainConfig(steps=3)
+
+    def setup() -> tuple:
+        model = FakeMoE()
+        trainables = freeze(model, EXPERTS)
+        opt = make_optimizer(trainables, cfg)
+        return model, trainables, opt, lr_schedule(opt, cfg)
+
+    model, trainables, opt, sched = setup()
+    model(fake_data()["input_ids"][:2]).sum().backward()
+    trainables[0].param.grad = None  # as if no token reached it
+    opt.step()
+    kw = dict(model=model, trainables=trainables, optimizer=opt, scheduler=sched, place=Dist())
+    path = checkpoint.write(tmp_path, 1, best=None, state={}, **kw)
+    model, trainables, fresh, sched = setup()
+    checkpoint.read(path, model=model, trainables=trainables, optimizer=fresh, scheduler=sched,
+                    best=None, place=Dist())
+    assert trainables[0].param not in fresh.state
+    assert len(fresh.state) == len(trainables) - 1
+    saved = [opt.state[p]["exp_avg_sq"] for g in opt.param_groups for p in g["params"]
+             if p in opt.state]
+    loaded = [fresh.state[p]["exp_avg_sq"] for g in fresh.param_groups for p in g["params"]
+              if p in fresh.state]
+    assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))

@@ -158,3 +158,9 @@ def ddp_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> N
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     esft_rs.train(*args, progress=False, **kwargs)
+
+
+def stop_after_2(step: int, record: dict) -> None:
+    """``on_step`` that stops a run after step 2, as a crash would (picklable, for spawn)."""
+    if step == 2:
+        raise KeyboardInterrupt

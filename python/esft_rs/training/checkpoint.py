@@ -154,13 +154,24 @@ def read(
     the checkpoint has them); returns its state. A rank the writing run did not have
     keeps its RNG state: training draws no random numbers after the data is split."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     state = json.loads((path / "state.json").read_text())
     loaded = _state_dict(model, trainables, optimizer, best)
+    # get_optimizer_state_dict gives every parameter state to load into; one that had no
+    # gradient yet had none when saved, and must have none again (AdamW counts its steps).
+    saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
+    loaded["optimizer"]["state"] = {
+        fqn: v for fqn, v in loaded["optimizer"]["state"].items()
+        if any(k.startswith(f"optimizer.state.{fqn}.") for k in saved)
+    }
     with _single_process_quiet():
         dcp.load(loaded, checkpoint_id=path / DCP, no_dist=place.world == 1)
-    set_optimizer_state_dict(model, optimizer, loaded["optimizer"])
+    set_optimizer_state_dict(model, optimizer, loaded["optimizer"],
+                             options=StateDictOptions(strict=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-{place.rank}.pt"
     if rng.is_file():
