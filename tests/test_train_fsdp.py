@@ -4,6 +4,7 @@ batch, on the built-in model and on transformers families (experts fused in memo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 from pathlib import Path
@@ -91,6 +92,14 @@ def test_fsdp_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: i
     adapter = load_file(many / "adapter.safetensors")
     for name, t in merged.items():
         assert torch.equal(t, adapter.get(name, base[name])), name
+    # Weights and AdamW state per rank: 1/world of one process's. Rank 0 holds the largest
+    # shards (dim 0 split as torch.chunk does): at most one row more per tensor, fp32 here.
+    per_rank = [json.loads(safe_open(out / "adapter.safetensors", "pt").metadata()
+                           ["esft.metrics"])["rank_bytes"] for out in (one, many)]
+    tensors = esft_rs.inspect(builtin / "base").tensors.values()
+    row = sum(4 * math.prod(t.shape[1:]) for t in tensors)
+    for key in ("frozen", "trained", "optimizer"):
+        assert per_rank[0][key] / world <= per_rank[1][key] <= per_rank[0][key] / world + 2 * row
 
 
 def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Path) -> None:

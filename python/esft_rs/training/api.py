@@ -70,7 +70,7 @@ def train(
 
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
-    from esft_rs.training import sharding
+    from esft_rs.training import sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -90,7 +90,10 @@ def train(
             base = model
         expert_cfg, origin = _experts(experts)
         resume_from = _check_out_dir(out, resume)
-        net = _load_model(model)
+        lazy = None  # under FSDP the built-in model is read shard by shard, after sharding
+        if fsdp and not isinstance(model, torch.nn.Module):
+            lazy = sharded_load.meta_model(model)
+        net = lazy if lazy is not None else _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
         tensors = _load_data(data, base, cfg, skip_bad)
@@ -105,6 +108,8 @@ def train(
         _prepare(net, trainables, dev, cfg)
         if fsdp:
             trainables = sharding.shard(net, trainables, place, dev)
+        if lazy is not None:
+            sharded_load.fill(net, model, dev)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         if place.main:
@@ -247,8 +252,12 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
 def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.device,
              cfg: TrainConfig) -> None:
     """Place the model: fp32 on CPU; on CUDA frozen tensors keep their dtype and trained
-    ones are fp32 master weights (bf16 would round most 1e-5 updates away)."""
-    model.to(dev)
+    ones are fp32 master weights (bf16 would round most 1e-5 updates away). A model on
+    the meta device stays there (``sharded_load`` places it)."""
+    from esft_rs.training.sharded_load import is_meta
+
+    if not is_meta(model):
+        model.to(dev)
     if dev.type == "cpu":
         model.float()
     for t in trainables:

@@ -48,6 +48,8 @@ class FitResult:
     optimizer_state_bytes: int
     unchanged: list[str]  # trained tensors that ended equal to the base
     history: list[dict[str, Any]] = field(default_factory=list)
+    # bytes this process holds (rank 0 under torchrun): frozen, trained, optimizer
+    rank_bytes: dict[str, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("history", "unchanged")}
@@ -308,6 +310,8 @@ class Loop:
             with torch.no_grad():
                 for t in self.trainables:
                     t.param.copy_(self.best[t.name])
+        if self.fsdp:  # FSDP leaves the root's weights gathered after a forward without backward
+            self.model.reshard()  # type: ignore[operator]
         unchanged = [n for n, c in _checksums(self.trainables).items() if c == initial[n]]
         return FitResult(
             steps=cfg.steps,
@@ -318,6 +322,7 @@ class Loop:
             optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
             unchanged=unchanged,
             history=self.history,
+            rank_bytes=sharding.rank_bytes(self.model, self.optimizer),
         )
 
 

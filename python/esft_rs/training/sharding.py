@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 
@@ -136,6 +136,17 @@ def _reverted_slices(model: torch.nn.Module, t: Trainable) -> dict[str, torch.Te
     return out
 
 
-def local_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of these tensors held by this rank."""
     return sum(local(v).numel() * v.element_size() for v in tensors)
+
+
+def rank_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """What this rank holds: frozen and trained weights, optimizer state (bytes)."""
+    params = list(model.parameters())
+    return {
+        "frozen": local_bytes(p for p in params if not p.requires_grad),
+        "trained": local_bytes(p for p in params if p.requires_grad),
+        "optimizer": local_bytes(v for s in optimizer.state.values() for v in s.values()
+                                 if torch.is_tensor(v)),
+    }
