@@ -51,6 +51,11 @@ DEFAULT_SEQ_LEN = 4096
     " layer_<L>_weights.npy; rank_<r>/ folders under torchrun).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
+@click.option(
+    "--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp", show_default=True,
+    help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models larger"
+    " than one device; ddp gives each process a whole copy.",
+)
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
 def profile_cmd(
@@ -63,6 +68,7 @@ def profile_cmd(
     device: str,
     records: Path | None,
     skip_bad: bool,
+    parallelism: str,
     seed: int,
 ) -> None:
     """Count which experts route the tokens of task data (the first step of ESFT).
@@ -83,7 +89,13 @@ def profile_cmd(
     with process_group(dev) as place:
         rank, world = place.rank, place.world
         t0 = time.perf_counter()
-        moe = load_model(model, dev)
+        if place.world > 1 and parallelism == "fsdp":
+            from esft_rs.models import as_moe_model
+            from esft_rs.training.sharded_load import load_sharded
+
+            moe = as_moe_model(load_sharded(model, place, dev))
+        else:
+            moe = load_model(model, dev)
         limit = context_length(moe)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)

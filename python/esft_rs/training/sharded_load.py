@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from esft_rs.distributed import Dist
 from esft_rs.errors import InvalidFileError
 
 
@@ -69,3 +70,25 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
                         p.shape, p.device_mesh, p.placements)
                     rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
                     local.copy_(f.get_slice(name)[rows])
+
+
+def load_sharded(
+    directory: str | os.PathLike[str], place: Dist, device: torch.device
+) -> torch.nn.Module:
+    """The model of ``directory``, frozen and sharded over all ranks (for profiling).
+
+    The built-in model is read shard by shard; a transformers family is loaded whole
+    on the host by transformers (which converts its on-disk layout), then sharded.
+    """
+    from esft_rs.models import load_model
+    from esft_rs.training.sharding import shard
+
+    model = meta_model(directory)
+    lazy = model is not None
+    if model is None:
+        model = load_model(directory)
+    model.requires_grad_(False)
+    shard(model, [], place, device)
+    if lazy:
+        fill(model, directory, device)
+    return model.eval()
