@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from esft_rs import profile
+from esft_rs.distributed import Dist
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model
 from esft_rs.training.api import _prepare
 from esft_rs.training.batches import split
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
-from esft_rs.training.loop import Dist, Loop, loss_sum, optimizer_state_bytes
+from esft_rs.training.loop import Loop, loss_sum, optimizer_state_bytes
 
 MODES = ("esft", "full")
 

@@ -180,16 +180,20 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, model_dir, data):
     assert RoutingStats.load(out).tokens[0] == int(packed_rows(data)[1].sum())
 
 
-def test_torchrun_gives_the_counts_of_one_process(tmp_path, capsys, model_dir, data):
-    """2 CPU ranks (gloo) share the rows; rank 0 writes the same file as 1 process."""
+@pytest.mark.parametrize(("parallelism", "world"), [("fsdp", 2), ("ddp", 2), ("fsdp", 3)])
+def test_torchrun_gives_the_counts_of_one_process(tmp_path, capsys, model_dir, data,
+                                                  parallelism, world):
+    """CPU ranks (gloo) share the rows; rank 0 writes the same file as 1 process. FSDP: one
+    model sharded over the ranks, all running each forward (3 ranks: some run spare ones)."""
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     args = ["profile", model_dir, data, "--seq-len", SEQ, "--batch-size", 2]
     assert cli(capsys, *args, "-o", one)[0] == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "esft_rs", *map(str, args), "-o", two],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={world}", "-m", "esft_rs", *map(str, args), "-o", two,
+         "--parallelism", parallelism],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 processes" in proc.stdout
+    assert f"{world} processes" in proc.stdout
     assert_same(RoutingStats.load(two), RoutingStats.load(one))

@@ -99,9 +99,11 @@ def test_gradient_checkpointing_changes_nothing(files: dict[str, Path], tmp_path
 
 
 def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None:
-    """Same global batch (4 sequences x 2 micro-steps) on 1 process and on 2 (gloo)."""
-    kw = dict(experts=files["experts"], steps=4, seq_length=64, gradient_accumulation_steps=2,
-              eval_steps=2, save_steps=2, logging_steps=1, learning_rate=1e-3, device="cpu")
+    """Same global batch (4 sequences x 2 micro-steps) on 1 process and on 2 (gloo, DDP;
+    FSDP: test_train_fsdp.py)."""
+    kw = dict(experts=files["experts"], parallelism="ddp", steps=4, seq_length=64,
+              gradient_accumulation_steps=2, eval_steps=2, save_steps=2, logging_steps=1,
+              learning_rate=1e-3, device="cpu")
     args = (files["base"], files["data"])
     one = esft_rs.train(*args, tmp_path / "one", per_device_batch_size=4, progress=False, **kw)
     with socket.socket() as s:

@@ -181,3 +181,9 @@ def saved_bytes(model: nn.Module, step: Callable[[], None]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(s.nbytes() for s in kept.values())
+
+
+def stop_after_2(step: int, record: dict) -> None:
+    """``on_step`` that stops a run after step 2, as a crash would (picklable, for spawn)."""
+    if step == 2:
+        raise KeyboardInterrupt

@@ -114,7 +114,8 @@ def load_yaml(path: str | os.PathLike[str]) -> Any:
     except RecursionError:
         raise InvalidFileError(f"{path}: nested more than {MAX_DEPTH} levels deep", path) from None
     except yaml.YAMLError as e:
-        raise InvalidFileError(f"{path}: not valid YAML ({' '.join(str(e).split())})", path) from None
+        why = " ".join(str(e).split())
+        raise InvalidFileError(f"{path}: not valid YAML ({why})", path) from None
     if (why := _depth_problem(value)) is not None:
         raise InvalidFileError(f"{path}: {why}", path)
     return value

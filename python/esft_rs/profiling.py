@@ -17,7 +17,7 @@ rank returns the same totals.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,6 +147,8 @@ class _Recorder:
         row = self.row[layer]
 
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            if not self.shape[1]:
+                return  # a forward outside begin/end (a sharded model's spare one) counts nothing
             ids, weights = output[0], output[1]
             if tuple(ids.shape) != (self.shape[1], self.k):
                 raise MismatchError(
@@ -223,22 +225,32 @@ def profile(
         bar = tqdm(total=budget, unit="tok", desc="profile", dynamic_ncols=True)
     on_tokens = bar.update if bar is not None else progress if callable(progress) else None
     done = 0
+    # A sharded model (FSDP) gathers each layer from every rank: all ranks run each
+    # round's forward together, a rank out of batches running one it does not count.
+    lockstep = distributed and _is_sharded(model)
     try:
         with torch.inference_mode():
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(_padded(batches) if lockstep else batches):
                 if i % world != rank:
+                    continue
+                if lockstep and (batch is None or (budget is not None and done >= budget)):
+                    if not _any_rank(False, device):
+                        break
+                    model(torch.zeros((1, 1), dtype=torch.long, device=device))
                     continue
                 ids, mask = _split_batch(batch)
                 real = int(ids.numel() if mask is None else (mask != 0).sum())
                 ids = ids.to(device, non_blocking=True)
                 mask = None if mask is None else mask.to(device, non_blocking=True)
+                if lockstep:
+                    _any_rank(True, device)
                 rec.begin(ids, mask)
                 model(ids, attention_mask=mask)
                 rec.end()
                 done += real
                 if on_tokens is not None:
                     on_tokens(real)
-                if budget is not None and done >= budget:
+                if not lockstep and budget is not None and done >= budget:
                     break
     finally:
         rec.close()
@@ -259,6 +271,30 @@ def profile(
             folder = folder / f"rank_{rank}"
         _write_records(folder, rec.records)
     return stats
+
+
+def _is_sharded(model: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    params = model.parameters() if hasattr(model, "parameters") else ()
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def _padded(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches``, then None for ever."""
+    yield from batches
+    while True:
+        yield None
+
+
+def _any_rank(busy: bool, device: torch.device) -> bool:
+    """Whether any rank still has a batch to run this round (every rank calls, once a round)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(busy)], device=device if dist.get_backend() != "gloo" else "cpu")
+    dist.all_reduce(flag)
+    return bool(flag.item())
 
 
 def _write_records(folder: Path, records: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> None:

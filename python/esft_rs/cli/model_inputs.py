@@ -3,7 +3,6 @@ before a model loads (torch imported inside)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,16 +39,14 @@ def torch_device(name: str) -> torch.device:
     """``--device``: auto picks this rank's GPU (LOCAL_RANK under torchrun) or the CPU."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    from esft_rs.distributed import device_for
+
     try:
-        dev = torch.device(name)
+        dev = device_for(name)
     except RuntimeError:
         raise click.BadParameter(
             f"{name!r} is not a torch device", param_hint="'--device'"
         ) from None
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:

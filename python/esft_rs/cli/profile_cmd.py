@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +51,11 @@ DEFAULT_SEQ_LEN = 4096
     " layer_<L>_weights.npy; rank_<r>/ folders under torchrun).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
+@click.option(
+    "--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp", show_default=True,
+    help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models larger"
+    " than one device; ddp gives each process a whole copy.",
+)
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
 def profile_cmd(
@@ -64,6 +68,7 @@ def profile_cmd(
     device: str,
     records: Path | None,
     skip_bad: bool,
+    parallelism: str,
     seed: int,
 ) -> None:
     """Count which experts route the tokens of task data (the first step of ESFT).
@@ -76,9 +81,8 @@ def profile_cmd(
     of the rows and rank 0 writes the file; the result does not depend on the
     number of processes.
     """
-    import torch.distributed as dist
-
     from esft_rs.cli.model_inputs import task_inputs
+    from esft_rs.distributed import process_group
     from esft_rs.outputs import check_outputs, check_target
     from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.profiling import profile
@@ -88,14 +92,16 @@ def profile_cmd(
         if path is not None:
             check_target(path)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        started = True
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with process_group(dev) as place:
+        rank, world = place.rank, place.world
         t0 = time.perf_counter()
-        moe = load_model(model, dev)
+        if place.world > 1 and parallelism == "fsdp":
+            from esft_rs.models import as_moe_model
+            from esft_rs.training.sharded_load import load_sharded
+
+            moe = as_moe_model(load_sharded(model, place, dev))
+        else:
+            moe = load_model(model, dev)
         limit = context_length(moe)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
@@ -147,9 +153,6 @@ def profile_cmd(
             f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
             f" {time.perf_counter() - t0:.1f} s"
         )
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def _fingerprint(model: Path) -> dict[str, str]:

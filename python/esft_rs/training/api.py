@@ -69,8 +69,10 @@ def train(
     import torch
 
     from esft_rs.adapter import fingerprint as fingerprint_of
+    from esft_rs.distributed import device_for, process_group
     from esft_rs.outputs import check_outputs, check_target
     from esft_rs.preflight import check_length
+    from esft_rs.training import sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -79,7 +81,7 @@ def train(
         moe_layout,
         resolve_experts,
     )
-    from esft_rs.training.loop import Loop, init_distributed
+    from esft_rs.training.loop import Loop, global_batch_size
 
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
@@ -90,17 +92,17 @@ def train(
     if save_merged is not None:
         check_target(save_merged, overwrite=False)
     cfg = _config(config, overrides)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    place, created_group = init_distributed(dev.type)
-    try:
-        if dev.type == "cuda" and place.world > 1:
-            dev = torch.device("cuda", place.local_rank)
-            torch.cuda.set_device(dev)
+    dev = device_for(device)
+    with process_group(dev) as place:
+        fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
         resume_from = _check_out_dir(out, resume)
-        net = _load_model(model)
+        lazy = None  # under FSDP the built-in model is read shard by shard, after sharding
+        if fsdp and not isinstance(model, torch.nn.Module):
+            lazy = sharded_load.meta_model(model)
+        net = lazy if lazy is not None else _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
         if not isinstance(data, Mapping):  # packing rows longer than the model can take is waste
@@ -116,8 +118,12 @@ def train(
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
         _prepare(net, trainables, dev, cfg)
+        if fsdp:
+            trainables = sharding.shard(net, trainables, place, dev)
+        if lazy is not None:
+            sharded_load.fill(net, model, dev)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
-                    "config": cfg.identity(), "world": place.world}
+                    "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         created = place.main and not out.exists()
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -137,16 +143,14 @@ def train(
             )
         adapter = out / ADAPTER
         merged = Path(save_merged) if save_merged is not None else None
+        weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
+                   else checkpoint_tensors(net, trainables, on_disk) if place.main else {})
         if place.main:
-            weights = checkpoint_tensors(net, trainables, on_disk)
             write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
             if merged is not None:
                 _merge(base, adapter, merged, requantize_fp8)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
-    finally:
-        if created_group:
-            torch.distributed.destroy_process_group()
 
 
 def _remove_if_nothing_to_resume(out: Path) -> None:
@@ -300,8 +304,12 @@ def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.dev
     master weights (bf16 would round most 1e-5 updates away), which are the parameters
     themselves: no second copy. The forward computes in the checkpoint's dtype
     (``loop.autocast``); full mode holds 4 bytes of master, 4 of gradient and 8 of AdamW
-    state per parameter, which FSDP2 divides among the ranks."""
-    model.to(dev)
+    state per parameter, which FSDP2 divides among the ranks. A model on the meta device
+    stays there (``sharded_load`` places it)."""
+    from esft_rs.training.sharded_load import is_meta
+
+    if not is_meta(model):
+        model.to(dev)
     for t in trainables:
         t.param.data = t.param.data.float()
     if cfg.gradient_checkpointing:

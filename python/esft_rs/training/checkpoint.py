@@ -1,27 +1,32 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG states and the step.
+"""Resumable checkpoints: trained weights, optimizer, scheduler, RNG states and the step.
 
-Layout: ``OUT_DIR/checkpoints/step-N/`` with ``trainable.safetensors`` (fp32
-trained tensors), ``best.safetensors`` (the best weights by eval loss so far),
-``trainer.pt`` (optimizer and scheduler state), ``rng-R.pt`` per process and
-``state.json`` (the step, loop counters and what the run was made from, checked
-on resume). A checkpoint is built in a staging folder and put in place whole
+Layout: ``OUT_DIR/checkpoints/step-N/`` with ``dcp/`` (a
+``torch.distributed.checkpoint`` of the fp32 trained tensors, the best weights
+by eval loss so far and the AdamW state, each rank writing its own shards),
+``scheduler.pt``, ``rng-R.pt`` per process and ``state.json`` (the step, loop
+counters and what the run was made from, checked on resume). DCP reshards on
+load, so a checkpoint written by N processes (FSDP or DDP) resumes in M. A
+checkpoint is built in a staging folder and put in place whole
 (``esft_rs.outputs``); only then is the previous one removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from esft_rs.distributed import Dist
 from esft_rs.errors import MismatchError
-from esft_rs.outputs import save_tensors, staged, write_file
+from esft_rs.outputs import staged, write_file
 from esft_rs.training.freeze import Trainable
 
 CHECKPOINTS = "checkpoints"
@@ -53,45 +58,68 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _weights(trainables: list[Trainable]) -> dict[str, torch.Tensor]:
-    return {t.name: t.param.detach().cpu().contiguous() for t in trainables}
+DCP = "dcp"
+
+
+def _state_dict(
+    model: torch.nn.Module, trainables: list[Trainable], optimizer: torch.optim.Optimizer,
+    best: dict[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """What DCP saves and loads in place: tensors (DTensor shards under FSDP) by name;
+    the optimizer state keyed by parameter names, so that any world size maps it back."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    out: dict[str, Any] = {"weights": {t.name: t.param for t in trainables},
+                           "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if best is not None:
+        out["best"] = best
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that one process without a process group saves alone: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def write(
     out_dir: Path,
     step: int,
     *,
+    model: torch.nn.Module,
     trainables: list[Trainable],
     best: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
-    rank: int,
-    barrier: Any,
+    place: Dist,
 ) -> Path:
-    """Write checkpoint ``step`` (every process calls this; ``barrier`` syncs them)."""
+    """Write checkpoint ``step`` (every process calls this)."""
+    import torch.distributed.checkpoint as dcp
+
     root = out_dir / CHECKPOINTS
     final = root / f"{PREFIX}{step}"
     with ExitStack() as stack:
         tmp = None
-        if rank == 0:
+        if place.main:
             root.mkdir(parents=True, exist_ok=True)
             tmp = stack.enter_context(staged(final, directory=True))
         tmp = _from_rank0(tmp)
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        if rank == 0:
-            save_tensors(_weights(trainables), tmp / "trainable.safetensors")
-            if best is not None:
-                save_tensors(best, tmp / "best.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       tmp / "trainer.pt")
+        torch.save(rng_state(), tmp / f"rng-{place.rank}.pt")
+        with _single_process_quiet():
+            dcp.save(_state_dict(model, trainables, optimizer, best), checkpoint_id=tmp / DCP,
+                     no_dist=place.world == 1)
+        if place.main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_file(tmp / "state.json", json.dumps({"step": step, **state}, indent=1))
-        barrier()  # every rank's file is in; rank 0 commits as the block ends
-    if rank == 0:
+        place.barrier()  # every rank's files are in; rank 0 commits as the block ends
+    if place.main:
         for old in root.glob(f"{PREFIX}*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    place.barrier()
     return final
 
 
@@ -118,28 +146,45 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
     else:
         what = {"base": "a different base model", "data": "different training data",
                 "experts": "a different expert selection",
-                "world": f"{saved.get(k)} processes (this run has {current[k]})"}.get(k, k)
+                "global_batch": f"a global batch of {saved.get(k)} sequences (this run has"
+                                f" {current[k]})"}.get(k, k)
     raise MismatchError(f"{path}: cannot resume, the checkpoint was written for {what}")
 
 
 def read(
     path: Path,
     *,
+    model: torch.nn.Module,
     trainables: list[Trainable],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    rank: int,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore a checkpoint in place; returns its state and the best weights, if any."""
+    best: dict[str, torch.Tensor] | None,
+    place: Dist,
+) -> dict[str, Any]:
+    """Restore a checkpoint in place (``best``: tensors to load the best weights into, when
+    the checkpoint has them); returns its state. A rank the writing run did not have
+    keeps its RNG state: training draws no random numbers after the data is split."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
     state = json.loads((path / "state.json").read_text())
-    weights = load_file(path / "trainable.safetensors")
-    with torch.no_grad():
-        for t in trainables:
-            t.param.copy_(weights[t.name])
-    best_file = path / "best.safetensors"
-    best = load_file(best_file) if best_file.is_file() else None
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    set_rng_state(torch.load(path / f"rng-{rank}.pt", weights_only=True))
-    return state, best
+    loaded = _state_dict(model, trainables, optimizer, best)
+    # get_optimizer_state_dict gives every parameter state to load into; one that had no
+    # gradient yet had none when saved, and must have none again (AdamW counts its steps).
+    saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
+    loaded["optimizer"]["state"] = {
+        fqn: v for fqn, v in loaded["optimizer"]["state"].items()
+        if any(k.startswith(f"optimizer.state.{fqn}.") for k in saved)
+    }
+    with _single_process_quiet():
+        dcp.load(loaded, checkpoint_id=path / DCP, no_dist=place.world == 1)
+    set_optimizer_state_dict(model, optimizer, loaded["optimizer"],
+                             options=StateDictOptions(strict=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = path / f"rng-{place.rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return state

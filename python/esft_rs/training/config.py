@@ -17,6 +17,7 @@ from esft_rs.errors import InvalidFileError
 
 MODES = ("esft", "full", "random")
 SCHEDULERS = ("constant", "cosine")
+PARALLELISMS = ("fsdp", "ddp")
 
 # Keys of the official base.yaml that have no meaning here: accepted, with a note why.
 IGNORED_KEYS = {
@@ -29,8 +30,10 @@ IGNORED_KEYS = {
 MAX_SEQ_LENGTH = 1 << 24
 
 # Keys that change neither the data order nor the arithmetic: a resumed run may differ in them.
+# (The batch shape per process may change too, with the world size, if the global batch stays.)
 BOOKKEEPING_KEYS = frozenset(
-    {"logging_steps", "eval_steps", "save_steps", "gradient_checkpointing"}
+    {"logging_steps", "eval_steps", "save_steps", "gradient_checkpointing", "parallelism",
+     "per_device_batch_size", "gradient_accumulation_steps"}
 )
 
 
@@ -67,6 +70,8 @@ class TrainConfig:
                              "random: as many experts per layer as configured, chosen by seed.")
     lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
+    parallelism: str = _opt("fsdp", "Under torchrun: fsdp shards weights, gradients and optimizer"
+                                     " state over the processes (FSDP2); ddp replicates the model.")
 
     def problems(self) -> list[str]:
         """What is impossible about these values (empty when they are fine)."""
@@ -98,6 +103,9 @@ class TrainConfig:
             out.append(
                 f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"
             )
+        if self.parallelism not in PARALLELISMS:
+            out.append(f"parallelism must be one of {', '.join(PARALLELISMS)},"
+                       f" got {self.parallelism!r}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,7 +123,7 @@ class TrainConfig:
 
 def option_fields() -> list[tuple[str, type, Any, str, tuple[str, ...] | None]]:
     """(name, type, default, help, choices) per key, for generating CLI flags."""
-    choices = {"mode": MODES, "lr_scheduler": SCHEDULERS}
+    choices = {"mode": MODES, "lr_scheduler": SCHEDULERS, "parallelism": PARALLELISMS}
     return [
         (f.name, _FIELD_TYPES[f.name], f.default, f.metadata["help"], choices.get(f.name))
         for f in fields(TrainConfig)

@@ -2,12 +2,13 @@
 
 AdamW (no decay on 1-D tensors), warm-up then constant or cosine LR, gradient
 accumulation, grad-norm clipping, bf16 autocast on CUDA, eval on a held-out
-split keeping the best weights, resumable checkpoints, and DDP under torchrun.
+split keeping the best weights, resumable checkpoints, and under torchrun a
+model sharded by FSDP2 (``esft_rs.training.sharding``) or replicated by DDP.
 
 The loss of a step is the mean over all label tokens of the global batch
 (every micro-step on every process): each process backpropagates its token-loss
-sum divided by the global token count (times the world size, which DDP's
-gradient averaging divides out), so 1 process and N processes with the same
+sum divided by the global token count (times the world size, which the
+gradient averaging of DDP and FSDP divides out), so 1 process and N processes with the same
 global batch compute the same gradient.
 """
 
@@ -17,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from esft_rs.data import causal_lm_loss, loss_tokens
-from esft_rs.training import checkpoint
+from esft_rs.distributed import Dist
+from esft_rs.training import checkpoint, sharding
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import Trainable
@@ -37,43 +37,6 @@ from esft_rs.training.guards import StopRequest, check_finite
 log = logging.getLogger("esft_rs.training")
 
 METRICS = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-
-def init_distributed(device_type: str) -> tuple[Dist, bool]:
-    """Join the torchrun process group if there is one: gloo on CPU, nccl on CUDA.
-
-    Returns the placement and whether this call created the group (and must destroy it).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), False
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return Dist(dist.get_rank(), dist.get_world_size(), local), created
 
 
 @dataclass
@@ -87,23 +50,30 @@ class FitResult:
     grad_bytes: int  # of the gradients at an optimizer step (what ``esft-rs plan`` predicts)
     unchanged: list[str]  # trained tensors that ended equal to the base
     history: list[dict[str, Any]] = field(default_factory=list)
+    # bytes this process holds (rank 0 under torchrun): frozen, trained, optimizer
+    rank_bytes: dict[str, int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("history", "unchanged")}
 
 
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """LR factor after ``step`` optimizer steps (the Hugging Face schedules' formulas)."""
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from 0, then constant or a cosine decay to 0 at ``cfg.steps`` (the
+    Hugging Face schedules the official ESFT trains with)."""
+    from torch.optim import lr_scheduler as sched
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return step / max(1, cfg.warmup_steps)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    if cfg.lr_scheduler == "constant":
+        after: sched.LRScheduler = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        after = sched.CosineAnnealingLR(optimizer, T_max=max(1, cfg.steps - cfg.warmup_steps))
+    if not cfg.warmup_steps:
+        return after
+    # LinearLR needs a positive start: one this small is 0 in the optimizer's arithmetic
+    # (the first update of a warm-up moves no weight), as Hugging Face's start at 0.
+    warmup = sched.LinearLR(optimizer, start_factor=1e-300, total_iters=cfg.warmup_steps)
+    return sched.SequentialLR(optimizer, [warmup, after], milestones=[cfg.warmup_steps])
 
 
 def global_batch_size(cfg: TrainConfig, world: int) -> int:
@@ -174,10 +144,11 @@ class Loop:
         self.batches = GlobalBatches(train_idx, global_batch_size(cfg, place.world), cfg.seed)
         self.params = [t.param for t in trainables]
         self.optimizer = make_optimizer(trainables, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scheduler = lr_schedule(self.optimizer, cfg)
         self.autocast = autocast(model, device)
+        self.fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         self.ddp = model
-        if place.world > 1:
+        if place.world > 1 and not self.fsdp:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -208,15 +179,20 @@ class Loop:
         for micro in range(cfg.gradient_accumulation_steps):
             part = rank_part(batch, micro, place.rank, place.world, cfg.per_device_batch_size)
             last = micro == cfg.gradient_accumulation_steps - 1
-            sync = contextlib.nullcontext() if last or place.world == 1 else self.ddp.no_sync()
+            if self.fsdp:  # gradients stay unsharded and accumulate until the last micro-step
+                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            sync = (contextlib.nullcontext() if last or place.world == 1 or self.fsdp
+                    else self.ddp.no_sync())
             with sync:
                 with self.autocast:
                     loss = loss_sum(self.ddp, self._batch(part))
                 (loss * scale).backward()
             total += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(
+        if self.fsdp:
+            sharding.drop_unused_grads(self.params, place)
+        norm = sharding.full(torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        )
+        ))
         loss_value = float(place.sum(total)) / max(1, n_label)
         check_finite(step + 1, loss_value, float(norm))  # before the update reaches the weights
         self.grad_bytes = max(self.grad_bytes, sum(
@@ -236,8 +212,17 @@ class Loop:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         mine = self.val_idx[self.place.rank :: self.place.world]
-        # A process may hold no validation rows; it still joins the sum below.
-        for part in mine.split(self.cfg.per_device_batch_size) if len(mine) else ():
+        parts: list[torch.Tensor | None] = (
+            list(mine.split(self.cfg.per_device_batch_size)) if len(mine) else [])
+        if self.fsdp:
+            # Every rank joins every layer's all-gather: one with fewer rows runs a row it
+            # does not count (rank 0 has the most).
+            most = -(-len(self.val_idx[:: self.place.world]) // self.cfg.per_device_batch_size)
+            parts += [None] * (most - len(parts))
+        for part in parts:
+            if part is None:
+                self.model(self._batch(self.val_idx[:1])["input_ids"])
+                continue
             batch = self._batch(part)
             with self.autocast:
                 sums[0] += loss_sum(self.model, batch)
@@ -249,30 +234,34 @@ class Loop:
     def _keep_if_best(self, step: int, loss: float) -> None:
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
-            self.best = {t.name: t.param.detach().cpu().clone() for t in self.trainables}
+            # a shard per rank under FSDP (on the device); else a host copy
+            self.best = {t.name: t.param.detach().clone() if sharding.is_sharded(t.param)
+                         else t.param.detach().cpu().clone() for t in self.trainables}
 
     # --- checkpoints -------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
         return {**self.identity, "window": self.window, "best_loss": self.best_loss,
-                "best_step": self.best_step}
+                "best_step": self.best_step, "world": self.place.world}
 
     def save(self, step: int) -> None:
         checkpoint.write(
-            self.out_dir, step, trainables=self.trainables, best=self.best,
+            self.out_dir, step, model=self.model, trainables=self.trainables, best=self.best,
             optimizer=self.optimizer, scheduler=self.scheduler, state=self._state(),
-            rank=self.place.rank, barrier=self.place.barrier,
+            place=self.place,
         )
 
     def restore(self, path: Path) -> int:
         state = json.loads((path / "state.json").read_text())
         checkpoint.check_identity(path, state, self.identity)
-        state, best = checkpoint.read(
-            path, trainables=self.trainables, optimizer=self.optimizer,
-            scheduler=self.scheduler, rank=self.place.rank,
+        if state["best_step"] is not None:
+            self._keep_if_best(state["best_step"], state["best_loss"])  # tensors to load into
+        checkpoint.read(
+            path, model=self.model, trainables=self.trainables, optimizer=self.optimizer,
+            scheduler=self.scheduler, best=self.best, place=self.place,
         )
         self.window = state["window"]
-        self.best, self.best_loss, self.best_step = best, state["best_loss"], state["best_step"]
+        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
         return int(state["step"])
 
     # --- the run ------------------------------------------------------------------------------
@@ -285,7 +274,7 @@ class Loop:
         on_step: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> FitResult:
         cfg, place = self.cfg, self.place
-        initial = _checksums(self.trainables)
+        initial = _checksums(self.trainables)  # every rank calls: it gathers sharded tensors
         start = self.restore(resume_from) if resume_from is not None else 0
         metrics = _Metrics(self.out_dir, start, enabled=place.main)
         bar = _progress(cfg.steps, start, enabled=progress and place.main)
@@ -337,6 +326,8 @@ class Loop:
             with torch.no_grad():
                 for t in self.trainables:
                     t.param.copy_(self.best[t.name])
+        if self.fsdp:  # FSDP leaves the root's weights gathered after a forward without backward
+            self.model.reshard()  # type: ignore[operator]
         unchanged = [n for n, c in _checksums(self.trainables).items() if c == initial[n]]
         return FitResult(
             steps=cfg.steps,
@@ -348,6 +339,7 @@ class Loop:
             grad_bytes=self.grad_bytes,
             unchanged=unchanged,
             history=self.history,
+            rank_bytes=sharding.rank_bytes(self.model, self.optimizer),
         )
 
 
@@ -359,11 +351,12 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 def _checksums(trainables: list[Trainable]) -> dict[str, int]:
     """Sum of each trained tensor's bit patterns (in its checkpoint dtype): any update to a
-    tensor changes it, and unlike a copy it costs no memory, even in full mode."""
+    tensor changes it, and unlike a copy it costs no memory, even in full mode (sharded
+    tensors are gathered one at a time)."""
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     return {
         n: int(v.contiguous().view(ints[v.element_size()]).sum(dtype=torch.int64))
-        for t in trainables for n, v in t.current().items()
+        for t in sharding.gathered(trainables) for n, v in t.current().items()
     }
 
 

@@ -1,0 +1,166 @@
+"""Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against DDP, ESFT against full.
+
+A random built-in MoE of about ``--gb`` GB of fp32 weights (made locally, per-expert
+tensors) is trained for a few steps with the same global batch in every setting, each
+run a fresh ``torchrun`` job. Every rank reports its peak RSS, the weight and optimizer
+bytes it holds (``FitResult.rank_bytes``) and its median step time (steps after the
+first). ESFT trains ``--experts`` of the 64 experts per layer; full trains everything;
+the gradient-masking approach other trainers use (all weights get gradients and AdamW
+state, the frozen ones masked) costs what full costs, so full stands for it.
+
+    python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
+        [--modes esft full] [--parallelisms fsdp ddp]
+
+Prints one row per setting and the ratios: per-rank weight bytes against total / N,
+ESFT optimizer bytes against full's, step time against 1 process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from timing import clean  # noqa: E402
+
+EXPERTS = 64
+
+
+def config(gb: float) -> object:
+    """A built-in MoE config of about ``gb`` GB fp32: ~100 MB per MoE layer."""
+    from esft_rs.models.config import PRESETS
+
+    layers = max(2, round(gb * 1e9 / (EXPERTS * 3 * 512 * 256 * 4 + 4 * 512 * 512 * 4)))
+    return PRESETS["tiny"].replace(
+        hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+        num_hidden_layers=layers + 1, num_attention_heads=8, n_routed_experts=EXPERTS,
+        num_experts_per_tok=6, n_shared_experts=1, first_k_dense_replace=1,
+        max_position_embeddings=4096,
+    )
+
+
+def make_inputs(root: Path, gb: float, experts: int) -> dict[str, Path]:
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.models import init_model, save_model
+
+    cfg = config(gb)
+    save_model(init_model(cfg, seed=0), root / "base")
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "word " * 40},
+                          {"role": "assistant", "content": f"Answer {i}: " + "text " * 40}]}
+            for i in range(64)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    moe = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    ExpertConfig({layer: list(range(experts)) for layer in moe}).save(root / "experts.json")
+    return {"base": root / "base", "data": root / "task.jsonl", "experts": root / "experts.json"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of a torchrun job: train, then write this rank's figures (OUT.rankR.json)."""
+    import torch
+
+    import esft_rs
+
+    torch.set_num_threads(1)  # every setting alike, whatever its world size
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    stamps: list[float] = []
+    result = esft_rs.train(
+        args.base, args.data, args.out, args.experts, progress=False, device="cpu",
+        mode=args.mode, parallelism=args.parallelism, steps=args.steps, seq_length=args.seq,
+        per_device_batch_size=1, gradient_accumulation_steps=args.batch // world,
+        eval_steps=10**6, save_steps=10**6, logging_steps=1, learning_rate=1e-5,
+        gradient_checkpointing=False, val_ratio=0.0,
+        on_step=lambda step, record: stamps.append(time.perf_counter()),
+    )
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    rank = int(os.environ.get("RANK", 0))
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
+        "rank": rank,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_s": statistics.median(steps) if steps else None,
+        **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
+    }))
+
+
+def run(inputs: dict[str, Path], world: int, parallelism: str, mode: str,
+        args: argparse.Namespace, out: Path) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world}", str(HERE), "worker", "--base", str(inputs["base"]),
+           "--data", str(inputs["data"]), "--experts", str(inputs["experts"]), "--out", str(out),
+           "--mode", mode, "--parallelism", parallelism, "--steps", str(args.steps),
+           "--seq", str(args.seq), "--batch", str(args.batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                                                                    "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"bench: {world} x {parallelism} {mode} failed:\n{proc.stderr[-3000:]}")
+    reports = [Path(f"{out}.rank{r}.json") for r in range(world)]
+    rows = [json.loads(p.read_text()) for p in reports]
+    for p in reports:
+        p.unlink()
+    return rows
+
+
+def idle_rss_mb() -> float:
+    """Peak RSS of a process that imports torch and esft_rs and does nothing else."""
+    code = ("import resource, torch, esft_rs.training.api;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                text=True, check=True).stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=1.0)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", default=["esft", "full"])
+    parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        inputs = make_inputs(root, args.gb, args.experts)
+        total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / 2**20
+        print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported):"
+              f" {idle_rss_mb():.0f} MiB RSS; global batch {args.batch} x {args.seq} tokens")
+        print(f"{'setting':<18} {'peak RSS':>10} {'weights':>9} {'x total/N':>9} "
+              f"{'optimizer':>10} {'step s':>7} {'x 1 proc':>8}")
+        base_step: dict[str, float] = {}
+        for mode in args.modes:
+            for world in args.worlds:
+                for par in (args.parallelisms if world > 1 else ["fsdp"]):
+                    out = root / f"out-{mode}-{world}-{par}"
+                    rows = run(inputs, world, par, mode, args, out)
+                    clean(out)
+                    r0 = rows[0]
+                    weights = r0["frozen_mb"] + r0["trained_mb"]
+                    step = max(r["step_s"] for r in rows)
+                    base_step.setdefault(mode, step)
+                    name = f"{mode} {world}x{par if world > 1 else ''}"
+                    print(f"{name:<18} {max(r['rss_mb'] for r in rows):>8.0f}Mi "
+                          f"{weights:>7.0f}Mi {weights / (total_mb / world):>9.2f} "
+                          f"{r0['optimizer_mb']:>8.1f}Mi {step:>7.2f} "
+                          f"{step / base_step[mode]:>8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        p = argparse.ArgumentParser()
+        for flag in ("base", "data", "experts", "out", "mode", "parallelism"):
+            p.add_argument(f"--{flag}")
+        for flag in ("steps", "seq", "batch"):
+            p.add_argument(f"--{flag}", type=int)
+        worker(p.parse_args(sys.argv[2:]))
+    else:
+        main()

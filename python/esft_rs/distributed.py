@@ -1,0 +1,103 @@
+"""One process-group setup for every command: torchrun's environment, gloo or nccl, the device.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) ``process_group`` joins the job through
+torchrun's rendezvous (``env://``: ``MASTER_ADDR``/``MASTER_PORT``, multi-node
+alike), with nccl on CUDA and gloo on CPU, and tears the group down if it made
+it. Without torchrun it is rank 0 of 1 and touches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_for(name: str | None) -> torch.device:
+    """``name`` as a device; None or ``auto``: this rank's GPU (``LOCAL_RANK``) if any, else CPU.
+    A bare ``cuda`` is this rank's GPU too."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank())
+    return dev
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` in place (a CPU copy under gloo, which has no CUDA all-reduce)."""
+        if self.world > 1:
+            if t.device.type != "cpu" and dist.get_backend() == "gloo":
+                host = t.cpu()
+                dist.all_reduce(host)
+                t.copy_(host)
+            else:
+                dist.all_reduce(t)
+        return t
+
+    def mesh(self, device: torch.device) -> DeviceMesh:
+        """A 1-D device mesh over all ranks (what FSDP2 shards over)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device.type, (self.world,))
+
+
+def backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[Dist]:
+    """Join torchrun's process group for the life of the block (if there is a job).
+
+    A group that already exists (a caller made it) is used as is and left open.
+    """
+    if world_size() <= 1:
+        yield Dist()
+        return
+    created = not dist.is_initialized()
+    if created:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # binding the device lets nccl set up its communicator eagerly
+            dist.init_process_group(backend(device), device_id=device)
+        else:
+            dist.init_process_group(backend(device))
+    try:
+        yield Dist(dist.get_rank(), dist.get_world_size(), local_rank())
+    finally:
+        if created:
+            dist.destroy_process_group()

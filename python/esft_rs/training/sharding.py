@@ -1,0 +1,152 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over a frozen model with trained tensors in it.
+
+One ``fully_shard`` per decoder layer, then the root: every parameter, frozen or
+trained, is sharded on dim 0 across the ranks; a layer is gathered for its
+forward and backward only. Only parameters that require grad get gradients,
+and the optimizer (built after sharding) keeps fp32 state for those only, as
+shards. Nothing here knows which tensors train beyond ``requires_grad`` and the
+``Trainable`` list, so any freezing mechanism works that leaves trained tensors
+as ordinary parameters of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Collection, Iterable, Iterator
+
+import torch
+
+from esft_rs.distributed import Dist
+from esft_rs.training.freeze import Trainable
+
+#: A decoder layer: ``...layers.<i>`` in a ModuleList (every family names them so).
+_LAYER = re.compile(r"(?:^|\.)layers\.\d+$")
+
+
+def uses_fsdp(parallelism: str, world: int) -> bool:
+    return world > 1 and parallelism == "fsdp"
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for name, m in model.named_modules() if _LAYER.search(name)]
+
+
+def shard(
+    model: torch.nn.Module, trainables: list[Trainable], place: Dist, device: torch.device
+) -> list[Trainable]:
+    """Shard ``model`` in place over all ranks; returns ``trainables`` pointing at the
+    sharded parameters (``fully_shard`` replaces every parameter by a DTensor)."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    fqns = [names[id(t.param)] for t in trainables]
+    mesh = place.mesh(device)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # Experts that get no token on a rank have no gradient there: reduce zeros for
+    # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
+    model.set_reduce_scatter_unused_params(True)
+    params = dict(model.named_parameters())
+    return [dataclasses.replace(t, param=params[f]) for t, f in zip(trainables, fqns, strict=True)]
+
+
+def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
+    """Give no gradient (None) to the parameters no rank used in this optimizer step.
+
+    FSDP reduces zeros for them (see ``shard``), but AdamW must skip them, as it does
+    in one process: a zero gradient would still count a step (its bias correction)
+    and apply weight decay. One all-reduce of a flag per parameter; a gradient
+    that is exactly zero everywhere counts as unused.
+    """
+    used = torch.stack([
+        local(p.grad).ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool,
+                                                                        device=local(p).device)
+        for p in params
+    ]).to(torch.int32)
+    for p, u in zip(params, place.sum(used).tolist(), strict=True):
+        if not u:
+            p.grad = None
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (all of it when it is not sharded)."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """All of ``t``, gathered from every rank when it is sharded (every rank must call)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def gathered(trainables: list[Trainable]) -> Iterator[Trainable]:
+    """Each trained tensor whole, one at a time (every rank calls; each gets the whole)."""
+    for t in trainables:
+        yield dataclasses.replace(t, param=torch.nn.Parameter(full(t.param.detach()),
+                                                              requires_grad=False))
+
+
+def adapter_tensors(
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str], place: Dist
+) -> dict[str, torch.Tensor]:
+    """What the adapter holds (``freeze.checkpoint_tensors``' names, dtypes and layout),
+    gathering only the trained tensors; rank 0 gets them, the others an empty dict."""
+    from esft_rs.models import hf
+    from esft_rs.training.freeze import checkpoint_tensors
+
+    kept = [t for t in gathered(trainables) if place.main]
+    if not place.main:
+        return {}
+    if not hf.is_hf(model):
+        return checkpoint_tensors(model, kept, on_disk)
+    # Fused slices to revert: their frozen rows stay sharded, so revert the slices alone.
+    slices, rest = [], []
+    for t in kept:
+        (slices if t.experts is not None and t.name not in on_disk else rest).append(t)
+    out = checkpoint_tensors(model, rest, on_disk) if rest else {}
+    for t in slices:
+        out.update(_reverted_slices(model, t))
+    return out
+
+
+def _reverted_slices(model: torch.nn.Module, t: Trainable) -> dict[str, torch.Tensor]:
+    """transformers' save-time conversion of a fused tensor's trained slices [k, ...]: it
+    names them experts 0..k-1, renamed here to the experts they are."""
+    from esft_rs.models.hf import _revert
+    from esft_rs.naming import classify, fused_slice_name, fused_slice_parent
+
+    assert t.experts is not None
+    out = {}
+    for name, value in _revert(model, {t.name: t.param.detach()}).items():
+        parent = fused_slice_parent(name)
+        role = classify(name)
+        if parent is None or role.expert is None:
+            raise RuntimeError(f"{t.name}: transformers reverted it to {name}, not an expert")
+        renamed = fused_slice_name(parent[0], t.experts[role.expert])
+        assert renamed is not None
+        out[renamed] = value.to(t.dtype).contiguous()
+    return out
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of these tensors held by this rank."""
+    return sum(local(v).numel() * v.element_size() for v in tensors)
+
+
+def rank_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """What this rank holds: frozen and trained weights, optimizer state (bytes)."""
+    params = list(model.parameters())
+    return {
+        "frozen": local_bytes(p for p in params if not p.requires_grad),
+        "trained": local_bytes(p for p in params if p.requires_grad),
+        "optimizer": local_bytes(v for s in optimizer.state.values() for v in s.values()
+                                 if torch.is_tensor(v)),
+    }

@@ -1,0 +1,146 @@
+"""FSDP2 under torchrun (gloo on CPU): the same adapter as one process with the same global
+batch, on the built-in model and on transformers families (experts fused in memory)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import esft_rs
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import init_model, save_model
+from train_fakes import ddp_worker, stop_after_2
+
+#: global batch 8 = per-device batch x processes x 2 micro-steps, whatever the world size
+GLOBAL = 8
+RUN = dict(steps=3, seq_length=48, gradient_accumulation_steps=2, eval_steps=3, save_steps=3,
+           logging_steps=1, learning_rate=5e-3, gradient_checkpointing=False, device="cpu")
+BUILTIN_EXPERTS = ExpertConfig({1: [0, 5], 2: [3], 3: [7, 8, 9]}, False, False)
+HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
+
+
+def chat(n: int = 40) -> str:
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(n // 4) for b in range(4)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def spawn(world: int, args: tuple, kwargs: dict) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_worker, args=(world, port, args, kwargs), nprocs=world)
+
+
+def train(root: Path, out: Path, world: int, **kw: object) -> Path:
+    """Train on ``world`` processes (1: in this process); returns the output directory."""
+    args = (root / "base", root / "task.jsonl", out, root / "experts.json")
+    kwargs = {**RUN, "per_device_batch_size": GLOBAL // (2 * world), **kw}
+    if world == 1:
+        esft_rs.train(*args, progress=False, **kwargs)
+    else:
+        spawn(world, args, kwargs)
+    return out
+
+
+def losses(out: Path) -> torch.Tensor:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return torch.tensor([r.get("loss", r.get("eval_loss")) for r in rows])
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """Same names, dtypes, shapes and metadata keys; values within float tolerance."""
+    x, y = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert list(x) == list(y)
+    for k in x:
+        assert x[k].dtype == y[k].dtype and x[k].shape == y[k].shape, k
+        torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)
+    with safe_open(a / "adapter.safetensors", "pt") as f, \
+            safe_open(b / "adapter.safetensors", "pt") as g:
+        assert set(f.metadata()) == set(g.metadata())
+    torch.testing.assert_close(losses(a), losses(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp_builtin")
+    save_model(init_model("tiny", seed=0), root / "base")
+    (root / "task.jsonl").write_text(chat())
+    BUILTIN_EXPERTS.save(root / "experts.json")
+    return root
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: int) -> None:
+    one = train(builtin, tmp_path / "one", 1)
+    many = train(builtin, tmp_path / "many", world, save_merged=tmp_path / "merged")
+    assert_same_adapter(one, many)
+    assert yaml.safe_load((many / "train_config.yaml").read_text())["parallelism"] == "fsdp"
+    # frozen tensors bit-identical after merge, trained ones what the adapter holds
+    base = load_file(builtin / "base" / "model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    adapter = load_file(many / "adapter.safetensors")
+    for name, t in merged.items():
+        assert torch.equal(t, adapter.get(name, base[name])), name
+    # Weights and AdamW state per rank: 1/world of one process's. Rank 0 holds the largest
+    # shards (dim 0 split as torch.chunk does): at most one row more per tensor, fp32 here.
+    per_rank = [json.loads(safe_open(out / "adapter.safetensors", "pt").metadata()
+                           ["esft.metrics"])["rank_bytes"] for out in (one, many)]
+    tensors = esft_rs.inspect(builtin / "base").tensors.values()
+    row = sum(4 * math.prod(t.shape[1:]) for t in tensors)
+    for key in ("frozen", "trained", "optimizer"):
+        assert per_rank[0][key] / world <= per_rank[1][key] <= per_rank[0][key] / world + 2 * row
+
+
+def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Path) -> None:
+    """Resumed on 2 ranks: the losses of the uninterrupted run, exactly. The same
+    checkpoint resumed in 1 process (the same global batch): equal within float tolerance."""
+    kw = dict(steps=4, save_steps=2, eval_steps=2)
+    whole = train(builtin, tmp_path / "whole", 2, **kw)
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="KeyboardInterrupt"):
+        train(builtin, tmp_path / "cut", 2, on_step=stop_after_2, **kw)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-2"]
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+    resumed = train(builtin, tmp_path / "cut", 2, resume=True, **kw)
+    assert torch.equal(losses(resumed), losses(whole))
+    x, y = load_file(whole / "adapter.safetensors"), load_file(resumed / "adapter.safetensors")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+    in_one = train(builtin, tmp_path / "cut1", 1, resume=True, **kw)
+    assert_same_adapter(whole, in_one)
+    state = json.loads((in_one / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["world"] == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2"])
+def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str) -> None:
+    pytest.importorskip("transformers")
+    from hf_tiny import save
+
+    root = tmp_path / family
+    save(family, root / "base")
+    (root / "task.jsonl").write_text(chat())
+    HF_EXPERTS.save(root / "experts.json")
+    one = train(root, tmp_path / "one", 1)
+    two = train(root, tmp_path / "two", 2, save_merged=tmp_path / "merged")
+    assert_same_adapter(one, two)
+    base = esft_rs.inspect(root / "base")
+    merged = esft_rs.inspect(tmp_path / "merged")
+    adapter = load_file(two / "adapter.safetensors")
+    assert set(adapter) <= set(base.tensors)
+    for name in base.tensors:
+        if name in adapter:
+            continue
+        with safe_open(root / "base" / base.tensors[name].file, "pt") as f, \
+                safe_open(tmp_path / "merged" / merged.tensors[name].file, "pt") as g:
+            assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
