@@ -78,18 +78,23 @@ def adapter_metadata(
 def save_adapter(
     tensors: Mapping[str, Any],
     path: str | os.PathLike[str],
-    expert_config: ExpertConfig,
+    expert_config: ExpertConfig | str | os.PathLike[str] | Mapping[str, Any],
     *,
     base: str | os.PathLike[str] | None = None,
     base_fingerprint: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``tensors`` (torch tensors or numpy arrays) as an adapter at ``path``.
+    """Write ``tensors`` (a dict of name -> torch tensor or numpy array, under the
+    checkpoint's names) as an adapter at ``path``.
 
-    The base fingerprint is taken from ``base_fingerprint``, or computed from
-    the ``base`` checkpoint. The file is written under a temporary name and
-    renamed into place, so ``path`` never holds a partial adapter.
+    ``expert_config``: an ``ExpertConfig``, the path of an expert-config JSON, or
+    its content as a dict (``{"experts": {"<layer>": [ids]}, ...}``). The base
+    fingerprint is taken from ``base_fingerprint``, or computed from the ``base``
+    checkpoint. The file is written under a temporary name and renamed into place,
+    so ``path`` never holds a partial adapter.
     """
+    tensors = _tensor_dict(tensors)
+    expert_config = _expert_config(expert_config)
     if base_fingerprint is None and base is not None:
         base_fingerprint = fingerprint(base)
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
@@ -101,10 +106,46 @@ def save_adapter(
 
             save_file(dict(tensors), tmp, metadata=metadata)
         else:
+            import torch
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, tmp,
+                      metadata=metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _tensor_dict(tensors: object) -> dict[str, Any]:
+    """``tensors`` checked to be a mapping of names to torch tensors or numpy arrays."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            "save_adapter expects a dict of tensors (checkpoint name -> torch.Tensor or numpy"
+            f" array), got {type(tensors).__name__}"
+        )
+    for name, value in tensors.items():
+        kind = type(value)
+        if not isinstance(name, str) or not (
+            (kind.__module__ == "numpy" and kind.__name__ == "ndarray")
+            or (kind.__module__.startswith("torch") and hasattr(value, "contiguous"))
+        ):
+            raise TypeError(
+                "save_adapter expects a dict of tensors (checkpoint name -> torch.Tensor or"
+                f" numpy array); {name!r} is {kind.__name__}"
+            )
+    return dict(tensors)
+
+
+def _expert_config(value: object) -> ExpertConfig:
+    """An ``ExpertConfig`` from itself, a JSON file path or the JSON's dict."""
+    if isinstance(value, ExpertConfig):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return ExpertConfig.load(value)
+    if isinstance(value, Mapping):
+        return ExpertConfig.parse(json.dumps(value))
+    raise TypeError(
+        "expert_config must be an ExpertConfig, an expert-config JSON path or its dict"
+        f" ({{'experts': {{'<layer>': [ids]}}, ...}}), got {type(value).__name__}"
+    )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from esft_rs.cli.model_inputs import chat_template_option
+
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -23,6 +25,7 @@ import click
               help="Also write the figures as JSON.")
 @click.option("--skip-bad", is_flag=True,
               help="Skip malformed JSONL lines (listed) instead of failing.")
+@chat_template_option
 def eval_cmd(
     model: Path,
     data: tuple[Path, ...],
@@ -31,6 +34,7 @@ def eval_cmd(
     device: str,
     output: Path | None,
     skip_bad: bool,
+    chat_template: str,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
     DATA, ESFT chat JSONL: mean loss and perplexity over the answer tokens, and the
@@ -47,7 +51,7 @@ def eval_cmd(
     from esft_rs.evaluation import evaluate
     from esft_rs.models import load_model
 
-    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
     net = load_model(model, device=dev).eval()

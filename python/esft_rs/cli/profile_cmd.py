@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from esft_rs.cli.model_inputs import chat_template_option
 from esft_rs.errors import MismatchError
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ DEFAULT_SEQ_LEN = 4096
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
+@chat_template_option
 def profile_cmd(
     model: Path,
     data: tuple[Path, ...],
@@ -65,6 +67,7 @@ def profile_cmd(
     records: Path | None,
     skip_bad: bool,
     seed: int,
+    chat_template: str,
 ) -> None:
     """Count which experts route the tokens of task data (the first step of ESFT).
 
@@ -81,7 +84,7 @@ def profile_cmd(
     from esft_rs.cli.model_inputs import context_length, task_inputs
     from esft_rs.profiling import profile
 
-    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

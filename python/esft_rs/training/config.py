@@ -64,6 +64,11 @@ class TrainConfig:
                              "random: as many experts per layer as configured, chosen by seed.")
     lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
+    chat_template: str = _opt(
+        "auto", "How conversations become tokens: model (the tokenizer's chat template; only"
+        " assistant tokens are learned), official (the official ESFT format), a template file,"
+        " or auto: model when the tokenizer has a template (not DeepSeek-V2), else official."
+    )
 
     def problems(self) -> list[str]:
         """What is impossible about these values (empty when they are fine)."""
