@@ -173,6 +173,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
             f"{path}: no messages column (columns: {', '.join(table.column_names)})"
         )
     for number, messages in enumerate(table.column("messages").to_pylist(), 1):
+        if isinstance(messages, list):  # a struct field some rows lack reads as null
+            messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict)
+                        else m for m in messages]
         yield f"{path}:{number}", {"messages": messages}
 
 
