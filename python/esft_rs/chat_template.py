@@ -142,6 +142,7 @@ def compile_template(source: str) -> jinja2.Template:
         raise InvalidFileError(f"chat template: {e.message} (line {e.lineno})") from None
 
 
+@lru_cache(maxsize=16)
 def has_generation_blocks(source: str) -> bool:
     """Whether the template marks assistant text with ``{% generation %}``."""
     ast = compile_template(source).environment.parse(source)
