@@ -37,7 +37,7 @@ def eval_cmd(
     chat_template: str,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
-    DATA, ESFT chat JSONL: mean loss and perplexity over the answer tokens, and the
+    DATA (chat data: .jsonl, .jsonl.gz, .parquet): mean loss and perplexity over the answer tokens, and the
     share of conversations whose last turn greedy decoding reproduces exactly.
 
     Conversations are formatted as for training, one per row (never packed); one
