@@ -91,14 +91,27 @@ CONVERSATIONS = {
 }
 
 
+#: Qwen2's pre-tokenizer split (its tokenizer.json and transformers' Qwen2Tokenizer use it).
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def tokenizer_dir(directory: Path, template: str | None, *, bos: str | None = "<s>",
-                  eos: str = "<|im_end|>", as_jinja_file: bool = False) -> Path:
+                  eos: str = "<|im_end|>", as_jinja_file: bool = False,
+                  qwen: bool = False) -> Path:
     """A byte-level BPE tokenizer.json (trained here) with the chat specials, and a
-    tokenizer_config.json naming its special tokens and carrying ``template``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer_config.json naming its special tokens and carrying ``template``. ``qwen``:
+    Qwen2's normalizer and pre-tokenizer, loaded by transformers as ``Qwen2Tokenizer``
+    (which builds its own pipeline, as for a real Qwen checkpoint)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     corpus = [c["content"] for conv in CONVERSATIONS.values() for c in conv] * 20
     corpus += ["user assistant system Assistant: User: INST SYS think"] * 20
@@ -107,7 +120,8 @@ def tokenizer_dir(directory: Path, template: str | None, *, bos: str | None = "<
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+    config: dict[str, object] = {"tokenizer_class": "Qwen2Tokenizer" if qwen
+                                 else "PreTrainedTokenizerFast", "eos_token": eos,
                                  "pad_token": "<|endoftext|>", "bos_token": bos}
     if template is not None and not as_jinja_file:
         config["chat_template"] = template

@@ -31,11 +31,12 @@ def labelled_text(tok, labels: list[int]) -> str:
     return tok._tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False)
 
 
+@pytest.mark.parametrize("qwen", [False, True], ids=["fast", "qwen2tokenizer"])
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
-def test_encoding_equals_transformers(tmp_path, template, conversation):
+def test_encoding_equals_transformers(tmp_path, template, conversation, qwen):
     transformers = pytest.importorskip("transformers")
-    d = tokenizer_dir(tmp_path / "tok", TEMPLATES[template])
+    d = tokenizer_dir(tmp_path / "tok", TEMPLATES[template], qwen=qwen)
     conv = CONVERSATIONS[conversation]
     ids, labels = encode_conversation(load_tokenizer(d, "model"), conv)
     theirs = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(

@@ -37,8 +37,9 @@ def eval_cmd(
     chat_template: str,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
-    DATA (chat data: .jsonl, .jsonl.gz, .parquet): mean loss and perplexity over the answer tokens, and the
-    share of conversations whose last turn greedy decoding reproduces exactly.
+    DATA (chat data: .jsonl, .jsonl.gz, .parquet): mean loss and perplexity over the
+    answer tokens, and the share of conversations whose last turn greedy decoding
+    reproduces exactly.
 
     Conversations are formatted as for training, one per row (never packed); one
     teacher-forced pass scores both (no decoding loop).

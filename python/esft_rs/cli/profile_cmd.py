@@ -72,12 +72,12 @@ def profile_cmd(
     """Count which experts route the tokens of task data (the first step of ESFT).
 
     MODEL: a model directory. DATA: chat data files (.jsonl, .jsonl.gz, .parquet;
-    {"messages": [...]}), encoded (--chat-template) and packed as for training. Forward passes run without gradients
-    and with a hook on every MoE router; counts and routing weights accumulate on
-    the device and padding is never counted. Each packed row is one sample for
-    `select --average samples`. Under torchrun every rank profiles a disjoint share
-    of the rows and rank 0 writes the file; the result does not depend on the
-    number of processes.
+    {"messages": [...]}), encoded (--chat-template) and packed as for training. Forward
+    passes run without gradients and with a hook on every MoE router; counts and routing
+    weights accumulate on the device and padding is never counted. Each packed row is
+    one sample for `select --average samples`. Under torchrun every rank profiles a
+    disjoint share of the rows and rank 0 writes the file; the result does not depend on
+    the number of processes.
     """
     import torch.distributed as dist
 
