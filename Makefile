@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 
-.PHONY: setup test test-hf-floor demo wheel-check bench fuzz clean
+.PHONY: setup test test-hf-floor demo docs wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -66,6 +66,10 @@ fuzz:
 
 demo: setup
 	$(VENV)/bin/esft-rs demo -o demo-out
+
+# docs/cli.md and docs/api.md are generated from the code (tests/test_docs.py checks them).
+docs: setup
+	$(PY) -m esft_rs.docs docs
 
 # Shows that a release wheel installs into a clean virtualenv and runs.
 wheel-check: setup

@@ -46,12 +46,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def build(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random model of ``family`` (float32)."""
+def build(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random model of ``family`` (float32); ``overrides`` change config keys."""
     import transformers
 
     config_cls, model_cls, kwargs = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**{**COMMON, **kwargs})
+    config = getattr(transformers, config_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
     with torch.no_grad():  # spread the routers, so that top-K choices have no near-ties

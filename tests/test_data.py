@@ -149,7 +149,7 @@ BAD = {
     "empty messages": (b'{"messages": []}', 'no "messages" list'),
     "message not object": (b'{"messages": ["hi"]}', "message 0 is not an object"),
     "unknown role": (
-        b'{"messages": [{"role": "system", "content": "x"}]}', 'message 0 has unknown role "system"'
+        b'{"messages": [{"role": "tool", "content": "x"}]}', 'message 0 has unknown role "tool"'
     ),
     "missing role": (b'{"messages": [{"content": "x"}]}', "message 0 has unknown role null"),
     "empty content": (

@@ -1,10 +1,13 @@
 """Scores, top-p selection, `esft-rs select` / `routing-report`, and conformance
-with the official ESFT release (../shared/esft-official)."""
+with the official ESFT release (tests/data/esft-official; the full logs where
+``$ESFT_OFFICIAL`` or ../shared/esft-official has them)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,59 @@ from esft_rs.testing import official_data_dir
 TASKS = ("intent", "law", "summary", "translation")
 
 
+BUNDLED = Path(__file__).parent / "data" / "esft-official"
+LOGGED = "intent"  # the task whose logs the repository holds (tests/data/esft-official)
+
+
+@dataclass(frozen=True)
+class Official:
+    """The released configs and summaries, and per task its routing: the log folder
+    where there is one, else the routing-stats file made from it."""
+
+    released: Path  # expert_configs/, expert_scores/<task>/summary.json
+    logs: dict[str, Path]
+
+    def routing(self, task: str) -> Path:
+        return self.logs.get(task, BUNDLED / "routing" / f"{task}.safetensors")
+
+    def stats(self, task: str) -> RoutingStats:
+        if task in self.logs:
+            return RoutingStats.from_official_logs(self.logs[task])
+        return RoutingStats.load(self.routing(task))
+
+    def summary(self, task: str) -> Path:
+        return self.released / "expert_scores" / task / "summary.json"
+
+    def config(self, task: str) -> ExpertConfig:
+        return ExpertConfig.load(self.released / "expert_configs" / f"{task}.json")
+
+
 @pytest.fixture(scope="module")
-def official() -> Path:
-    path = official_data_dir(Path(__file__).parent)
-    if path is None:
-        pytest.skip("official ESFT data not found (set ESFT_OFFICIAL, or shared/ beside the repo)")
-    return path
+def bundled_logs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("official") / LOGGED
+    with tarfile.open(BUNDLED / f"{LOGGED}-logs.tar.xz") as tar:
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def official(bundled_logs) -> Official:
+    full = official_data_dir(Path(__file__).parent)
+    if full is not None:
+        return Official(full, {t: full / "expert_scores" / t for t in TASKS})
+    return Official(BUNDLED, {LOGGED: bundled_logs})
+
+
+def test_bundled_stats_are_the_logs_read(official, bundled_logs):
+    pairs = [(LOGGED, bundled_logs), *official.logs.items()]
+    for task, logs in pairs:
+        bundled = RoutingStats.load(BUNDLED / "routing" / f"{task}.safetensors")
+        read = RoutingStats.from_official_logs(logs)
+        assert bundled.layers == read.layers and bundled.num_samples == read.num_samples
+        assert (bundled.counts == read.counts).all() and (bundled.tokens == read.tokens).all()
+        for field in ("gate_sum", "sample_token_sum", "sample_gate_sum"):
+            np.testing.assert_allclose(getattr(bundled, field), getattr(read, field), rtol=1e-12)
+    assert (BUNDLED / "expert_configs").is_dir()
 
 
 # --- selection rule ---
@@ -75,22 +125,22 @@ def test_scores_per_layer_and_empty_layers():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_summary_reproduces_release(official, task, tmp_path):
-    logs = official / "expert_scores" / task
     out = tmp_path / "cfg.json"
     summary = tmp_path / "summary.json"
-    proc = run_cli("select", logs, "-o", out, "--summary", summary, "--round", "4", check=True)
-    released = (logs / "summary.json").read_text()
+    proc = run_cli("select", official.routing(task), "-o", out, "--summary", summary,
+                   "--round", "4", check=True)
+    released = official.summary(task).read_text()
     assert summary.read_text() == released  # byte for byte: both scores, 4 decimals
     # ...and so every layer and expert (checked separately for a clear diff).
     assert json.loads(summary.read_text()) == json.loads(released)
-    assert ExpertConfig.load(out) == ExpertConfig.load(official / "expert_configs" / f"{task}.json")
+    assert ExpertConfig.load(out) == official.config(task)
     assert "of 1664 routed experts" in proc.stdout
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_config_reproduces_release(official, task):
-    stats = RoutingStats.from_official_logs(official / "expert_scores" / task)
-    released = ExpertConfig.load(official / "expert_configs" / f"{task}.json")
+    stats = official.stats(task)
+    released = official.config(task)
     assert esft_rs.select_experts(stats, score="token", top_p=0.2, decimals=4) == released
     # The official selection ran on rounded scores: without rounding two tasks differ.
     unrounded = esft_rs.select_experts(stats, score="token", top_p=0.2)
@@ -98,16 +148,13 @@ def test_config_reproduces_release(official, task):
 
 
 def test_official_token_counts(official):
-    tokens = {
-        t: int(RoutingStats.from_official_logs(official / "expert_scores" / t).tokens[0])
-        for t in TASKS
-    }
+    tokens = {t: int(official.stats(t).tokens[0]) for t in TASKS}
     assert tokens == {"intent": 8222, "law": 8327, "summary": 8479, "translation": 8251}
 
 
 def test_sample_average_matches_per_line_reference(official):
     """--average samples: the mean over forward passes (lines) of per-line scores."""
-    logs = official / "expert_scores" / "summary"
+    logs = official.logs[LOGGED]
     stats = RoutingStats.from_official_logs(logs)
     tok = np.zeros(stats.num_experts)
     gate = np.zeros(stats.num_experts)
@@ -121,18 +168,17 @@ def test_sample_average_matches_per_line_reference(official):
         gate += np.bincount(ids, weights=w, minlength=64) / n
     np.testing.assert_allclose(stats.token_scores("samples")[0], tok / len(lines))
     np.testing.assert_allclose(stats.gate_scores("samples")[0], gate / len(lines))
-    assert stats.num_samples == len(lines) == 13
+    assert stats.num_samples == len(lines) == 127
 
 
 def test_summary_json_of_saved_stats_is_unchanged(official, tmp_path):
-    stats = RoutingStats.from_official_logs(official / "expert_scores" / "law")
-    stats.save(tmp_path / "law.safetensors")
-    assert summary_json(RoutingStats.load(tmp_path / "law.safetensors")) == summary_json(stats)
+    stats = RoutingStats.from_official_logs(official.logs[LOGGED])
+    stats.save(tmp_path / "s.safetensors")
+    assert summary_json(RoutingStats.load(tmp_path / "s.safetensors")) == summary_json(stats)
 
 
 def test_routing_report_on_official_logs(official):
-    logs = [official / "expert_scores" / t for t in TASKS]
-    proc = run_cli("routing-report", *logs, "--round", "4", check=True)
+    proc = run_cli("routing-report", *map(official.routing, TASKS), "--round", "4", check=True)
     out = proc.stdout
     assert "uniform routing: 32/58 of 64" in out
     mean = next(line for line in out.splitlines() if line.strip().startswith("mean"))
@@ -149,7 +195,7 @@ def test_routing_report_on_official_logs(official):
 
 def test_select_cli_errors_are_one_line(tmp_path, official):
     out = tmp_path / "cfg.json"
-    proc = run_cli("select", official / "expert_scores" / "law", "-o", out, "--top-p", "1.5")
+    proc = run_cli("select", official.routing("law"), "-o", out, "--top-p", "1.5")
     assert proc.returncode == 2 and "--top-p" in proc.stderr and not out.exists()
     bad = tmp_path / "logs"
     bad.mkdir()
@@ -184,7 +230,7 @@ def test_select_cli_sums_sources_and_writes_config(tmp_path):
 
 def test_select_plot(tmp_path, official):
     png = tmp_path / "heat.png"
-    run_cli("select", official / "expert_scores" / "translation", "-o", tmp_path / "c.json",
+    run_cli("select", official.routing("translation"), "-o", tmp_path / "c.json",
             "--plot", png, check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -86,5 +86,5 @@ def test_load_tokenizer_for_builtin_model(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"tokenizer": "byte"}))
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
-    with pytest.raises(InvalidFileError, match=r"no tokenizer\.json, and config\.json does not"):
+    with pytest.raises(InvalidFileError, match=r"no tokenizer\.json: add the model.s tokenizer"):
         load_tokenizer(tmp_path)

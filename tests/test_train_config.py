@@ -48,6 +48,16 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
+def test_starter_configs(tmp_path: Path) -> None:
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    # configs/base.yaml is the official file, comments included, under a header of ours
+    text = (configs / "base.yaml").read_text()
+    assert text.endswith(OFFICIAL_BASE) and load_config(configs / "base.yaml")[0] == TrainConfig()
+    small, notes = load_config(configs / "small.yaml")
+    assert not notes and small.steps * small.seq_length * small.per_device_batch_size <= 100_000
+    assert not small.gradient_checkpointing and small.gradient_accumulation_steps == 1
+
+
 def test_official_base_yaml_loads_unchanged(tmp_path: Path) -> None:
     cfg, notes = load_config(write(tmp_path, OFFICIAL_BASE))
     # Our defaults are the official values, so the file changes nothing.

@@ -11,6 +11,7 @@ ignores. An expert's slice of a fused tensor ``P.experts.NAME`` is stored as
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,21 +57,60 @@ def adapter_metadata(
 def save_adapter(
     tensors: Mapping[str, Any],
     path: str | os.PathLike[str],
-    expert_config: ExpertConfig,
+    expert_config: ExpertConfig | str | os.PathLike[str] | Mapping[str, Any],
     *,
     base: str | os.PathLike[str] | None = None,
     base_fingerprint: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``tensors`` (torch tensors or numpy arrays) as an adapter at ``path``.
+    """Write ``tensors`` (a dict of name -> torch tensor or numpy array, under the
+    checkpoint's names) as an adapter at ``path``.
 
-    The base fingerprint is taken from ``base_fingerprint``, or computed from
-    the ``base`` checkpoint. The file is written under a temporary name and
-    renamed into place (``esft_rs.outputs``), so ``path`` never holds a partial adapter.
+    ``expert_config``: an ``ExpertConfig``, the path of an expert-config JSON, or
+    its content as a dict (``{"experts": {"<layer>": [ids]}, ...}``). The base
+    fingerprint is taken from ``base_fingerprint``, or computed from the ``base``
+    checkpoint. The file is written under a temporary name and renamed into place
+    (``esft_rs.outputs``), so ``path`` never holds a partial adapter.
     """
     from esft_rs.outputs import save_tensors
 
+    tensors = _tensor_dict(tensors)
+    expert_config = _expert_config(expert_config)
     if base_fingerprint is None and base is not None:
         base_fingerprint = fingerprint(base)
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
     return save_tensors(tensors, path, metadata)
+
+
+def _tensor_dict(tensors: object) -> dict[str, Any]:
+    """``tensors`` checked to be a mapping of names to torch tensors or numpy arrays."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            "save_adapter expects a dict of tensors (checkpoint name -> torch.Tensor or numpy"
+            f" array), got {type(tensors).__name__}"
+        )
+    for name, value in tensors.items():
+        kind = type(value)
+        if not isinstance(name, str) or not (
+            (kind.__module__ == "numpy" and kind.__name__ == "ndarray")
+            or (kind.__module__.startswith("torch") and hasattr(value, "contiguous"))
+        ):
+            raise TypeError(
+                "save_adapter expects a dict of tensors (checkpoint name -> torch.Tensor or"
+                f" numpy array); {name!r} is {kind.__name__}"
+            )
+    return dict(tensors)
+
+
+def _expert_config(value: object) -> ExpertConfig:
+    """An ``ExpertConfig`` from itself, a JSON file path or the JSON's dict."""
+    if isinstance(value, ExpertConfig):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return ExpertConfig.load(value)
+    if isinstance(value, Mapping):
+        return ExpertConfig.parse(json.dumps(value))
+    raise TypeError(
+        "expert_config must be an ExpertConfig, an expert-config JSON path or its dict"
+        f" ({{'experts': {{'<layer>': [ids]}}, ...}}), got {type(value).__name__}"
+    )

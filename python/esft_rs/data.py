@@ -1,14 +1,21 @@
-"""Task data: ESFT chat JSONL -> token ids and labels -> packed tensors.
+"""Task data: chat conversations -> token ids and labels -> packed tensors.
 
-Input is the official ESFT format, one JSON object per line::
+Input is the official ESFT format, one JSON object per line of a ``.jsonl`` (or
+``.jsonl.gz``) file, or one row of a Parquet file's ``messages`` column (the form
+datasets on the Hugging Face Hub take)::
 
-    {"messages": [{"role": "user", "content": "..."},
+    {"messages": [{"role": "system", "content": "..."},
+                  {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "...", "mask": 0}]}
 
-Formatting and packing follow the official code, so the same tokenizer and seed
-give the same sequences:
+``encode_conversation`` turns a conversation into ids and labels: with the
+tokenizer's chat template (``esft_rs.chat_template``; labels on the assistant tokens
+only), or in the official ESFT format. The official formatting and the packing
+follow the official code, so the same tokenizer and seed give the same sequences:
 
-- BOS once; a user turn is ``User: {content}\\n\\nAssistant:``; an assistant turn is
+- BOS once; a system turn is ``{content}\\n\\n``, masked from the loss (DeepSeek-V2's
+  template writes it so, before the first user turn; the official code has none); a
+  user turn is ``User: {content}\\n\\nAssistant:``; an assistant turn is
   `` {content}`` + EOS; contents are stripped.
 - Labels are aligned with ``input_ids`` (the loss shifts, see ``causal_lm_loss``):
   user turns are ``-100``; assistant turns are their own ids unless ``"mask": 1``;
@@ -19,21 +26,23 @@ give the same sequences:
   first token (its BOS, or after truncation its first kept token). The last row is
   padded: PAD ids, ``-100`` labels, attention mask 0.
 
-Validation reads every line before anything is tokenised, so bad input fails
-fast with ``file:line``. torch is imported only to build the final tensors.
+Validation reads every row before anything is tokenised, so bad input fails fast
+with ``file:line`` (``file:row`` for Parquet). torch is imported only to build the
+final tensors.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from esft_rs.errors import EsftValueError, InvalidFileError
+from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError
 from esft_rs.inputs import json_problem, read_bytes
 from esft_rs.tokenizer import Tokenizer
 
@@ -41,12 +50,12 @@ if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
-ROLES = ("user", "assistant")
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # "user" | "assistant"
+    role: str  # "system" | "user" | "assistant"
     content: str
     mask: bool = False  # an assistant turn kept out of the loss
 
@@ -67,14 +76,24 @@ class TaskData:
         random_concat_ratio: float = 0.2,
         seed: int = 0,
     ) -> Packed:
-        """Format every conversation and pack them (see the module docstring)."""
+        """Encode every conversation (``encode_conversation``) and pack them (module docstring)."""
         return pack(
-            (format_conversation(c, tokenizer) for c in self.conversations),
+            self.encoded(tokenizer),
             seq_length=seq_length,
             random_concat_ratio=random_concat_ratio,
             seed=seed,
             pad_id=tokenizer.pad,
         )
+
+
+    def encoded(self, tokenizer: Tokenizer) -> Iterator[tuple[list[int], list[int]]]:
+        """``encode_conversation`` of each conversation; one that the chat template
+        refuses is a ``MismatchError`` naming its ``file:line``."""
+        for conv, where in zip(self.conversations, self.sources, strict=True):
+            try:
+                yield encode_conversation(tokenizer, conv)
+            except MismatchError as e:
+                raise MismatchError(f"{where}: {e}") from None
 
 
 class Packed(NamedTuple):
@@ -88,12 +107,14 @@ class Packed(NamedTuple):
 def read_task_data(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, skip_bad: bool = False
 ) -> TaskData:
-    """Read and validate ESFT chat JSONL files (blank lines are ignored).
+    """Read and validate ESFT chat data: ``.jsonl`` (blank lines are ignored),
+    ``.jsonl.gz``, or ``.parquet`` with a ``messages`` column (needs pyarrow:
+    ``pip install 'esft-rs[parquet]'``).
 
-    A bad line (not UTF-8, not JSON, no ``messages``, an unknown role, empty
-    content, ...) raises ``InvalidFileError`` naming ``file:line`` and how many
-    other lines are bad; with ``skip_bad`` such lines are left out and listed
-    in ``TaskData.skipped``. A file with no conversation at all is an error.
+    A bad row (not UTF-8, not JSON, no ``messages``, an unknown role, empty
+    content, ...) raises ``InvalidFileError`` naming ``file:line`` (``file:row``)
+    and how many other rows are bad; with ``skip_bad`` such rows are left out and
+    listed in ``TaskData.skipped``. A file with no conversation at all is an error.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -101,12 +122,10 @@ def read_task_data(
     sources: list[str] = []
     bad: list[str] = []
     for path in map(Path, paths):
-        for number, line in enumerate(read_bytes(path).split(b"\n"), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+        for where, row in _rows(path):
             try:
-                conversations.append(_parse_line(line))
+                conversations.append(_parse_line(row) if isinstance(row, bytes)
+                                     else _parse_messages(row))
                 sources.append(where)
             except ValueError as e:
                 bad.append(f"{where}: {e}")
@@ -119,10 +138,57 @@ def read_task_data(
     return TaskData(conversations, sources, bad)
 
 
+def _rows(path: Path) -> Iterator[tuple[str, bytes | object]]:
+    """(``file:line``, the line) of a JSONL file, plain or gzip; (``file:row``, the
+    ``messages`` value) of a Parquet file."""
+    if path.name.endswith(".parquet"):
+        yield from _parquet_rows(path)
+        return
+    raw = read_bytes(path)
+    if path.name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise InvalidFileError(f"{path}: not a valid gzip file ({e})", path) from None
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if line.strip():
+            yield f"{path}:{number}", line
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EsftError(
+            f"{path}: reading Parquet needs pyarrow: pip install 'esft-rs[parquet]'"
+        ) from None
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidFileError(f"{path}: not a valid Parquet file ({first})", path) from None
+    if "messages" not in table.column_names:
+        raise InvalidFileError(
+            f"{path}: no messages column (columns: {', '.join(table.column_names)})", path
+        )
+    for number, messages in enumerate(table.column("messages").to_pylist(), 1):
+        if isinstance(messages, list):  # a struct field some rows lack reads as null
+            messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict)
+                        else m for m in messages]
+        yield f"{path}:{number}", {"messages": messages}
+
+
 def _parse_line(line: bytes) -> list[Message]:
     obj, why = json_problem(line)
     if why is not None:
         raise EsftValueError(why)
+    return _parse_messages(obj)
+
+
+def _parse_messages(obj: object) -> list[Message]:
+    """The conversation in a row's ``{"messages": [...]}``."""
     if not isinstance(obj, dict):
         raise EsftValueError("not a JSON object")
     messages = obj.get("messages")
@@ -143,14 +209,44 @@ def _parse_line(line: bytes) -> list[Message]:
     return out
 
 
+def encode_conversation(
+    tokenizer: Tokenizer, messages: Sequence[Message | Mapping[str, object]]
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation, for training, profiling and evaluation.
+
+    ``tokenizer``: what ``esft_rs.tokenizer.load_tokenizer`` returns. ``messages``:
+    ``Message``s or the data's ``{"role", "content"[, "mask"]}`` dicts. With the
+    tokenizer's chat template, the ids are transformers' ``apply_chat_template``
+    ids and only assistant tokens carry labels (``esft_rs.chat_template``);
+    without one, the official ESFT format (``format_conversation``). Labels are
+    -100 where there is nothing to learn; a message with ``mask`` teaches nothing.
+    """
+    conv = list(messages)
+    if not all(isinstance(m, Message) for m in conv):
+        conv = _parse_messages({"messages": [dict(m) if isinstance(m, Mapping) else vars(m)
+                                             for m in conv]})
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return format_conversation(conv, tokenizer)
+    from esft_rs.chat_template import encode
+
+    return encode(tokenizer, template, conv)
+
+
 def format_conversation(
     messages: Sequence[Message], tokenizer: Tokenizer
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation, the official ESFT way (module docstring)."""
+    if tokenizer.bos is None:
+        raise EsftError("the official ESFT format needs a BOS token; the tokenizer has none")
     ids = [tokenizer.bos]
     labels = [tokenizer.bos]
     for m in messages:
-        if m.role == "user":
+        if m.role == "system":
+            tokens = tokenizer.encode(f"{m.content.strip()}\n\n")
+            ids += tokens
+            labels += [IGNORE_INDEX] * len(tokens)
+        elif m.role == "user":
             tokens = tokenizer.encode(f"User: {m.content.strip()}\n\nAssistant:")
             ids += tokens
             labels += [IGNORE_INDEX] * len(tokens)

@@ -2,8 +2,9 @@
 
 Any causal LM whose call ``model(ids, attention_mask)`` returns logits (or an
 output with ``.logits``, as transformers models do) works: the built-in model and
-every transformers family. Conversations are formatted as for training
-(``esft_rs.data.format_conversation``), one per row, never packed.
+every transformers family. Conversations are encoded as for training
+(``esft_rs.data.encode_conversation``: the chat template or the official format),
+one per row, never packed.
 
 Exact match needs no decoding loop. Greedy decoding reproduces a reference answer
 (its tokens, then EOS) exactly when, fed the prompt and the reference, the model's
@@ -16,12 +17,13 @@ transformers' ``generate``; ``benches/bench_demo_eval.py`` times both).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from esft_rs.data import IGNORE_INDEX, Message, TaskData, format_conversation
-from esft_rs.tokenizer import Tokenizer
+from esft_rs.data import IGNORE_INDEX, Message, TaskData, encode_conversation, read_task_data
+from esft_rs.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -47,9 +49,11 @@ class EvalResult:
 def conversation_rows(
     conversations: Sequence[Sequence[Message]], tokenizer: Tokenizer, max_length: int | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One conversation per row, formatted as in training and right-padded:
+    """One conversation per row, encoded as in training and right-padded:
     (``input_ids``, ``labels``, ``attention_mask``; the length of each row's scored
-    answer: its last turn with EOS when that is an assistant reply to a user, else 0).
+    answer: the labelled tokens of its last turn, EOS or end-of-turn included, when
+    that is an unmasked assistant reply to a user, else 0). A scored row ends with
+    its answer (what a template writes after it teaches nothing).
 
     ``max_length`` keeps the last tokens of longer conversations (as packing does).
     """
@@ -57,9 +61,15 @@ def conversation_rows(
 
     encoded, answer = [], []
     for conv in conversations:
-        ids, labels = format_conversation(conv, tokenizer)
-        scored = len(conv) >= 2 and conv[-1].role == "assistant" and conv[-2].role == "user"
-        n = len(ids) - len(format_conversation(conv[:-1], tokenizer)[0]) if scored else 0
+        ids, labels = encode_conversation(tokenizer, conv)
+        n = 0
+        if (len(conv) >= 2 and conv[-1].role == "assistant" and conv[-2].role == "user"
+                and not conv[-1].mask):
+            end = max((i + 1 for i, t in enumerate(labels) if t != IGNORE_INDEX), default=0)
+            start = end
+            while start > 0 and labels[start - 1] != IGNORE_INDEX:
+                start -= 1
+            ids, labels, n = ids[:end], labels[:end], end - start
         if max_length is not None:
             ids, labels = ids[-max_length:], labels[-max_length:]
         encoded.append((ids, labels))
@@ -98,8 +108,8 @@ def greedy_reproduces(
 
 def evaluate(
     model: torch.nn.Module,
-    tokenizer: Tokenizer,
-    data: TaskData,
+    tokenizer: Tokenizer | str | os.PathLike[str],
+    data: TaskData | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     batch_size: int = 8,
     max_length: int | None = None,
@@ -108,6 +118,10 @@ def evaluate(
     """Answer-token loss of every conversation, and greedy exact match of each
     conversation's last turn when it is an assistant reply to a user.
 
+    ``model``: the built-in model or a transformers causal LM (any module whose
+    call returns logits or an output with ``.logits``). ``tokenizer``: an esft-rs
+    tokenizer (``esft_rs.tokenizer.load_tokenizer``) or the model directory to load
+    it from. ``data``: ``TaskData`` or chat data files (``read_task_data``).
     ``max_length``: see ``conversation_rows``. ``progress`` is called with 0 once the
     inputs are checked (token ids, answer tokens), then with the number of conversations
     done in each batch.
@@ -115,6 +129,26 @@ def evaluate(
     import torch
 
     from esft_rs.data import causal_lm_loss, loss_tokens
+
+    if not callable(model):
+        raise TypeError(f"evaluate expects a model (torch.nn.Module), got {type(model).__name__}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    elif not isinstance(tokenizer, Tokenizer):
+        raise TypeError(
+            "evaluate expects an esft-rs tokenizer (esft_rs.tokenizer.load_tokenizer(model_dir))"
+            f" or a model directory, got {type(tokenizer).__name__}"
+        )
+    if not isinstance(data, TaskData):
+        if isinstance(data, (str, os.PathLike)) or (
+            isinstance(data, Sequence) and all(isinstance(p, (str, os.PathLike)) for p in data)
+        ):
+            data = read_task_data(data)
+        else:
+            raise TypeError(
+                "evaluate expects task data: a chat data file (or a list of them) or"
+                f" esft_rs.data.read_task_data(...), got {type(data).__name__}"
+            )
 
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = param.device if param is not None else torch.device("cpu")
@@ -156,7 +190,7 @@ def _preflight(model: Any, tokenizer: Tokenizer, data: TaskData, max_length: int
 
     lo, hi, answer = 0, 0, 0
     for conv in data.conversations:
-        ids, labels = format_conversation(conv, tokenizer)
+        ids, labels = encode_conversation(tokenizer, conv)
         if max_length is not None:
             ids, labels = ids[-max_length:], labels[-max_length:]
         lo, hi = min(lo, *ids), max(hi, *ids)

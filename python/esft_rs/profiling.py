@@ -187,7 +187,7 @@ class _Recorder:
 
 
 def profile(
-    model: MoEModel,
+    model: MoEModel | torch.nn.Module,
     batches: Iterable[Any],
     *,
     max_tokens: int | None = None,
@@ -196,6 +196,9 @@ def profile(
     progress: bool | Callable[[int], object] = False,
 ) -> RoutingStats:
     """Routing statistics of ``model`` over ``batches``.
+
+    ``model``: the built-in model, any ``MoEModel``, or a transformers MoE model
+    (hooked through ``esft_rs.models.as_moe_model`` for this call only).
 
     ``batches``: input-id tensors [B, S] (or [S]), optionally as ``(ids, mask)``
     or ``{"input_ids", "attention_mask"}`` with mask 1 = token, 0 = padding.
@@ -209,6 +212,24 @@ def profile(
     (so a caller that knows its total can drive its own bar). The model runs
     under ``torch.inference_mode()`` on its own device.
     """
+    from esft_rs.models import as_moe_model, hf
+
+    if hf.is_hf(model):
+        with hf.MoEView(model) as view:
+            return profile(view, batches, max_tokens=max_tokens, records=records,
+                           metadata=metadata, progress=progress)
+    model = as_moe_model(model)  # a TypeError for anything else
+    return _profile(model, batches, max_tokens, records, metadata, progress)
+
+
+def _profile(
+    model: MoEModel,
+    batches: Iterable[Any],
+    max_tokens: int | None,
+    records: str | os.PathLike[str] | None,
+    metadata: Mapping[str, str] | None,
+    progress: bool | Callable[[int], object],
+) -> RoutingStats:
     import torch
     import torch.distributed as dist
 

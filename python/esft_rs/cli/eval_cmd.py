@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from esft_rs.cli.model_inputs import chat_template_option
+
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -23,6 +25,7 @@ import click
               help="Also write the figures as JSON.")
 @click.option("--skip-bad", is_flag=True,
               help="Skip malformed JSONL lines (listed) instead of failing.")
+@chat_template_option
 def eval_cmd(
     model: Path,
     data: tuple[Path, ...],
@@ -31,10 +34,12 @@ def eval_cmd(
     device: str,
     output: Path | None,
     skip_bad: bool,
+    chat_template: str,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
-    DATA, ESFT chat JSONL: mean loss and perplexity over the answer tokens, and the
-    share of conversations whose last turn greedy decoding reproduces exactly.
+    DATA (chat data: .jsonl, .jsonl.gz, .parquet): mean loss and perplexity over the
+    answer tokens, and the share of conversations whose last turn greedy decoding
+    reproduces exactly.
 
     Conversations are formatted as for training, one per row (never packed); one
     teacher-forced pass scores both (no decoding loop).
@@ -52,7 +57,7 @@ def eval_cmd(
     check_outputs([output], [model, *data])
     if output is not None:
         check_target(output)
-    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
     net = load_model(model, device=dev).eval()

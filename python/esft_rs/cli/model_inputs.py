@@ -3,8 +3,9 @@ before a model loads (torch imported inside)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,8 +18,17 @@ if TYPE_CHECKING:
     from esft_rs.tokenizer import Tokenizer
 
 
+def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--chat-template``, as the training config's ``chat_template`` key."""
+    from esft_rs.training.config import TrainConfig, option_fields
+
+    text = next(h for name, _, _, h, _ in option_fields() if name == "chat_template")
+    return click.option("--chat-template", default=TrainConfig.chat_template, show_default=True,
+                        metavar="auto|model|official|PATH", help=text)(f)
+
+
 def task_inputs(
-    model: Path, data: tuple[Path, ...], device: str, skip_bad: bool
+    model: Path, data: tuple[Path, ...], device: str, skip_bad: bool, chat_template: str = "auto"
 ) -> tuple[torch.device, Tokenizer, TaskData]:
     """(device, tokenizer, task data): everything that can be wrong with the inputs
     fails here, before the model loads. Skipped lines are listed on stderr."""
@@ -28,7 +38,7 @@ def task_inputs(
     if not (model / "config.json").is_file():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")
     dev = torch_device(device)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, chat_template)
     task = read_task_data(list(data), skip_bad=skip_bad)
     for line in task.skipped:
         click.echo(f"warning: skipped {line}", err=True)

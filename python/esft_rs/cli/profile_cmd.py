@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from esft_rs.cli.model_inputs import chat_template_option
 from esft_rs.errors import EsftError
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ DEFAULT_SEQ_LEN = 4096
 )
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
+@chat_template_option
 def profile_cmd(
     model: Path,
     data: tuple[Path, ...],
@@ -70,16 +72,17 @@ def profile_cmd(
     skip_bad: bool,
     parallelism: str,
     seed: int,
+    chat_template: str,
 ) -> None:
     """Count which experts route the tokens of task data (the first step of ESFT).
 
-    MODEL: a model directory. DATA: ESFT chat JSONL files ({"messages": [...]}),
-    formatted and packed as for training. Forward passes run without gradients
-    and with a hook on every MoE router; counts and routing weights accumulate on
-    the device and padding is never counted. Each packed row is one sample for
-    `select --average samples`. Under torchrun every rank profiles a disjoint share
-    of the rows and rank 0 writes the file; the result does not depend on the
-    number of processes.
+    MODEL: a model directory. DATA: chat data files (.jsonl, .jsonl.gz, .parquet;
+    {"messages": [...]}), encoded (--chat-template) and packed as for training. Forward
+    passes run without gradients and with a hook on every MoE router; counts and routing
+    weights accumulate on the device and padding is never counted. Each packed row is
+    one sample for `select --average samples`. Under torchrun every rank profiles a
+    disjoint share of the rows and rank 0 writes the file; the result does not depend on
+    the number of processes.
     """
     from esft_rs.cli.model_inputs import task_inputs
     from esft_rs.distributed import process_group
@@ -91,7 +94,7 @@ def profile_cmd(
     for path in (output, records):
         if path is not None:
             check_target(path)
-    dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
+    dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     with process_group(dev) as place:
         rank, world = place.rank, place.world
         t0 = time.perf_counter()

@@ -61,9 +61,10 @@ def train_cmd(
 ) -> None:
     """Train only the selected experts of MODEL on DATA; write an adapter.
 
-    MODEL is a checkpoint directory; DATA is chat JSONL in the official ESFT
-    format. Every key of the YAML config is also a flag below (flags win).
-    Runs under torchrun for data parallelism (gloo on CPU, nccl on GPU).
+    MODEL is a checkpoint directory; DATA is chat data in the official ESFT format
+    (.jsonl, .jsonl.gz or .parquet), encoded as --chat-template says. Every key of
+    the YAML config is also a flag below (flags win). Runs under torchrun for data
+    parallelism (gloo on CPU, nccl on GPU).
     """
     main = os.environ.get("RANK", "0") == "0"
     _route_notes(main)

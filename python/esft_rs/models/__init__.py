@@ -76,10 +76,23 @@ def load_model(
 
 
 def as_moe_model(model: torch.nn.Module) -> MoEModel:
-    """``model`` seen through the ``MoEModel`` interface (for profiling)."""
+    """``model`` seen through the ``MoEModel`` interface (for profiling).
+
+    A transformers model gets a view whose hooks on its routers last until
+    ``view.close()`` (or a ``with`` block ends, or the view is dropped); calling
+    this again while that view is open returns it, so hooks never pile up. The
+    built-in model is returned as it is. Anything else is a ``TypeError``.
+    """
     from esft_rs.models import hf
 
-    return hf.MoEView(model) if hf.is_hf(model) else model
+    if hf.is_hf(model):
+        return hf.MoEView.view(model)
+    if isinstance(model, (MoEModel, hf.MoEView)):
+        return model
+    raise TypeError(
+        "expected an MoE model: the built-in model (esft_rs.models.load_model) or a"
+        f" transformers MoE model (AutoModelForCausalLM), got {type(model).__name__}"
+    )
 
 
 def to_checkpoint(

@@ -16,6 +16,7 @@ reverts on save; adapters are written with the reverted, on-disk names
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,12 @@ class RouterTap(torch.nn.Module):
 
 
 class MoEView:
-    """A transformers MoE model seen through ``esft_rs.models.interface.MoEModel``."""
+    """A transformers MoE model seen through ``esft_rs.models.interface.MoEModel``.
+
+    It hooks the model's routers until ``close()`` (or the end of a ``with`` block,
+    or until the view is garbage-collected); ``view()`` returns a model's open view
+    rather than hooking the routers again.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -157,8 +163,31 @@ class MoEView:
         self.num_experts = int(first.num_experts)
         self.top_k = int(first.top_k)
         self._taps = {layer: RouterTap() for layer in found}
-        for layer, router in found.items():
-            router.register_forward_hook(self._taps[layer].hook)
+        handles = [router.register_forward_hook(self._taps[layer].hook)
+                   for layer, router in found.items()]
+        # the hooks hold the taps, not the view: a dropped view removes them
+        self._close = weakref.finalize(self, _remove_hooks, handles)
+
+    @classmethod
+    def view(cls, model: torch.nn.Module) -> MoEView:
+        """The model's open view, or a new one."""
+        ref = getattr(model, "_esft_moe_view", None)
+        existing = ref() if ref is not None else None
+        if existing is not None and existing._close.alive:
+            return existing
+        new = cls(model)
+        model._esft_moe_view = weakref.ref(new)
+        return new
+
+    def close(self) -> None:
+        """Removes the router hooks (idempotent); the view no longer sees routing."""
+        self._close()
+
+    def __enter__(self) -> MoEView:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def routers(self) -> dict[int, torch.nn.Module]:
         return dict(self._taps)
@@ -170,6 +199,11 @@ class MoEView:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
 
 
 def to_checkpoint(

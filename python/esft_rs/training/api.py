@@ -220,7 +220,8 @@ def _load_data(
     cfg: TrainConfig,
     skip_bad: bool,
 ) -> dict[str, torch.Tensor]:
-    """Packed rows from chat JSONL (the official formatting, tokenizer of ``base``) or as given."""
+    """Packed rows from chat data (``cfg.chat_template`` with the tokenizer of ``base``)
+    or as given."""
     import torch
 
     if isinstance(data, Mapping):
@@ -238,7 +239,7 @@ def _load_data(
     task = read_task_data(data, skip_bad=skip_bad)
     if task.skipped:
         log.warning("skipped %d bad lines, the first: %s", len(task.skipped), task.skipped[0])
-    packed = task.pack(load_tokenizer(base), seq_length=cfg.seq_length,
+    packed = task.pack(load_tokenizer(base, cfg.chat_template), seq_length=cfg.seq_length,
                        random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
     return packed._asdict()
 

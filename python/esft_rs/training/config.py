@@ -72,6 +72,11 @@ class TrainConfig:
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
     parallelism: str = _opt("fsdp", "Under torchrun: fsdp shards weights, gradients and optimizer"
                                      " state over the processes (FSDP2); ddp replicates the model.")
+    chat_template: str = _opt(
+        "auto", "How conversations become tokens: model (the tokenizer's chat template; only"
+        " assistant tokens are learned), official (the official ESFT format), a template file,"
+        " or auto: model when the tokenizer has a template (not DeepSeek-V2), else official."
+    )
 
     def problems(self) -> list[str]:
         """What is impossible about these values (empty when they are fine)."""
