@@ -51,12 +51,40 @@ def _rotation(alphabet: str, k: int) -> dict[str, str]:
     return {c: alphabet[(i + k) % len(alphabet)] for i, c in enumerate(alphabet)}
 
 
-_upper = _symbolwise("upper", {c: c.upper() for c in LETTERS})
-_translate = _symbolwise("translate", _substitution(7))
-_mirror = _symbolwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
-_complement = _symbolwise("complement", {d: str(9 - int(d)) for d in DIGITS})
-_successor = _symbolwise("successor", _rotation(DIGITS, 1))
+#: The general tasks' tables: four over the letters a-l, two over the digits.
+TABLES = {
+    "upper": {c: c.upper() for c in LETTERS},
+    "translate": _substitution(7),
+    "mirror": {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)},
+    "complement": {d: str(9 - int(d)) for d in DIGITS},
+    "successor": _rotation(DIGITS, 1),
+}
 _shift = _symbolwise("shift", _rotation(DIGITS, 3))
+
+
+def _mixed(kl: str, kd: str) -> Generator:
+    """Two general tasks in one prompt: a word of letters and digits, each letter mapped
+    by the first task's table and each digit by the second's (``mirror successor a 3``
+    -> ``l 4``). Both skills are in the general mix; only their combination is new."""
+    table = TABLES[kl] | TABLES[kd]
+    alphabet = sorted(table)
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        word = [rng.choice(alphabet) for _ in range(WORD_LENGTH)]
+        return f"{kl} {kd} {' '.join(word)}", " ".join(table[c] for c in word)
+
+    return generate
+
+
+def _composed(first: str, then: str) -> Generator:
+    """Two general tasks applied in turn to every letter (``mirror upper a b`` -> ``L K``)."""
+    table = {c: TABLES[then][TABLES[first][c]] for c in LETTERS}
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        word = [rng.choice(LETTERS) for _ in range(WORD_LENGTH)]
+        return f"{first} {then} {' '.join(word)}", " ".join(table[c] for c in word)
+
+    return generate
 
 
 def _binary(rng: random.Random) -> tuple[str, str]:
@@ -68,23 +96,21 @@ def _binary(rng: random.Random) -> tuple[str, str]:
 class Task:
     name: str
     generate: Generator
+    keyword: bool = True  # the name is the prompt's keyword (a word of the vocabulary)
 
 
-GENERAL: tuple[Task, ...] = (
-    Task("upper", _upper),
-    Task("translate", _translate),
-    Task("mirror", _mirror),
-    Task("complement", _complement),
-    Task("successor", _successor),
-)
+GENERAL: tuple[Task, ...] = tuple(Task(k, _symbolwise(k, t)) for k, t in TABLES.items())
 
 DOWNSTREAM: tuple[Task, ...] = (
+    Task("mirror+successor", _mixed("mirror", "successor"), keyword=False),
+    Task("upper+complement", _mixed("upper", "complement"), keyword=False),
+    Task("mirror.upper", _composed("mirror", "upper"), keyword=False),
     Task("shift", _shift),
     Task("binary", _binary),
 )
 
 TASKS = {t.name: t for t in GENERAL + DOWNSTREAM}
-KEYWORDS = tuple(TASKS)
+KEYWORDS = tuple(t.name for t in TASKS.values() if t.keyword)
 #: Every symbol a prompt or answer holds: the letters, their upper case, the digits.
 SYMBOLS = tuple(LETTERS + LETTERS.upper() + DIGITS)
 
