@@ -62,31 +62,6 @@ TABLES = {
 _shift = _symbolwise("shift", _rotation(DIGITS, 3))
 
 
-def _mixed(kl: str, kd: str) -> Generator:
-    """Two general tasks in one prompt: a word of letters and digits, each letter mapped
-    by the first task's table and each digit by the second's (``mirror successor a 3``
-    -> ``l 4``). Both skills are in the general mix; only their combination is new."""
-    table = TABLES[kl] | TABLES[kd]
-    alphabet = sorted(table)
-
-    def generate(rng: random.Random) -> tuple[str, str]:
-        word = [rng.choice(alphabet) for _ in range(WORD_LENGTH)]
-        return f"{kl} {kd} {' '.join(word)}", " ".join(table[c] for c in word)
-
-    return generate
-
-
-def _composed(first: str, then: str) -> Generator:
-    """Two general tasks applied in turn to every letter (``mirror upper a b`` -> ``L K``)."""
-    table = {c: TABLES[then][TABLES[first][c]] for c in LETTERS}
-
-    def generate(rng: random.Random) -> tuple[str, str]:
-        word = [rng.choice(LETTERS) for _ in range(WORD_LENGTH)]
-        return f"{first} {then} {' '.join(word)}", " ".join(table[c] for c in word)
-
-    return generate
-
-
 def _binary(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(0, 63)
     return f"binary {' '.join(str(n))}", " ".join(format(n, "b"))
@@ -96,21 +71,17 @@ def _binary(rng: random.Random) -> tuple[str, str]:
 class Task:
     name: str
     generate: Generator
-    keyword: bool = True  # the name is the prompt's keyword (a word of the vocabulary)
 
 
 GENERAL: tuple[Task, ...] = tuple(Task(k, _symbolwise(k, t)) for k, t in TABLES.items())
 
 DOWNSTREAM: tuple[Task, ...] = (
-    Task("mirror+successor", _mixed("mirror", "successor"), keyword=False),
-    Task("upper+complement", _mixed("upper", "complement"), keyword=False),
-    Task("mirror.upper", _composed("mirror", "upper"), keyword=False),
     Task("shift", _shift),
     Task("binary", _binary),
 )
 
 TASKS = {t.name: t for t in GENERAL + DOWNSTREAM}
-KEYWORDS = tuple(t.name for t in TASKS.values() if t.keyword)
+KEYWORDS = tuple(TASKS)
 #: Every symbol a prompt or answer holds: the letters, their upper case, the digits.
 SYMBOLS = tuple(LETTERS + LETTERS.upper() + DIGITS)
 
