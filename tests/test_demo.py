@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,40 @@ def test_report_complete(report: tuple[dict, Path]) -> None:
     ]:
         assert sum(accs.values()) / len(accs) == pytest.approx(mean)
     assert all(c["holds"] in (True, False, None) for c in r["claims"].values())
-    assert {"concentration", "overlap"} <= set(r["routing"])
+    assert {"concentration", "overlap", "chance_overlap", "chance_overlap_p95"} <= set(r["routing"])
     assert (out / "report.md").read_text().startswith("# esft-rs demo report")
+
+
+def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
+    from esft_rs.demo.claims import NUMERIC
+
+    r, out = report
+    runs = r["runs"]
+    assert len(runs) == r["settings"]["seeds"] >= 3
+    assert len({run["seed"] for run in runs}) == len(runs)
+    for run in runs:
+        assert set(run["methods"]) == set(r["methods"])
+        for name, m in run["methods"].items():
+            assert m["learning_rate"] == r["learning_rates"][name]["learning_rate"]
+            assert m["general_acc_before"] == r["base"]["general_acc"]
+    for name, mean in r["methods"].items():
+        for key in NUMERIC:
+            values = [run["methods"][name][key] for run in runs]
+            if None in values:
+                assert mean[key] is None
+            else:
+                assert mean[key] == pytest.approx(sum(values) / len(values))
+        downs = [run["methods"][name]["downstream_acc"] for run in runs]
+        assert mean["sd"]["downstream_acc"] == pytest.approx(statistics.stdev(downs))
+    for name, t in r["learning_rates"].items():
+        grid = r["settings"]["learning_rates"][name]
+        assert set(t["validation_acc"]) == {f"{lr:g}" for lr in grid}
+        assert max(t["validation_acc"].values()) == t["validation_acc"][f"{t['learning_rate']:g}"]
+    for c in r["claims"].values():
+        if "runs" in c:
+            assert c["runs"] == len(runs) and 0 <= c["held_in"] <= len(runs)
+    md = (out / "report.md").read_text()
+    assert "±" in md and f"of {len(runs)} runs" in md
 
 
 def test_adapter_bytes_are_the_selected_experts(report: tuple[dict, Path]) -> None:
@@ -97,3 +130,123 @@ def test_base_key_covers_the_tokenizer() -> None:
 
 def test_demo_help() -> None:
     assert "--quick" in run_cli("demo", "--help", check=True).stdout
+
+
+# The claims' judgement, on synthetic reports.
+
+def _method(down: float, general_after: float, *, experts: int | None = 10) -> dict:
+    return {"downstream_acc": down, "general_acc_before": 1.0, "general_acc_after": general_after,
+            "general_acc_after_by_task": {"a": general_after, "b": general_after},
+            "trainable_params": 100 if experts else 1000, "total_params": 1000,
+            "adapter_bytes": 400, "train_seconds": 1.0, "experts_trained": experts,
+            "adapter": "x"}
+
+
+def _report(runs: list[dict[str, tuple[float, float]]], *, overlap: float = 0.05) -> dict:
+    from esft_rs.demo.claims import chance_overlap, mean_runs, quantile
+
+    per_run = [{"seed": i, "methods": {
+        name: _method(d, g, experts=None if name == "fft" else 10)
+        for name, (d, g) in r.items()}} for i, r in enumerate(runs)]
+    # Two tasks, 3 layers, 4 of 32 experts selected in each.
+    draws = chance_overlap([[(4, 4)] * 3], 32, draws=500)
+    return {
+        "settings": {"test_items": 200, "general_test_items": 100},
+        "base": {"downstream_acc": 0.1, "general_acc": 1.0,
+                 "general_acc_by_task": {"a": 1.0, "b": 1.0}},
+        "finetune_task": "t",
+        "methods": mean_runs(per_run),
+        "runs": per_run,
+        "routing": {"concentration": {"t": {"cover_50": 5}}, "uniform": {"cover_50": 16},
+                    "mean_overlap": overlap, "chance_overlap": sum(draws) / len(draws),
+                    "chance_overlap_p95": quantile(draws, 0.95)},
+    }
+
+
+GOOD = {"fft": (0.95, 0.60), "esft_token": (0.94, 0.90), "esft_gate": (0.96, 0.92),
+        "random": (0.60, 0.70)}
+
+
+def test_claims_hold_when_esft_matches_fft_forgets_less_and_beats_random() -> None:
+    from esft_rs.demo.claims import judge
+
+    c = judge(_report([GOOD, GOOD, GOOD]))
+    for name in ("esft_token_matches_fft_downstream", "esft_gate_matches_fft_downstream",
+                 "esft_token_forgets_less_than_fft", "esft_gate_forgets_less_than_fft",
+                 "esft_token_beats_random", "routing_concentrated", "tasks_use_different_experts"):
+        assert c[name]["holds"] is True, name
+    assert c["esft_token_beats_random"]["held_in"] == 3
+    assert c["esft_token_beats_random"]["runs"] == 3
+
+
+def test_claims_fail_beyond_noise_and_count_the_runs() -> None:
+    from esft_rs.demo.claims import judge
+
+    bad = GOOD | {"esft_token": (0.50, 0.55), "random": (0.52, 0.70)}
+    c = judge(_report([GOOD, bad, bad]))
+    # On the means ESFT-Token (0.647) trails FFT (0.95) by more than the tolerance.
+    assert c["esft_token_matches_fft_downstream"]["holds"] is False
+    assert c["esft_token_matches_fft_downstream"]["held_in"] == 1
+    assert c["esft_token_forgets_less_than_fft"]["held_in"] == 1
+    assert c["esft_token_beats_random"]["holds"] is False
+    assert c["esft_gate_matches_fft_downstream"]["holds"] is True
+
+
+def test_small_differences_are_within_noise() -> None:
+    from esft_rs.demo.claims import judge, tolerance
+
+    # 0.93 vs 0.95 on 200 items is within two standard errors (about 0.047)...
+    near = GOOD | {"esft_token": (0.93, 0.90), "random": (0.91, 0.90)}
+    c = judge(_report([near]))
+    se = ((0.93 * 0.07 + 0.95 * 0.05) / 200) ** 0.5
+    assert tolerance(0.93, 0.95, 200) == pytest.approx(2 * se)
+    assert c["esft_token_matches_fft_downstream"]["holds"] is True
+    # ... so ESFT-Token does not measurably beat random experts at 0.91.
+    assert c["esft_token_beats_random"]["holds"] is False
+
+
+def test_seed_spread_widens_the_tolerance() -> None:
+    from esft_rs.demo.claims import judge
+
+    runs = [GOOD | {"esft_token": (d, 0.9)} for d in (0.99, 0.60, 0.99)]  # mean 0.86, sd 0.23
+    c = judge(_report(runs))
+    assert c["esft_token_matches_fft_downstream"]["holds"] is True
+    assert c["esft_token_matches_fft_downstream"]["held_in"] == 2
+
+
+def test_not_measurable_without_gain_or_forgetting() -> None:
+    from esft_rs.demo.claims import judge
+
+    flat = {name: (0.1, 1.0) for name in GOOD}
+    c = judge(_report([flat, flat, flat]))
+    assert c["esft_token_matches_fft_downstream"]["holds"] is None
+    assert c["esft_token_forgets_less_than_fft"]["holds"] is None
+    assert c["esft_token_beats_random"]["holds"] is None
+    assert c["esft_token_beats_random"]["held_in"] == 0
+
+
+def test_overlap_is_judged_against_random_sets_of_the_same_sizes() -> None:
+    from esft_rs.demo.claims import judge
+
+    r = _report([GOOD])
+    # Random 4-of-32 sets: expected Jaccard about (4 * 4 / 32) / (8 - 0.5) = 0.067.
+    assert 0.05 < r["routing"]["chance_overlap"] < 0.08
+    assert r["routing"]["chance_overlap"] < r["routing"]["chance_overlap_p95"] < 0.3
+    assert judge(r)["tasks_use_different_experts"]["holds"] is True
+    # 0.299 against chance about 0.05 (what a fixed 0.5 threshold let pass): does not hold.
+    assert judge(_report([GOOD], overlap=0.299))["tasks_use_different_experts"]["holds"] is False
+
+
+def test_chance_overlap_of_full_and_disjoint_sizes() -> None:
+    from esft_rs.demo.claims import chance_overlap
+
+    assert set(chance_overlap([[(8, 8)]], 8, draws=20)) == {1.0}
+    assert set(chance_overlap([[(4, 4)]], 8, draws=20)) <= {0.0, 1 / 7, 2 / 6, 3 / 5, 1.0}
+
+
+def test_methods_are_the_means_of_runs() -> None:
+    r = _report([GOOD, GOOD | {"fft": (0.85, 0.40)}])
+    assert r["methods"]["fft"]["downstream_acc"] == pytest.approx(0.90)
+    assert r["methods"]["fft"]["general_acc_after_by_task"]["a"] == pytest.approx(0.50)
+    assert r["methods"]["fft"]["sd"]["downstream_acc"] == pytest.approx(0.0707, abs=1e-4)
+    assert r["methods"]["fft"]["experts_trained"] is None

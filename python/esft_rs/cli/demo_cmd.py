@@ -23,7 +23,7 @@ def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     from dataclasses import replace
 
     from esft_rs.demo.pipeline import OUTPUTS, run
-    from esft_rs.demo.report import method_table, routing_table, verdict
+    from esft_rs.demo.report import claim_lines, method_table, routing_table
     from esft_rs.demo.settings import FULL, QUICK
     from esft_rs.outputs import check_outputs, check_target, staged
 
@@ -37,8 +37,8 @@ def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     for line in [*method_table(report), "", *routing_table(report)]:
         echo(line)
     echo()
-    for claim, v in report["claims"].items():
-        echo(f"{verdict(v['holds'])}: {claim} ({v['value']})")
+    for line in claim_lines(report):
+        echo(line)
     m = report["merge"]
     echo(f"merged model accuracy {m['downstream_acc']:.3f} == in-memory "
          f"{m['in_memory_acc']:.3f}: {m['equal']}")

@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from esft_rs.demo import tasks as T
+from esft_rs.demo.claims import mean_runs
 from esft_rs.demo.settings import Settings, cache_dir
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
@@ -44,6 +45,7 @@ class Data:
 
     general_train: dict[str, torch.Tensor]
     finetune_train: dict[str, torch.Tensor]
+    downstream_val: list[tuple[str, str]]  # for choosing learning rates
     downstream_test: list[tuple[str, str]]
     general_test: dict[str, list[tuple[str, str]]]
     profile_rows: dict[str, dict[str, torch.Tensor]]
@@ -68,9 +70,11 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
         train, test = T.split(task, s.pretrain_items, s.general_test_items, s.seed)
         general_train += train
         general_test[task.name] = test
-    random.Random(s.seed).shuffle(general_train)
     ft_task = T.TASKS[s.finetune_task]
-    ft_train, ft_test = T.split(ft_task, s.finetune_items, s.test_items, s.seed)
+    ft_train, held_out = T.split(ft_task, s.finetune_items, s.val_items + s.test_items, s.seed)
+    ft_val, ft_test = held_out[: s.val_items], held_out[s.val_items :]
+    general_train += ft_train[: s.downstream_pretrain_items]
+    random.Random(s.seed).shuffle(general_train)
     T.write_jsonl(general_train, folder / "general-train.jsonl")
     T.write_jsonl(ft_train, folder / f"{ft_task.name}-train.jsonl")
     profile_rows = {}
@@ -81,6 +85,7 @@ def build_data(s: Settings, out: Path, tok: Tokenizer) -> Data:
     return Data(
         general_train=item_rows(general_train, tok),
         finetune_train=item_rows(ft_train, tok),
+        downstream_val=ft_val,
         downstream_test=ft_test,
         general_test=general_test,
         profile_rows=profile_rows,
@@ -161,13 +166,11 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     (paths in the report are relative to ``out``)."""
     import torch
 
-    from esft_rs import inspect
     from esft_rs.demo.report import routing_figures, write_report
     from esft_rs.merging import merge
     from esft_rs.models import load_model
     from esft_rs.selection import select
     from esft_rs.tokenizer import load_tokenizer
-    from esft_rs.training import train
 
     # One intra-op thread: the figures then do not depend on the machine's core count, and
     # on a busy 2-core machine it is faster than two threads that wait on each other.
@@ -185,69 +188,119 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
 
     stats = profile_tasks(base, data, s, progress)
     selections = {
-        "token": select(stats[s.finetune_task], score="token", top_p=0.2),
-        "gate": select(stats[s.finetune_task], score="gate", top_p=0.1),
+        "token": select(stats[s.finetune_task], score="token", top_p=s.token_top_p),
+        "gate": select(stats[s.finetune_task], score="gate", top_p=s.gate_top_p),
     }
-    routing = routing_figures(stats, top_p=0.2)
-
+    routing = routing_figures(stats, top_p=s.token_top_p)
     general_before, general_before_by_task = general_accuracy(base, tok, data)
-    downstream_before = exact_match(base, tok, data.downstream_test)
-    experts = {
-        "fft": None,
-        "esft_token": selections["token"].config(),
-        "esft_gate": selections["gate"].config(),
-        "random": selections["token"].config(),
-    }
-    modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random"}
-    total_params = sum(p.numel() for p in base.parameters())
-    methods: dict[str, dict[str, Any]] = {}
-    models: dict[str, torch.nn.Module] = {}
+    ft = _FineTune(s, data, tok, base_dir, out / "runs", general_before,
+                   {"fft": None, "esft_token": selections["token"].config(),
+                    "esft_gate": selections["gate"].config(),
+                    "random": selections["token"].config()})
+    shutil.rmtree(out / "runs", ignore_errors=True)
+
+    # Each method's learning rate: the grid point with the best downstream accuracy on the
+    # validation split, at the first seed (ties: the smaller rate). Test items are scored
+    # only for the chosen runs.
+    tuning: dict[str, dict[str, Any]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    grid = [(name, lr) for name in METHODS for lr in sorted(s.learning_rates[name])]
+    bar = tqdm(total=len(grid), desc="tune learning rates", disable=not progress, unit="run")
     for name in METHODS:
-        t = time.perf_counter()
-        result = train(
-            base_dir, data.finetune_train, out / "runs" / name, experts=experts[name],
-            mode=modes[name], steps=s.finetune_steps, learning_rate=s.learning_rates[name],
-            warmup_steps=0, **_run_options(s, data.finetune_train, progress),
-        )
-        seconds = time.perf_counter() - t
-        model = result.model.eval()
-        models[name] = model
-        adapter = inspect(result.adapter)
-        general_after, general_after_by_task = general_accuracy(model, tok, data)
-        methods[name] = {
-            "downstream_acc": exact_match(model, tok, data.downstream_test),
-            "general_acc_before": general_before,
-            "general_acc_after": general_after,
-            "general_acc_after_by_task": general_after_by_task,
-            "trainable_params": sum(
-                _numel(t.shape) for t in adapter.tensors.values()
-            ),
-            "total_params": total_params,
-            "adapter_bytes": adapter.total_bytes,
-            "train_seconds": seconds,
-            "experts_trained": result.experts.num_experts if name != "fft" else None,
-            "adapter": str(result.adapter.relative_to(out)),
-        }
+        best: tuple[float, float, Any] | None = None
+        validation = {}
+        for lr in sorted(s.learning_rates[name]):
+            result, seconds = ft.train(name, lr, s.seed)
+            acc = exact_match(result.model.eval(), tok, data.downstream_val)
+            validation[f"{lr:g}"] = acc
+            if best is None or acc > best[0]:
+                best = (acc, lr, (result, seconds))
+            bar.update()
+        assert best is not None
+        tuning[name] = {"learning_rate": best[1], "validation_acc": validation}
+        first[name] = ft.measure(name, *best[2])
+    bar.close()
+    runs = [{"seed": s.seed, "methods": first}]
+    seeds = [s.seed + k for k in range(1, s.seeds)]
+    bar = tqdm(total=len(seeds) * len(METHODS), desc="fine-tune seeds", disable=not progress,
+               unit="run")
+    for seed in seeds:
+        methods: dict[str, dict[str, Any]] = {}
+        for name in METHODS:
+            methods[name] = ft.measure(name, *ft.train(name, tuning[name]["learning_rate"], seed))
+            bar.update()
+        runs.append({"seed": seed, "methods": methods})
+    bar.close()
 
     merged_dir = out / "merged-esft-token"
     shutil.rmtree(merged_dir, ignore_errors=True)
-    merge(base_dir, out / methods["esft_token"]["adapter"], merged_dir)
+    merge(base_dir, out / first["esft_token"]["adapter"], merged_dir)
     merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
 
     report = {
         "settings": asdict(s),
         "base": {"path": str(base_dir), "pretrain_seconds": pretrain_seconds,
-                 "downstream_acc": downstream_before, "general_acc": general_before,
-                 "general_acc_by_task": general_before_by_task},
+                 "downstream_acc": exact_match(base, tok, data.downstream_test),
+                 "downstream_val_acc": exact_match(base, tok, data.downstream_val),
+                 "general_acc": general_before, "general_acc_by_task": general_before_by_task},
         "finetune_task": s.finetune_task,
-        "methods": methods,
+        "learning_rates": tuning,
+        "methods": mean_runs(runs),
+        "runs": runs,
         "routing": routing,
         "merge": {"path": merged_dir.name, "downstream_acc": merged_acc,
-                  "in_memory_acc": methods["esft_token"]["downstream_acc"],
-                  "equal": merged_acc == methods["esft_token"]["downstream_acc"]},
+                  "in_memory_acc": first["esft_token"]["downstream_acc"],
+                  "equal": merged_acc == first["esft_token"]["downstream_acc"]},
     }
     write_report(report, stats, selections, out)
     return report
+
+
+@dataclass
+class _FineTune:
+    """One fine-tuning run of a method at a learning rate and seed, and its figures."""
+
+    s: Settings
+    data: Data
+    tok: Tokenizer
+    base_dir: Path
+    runs_dir: Path
+    general_before: float
+    experts: dict[str, Any]
+
+    def train(self, name: str, lr: float, seed: int) -> tuple[Any, float]:
+        from esft_rs.training import train
+
+        modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random"}
+        t = time.perf_counter()
+        result = train(
+            self.base_dir, self.data.finetune_train,
+            self.runs_dir / f"seed{seed}" / f"{name}-lr{lr:g}",
+            experts=self.experts[name], mode=modes[name], steps=self.s.finetune_steps,
+            learning_rate=lr, warmup_steps=0,
+            **_run_options(replace(self.s, seed=seed), self.data.finetune_train, False),
+        )
+        return result, time.perf_counter() - t
+
+    def measure(self, name: str, result: Any, seconds: float) -> dict[str, Any]:
+        from esft_rs import inspect
+
+        model = result.model.eval()
+        adapter = inspect(result.adapter)
+        general_after, general_after_by_task = general_accuracy(model, self.tok, self.data)
+        return {
+            "downstream_acc": exact_match(model, self.tok, self.data.downstream_test),
+            "general_acc_before": self.general_before,
+            "general_acc_after": general_after,
+            "general_acc_after_by_task": general_after_by_task,
+            "trainable_params": sum(_numel(t.shape) for t in adapter.tensors.values()),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "adapter_bytes": adapter.total_bytes,
+            "train_seconds": seconds,
+            "experts_trained": result.experts.num_experts if name != "fft" else None,
+            "learning_rate": result.config.learning_rate,
+            "adapter": str(result.adapter.relative_to(self.runs_dir.parent)),
+        }
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -51,11 +51,14 @@ def _rotation(alphabet: str, k: int) -> dict[str, str]:
     return {c: alphabet[(i + k) % len(alphabet)] for i, c in enumerate(alphabet)}
 
 
-_upper = _symbolwise("upper", {c: c.upper() for c in LETTERS})
-_translate = _symbolwise("translate", _substitution(7))
-_mirror = _symbolwise("mirror", {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)})
-_complement = _symbolwise("complement", {d: str(9 - int(d)) for d in DIGITS})
-_successor = _symbolwise("successor", _rotation(DIGITS, 1))
+#: The general tasks' tables: four over the letters a-l, two over the digits.
+TABLES = {
+    "upper": {c: c.upper() for c in LETTERS},
+    "translate": _substitution(7),
+    "mirror": {c: LETTERS[-1 - i] for i, c in enumerate(LETTERS)},
+    "complement": {d: str(9 - int(d)) for d in DIGITS},
+    "successor": _rotation(DIGITS, 1),
+}
 _shift = _symbolwise("shift", _rotation(DIGITS, 3))
 
 
@@ -70,13 +73,7 @@ class Task:
     generate: Generator
 
 
-GENERAL: tuple[Task, ...] = (
-    Task("upper", _upper),
-    Task("translate", _translate),
-    Task("mirror", _mirror),
-    Task("complement", _complement),
-    Task("successor", _successor),
-)
+GENERAL: tuple[Task, ...] = tuple(Task(k, _symbolwise(k, t)) for k, t in TABLES.items())
 
 DOWNSTREAM: tuple[Task, ...] = (
     Task("shift", _shift),
