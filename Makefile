@@ -31,6 +31,9 @@ requirements.lock: pyproject.toml
 
 test: setup
 	cargo test --workspace --quiet
+	@# The core stays pure: no Python types in its dependency tree.
+	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
+		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	@$(MAKE) --no-print-directory fuzz
