@@ -53,7 +53,7 @@ $(HF_VENV)/.stamp: requirements.lock
 
 test-hf-floor: setup $(HF_VENV)/.stamp
 	PYTHONPATH=python $(HF_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/test_hf_families.py tests/test_eval.py
+		tests/test_hf_families.py tests/test_eval.py tests/test_chat_template.py
 
 # Fuzzes the safetensors header parser briefly, where cargo-fuzz and a nightly
 # toolchain are installed (cargo install cargo-fuzz; rustup toolchain install nightly).

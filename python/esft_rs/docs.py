@@ -34,16 +34,19 @@ def cli_reference() -> str:
     from esft_rs.cli import main
 
     out = [HEADER.format(source="the click commands"), "# CLI reference\n"]
-    parent = click.Context(main, info_name="esft-rs", terminal_width=WIDTH,
-                           max_content_width=WIDTH)
+    parent = _context(main, "esft-rs", None)
     out.append(_help_block("esft-rs", main, parent))
     for name in sorted(main.list_commands(parent)):
         command = main.get_command(parent, name)
         assert command is not None
-        ctx = click.Context(command, info_name=name, parent=parent, terminal_width=WIDTH,
-                            max_content_width=WIDTH)
-        out.append(_help_block(f"esft-rs {name}", command, ctx))
+        out.append(_help_block(f"esft-rs {name}", command, _context(command, name, parent)))
     return "\n".join(out)
+
+
+def _context(command: click.Command, name: str, parent: click.Context | None) -> click.Context:
+    """The context the CLI gives ``command`` (its settings, ``-h``), at a fixed width."""
+    settings = {**command.context_settings, "terminal_width": WIDTH, "max_content_width": WIDTH}
+    return click.Context(command, info_name=name, parent=parent, **settings)
 
 
 def _help_block(title: str, command: click.Command, ctx: click.Context) -> str:
