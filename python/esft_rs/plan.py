@@ -109,7 +109,7 @@ def plan(
     origin: str = "expert config",
 ) -> MemoryPlan:
     """The memory per rank of training ``model`` (a checkpoint directory) as configured."""
-    from esft_rs.inspect import inspect
+    from esft_rs import inspect
 
     root = Path(model)
     config = _config(root)

@@ -23,7 +23,7 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module | None:
     """The built-in model of ``directory`` on the meta device, its tensors checked against
     config.json as ``load_model`` checks them; None for a transformers family (loaded
     whole by transformers, then sharded)."""
-    from esft_rs.inspect import inspect
+    from esft_rs import inspect
     from esft_rs.models import checkpoint, hf
     from esft_rs.models.config import MODEL_TYPE, ModelConfig
     from esft_rs.models.reference import ReferenceMoE
@@ -49,7 +49,7 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
     from safetensors import safe_open
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from esft_rs.inspect import inspect
+    from esft_rs import inspect
 
     root = Path(directory)
     tensors = inspect(root).tensors
