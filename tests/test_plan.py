@@ -170,6 +170,19 @@ def test_a_directory_without_config_is_one_line(tmp_path: Path) -> None:
         " config.json)")
 
 
+def test_a_config_without_sizes_is_one_line(models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    broken = shutil.copytree(models["builtin"], tmp_path / "m")
+    config = json.loads((broken / "config.json").read_text())
+    del config["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = run_cli("plan", broken, "--mode", "full")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"esft-rs: error: {broken / 'config.json'}: hidden_size must be a positive integer,"
+        " not None")
+
+
 def test_plan_imports_no_torch(models: dict[str, Path]) -> None:
     code = ("import sys; from esft_rs.cli import main\n"
             f"try:\n    main(['plan', {str(models['builtin'])!r}, '--mode', 'full'])\n"
