@@ -170,6 +170,19 @@ def test_a_directory_without_config_is_one_line(tmp_path: Path) -> None:
         " config.json)")
 
 
+def test_a_config_without_sizes_is_one_line(models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    broken = shutil.copytree(models["builtin"], tmp_path / "m")
+    config = json.loads((broken / "config.json").read_text())
+    del config["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = run_cli("plan", broken, "--mode", "full")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"esft-rs: error: {broken / 'config.json'}: hidden_size must be a positive integer,"
+        " not None")
+
+
 def test_plan_imports_no_torch(models: dict[str, Path]) -> None:
     code = ("import sys; from esft_rs.cli import main\n"
             f"try:\n    main(['plan', {str(models['builtin'])!r}, '--mode', 'full'])\n"
@@ -177,3 +190,57 @@ def test_plan_imports_no_torch(models: dict[str, Path]) -> None:
             "heavy = {'torch', 'numpy', 'transformers'} & set(sys.modules)\n"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def _sharded_rank(rank: int, world: int, port: int, directory: str, mode: str,
+                  queue: object) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = load_model(directory).train()
+        layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+        for t in freeze(net, resolve_experts(layout, EXPERTS, mode, 0)):
+            t.param.data = t.param.data.float()
+        for layer in net.model.layers:
+            fully_shard(layer)
+        fully_shard(net)
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        out = net(ids)
+        getattr(out, "logits", out).sum().backward()
+
+        def local(t: torch.Tensor) -> int:
+            t = t.to_local()
+            return t.numel() * t.element_size()
+
+        params = list(net.parameters())
+        queue.put((rank, {  # type: ignore[attr-defined]
+            "frozen_bytes": sum(local(p) for p in params if not p.requires_grad),
+            "master_bytes": sum(local(p) for p in params if p.requires_grad),
+            "grad_bytes": sum(local(p.grad) for p in params if p.grad is not None)}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("family", "mode"), [("qwen3_moe", "esft"), ("deepseek_v2", "full"),
+                                            ("builtin", "esft")])
+def test_per_rank_figures_equal_fsdp2_shards(models: dict[str, Path], family: str,
+                                             mode: str) -> None:
+    """Under FSDP2 (2 gloo ranks, one fully_shard per decoder layer and one at the root),
+    rank 0 holds what the plan says: every tensor's dim 0 split in ceil(rows / 2)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_sharded_rank, args=(2, port, str(models[family]), mode, queue), nprocs=2)
+    got = dict(queue.get() for _ in range(2))[0]
+    want = plan(models[family], EXPERTS, mode, nproc=2, device="cpu").to_dict()
+    assert got == {k: want[k] for k in got}

@@ -39,6 +39,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 2, "I64": 8, 
 NOT_PARAMETERS = ("weight_scale_inv", "e_score_correction_bias")
 #: the built-in model keeps every expert as its own tensors
 BUILTIN_MODEL_TYPE = "esft_rs_moe"
+#: config.json keys the activation estimate cannot do without
+REQUIRED = ("hidden_size", "num_hidden_layers", "vocab_size")
 MASTER = 4  # fp32 master weights and gradients
 ADAM = 8  # AdamW's two fp32 moments
 STEP = 4  # AdamW's step count, one fp32 scalar per tensor
@@ -168,6 +170,10 @@ def _config(root: Path) -> dict[str, Any]:
         raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise InvalidFileError(f"{path}: not a JSON object")
+    for key in REQUIRED:
+        value = raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InvalidFileError(f"{path}: {key} must be a positive integer, not {value!r}")
     return raw
 
 

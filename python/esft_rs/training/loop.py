@@ -103,9 +103,9 @@ def autocast(model: torch.nn.Module, device: torch.device) -> Any:
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this process holds (its shards, under FSDP2)."""
     return sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+        _local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
     )
 
 
