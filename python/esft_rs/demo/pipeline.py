@@ -1,10 +1,12 @@
 """``esft-rs demo``: ESFT end to end on a built-in MoE, the paper's findings in miniature.
 
-1. pretrain a base on a mix of general tasks, with the demo's word-level tokenizer
-   (cached under the user's cache dir);
+1. pretrain a base on a mix of general tasks (and a trace of the downstream task), with the
+   demo's word-level tokenizer (cached under the user's cache dir);
 2. profile routing on every task and select experts for the downstream task;
-3. fine-tune with FFT, ESFT-Token, ESFT-Gate and random experts at ESFT-Token's budget;
-4. measure downstream accuracy, general accuracy before/after, trainable share, adapter bytes;
+3. choose each method's learning rate on a validation split: FFT, ESFT-Token, ESFT-Gate and
+   random experts at ESFT-Token's budget;
+4. fine-tune each method over several seeds; measure downstream accuracy, general accuracy
+   before/after, trainable share, adapter bytes; judge the paper's claims on the means;
 5. merge the ESFT adapter with the Rust merge and check the reloaded model scores the same.
 """
 

@@ -1,5 +1,6 @@
 """Synthetic tasks for the demo: a "general" mix to pretrain on, and downstream tasks
-that the pretrained base is poor at. Each task is a seeded generator of
+that the pretrained base is poor at (``shift`` has met the base only as a trace of the
+mix). Each task is a seeded generator of
 (prompt, answer) pairs, written as official ESFT chat JSONL.
 
 Every prompt starts with the task's name as its keyword, so a task is recognisable
@@ -9,8 +10,7 @@ from its first tokens, as a domain is for a real model. Symbols are written apar
 four-symbol word through a table: letters (``a``-``l``) or digits. They share one
 skill (find the i-th symbol of the word) and differ in their table, which is what
 the experts hold: the downstream task ``shift`` (digit + 3) reuses that skill with
-a new table in the digits' domain, so it is learnable by the experts alone, and
-distinct from the general mix. A model of half a million parameters learns these
+another table in the digits' domain. A model of half a million parameters learns these
 within a CPU minute or two, and answers are short, so exact match is cheap.
 """
 
