@@ -105,7 +105,7 @@ def train(
         if base is not None:
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
-        _prepare(net, trainables, dev, cfg)
+        _prepare(net, trainables, dev, cfg, move=not fsdp)  # FSDP moves each rank's shards
         if fsdp:
             trainables = sharding.shard(net, trainables, place, dev)
         if lazy is not None:
@@ -250,13 +250,11 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
 
 
 def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.device,
-             cfg: TrainConfig) -> None:
+             cfg: TrainConfig, *, move: bool = True) -> None:
     """Place the model: fp32 on CPU; on CUDA frozen tensors keep their dtype and trained
-    ones are fp32 master weights (bf16 would round most 1e-5 updates away). A model on
-    the meta device stays there (``sharded_load`` places it)."""
-    from esft_rs.training.sharded_load import is_meta
-
-    if not is_meta(model):
+    ones are fp32 master weights (bf16 would round most 1e-5 updates away). Without
+    ``move`` (FSDP, which moves each rank's shards) the model stays where it is."""
+    if move:
         model.to(dev)
     if dev.type == "cpu":
         model.float()
