@@ -21,8 +21,10 @@ import argparse
 import itertools
 import json
 import os
+import random
 import resource
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -55,9 +57,13 @@ def make_inputs(root: Path, gb: float, experts: int) -> dict[str, Path]:
 
     cfg = config(gb)
     save_model(init_model(cfg, seed=0), root / "base")
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}: " + "word " * 40},
-                          {"role": "assistant", "content": f"Answer {i}: " + "text " * 40}]}
-            for i in range(64)]
+    rng = random.Random(0)  # varied bytes, so that the routers spread tokens over all experts
+
+    def text() -> str:
+        return "".join(rng.choice(string.printable[:95]) for _ in range(200))
+
+    rows = [{"messages": [{"role": "user", "content": text()},
+                          {"role": "assistant", "content": text()}]} for _ in range(64)]
     (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     moe = range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
     ExpertConfig({layer: list(range(experts)) for layer in moe}).save(root / "experts.json")
@@ -135,7 +141,7 @@ def main() -> None:
         print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported):"
               f" {idle_rss_mb():.0f} MiB RSS; global batch {args.batch} x {args.seq} tokens")
         print(f"{'setting':<18} {'peak RSS':>10} {'weights':>9} {'x total/N':>9} "
-              f"{'optimizer':>10} {'step s':>7} {'x 1 proc':>8}")
+              f"{'trained':>9} {'optimizer':>10} {'step s':>7} {'x 1 proc':>8}")
         base_step: dict[str, float] = {}
         for mode in args.modes:
             for world in args.worlds:
@@ -150,7 +156,7 @@ def main() -> None:
                     name = f"{mode} {world}x{par if world > 1 else ''}"
                     print(f"{name:<18} {max(r['rss_mb'] for r in rows):>8.0f}Mi "
                           f"{weights:>7.0f}Mi {weights / (total_mb / world):>9.2f} "
-                          f"{r0['optimizer_mb']:>8.1f}Mi {step:>7.2f} "
+                          f"{r0['trained_mb']:>7.1f}Mi {r0['optimizer_mb']:>8.1f}Mi {step:>7.2f} "
                           f"{step / base_step[mode]:>8.2f}", flush=True)
 
 

@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 import esft_rs
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
-from train_fakes import ddp_worker, stop_after_2
+from train_fakes import (
+    FakeMoE,
+    constant_routes,
+    ddp_worker,
+    fsdp_grads_worker,
+    stop_after_2,
+    uneven_batches,
+)
 
 #: global batch 8 = per-device batch x processes x 2 micro-steps, whatever the world size
 GLOBAL = 8
@@ -120,6 +127,32 @@ def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Pat
     assert_same_adapter(whole, in_one)
     state = json.loads((in_one / "checkpoints" / "step-4" / "state.json").read_text())
     assert state["world"] == 1
+
+
+def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
+    """Rank 1's tokens reach none of the trained experts: its backward still passes every
+    layer with rank 0's (FSDP gathers layer by layer), and the gradients are one process's."""
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.training.freeze import freeze
+
+    missed = {layer: min(set(range(4)) - used) for layer, used in
+              constant_routes(FakeMoE(), 5).items()}
+    experts = {layer: [e] for layer, e in missed.items()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(fsdp_grads_worker, args=(2, port, experts, str(out)), nprocs=2)
+    model = FakeMoE()
+    trainables = freeze(model, ExpertConfig(experts))
+    a, b = uneven_batches()
+    ((model(a).sum() + model(b).sum()) / 2).backward()  # FSDP averages over the ranks
+    want = {t.name: t.param.grad for t in trainables}
+    assert all(g is not None for g in want.values())  # rank 0's tokens reach them
+    got = torch.load(out, weights_only=True)
+    assert set(got) == set(want)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2"])

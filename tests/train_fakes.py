@@ -187,3 +187,49 @@ def stop_after_2(step: int, record: dict) -> None:
     """``on_step`` that stops a run after step 2, as a crash would (picklable, for spawn)."""
     if step == 2:
         raise KeyboardInterrupt
+
+
+def constant_routes(model: FakeMoE, token: int) -> dict[int, set[int]]:
+    """MoE layer -> the experts a sequence of one repeated ``token`` is routed to."""
+    seen: dict[int, set[int]] = {}
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda _m, _i, out, i=i: seen.setdefault(i, set()).update(
+            out.topk(model.top_k, dim=-1).indices.flatten().tolist()))
+        for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
+    with torch.no_grad():
+        model(torch.full((1, 6), token))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def uneven_batches() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's batch (varied tokens) and rank 1's (one token, repeated)."""
+    return torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1)), \
+        torch.full((2, 6), 5)
+
+
+def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str) -> None:
+    """One FSDP step of FakeMoE on ``uneven_batches``; rank 0 saves the trained tensors'
+    gradients (whole)."""
+    import os
+
+    import torch.distributed as dist
+
+    from esft_rs.distributed import Dist
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.training import sharding
+    from esft_rs.training.freeze import freeze
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = FakeMoE()
+    trainables = freeze(model, ExpertConfig(experts))
+    trainables = sharding.shard(model, trainables, Dist(rank, world), torch.device("cpu"))
+    model(uneven_batches()[rank]).sum().backward()
+    params = [t.param for t in trainables]
+    sharding.drop_unused_grads(params, Dist(rank, world))
+    grads = {t.name: sharding.full(t.param.grad) for t in trainables if t.param.grad is not None}
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()

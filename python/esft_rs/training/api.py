@@ -117,7 +117,7 @@ def train(
         if base is not None:
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
-        _prepare(net, trainables, dev, cfg)
+        _prepare(net, trainables, dev, cfg, move=not fsdp)  # FSDP moves each rank's shards
         if fsdp:
             trainables = sharding.shard(net, trainables, place, dev)
         if lazy is not None:
@@ -300,16 +300,14 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
 
 
 def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.device,
-             cfg: TrainConfig) -> None:
+             cfg: TrainConfig, *, move: bool = True) -> None:
     """Place the model: frozen tensors keep the checkpoint's dtype; trained ones become fp32
     master weights (bf16 would round most 1e-5 updates away), which are the parameters
     themselves: no second copy. The forward computes in the checkpoint's dtype
     (``loop.autocast``); full mode holds 4 bytes of master, 4 of gradient and 8 of AdamW
-    state per parameter, which FSDP2 divides among the ranks. A model on the meta device
-    stays there (``sharded_load`` places it)."""
-    from esft_rs.training.sharded_load import is_meta
-
-    if not is_meta(model):
+    state per parameter, which FSDP2 divides among the ranks. Without ``move`` (FSDP,
+    which moves each rank's shards) the model stays where it is."""
+    if move:
         model.to(dev)
     for t in trainables:
         t.param.data = t.param.data.float()

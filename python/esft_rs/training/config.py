@@ -23,7 +23,7 @@ PARALLELISMS = ("fsdp", "ddp")
 IGNORED_KEYS = {
     "optim": "esft-rs always uses torch AdamW (fused on CUDA)",
     "n_device": "the number of processes comes from torchrun",
-    "ep_size": "experts are replicated on every process (no expert parallelism)",
+    "ep_size": "experts are sharded with every other weight (parallelism: fsdp), not by expert",
 }
 
 #: Longer than any model's context; a larger seq_length is a typo that would exhaust memory.

@@ -47,9 +47,10 @@ class Trainable:
     def param(self) -> torch.nn.Parameter:
         return self.module._parameters[self.attr]  # type: ignore[return-value]
 
-    def current(self) -> dict[str, torch.Tensor]:
-        """The trained values under checkpoint names (fused: one tensor per expert slice)."""
-        p = self.param.detach()
+    def current(self, value: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The trained values (``value``, else the parameter) under checkpoint names
+        (fused: one tensor per expert slice)."""
+        p = self.param.detach() if value is None else value
         if self.experts is None:
             return {self.name: p.to(self.dtype)}
         return {fused_slice_name(self.name, e): p[i].to(self.dtype)

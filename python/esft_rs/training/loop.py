@@ -356,7 +356,7 @@ def _checksums(trainables: list[Trainable]) -> dict[str, int]:
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     return {
         n: int(v.contiguous().view(ints[v.element_size()]).sum(dtype=torch.int64))
-        for t in sharding.gathered(trainables) for n, v in t.current().items()
+        for t in trainables for n, v in t.current(sharding.full(t.param.detach())).items()
     }
 
 

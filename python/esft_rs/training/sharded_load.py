@@ -39,10 +39,6 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module | None:
     return model.to(getattr(torch, cfg.torch_dtype)).eval()
 
 
-def is_meta(model: torch.nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
-
-
 def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> None:
     """Give every parameter (a DTensor) of a sharded meta ``model`` this rank's rows, read
     from the checkpoint in ``directory`` (parameter names are its tensor names)."""

@@ -11,9 +11,8 @@ as ordinary parameters of the model.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 
 import torch
 
@@ -35,22 +34,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard(
     model: torch.nn.Module, trainables: list[Trainable], place: Dist, device: torch.device
 ) -> list[Trainable]:
-    """Shard ``model`` in place over all ranks; returns ``trainables`` pointing at the
-    sharded parameters (``fully_shard`` replaces every parameter by a DTensor)."""
+    """Shard ``model`` in place over all ranks (``fully_shard`` replaces every parameter
+    by a DTensor; each ``Trainable`` looks its parameter up on its module, so it follows)."""
     from torch.distributed.fsdp import fully_shard
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    fqns = [names[id(t.param)] for t in trainables]
     mesh = place.mesh(device)
-    layers = decoder_layers(model)
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     # Experts that get no token on a rank have no gradient there: reduce zeros for
     # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
     model.set_reduce_scatter_unused_params(True)
-    params = dict(model.named_parameters())
-    return [dataclasses.replace(t, param=params[f]) for t, f in zip(trainables, fqns, strict=True)]
+    return trainables
 
 
 def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
@@ -87,37 +82,44 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-def gathered(trainables: list[Trainable]) -> Iterator[Trainable]:
-    """Each trained tensor whole, one at a time (every rank calls; each gets the whole)."""
-    for t in trainables:
-        yield dataclasses.replace(t, param=torch.nn.Parameter(full(t.param.detach()),
-                                                              requires_grad=False))
-
-
 def adapter_tensors(
     model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str], place: Dist
 ) -> dict[str, torch.Tensor]:
     """What the adapter holds (``freeze.checkpoint_tensors``' names, dtypes and layout),
-    gathering only the trained tensors; rank 0 gets them, the others an empty dict."""
+    gathering only the trained tensors, one at a time; rank 0 gets them, the others an
+    empty dict (every rank must call)."""
     from esft_rs.models import hf
-    from esft_rs.training.freeze import checkpoint_tensors
 
-    kept = [t for t in gathered(trainables) if place.main]
-    if not place.main:
-        return {}
-    if not hf.is_hf(model):
-        return checkpoint_tensors(model, kept, on_disk)
-    # Fused slices to revert: their frozen rows stay sharded, so revert the slices alone.
-    slices, rest = [], []
-    for t in kept:
-        (slices if t.experts is not None and t.name not in on_disk else rest).append(t)
-    out = checkpoint_tensors(model, rest, on_disk) if rest else {}
-    for t in slices:
-        out.update(_reverted_slices(model, t))
+    out: dict[str, torch.Tensor] = {}
+    for t in trainables:
+        value = full(t.param.detach())
+        if not place.main:
+            continue
+        if hf.is_hf(model) and t.experts is not None and t.name not in on_disk:
+            # Fused slices: their frozen rows stay sharded, so revert the slices alone.
+            out.update(_reverted_slices(model, t, value))
+        else:
+            out.update(_checkpoint_tensors(model, t, value, on_disk))
     return out
 
 
-def _reverted_slices(model: torch.nn.Module, t: Trainable) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(
+    model: torch.nn.Module, t: Trainable, value: torch.Tensor, on_disk: Collection[str]
+) -> dict[str, torch.Tensor]:
+    """``freeze.checkpoint_tensors`` of ``t`` with its whole ``value`` in place of its shard."""
+    from esft_rs.training.freeze import checkpoint_tensors
+
+    sharded = t.param
+    t.module._parameters[t.attr] = torch.nn.Parameter(value, requires_grad=False)
+    try:
+        return checkpoint_tensors(model, [t], on_disk)
+    finally:
+        t.module._parameters[t.attr] = sharded
+
+
+def _reverted_slices(
+    model: torch.nn.Module, t: Trainable, value: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """transformers' save-time conversion of a fused tensor's trained slices [k, ...]: it
     names them experts 0..k-1, renamed here to the experts they are."""
     from esft_rs.models.hf import _revert
@@ -125,14 +127,14 @@ def _reverted_slices(model: torch.nn.Module, t: Trainable) -> dict[str, torch.Te
 
     assert t.experts is not None
     out = {}
-    for name, value in _revert(model, {t.name: t.param.detach()}).items():
+    for name, reverted in _revert(model, {t.name: value}).items():
         parent = fused_slice_parent(name)
         role = classify(name)
         if parent is None or role.expert is None:
             raise RuntimeError(f"{t.name}: transformers reverted it to {name}, not an expert")
         renamed = fused_slice_name(parent[0], t.experts[role.expert])
         assert renamed is not None
-        out[renamed] = value.to(t.dtype).contiguous()
+        out[renamed] = reverted.to(t.dtype).contiguous()
     return out
 
 
