@@ -234,14 +234,6 @@ def test_bad_training_values(world: dict[str, Path], tmp_path: Path, option: str
              option, value], message, world["root"], tmp_path / "o")
 
 
-def test_seq_length_beyond_the_model(world: dict[str, Path], tmp_path: Path) -> None:
-    limit = init_model("tiny").config.max_position_embeddings
-    args = [a if a != "32" else str(limit + 1) for a in QUICK]
-    refused(["train", world["base"], world["data"], "-e", world["experts"], "-o",
-             tmp_path / "o", *args], "exceeds the model's max_position_embeddings",
-            world["root"], tmp_path / "o")
-
-
 def test_data_without_answer_tokens(world: dict[str, Path], tmp_path: Path) -> None:
     masked = world["root"] / "masked.jsonl"
     refused(["train", world["base"], masked, "-e", world["experts"], "-o", tmp_path / "o",

@@ -69,7 +69,6 @@ def train(
     import torch
 
     from esft_rs.adapter import fingerprint as fingerprint_of
-    from esft_rs.preflight import check_length
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -95,8 +94,6 @@ def train(
         net = _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
-        if not isinstance(data, Mapping):  # packing rows longer than the model can take is waste
-            check_length(cfg.seq_length, net, "seq_length")
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
@@ -110,6 +107,8 @@ def train(
         _prepare(net, trainables, dev, cfg)
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "world": place.world}
+        if resume and (out / ADAPTER).exists():
+            _refuse_finished(out, resume_from, identity)
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
         place.barrier()
@@ -158,13 +157,8 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
     from esft_rs.training import checkpoint
 
     found = checkpoint.latest(out)
-    if resume and (out / ADAPTER).exists():
-        raise EsftError(
-            f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
-            " (choose another directory to train again)"
-        )
     if resume:
-        if found is None:
+        if found is None and not (out / ADAPTER).exists():
             log.warning("%s: no checkpoint to resume from; starting at step 0", out)
         return found
     if found is not None or (out / ADAPTER).exists():
@@ -173,6 +167,21 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
             " or choose another directory"
         )
     return None
+
+
+def _refuse_finished(out: Path, last: Path | None, identity: dict[str, Any]) -> None:
+    """``--resume`` of a run that wrote its adapter: nothing to do, and nothing is changed.
+    A checkpoint made from other inputs is named as such first (the usual resume check)."""
+    import json
+
+    from esft_rs.training import checkpoint
+
+    if last is not None:
+        checkpoint.check_identity(last, json.loads((last / "state.json").read_text()), identity)
+    raise EsftError(
+        f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
+        " (choose another directory to train again)"
+    )
 
 
 def _load_model(model: PathLike | torch.nn.Module) -> torch.nn.Module:
@@ -216,15 +225,14 @@ def _load_data(
 
 def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
                 train_idx: torch.Tensor, data: object) -> None:
-    """Packed rows against the model, before the first step: ids in its vocabulary, rows
-    within its positions, and answer tokens to learn from in the training split."""
+    """Packed rows against the model, before the first step: ids in its vocabulary, and
+    answer tokens to learn from in the training split."""
     from esft_rs.data import loss_tokens
-    from esft_rs.preflight import check_answer_tokens, check_length, check_token_ids
+    from esft_rs.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
     check_token_ids(int(ids.min()), int(ids.max()), net, origin)
-    check_length(ids.shape[-1], net, "seq_length")
     check_answer_tokens(loss_tokens(tensors["labels"][train_idx]), origin,
                         f"in the training split after packing into rows of {ids.shape[-1]}")
 
