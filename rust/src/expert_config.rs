@@ -119,6 +119,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fuzz_expert_config() {
+        crate::fuzzing::run("expert_config", |bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            match ExpertConfig::parse(&text, Path::new("cfg.json")) {
+                Ok(c) => assert_eq!(ExpertConfig::parse(&c.to_json(), Path::new("x")).ok(), Some(c)),
+                Err(e) => assert!(!e.to_string().contains('\n'), "{e}"),
+            }
+        });
+    }
+
+    #[test]
     fn round_trip_and_errors() {
         let p = Path::new("cfg.json");
         let text = r#"{"experts": {"10": [3, 1], "2": [5]}, "shared_experts": false, "non_expert_modules": true}"#;

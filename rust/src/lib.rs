@@ -19,5 +19,7 @@ pub mod split;
 pub mod staging;
 
 mod bindings;
+#[cfg(test)]
+mod fuzzing;
 
 pub use error::{Error, FormatError, Result};
