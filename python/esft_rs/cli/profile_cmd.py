@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from esft_rs.cli.params import SEED
 from esft_rs.errors import EsftError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ DEFAULT_SEQ_LEN = 4096
     " layer_<L>_weights.npy; rank_<r>/ folders under torchrun).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
 def profile_cmd(
     model: Path,
