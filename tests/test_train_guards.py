@@ -24,6 +24,7 @@ from train_fakes import FakeMoE, fake_data
 
 EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
 WORKER = Path(__file__).with_name("interrupt_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_nan_loss_stops_before_the_update(tmp_path: Path) -> None:
@@ -64,30 +65,41 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # Layer 1's forward calls with checkpointing: odd = forward, even = recomputation in
-# backward, two per step; calls 1-20 interrupt each phase of steps 1-10 of 11.
-@pytest.mark.parametrize("call", range(1, 21))
-def test_ctrl_c_stops_between_steps(files: dict[str, Path], tmp_path: Path, call: int) -> None:
+# backward, two per step; an interrupt at call c stops after step (c + 1) // 2.
+def test_ctrl_c_stops_between_steps(files: dict[str, Path], tmp_path: Path) -> None:
+    """20 interrupts, one in each phase of steps 1-10 of 20, in one process (a crash ends it)."""
+    proc = subprocess.run(
+        [sys.executable, WORKER, "api", "20", files["base"], files["data"], files["experts"],
+         tmp_path], capture_output=True, text=True, timeout=600, env=ENV, cwd=WORKER.parent)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    got = [line.split() for line in proc.stdout.splitlines()]
+    assert got == [[str(c), f"step-{(c + 1) // 2}"] for c in range(1, 21)], proc.stdout
+    for c in range(1, 21):
+        out = tmp_path / f"run-{c}"
+        last = checkpoint.latest(out)
+        assert last is not None and not (out / "adapter.safetensors").exists()
+        assert [p.name for p in (out / "checkpoints").iterdir()] == [last.name]  # intact, alone
+        load_file(last / "trainable.safetensors")
+        assert json.loads((last / "state.json").read_text())["step"] == (c + 1) // 2
+
+
+@pytest.mark.parametrize("call", [3, 4])  # in step 2's forward pass, and in its backward
+def test_ctrl_c_in_the_cli(files: dict[str, Path], tmp_path: Path, call: int) -> None:
+    """Exit code 130, one line on stderr, the last checkpoint intact."""
     out = tmp_path / "out"
-    args = [files["base"], files["data"], "-e", files["experts"], "-o", out, "--steps", "11",
+    args = [files["base"], files["data"], "-e", files["experts"], "-o", out, "--steps", "5",
             "--seq-length", "64", "--per-device-batch-size", "2",
             "--gradient-accumulation-steps", "1", "--save-steps", "1", "--device", "cpu",
             "--gradient-checkpointing"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, WORKER, str(call), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=env,
-                          cwd=Path(__file__).parent)
+    proc = subprocess.run([sys.executable, WORKER, "cli", str(call), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=WORKER.parent)
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     lines = [x for x in proc.stderr.replace("\r", "\n").splitlines()
              if x.strip() and not x.startswith("train:")]  # the progress bar aside
     assert lines == ["Aborted!"], proc.stderr[-2000:]  # click's one line for Ctrl-C
     assert not (out / "adapter.safetensors").exists()
-    # The interrupted step finished: every step that started has its checkpoint.
-    step = (call + 1) // 2
-    last = checkpoint.latest(out)
-    assert last is not None and last.name == f"step-{step}"
-    assert not [p for p in (out / "checkpoints").iterdir() if p.name != last.name]
-    load_file(last / "trainable.safetensors")
-    assert json.loads((last / "state.json").read_text())["step"] == step
+    assert checkpoint.latest(out) == out / "checkpoints" / "step-2"
 
 
 def test_stop_request_restores_the_handler() -> None:
