@@ -29,6 +29,7 @@ $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(RUST_SRC) pyproject.toml
 requirements.lock: pyproject.toml
 	$(UV) pip compile pyproject.toml --extra test --universal --python-version 3.10 -q -o $@
 
+# cargo test includes the fuzz targets (rust/core/src/fuzzing.rs), 1000 cases each.
 test: setup
 	cargo test --workspace --quiet
 	@# The core stays pure: no Python types in its dependency tree.
@@ -36,7 +37,6 @@ test: setup
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
-	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory test-hf-floor
 	$(PY) -m pytest  # last, so that its summary closes the output
 
@@ -55,17 +55,11 @@ test-hf-floor: setup $(HF_VENV)/.stamp
 	PYTHONPATH=python $(HF_VENV)/bin/python -m pytest -p no:cacheprovider \
 		tests/test_hf_families.py tests/test_eval.py tests/test_chat_template.py
 
-# Fuzzes the safetensors header parser briefly, where cargo-fuzz and a nightly
-# toolchain are installed (cargo install cargo-fuzz; rustup toolchain install nightly).
-FUZZ_SECONDS ?= 20
+# A longer fuzz run on the stable toolchain: the header, index, official-log and
+# expert-config parsers on mutations of fuzz/corpus/<target>/ (make test runs 1000 cases).
+FUZZ_CASES ?= 100000
 fuzz:
-	@if ! cargo fuzz --version >/dev/null 2>&1; then \
-		echo "fuzz: cargo-fuzz is not installed; skipping the header fuzz run"; \
-	elif ! cargo +nightly --version >/dev/null 2>&1; then \
-		echo "fuzz: no nightly toolchain (cargo fuzz needs one); skipping the header fuzz run"; \
-	else \
-		cargo +nightly fuzz run header -- -max_total_time=$(FUZZ_SECONDS); \
-	fi
+	ESFT_FUZZ_CASES=$(FUZZ_CASES) cargo test --release --quiet -p esft-core --lib fuzz_
 
 demo: setup
 	$(VENV)/bin/esft-rs demo -o demo-out

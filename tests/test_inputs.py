@@ -188,6 +188,14 @@ def test_absurd_selection_values(world: dict[str, Path], tmp_path: Path, option:
             option, world["root"], out)
 
 
+@pytest.mark.parametrize("command", ["init-model", "demo", "profile", "train"])
+def test_absurd_seed(world: dict[str, Path], tmp_path: Path, command: str) -> None:
+    inputs = {"init-model": [], "demo": [], "profile": [world["base"], world["data"]],
+              "train": [world["base"], world["data"], "-e", world["experts"]]}[command]
+    refused([command, *inputs, "-o", tmp_path / "o", "--seed", str(2**64)], "seed",
+            world["root"], tmp_path / "o")
+
+
 def test_absurd_sizes_in_api(world: dict[str, Path]) -> None:
     ids = np.zeros((4, 2), np.int64)
     with pytest.raises(ValueError, match="num_experts must be between 1 and"):
@@ -232,14 +240,6 @@ def test_bad_training_values(world: dict[str, Path], tmp_path: Path, option: str
                              message: str) -> None:
     refused(["train", world["base"], world["data"], "-e", world["experts"], "-o", tmp_path / "o",
              option, value], message, world["root"], tmp_path / "o")
-
-
-def test_seq_length_beyond_the_model(world: dict[str, Path], tmp_path: Path) -> None:
-    limit = init_model("tiny").config.max_position_embeddings
-    args = [a if a != "32" else str(limit + 1) for a in QUICK]
-    refused(["train", world["base"], world["data"], "-e", world["experts"], "-o",
-             tmp_path / "o", *args], "exceeds the model's max_position_embeddings",
-            world["root"], tmp_path / "o")
 
 
 def test_data_without_answer_tokens(world: dict[str, Path], tmp_path: Path) -> None:

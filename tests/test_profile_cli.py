@@ -91,7 +91,7 @@ def test_profile_matches_python_api_and_skips_padding(tmp_path, capsys, model_di
     assert stats.layers == [1, 2, 3] and stats.top_k == 4 and stats.num_samples == len(ids)
     assert stats.metadata == {
         "model": str(model_dir), "data": str(data), "tokens": str(real),
-        "seq_len": str(SEQ), "seed": "0",
+        "seq_len": str(SEQ), "seed": "0", "model_fingerprint": esft_rs.fingerprint(model_dir),
     }
     assert f"wrote {out}: {real} tokens (all the data holds" in stdout
     assert "profile" in err and "tok" in err  # the progress bar, in tokens

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from esft_rs import _core
-from esft_rs.inputs import read_text
+from esft_rs.errors import InvalidFileError
+from esft_rs.inputs import describe_text_problem, read_text
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class ExpertConfig:
 
     @classmethod
     def parse(cls, text: str, origin: str | os.PathLike[str] = "<expert config>") -> ExpertConfig:
+        if (why := describe_text_problem(text)) is not None:
+            raise InvalidFileError(f"{os.fspath(origin)}: not valid Unicode: {why}")
         experts, shared, non_expert = _core.parse_expert_config(text, os.fspath(origin))
         return cls(experts, shared, non_expert)
 

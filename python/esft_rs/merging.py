@@ -47,7 +47,9 @@ def merge(
     Every adapter tensor must replace a base tensor of the same name, dtype and
     shape, or one expert's slice of a fused tensor. Adapters touching the same
     bytes are an error unless ``on_conflict`` is ``first`` or ``last``. An
-    adapter trained from another base (fingerprint) is refused unless ``force``.
+    adapter trained from another base (fingerprint), or holding tensors its own expert
+    config does not select (other experts; shared experts or non-expert tensors when the
+    config's ``shared_experts`` / ``non_expert_modules`` is false), is refused unless ``force``.
     A BF16/F16/F32 tensor aimed at a block-FP8 (F8_E4M3 + ``weight_scale_inv``)
     base weight is refused unless ``requantize_fp8``: then it is quantised with
     per-block scales (scale_inv = amax / 448, round to nearest even), bit for

@@ -2,8 +2,7 @@
 
 A token id beyond the embedding table is an index error on CPU and a device-side
 assert (the process aborts) on CUDA; rows without answer tokens train nothing and
-evaluate to NaN; a row longer than the model's positions runs off its tables. Each
-is found here, in one line, before any work.
+evaluate to NaN. Each is found here, in one line, before any work.
 """
 
 from __future__ import annotations
@@ -40,15 +39,6 @@ def check_token_ids(lowest: int, highest: int, model: Any, origin: str | os.Path
         raise MismatchError(
             f"{os.fspath(origin)}: token id {highest} is beyond the model's vocabulary of"
             f" {vocab} (was the data tokenised for another model?)"
-        )
-
-
-def check_length(length: int, model: Any, what: str) -> None:
-    """A row of ``length`` tokens must fit the model's positions."""
-    limit = context_length(model)
-    if limit is not None and length > limit:
-        raise MismatchError(
-            f"{what} {length} exceeds the model's max_position_embeddings ({limit})"
         )
 
 

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from esft_rs.cli.params import SEED
+
 
 @click.command("demo")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=Path("demo-out"),
               show_default=True, help="Directory for report.json, report.md, plots and runs.")
 @click.option("--quick", is_flag=True, help="A smaller run (tiny model, fewer steps): < 1 minute.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     """ESFT end to end on a built-in MoE model, CPU only, in a few minutes.
 

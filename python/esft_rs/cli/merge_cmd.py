@@ -62,7 +62,11 @@ def _experts_phrase(entries: Iterable[Replacement | Extracted]) -> str:
     "--on-conflict", type=click.Choice(["error", "first", "last"]), default="error",
     show_default=True, help="When two adapters replace the same tensor: fail, or which one wins.",
 )
-@click.option("--force", is_flag=True, help="Merge even adapters trained from a different base.")
+@click.option(
+    "--force", is_flag=True,
+    help="Merge even adapters trained from a different base, or holding tensors their own"
+    " expert config does not select (other experts, shared experts, non-expert tensors).",
+)
 @click.option(
     "--requantize-fp8", is_flag=True,
     help="Quantise BF16/F16/F32 adapter tensors into block-FP8 (F8_E4M3) base weights, "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from esft_rs.cli.params import SEED
 from esft_rs.errors import EsftError
 from esft_rs.models.config import CONFIG_NAME, PRESETS
 
@@ -15,7 +16,7 @@ from esft_rs.models.config import CONFIG_NAME, PRESETS
               help="tiny: ~1M parameters (tests); small: ~15M (benches, demo).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Model directory to create (config.json + model.safetensors).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Initialisation seed.")
 @click.option("--force", is_flag=True, help="Overwrite a model already in the directory.")
 def init_model_cmd(preset: str, output: Path, seed: int, force: bool) -> None:
     """Write a freshly initialised built-in MoE model (DeepSeek-V2 layout, byte tokenizer).

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option
+from esft_rs.cli.params import SEED
 from esft_rs.errors import EsftError
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ DEFAULT_SEQ_LEN = 4096
     help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models larger"
     " than one device; ddp gives each process a whole copy.",
 )
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
 @chat_template_option
 def profile_cmd(

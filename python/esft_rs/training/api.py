@@ -71,7 +71,6 @@ def train(
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
     from esft_rs.outputs import check_outputs, check_target
-    from esft_rs.preflight import check_length
     from esft_rs.training import sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
@@ -105,8 +104,6 @@ def train(
         net = lazy if lazy is not None else _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
-        if not isinstance(data, Mapping):  # packing rows longer than the model can take is waste
-            check_length(cfg.seq_length, net, "seq_length")
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
@@ -125,6 +122,8 @@ def train(
         identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         created = place.main and not out.exists()
+        if resume and (out / ADAPTER).exists():
+            _refuse_finished(out, resume_from, identity)
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
         place.barrier()
@@ -187,13 +186,8 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
     from esft_rs.training import checkpoint
 
     found = checkpoint.latest(out)
-    if resume and (out / ADAPTER).exists():
-        raise EsftError(
-            f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
-            " (choose another directory to train again)"
-        )
     if resume:
-        if found is None:
+        if found is None and not (out / ADAPTER).exists():
             log.warning("%s: no checkpoint to resume from; starting at step 0", out)
         return found
     if found is not None or (out / ADAPTER).exists():
@@ -202,6 +196,21 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
             " or choose another directory"
         )
     return None
+
+
+def _refuse_finished(out: Path, last: Path | None, identity: dict[str, Any]) -> None:
+    """``--resume`` of a run that wrote its adapter: nothing to do, and nothing is changed.
+    A checkpoint made from other inputs is named as such first (the usual resume check)."""
+    import json
+
+    from esft_rs.training import checkpoint
+
+    if last is not None:
+        checkpoint.check_identity(last, json.loads((last / "state.json").read_text()), identity)
+    raise EsftError(
+        f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
+        " (choose another directory to train again)"
+    )
 
 
 def _load_model(model: PathLike | torch.nn.Module) -> torch.nn.Module:
@@ -246,15 +255,14 @@ def _load_data(
 
 def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
                 train_idx: torch.Tensor, data: object) -> None:
-    """Packed rows against the model, before the first step: ids in its vocabulary, rows
-    within its positions, and answer tokens to learn from in the training split."""
+    """Packed rows against the model, before the first step: ids in its vocabulary, and
+    answer tokens to learn from in the training split."""
     from esft_rs.data import loss_tokens
-    from esft_rs.preflight import check_answer_tokens, check_length, check_token_ids
+    from esft_rs.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
     check_token_ids(int(ids.min()), int(ids.max()), net, origin)
-    check_length(ids.shape[-1], net, "seq_length")
     check_answer_tokens(loss_tokens(tensors["labels"][train_idx]), origin,
                         f"in the training split after packing into rows of {ids.shape[-1]}")
 

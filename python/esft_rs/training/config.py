@@ -26,6 +26,9 @@ IGNORED_KEYS = {
     "ep_size": "experts are sharded with every other weight (parallelism: fsdp), not by expert",
 }
 
+#: Largest seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
+
 #: Longer than any model's context; a larger seq_length is a typo that would exhaust memory.
 MAX_SEQ_LENGTH = 1 << 24
 
@@ -84,6 +87,8 @@ class TrainConfig:
         for k, v in self.to_dict().items():
             if isinstance(v, float) and not math.isfinite(v):
                 out.append(f"{k} must be a finite number, got {v}")
+        if not 0 <= self.seed <= MAX_SEED:
+            out.append(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.seq_length == 1:
             out.append("seq_length must be at least 2 (a token predicts the next one)")
         if self.seq_length > MAX_SEQ_LENGTH:

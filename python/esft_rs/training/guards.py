@@ -24,15 +24,18 @@ from esft_rs.errors import EsftError
 
 
 class StopRequest:
-    """Catches SIGINT for the duration of a run (main thread only); call it between steps."""
+    """Catches Ctrl-C for the duration of a run (main thread only); call it between steps."""
 
     def __init__(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  device: torch.device | None = None) -> None:
         self.requested = False
         self._reduce, self._device = reduce, device
         self._previous: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
+        # Only in place of Python's own handler: an ignored SIGINT (a background job,
+        # nohup) stays ignored, and a host's handler (a notebook kernel) stays its own.
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.default_int_handler
             signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -144,3 +144,18 @@ pub fn read_input_text(path: &Path) -> Result<String> {
         Error::invalid(path, format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
     })
 }
+
+/// `s` with control characters escaped (`\n` -> `\\n`), so that a message quoting
+/// user text stays one line.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{read_input_text, Error, Result};
+use crate::error::{one_line, read_input_text, Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExpertConfig {
@@ -68,7 +68,7 @@ impl ExpertConfig {
     /// Parses and validates config JSON; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
         let raw: Raw = serde_json::from_str(text)
-            .map_err(|e| Error::invalid(origin, format!("not an expert config: {e}")))?;
+            .map_err(|e| Error::invalid(origin, format!("not an expert config: {}", one_line(&e.to_string()))))?;
         let mut experts = BTreeMap::new();
         for (layer, ids) in raw.experts.0 {
             let l: u32 = layer.parse().map_err(|_| {
@@ -117,6 +117,17 @@ impl ExpertConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuzz_expert_config() {
+        crate::fuzzing::run("expert_config", |bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            match ExpertConfig::parse(&text, Path::new("cfg.json")) {
+                Ok(c) => assert_eq!(ExpertConfig::parse(&c.to_json(), Path::new("x")).ok(), Some(c)),
+                Err(e) => assert!(!e.to_string().contains('\n'), "{e}"),
+            }
+        });
+    }
 
     #[test]
     fn round_trip_and_errors() {

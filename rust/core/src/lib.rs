@@ -34,6 +34,9 @@ pub mod split;
 pub mod staging;
 
 #[cfg(test)]
+mod fuzzing;
+
+#[cfg(test)]
 mod test_support;
 
 pub use error::{Error, FormatError, Result};

@@ -407,6 +407,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fuzz_official_log() {
+        crate::fuzzing::run("official_log", |bytes| {
+            for (k, bound) in [(1, MAX_EXPERT_ID), (2, 64), (6, 64)] {
+                let p = parse_chunk(bytes, k, bound);
+                assert!(p.error.is_some() || p.bins.len() as u64 <= bound);
+            }
+        });
+    }
+
+    #[test]
     fn weights_parse_like_python() {
         for s in ["0.0287", "0.9896", "1", "0.1", "3.0", "1e-05", "0.30000000000000004", "12.5", ".5", "5."] {
             let want: f64 = s.parse().unwrap();

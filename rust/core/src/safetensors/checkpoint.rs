@@ -211,3 +211,23 @@ fn check_unique_names(dir: &Path, shards: &[Shard]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index reader, fuzzed beside a real shard: a mutated index is written and opened.
+    #[test]
+    fn fuzz_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = crate::fuzzing::seed("header", "two_tensors.safetensors");
+        fs::write(dir.path().join("model-00001-of-00002.safetensors"), shard).unwrap();
+        let index = dir.path().join(INDEX_NAME);
+        crate::fuzzing::run("index", |bytes| {
+            fs::write(&index, bytes).unwrap();
+            if let Err(e) = Checkpoint::open(dir.path()) {
+                assert!(!e.to_string().contains('\n'), "{e}");
+            }
+        });
+    }
+}

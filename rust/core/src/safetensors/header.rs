@@ -242,6 +242,16 @@ impl<'de> Deserialize<'de> for Entries {
 mod tests {
     use super::*;
 
+    #[test]
+    fn fuzz_header() {
+        crate::fuzzing::run("header", |bytes| {
+            if let Ok(h) = parse(bytes, bytes.len() as u64) {
+                let data = h.data_len();
+                assert!(h.tensors.iter().all(|t| t.start <= t.end && t.end <= data));
+            }
+        });
+    }
+
     fn file(json: &str, data_len: usize) -> Vec<u8> {
         let mut v = (json.len() as u64).to_le_bytes().to_vec();
         v.extend_from_slice(json.as_bytes());

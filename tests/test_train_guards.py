@@ -1,0 +1,113 @@
+"""Training stops cleanly: on a NaN loss (no NaN adapter or checkpoint), and on Ctrl-C
+(exit 130, one line, the last checkpoint intact), even inside checkpoint recomputation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import esft_rs
+from esft_rs.errors import EsftError
+from esft_rs.expert_config import ExpertConfig
+from esft_rs.models import init_model, save_model
+from esft_rs.training import checkpoint
+from train_fakes import FakeMoE, fake_data
+
+EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
+WORKER = Path(__file__).with_name("interrupt_worker.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_nan_loss_stops_before_the_update(tmp_path: Path) -> None:
+    model, out = FakeMoE(), tmp_path / "out"
+
+    def poison(done: int, record: dict) -> None:
+        if done == 2:  # from step 3 on, every forward pass gives NaN
+            with torch.no_grad():
+                model.model.embed_tokens.weight.fill_(math.nan)
+
+    with pytest.raises(EsftError, match=r"^step 3: the training loss is nan") as e:
+        esft_rs.train(model, fake_data(), out, EXPERTS, progress=False, on_step=poison,
+                      steps=5, per_device_batch_size=2, gradient_accumulation_steps=2,
+                      save_steps=1, eval_steps=100, learning_rate=1e-2,
+                      gradient_checkpointing=False)
+    assert "\n" not in str(e.value)
+    assert not (out / "adapter.safetensors").exists()
+    last = checkpoint.latest(out)
+    assert last is not None and last.name == "step-2"
+    weights = load_file(last / "trainable.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert all(bool(torch.isfinite(p).all()) for n, p in model.named_parameters()
+               if "experts" in n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("interrupt")
+    save_model(init_model("tiny", seed=0), root / "base")
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(10) for b in range(6)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "experts.json").write_text(json.dumps(
+        {"experts": {"1": [0, 5], "2": [3]}, "shared_experts": False,
+         "non_expert_modules": False}))
+    return {"base": root / "base", "data": root / "task.jsonl", "experts": root / "experts.json"}
+
+
+# Layer 1's forward calls with checkpointing: odd = forward, even = recomputation in
+# backward, two per step; an interrupt at call c stops after step (c + 1) // 2.
+def test_ctrl_c_stops_between_steps(files: dict[str, Path], tmp_path: Path) -> None:
+    """20 interrupts, one in each phase of steps 1-10 of 20, in one process (a crash ends it)."""
+    proc = subprocess.run(
+        [sys.executable, WORKER, "api", "20", files["base"], files["data"], files["experts"],
+         tmp_path], capture_output=True, text=True, timeout=600, env=ENV, cwd=WORKER.parent)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    got = [line.split() for line in proc.stdout.splitlines()]
+    assert got == [[str(c), f"step-{(c + 1) // 2}"] for c in range(1, 21)], proc.stdout
+    for c in range(1, 21):
+        out = tmp_path / f"run-{c}"
+        last = checkpoint.latest(out)
+        assert last is not None and not (out / "adapter.safetensors").exists()
+        assert [p.name for p in (out / "checkpoints").iterdir()] == [last.name]  # intact, alone
+        load_file(last / "trainable.safetensors")
+        assert json.loads((last / "state.json").read_text())["step"] == (c + 1) // 2
+
+
+@pytest.mark.parametrize("call", [3, 4])  # in step 2's forward pass, and in its backward
+def test_ctrl_c_in_the_cli(files: dict[str, Path], tmp_path: Path, call: int) -> None:
+    """Exit code 130, one line on stderr, the last checkpoint intact."""
+    out = tmp_path / "out"
+    args = [files["base"], files["data"], "-e", files["experts"], "-o", out, "--steps", "5",
+            "--seq-length", "64", "--per-device-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--save-steps", "1", "--device", "cpu",
+            "--gradient-checkpointing"]
+    proc = subprocess.run([sys.executable, WORKER, "cli", str(call), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=WORKER.parent)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    lines = [x for x in proc.stderr.replace("\r", "\n").splitlines()
+             if x.strip() and not x.startswith("train:")]  # the progress bar aside
+    assert lines == ["Aborted!"], proc.stderr[-2000:]  # click's one line for Ctrl-C
+    assert not (out / "adapter.safetensors").exists()
+    assert checkpoint.latest(out) == out / "checkpoints" / "step-2"
+
+
+def test_stop_request_restores_the_handler() -> None:
+    from esft_rs.training.guards import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop() and signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C: at once
+    stop.close()
+    assert signal.getsignal(signal.SIGINT) is before
