@@ -757,6 +757,7 @@ fn write(
     for (name, src) in others {
         let dst = out_path(name);
         let n = fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+        staging::set_mode(&dst).map_err(|e| Error::io(&dst, e))?;
         ctl.advance(n)?;
     }
     Ok(())

@@ -147,6 +147,10 @@ pub fn check_replaceable(target: &Path, keep: &[String]) -> Result<()> {
     if !meta.is_file() {
         return refuse("something that is not a regular file or directory".into());
     }
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+    if name.is_some_and(|n| OUR_NAMES.contains(&n.as_str())) {
+        return Ok(()); // a file by one of the names esft-rs writes in its folders
+    }
     match sniff(target, meta.len()) {
         Ok(None) => Ok(()),
         Ok(Some(what)) => refuse(what),
@@ -192,18 +196,19 @@ fn numbered(name: &str, prefix: &str) -> bool {
 
 /// Files a checkpoint directory holds (weights, index, configs, tokenizer) and
 /// the files esft-rs itself writes into its output directories.
+const OUR_NAMES: [&str; 6] = [
+    "merges.txt",
+    "vocab.txt",
+    "train_config.yaml",
+    "metrics.jsonl",
+    "chat_template.jinja",
+    "report.md",
+];
+
 fn ours_by_name(name: &str) -> bool {
     const EXTENSIONS: [&str; 6] = [".safetensors", ".json", ".npy", ".pt", ".model", ".tiktoken"];
-    const NAMES: [&str; 6] = [
-        "merges.txt",
-        "vocab.txt",
-        "train_config.yaml",
-        "metrics.jsonl",
-        "chat_template.jinja",
-        "report.md",
-    ];
     EXTENSIONS.iter().any(|e| name.ends_with(e))
-        || NAMES.contains(&name)
+        || OUR_NAMES.contains(&name)
         || name.starts_with("events.out.tfevents.")
 }
 
@@ -315,7 +320,7 @@ fn clear_stale(parent: &Path, name: &str) {
 }
 
 /// Permissions a new file gets from the user's umask (library writers such as
-/// safetensors create 0600 files).
+/// safetensors create 0600 files; `fs::copy` keeps the source's).
 fn file_mode() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Umask:"))?;
@@ -324,7 +329,7 @@ fn file_mode() -> Option<u32> {
 }
 
 #[cfg(unix)]
-fn set_mode(path: &Path) -> io::Result<()> {
+pub fn set_mode(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     match file_mode() {
         Some(mode) => fs::set_permissions(path, fs::Permissions::from_mode(mode)),
@@ -333,7 +338,7 @@ fn set_mode(path: &Path) -> io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn set_mode(_: &Path) -> io::Result<()> {
+pub fn set_mode(_: &Path) -> io::Result<()> {
     Ok(())
 }
 

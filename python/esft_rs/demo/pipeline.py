@@ -14,10 +14,10 @@ import hashlib
 import random
 import shutil
 import time
-from tempfile import TemporaryDirectory
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
