@@ -156,9 +156,10 @@ OUTPUTS = ("data", "tokenizer", "runs", "merged-esft-token", "report.json", "rep
            "routing-heatmap.png", "accuracy-vs-share.png")
 
 
-def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``
-    (paths in the report are relative to ``out``)."""
+def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = None
+        ) -> dict[str, Any]:
+    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``.
+    ``final``: where ``out`` will be once committed (the report's paths point there)."""
     import torch
 
     from esft_rs import inspect
@@ -202,6 +203,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     total_params = sum(p.numel() for p in base.parameters())
     methods: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
+    result_adapters: dict[str, Path] = {}
     for name in METHODS:
         t = time.perf_counter()
         result = train(
@@ -210,6 +212,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
             warmup_steps=0, **_run_options(s, data.finetune_train, progress),
         )
         seconds = time.perf_counter() - t
+        result_adapters[name] = result.adapter
         model = result.model.eval()
         models[name] = model
         adapter = inspect(result.adapter)
@@ -226,12 +229,12 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
             "adapter_bytes": adapter.total_bytes,
             "train_seconds": seconds,
             "experts_trained": result.experts.num_experts if name != "fft" else None,
-            "adapter": str(result.adapter.relative_to(out)),
+            "adapter": str((final or out) / result.adapter.relative_to(out)),
         }
 
     merged_dir = out / "merged-esft-token"
     shutil.rmtree(merged_dir, ignore_errors=True)
-    merge(base_dir, out / methods["esft_token"]["adapter"], merged_dir)
+    merge(base_dir, result_adapters["esft_token"], merged_dir)
     merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
 
     report = {
@@ -242,7 +245,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         "finetune_task": s.finetune_task,
         "methods": methods,
         "routing": routing,
-        "merge": {"path": merged_dir.name, "downstream_acc": merged_acc,
+        "merge": {"path": str((final or out) / merged_dir.name), "downstream_acc": merged_acc,
                   "in_memory_acc": methods["esft_token"]["downstream_acc"],
                   "equal": merged_acc == methods["esft_token"]["downstream_acc"]},
     }
