@@ -389,6 +389,17 @@ fn taken(e: &io::Error) -> bool {
 /// with the existing output (then removed). Retries when a concurrent run
 /// creates or removes the target in between.
 fn install(tmp: &Path, target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
+    install_with(tmp, target, overwrite, keep, exchange)
+}
+
+/// `install`, with the exchange as a parameter (tests take the fallback path).
+fn install_with(
+    tmp: &Path,
+    target: &Path,
+    overwrite: bool,
+    keep: &[String],
+    exchange: fn(&Path, &Path) -> io::Result<bool>,
+) -> Result<()> {
     let (parent, name) = split_target(target)?;
     for _ in 0..16 {
         match rename_new(tmp, target) {
@@ -546,6 +557,19 @@ mod tests {
         }
         assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
         assert_eq!(names(d.path()), ["model", "out.safetensors"]);
+    }
+
+    #[test]
+    fn fallback_without_exchange() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        for content in [&b"1"[..], &b"2"[..]] {
+            let s = Staged::new(&dir, true).unwrap();
+            fs::write(s.path().join("config.json"), content).unwrap();
+            install_with(s.path(), &dir, true, &[], |_, _| Ok(false)).unwrap();
+        }
+        assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
+        assert_eq!(names(d.path()), ["model"], "the old output moved aside is removed");
     }
 
     #[test]
