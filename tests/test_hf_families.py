@@ -196,11 +196,13 @@ def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch, mixtral: Pat
 
 
 def test_unsupported_family_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "tokenizer": "byte"}))
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "tokenizer": "byte"}))
     data = tmp_path / "task.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                              {"role": "assistant", "content": "b"}]}) + "\n")
-    proc = run_cli("profile", tmp_path, data, "-o", tmp_path / "r.st")
+    proc = run_cli("profile", model, data, "-o", tmp_path / "r.st")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "model_type 'llama' is not a supported MoE family" in proc.stderr

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ from esft_rs.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, moe_tensor_shapes, write_checkpoint
 from test_merge import tree_digest
 
-# About 200 MB in 8 shards: large enough that a merge takes a noticeable time.
-BIG = MoEShape(layers=4, experts=8, shared_experts=1, hidden=1024, intermediate=512, vocab=256)
+# Several shards, so that a merge writes many files before it commits.
+BIG = MoEShape(layers=4, experts=8, shared_experts=1, hidden=256, intermediate=128, vocab=256)
 EXPERT = "model.layers.2.mlp.experts.3.up_proj.weight"
 
 
@@ -34,53 +33,35 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, ad
 
 
-def interrupt(base: Path, ad: Path, out: Path, sig: int) -> tuple[int, str] | None:
-    """Start a CLI merge and send `sig` as soon as its partial output exists.
-    Returns (exit status, stderr), or None if the merge finished first."""
-    partial = out.with_name(f".{out.name}.esft-partial")
-    proc = subprocess.Popen([*CLI, "merge", base, ad, "-o", out], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None:
-        if partial.exists() and any(partial.iterdir()):
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=60)
-            return proc.returncode, err
-        time.sleep(0.0005)
-    proc.communicate()
-    return None
+def interrupt(base: Path, ad: Path, out: Path, sig: str) -> tuple[int, str]:
+    """A CLI merge that signals itself once its output is complete in staging, just
+    before the commit (deterministic: no race with a timer). Returns (status, stderr)."""
+    env = {**os.environ, "ESFT_RS_TEST_INTERRUPT": f"{sig}@commit:{out.name}"}
+    proc = subprocess.run([*CLI, "merge", base, ad, "-o", out], capture_output=True, text=True,
+                          env=env, timeout=600)
+    return proc.returncode, proc.stderr
 
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if "esft" in p.name)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_interrupted_merge(tmp_path: Path, big: tuple[Path, Path], sig: int) -> None:
+@pytest.mark.parametrize("sig", ["KILL", "INT"], ids=["kill-9", "ctrl-c"])
+def test_interrupted_merge(tmp_path: Path, big: tuple[Path, Path], sig: str) -> None:
     base, ad = big
     before = tree_digest(base) | tree_digest(ad)
     out = tmp_path / "out"
-    for _ in range(8):  # the merge may win the race; try again
-        result = interrupt(base, ad, out, sig)
-        if result is None:
-            shutil.rmtree(out)
-            continue
-        code, stderr = result
-        if out.exists():
-            # Ctrl-C arrived as the merge finished: its output is complete.
-            assert sig == signal.SIGINT and leftovers(tmp_path) == []
-            shutil.rmtree(out)
-            continue
-        if sig == signal.SIGKILL:
-            assert code == -signal.SIGKILL
-            # What is left is only the hidden partial directory, never `out`.
-            assert leftovers(tmp_path) in ([], [".out.esft-partial"])
-        else:
-            assert code == 130, stderr
-            assert "Traceback" not in stderr
-            assert leftovers(tmp_path) == []  # cancelled jobs clean up
-        break
+    code, stderr = interrupt(base, ad, out, sig)
+    assert not out.exists()
+    if sig == "KILL":
+        assert code == -signal.SIGKILL
+        # What is left is only the hidden staging directory, never `out`.
+        (left,) = leftovers(tmp_path)
+        assert left.startswith(f".out{esft_rs._core.STAGING_MARK}")
     else:
-        pytest.fail("the merge always finished before it could be interrupted")
+        assert code == 130, stderr
+        assert "Traceback" not in stderr
+        assert leftovers(tmp_path) == []  # cancelled jobs clean up
     assert tree_digest(base) | tree_digest(ad) == before
 
     report = esft_rs.merge(base, ad, out)  # a re-run succeeds and clears the leftover

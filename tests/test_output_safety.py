@@ -132,9 +132,10 @@ def test_guard_refuses_before_any_work(ws: Path, case: str) -> None:
 
 
 def test_symlinked_output_into_an_input_is_refused(ws: Path, tmp_path: Path) -> None:
-    (tmp_path / "link").symlink_to(ws / "model")
+    (tmp_path / "link").symlink_to(ws)
     before = snapshot(ws)
-    proc = cli("select", ws / "routing.safetensors", "-o", tmp_path / "link" / "config.json")
+    proc = cli("select", ws / "routing.safetensors", "-o",
+               tmp_path / "link" / "model" / ".." / "routing.safetensors")
     assert proc.returncode == 2 and "lie inside the input" in proc.stderr
     assert snapshot(ws) == before
 
@@ -251,13 +252,14 @@ def test_interrupted_train_resumes(ws: Path, tmp_path: Path, sig: str, point: st
     if point == "step-2":  # the checkpoint before stays whole
         assert sorted(p.name for p in (out / "checkpoints").iterdir()
                       if not p.name.startswith(".")) == ["step-1"]
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        json.loads(line)  # never half a record
+    if (out / "metrics.jsonl").exists():  # absent when its first write was interrupted
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            json.loads(line)  # never half a record
     proc = cli(*args, "--resume", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (out / "adapter.safetensors").is_file() and hidden(tmp_path) == []
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert snapshot(ws) == before
 
 

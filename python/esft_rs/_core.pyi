@@ -1,5 +1,6 @@
 # Type stubs for the Rust extension (rust/python); tests/test_stubs.py checks them
 # against the runtime with mypy's stubtest. Errors are raised as esft_rs.errors classes.
+import os
 from collections.abc import Callable
 from typing import Any, final
 
@@ -7,6 +8,8 @@ from esft_rs.expert_config import ExpertConfig
 
 __all__ = [
     "ADAPTER_KEYS",
+    "MAX_EXPERTS",
+    "STAGING_MARK",
     "AdapterInfo",
     "AdapterSummary",
     "Extracted",
@@ -17,11 +20,14 @@ __all__ = [
     "MoELayer",
     "Replacement",
     "SplitReport",
+    "Staging",
     "TensorInfo",
     "__version__",
     "adapter_info",
     "adapter_metadata",
     "canonical_name",
+    "check_output_paths",
+    "check_output_target",
     "classify_tensor",
     "count_routing",
     "dump_expert_config",
@@ -310,3 +316,15 @@ def adapter_metadata(
 ) -> list[tuple[str, str]]: ...
 def fused_slice_name(fused: str, expert: int) -> str | None: ...
 def fused_slice_parent(name: str) -> tuple[str, int] | None: ...
+
+STAGING_MARK: str
+
+def check_output_paths(outputs: list[str], inputs: list[str]) -> None: ...
+def check_output_target(target: str, overwrite: bool, keep: list[str] = ...) -> None: ...
+
+class Staging:
+    def __init__(self, target: str | os.PathLike[str], directory: bool = False) -> None: ...
+    @property
+    def path(self) -> str: ...
+    def commit(self, overwrite: bool, keep: list[str] = ...) -> None: ...
+    def discard(self) -> None: ...

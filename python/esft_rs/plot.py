@@ -40,9 +40,14 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
         )
 
 
-def heatmap(selection: Selection, path: str | os.PathLike[str]) -> None:
-    """Writes the score heatmap of ``selection`` to ``path`` (format from the suffix)."""
-    check_plot_path(path)
+def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str | None = None
+            ) -> None:
+    """Writes the score heatmap of ``selection`` to ``path`` (``format``: png, pdf, svg...;
+    default: from the suffix)."""
+    if format is None:
+        check_plot_path(path)
+    else:
+        require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,14 +67,15 @@ def heatmap(selection: Selection, path: str | os.PathLike[str]) -> None:
     ax.set_title(f"{selection.score} scores, top-p {selection.top_p}")
     fig.colorbar(image, ax=ax, label=f"{selection.score} score")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, format)
     plt.close(fig)
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
-    """``fig.savefig`` into ``path`` (format from its suffix), whole or not at all."""
+def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = None) -> None:
+    """``fig.savefig`` into ``path`` (format from its suffix by default), whole or not at all."""
     from esft_rs.outputs import staged
 
-    fmt = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else None
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    fmt = format or suffix or None
     with staged(path) as tmp, open(tmp, "wb") as f:
         fig.savefig(f, dpi=150, format=fmt)

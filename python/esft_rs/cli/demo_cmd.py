@@ -33,7 +33,7 @@ def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     check_outputs([out], [])
     check_target(out, keep=OUTPUTS)  # replaces an earlier demo's output, nothing else
     with staged(out, directory=True, keep=OUTPUTS) as tmp:
-        report = run(tmp, settings)
+        report = run(tmp, settings, final=out)
     echo = click.echo
     echo()
     for line in [*method_table(report), "", *routing_table(report)]:

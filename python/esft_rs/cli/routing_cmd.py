@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
-    from esft_rs.outputs import check_outputs, check_target, write_file
+    from esft_rs.outputs import check_outputs, check_target, staged
     from esft_rs.selection import select, summary_json
 
     _check_top_p(top_p)
@@ -119,18 +120,17 @@ def select_cmd(
         top_k=top_k, num_experts=num_experts,
     )
     _print_selection(sel)
-    summary_text = summary_json(sel.stats) if summary is not None else None
-    sel.config(shared_experts, non_expert_modules).save(output)
-    written = [str(output)]
-    if summary is not None and summary_text is not None:
-        write_file(summary, summary_text)
-        written.append(str(summary))
-    if plot is not None:
-        from esft_rs.plot import heatmap
+    # All outputs are staged first and committed together: a failing plot leaves none.
+    with ExitStack() as stack:
+        tmp = {p: stack.enter_context(staged(p)) for p in (output, summary, plot) if p is not None}
+        tmp[output].write_text(sel.config(shared_experts, non_expert_modules).to_json() + "\n")
+        if summary is not None:
+            tmp[summary].write_text(summary_json(sel.stats))
+        if plot is not None:
+            from esft_rs.plot import heatmap
 
-        heatmap(sel, plot)
-        written.append(str(plot))
-    click.echo(f"wrote {', '.join(written)}")
+            heatmap(sel, tmp[plot], format=plot.suffix.lstrip(".") or None)
+    click.echo(f"wrote {', '.join(str(p) for p in tmp)}")
 
 
 def _print_selection(sel: Selection) -> None:

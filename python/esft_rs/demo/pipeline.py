@@ -163,9 +163,10 @@ OUTPUTS = ("data", "tokenizer", "runs", "merged-esft-token", "report.json", "rep
            "routing-heatmap.png", "accuracy-vs-share.png")
 
 
-def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
-    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``
-    (paths in the report are relative to ``out``)."""
+def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = None
+        ) -> dict[str, Any]:
+    """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``.
+    ``final``: where ``out`` will be once committed (the report's paths point there)."""
     import torch
 
     from esft_rs.demo.report import routing_figures, write_report
@@ -237,6 +238,10 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
     merged_dir = out / "merged-esft-token"
     shutil.rmtree(merged_dir, ignore_errors=True)
     merge(base_dir, out / first["esft_token"]["adapter"], merged_dir)
+    where = final or out  # the report's paths point where the output will be
+    for r in runs:
+        for m in r["methods"].values():
+            m["adapter"] = str(where / m["adapter"])
     merged_acc = exact_match(load_model(merged_dir).eval(), tok, data.downstream_test)
 
     report = {
@@ -250,7 +255,7 @@ def run(out: Path, s: Settings, *, progress: bool = True) -> dict[str, Any]:
         "methods": mean_runs(runs),
         "runs": runs,
         "routing": routing,
-        "merge": {"path": merged_dir.name, "downstream_acc": merged_acc,
+        "merge": {"path": str((final or out) / merged_dir.name), "downstream_acc": merged_acc,
                   "in_memory_acc": first["esft_token"]["downstream_acc"],
                   "equal": merged_acc == first["esft_token"]["downstream_acc"]},
     }

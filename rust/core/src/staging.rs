@@ -147,6 +147,10 @@ pub fn check_replaceable(target: &Path, keep: &[String]) -> Result<()> {
     if !meta.is_file() {
         return refuse("something that is not a regular file or directory".into());
     }
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+    if name.is_some_and(|n| OUR_NAMES.contains(&n.as_str())) {
+        return Ok(()); // a file by one of the names esft-rs writes in its folders
+    }
     match sniff(target, meta.len()) {
         Ok(None) => Ok(()),
         Ok(Some(what)) => refuse(what),
@@ -192,18 +196,19 @@ fn numbered(name: &str, prefix: &str) -> bool {
 
 /// Files a checkpoint directory holds (weights, index, configs, tokenizer) and
 /// the files esft-rs itself writes into its output directories.
+const OUR_NAMES: [&str; 6] = [
+    "merges.txt",
+    "vocab.txt",
+    "train_config.yaml",
+    "metrics.jsonl",
+    "chat_template.jinja",
+    "report.md",
+];
+
 fn ours_by_name(name: &str) -> bool {
     const EXTENSIONS: [&str; 6] = [".safetensors", ".json", ".npy", ".pt", ".model", ".tiktoken"];
-    const NAMES: [&str; 6] = [
-        "merges.txt",
-        "vocab.txt",
-        "train_config.yaml",
-        "metrics.jsonl",
-        "chat_template.jinja",
-        "report.md",
-    ];
     EXTENSIONS.iter().any(|e| name.ends_with(e))
-        || NAMES.contains(&name)
+        || OUR_NAMES.contains(&name)
         || name.starts_with("events.out.tfevents.")
 }
 
@@ -315,7 +320,7 @@ fn clear_stale(parent: &Path, name: &str) {
 }
 
 /// Permissions a new file gets from the user's umask (library writers such as
-/// safetensors create 0600 files).
+/// safetensors create 0600 files; `fs::copy` keeps the source's).
 fn file_mode() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Umask:"))?;
@@ -324,7 +329,7 @@ fn file_mode() -> Option<u32> {
 }
 
 #[cfg(unix)]
-fn set_mode(path: &Path) -> io::Result<()> {
+pub fn set_mode(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     match file_mode() {
         Some(mode) => fs::set_permissions(path, fs::Permissions::from_mode(mode)),
@@ -333,7 +338,7 @@ fn set_mode(path: &Path) -> io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn set_mode(_: &Path) -> io::Result<()> {
+pub fn set_mode(_: &Path) -> io::Result<()> {
     Ok(())
 }
 
@@ -384,6 +389,17 @@ fn taken(e: &io::Error) -> bool {
 /// with the existing output (then removed). Retries when a concurrent run
 /// creates or removes the target in between.
 fn install(tmp: &Path, target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
+    install_with(tmp, target, overwrite, keep, exchange)
+}
+
+/// `install`, with the exchange as a parameter (tests take the fallback path).
+fn install_with(
+    tmp: &Path,
+    target: &Path,
+    overwrite: bool,
+    keep: &[String],
+    exchange: fn(&Path, &Path) -> io::Result<bool>,
+) -> Result<()> {
     let (parent, name) = split_target(target)?;
     for _ in 0..16 {
         match rename_new(tmp, target) {
@@ -541,6 +557,19 @@ mod tests {
         }
         assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
         assert_eq!(names(d.path()), ["model", "out.safetensors"]);
+    }
+
+    #[test]
+    fn fallback_without_exchange() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        for content in [&b"1"[..], &b"2"[..]] {
+            let s = Staged::new(&dir, true).unwrap();
+            fs::write(s.path().join("config.json"), content).unwrap();
+            install_with(s.path(), &dir, true, &[], |_, _| Ok(false)).unwrap();
+        }
+        assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
+        assert_eq!(names(d.path()), ["model"], "the old output moved aside is removed");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::copy::{self, Range};
 use crate::error::{read_input_text, Error, Result};
 use crate::progress::Control;
 use crate::safetensors::{expert_units, Checkpoint, SafetensorsFile};
-use crate::staging::Staged;
+use crate::staging::{self, Staged};
 
 /// Key of a byte range's source file: the base shard or an adapter shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,7 @@ pub(super) fn write(
     for (name, src) in others {
         let dst = out_path(name);
         let n = fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
+        staging::set_mode(&dst).map_err(|e| Error::io(&dst, e))?;
         ctl.advance(n)?;
     }
     Ok(())
