@@ -83,9 +83,9 @@ def profile_cmd(
     from esft_rs.profiling import profile
 
     check_outputs([output, records], [model, *data])
-    for path in (output, records):
-        if path is not None:
-            check_target(path)
+    check_target(output)
+    if records is not None and records.parent.is_dir():  # else made (with parents) at the end
+        check_target(records)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad)
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
