@@ -92,9 +92,9 @@ def profile_cmd(
     from esft_rs.profiling import profile
 
     check_outputs([output, records], [model, *data])
-    for path in (output, records):
-        if path is not None:
-            check_target(path)
+    check_target(output)
+    if records is not None and records.parent.is_dir():  # else made (with parents) at the end
+        check_target(records)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     with process_group(dev) as place:
         rank, world = place.rank, place.world

@@ -109,6 +109,9 @@ pub fn check_paths(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
 /// have written it. `keep`: further top-level names the output may hold (merge
 /// copies the base's other files).
 pub fn check_target(target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
+    // The folder it goes in must exist: found out now, not after the work.
+    let (parent, _) = split_target(target)?;
+    fs::metadata(&parent).map_err(|e| Error::io(&parent, e))?;
     match fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(target, e)),
