@@ -86,7 +86,7 @@ def test_core_value_errors_are_esft_value_errors(tmp_path: Path) -> None:
         esft_rs.merge(tmp_path / "base.safetensors", [], on_conflict="middle")  # type: ignore[arg-type]
     with pytest.raises(EsftValueError, match="at least one adapter"):
         esft_rs.merge(tmp_path / "base.safetensors", [])
-    with pytest.raises(EsftValueError, match="top_k must be at least 1"):
+    with pytest.raises(EsftValueError, match="top_k must be between 1 and"):
         esft_rs.aggregate(tmp_path, top_k=0)
     with pytest.raises(EsftValueError, match="top_p must be in"):
         from esft_rs.scoring import check_top_p

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esft_rs.data import read_task_data
+from esft_rs.data import ROLES, read_task_data
 from esft_rs.errors import EsftError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.inputs import parse_json
@@ -53,7 +53,7 @@ def test_task_data_reader(lines: list[bytes], skip_bad: bool) -> None:
         for conv in task.conversations:  # what is accepted is usable downstream
             for m in conv:
                 m.content.encode("utf-8")
-                assert m.role in ("user", "assistant")
+                assert m.role in ROLES
 
 
 EXPERTS = st.fixed_dictionaries(

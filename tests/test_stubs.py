@@ -99,8 +99,9 @@ def test_report_values_have_the_stub_types(tmp_path: Path, single_ckpt: Path) ->
         split,
         split.tensors[0],
         esft_rs.read_adapter(tmp_path / "ad.safetensors"),
+        _core.Staging(tmp_path / "staged.json"),
     ]
-    namespace = {**vars(_core), "Any": Any, "ExpertConfig": ExpertConfig}
+    namespace = {**vars(_core), "Any": Any, "ExpertConfig": ExpertConfig, "Path": Path}
     properties = _stub_properties()
     assert {type(o).__name__ for o in objects} | {"FP8Info"} == set(properties)
     for obj in objects:

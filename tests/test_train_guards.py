@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import esft_rs
 from esft_rs.errors import EsftError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.training import checkpoint
-from train_fakes import FakeMoE, fake_data
+from train_fakes import FakeMoE, checkpoint_weights, fake_data
 
 EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
 WORKER = Path(__file__).with_name("interrupt_worker.py")
@@ -44,7 +43,7 @@ def test_nan_loss_stops_before_the_update(tmp_path: Path) -> None:
     assert not (out / "adapter.safetensors").exists()
     last = checkpoint.latest(out)
     assert last is not None and last.name == "step-2"
-    weights = load_file(last / "trainable.safetensors")
+    weights = checkpoint_weights(last)
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
     assert all(bool(torch.isfinite(p).all()) for n, p in model.named_parameters()
                if "experts" in n)
@@ -79,7 +78,7 @@ def test_ctrl_c_stops_between_steps(files: dict[str, Path], tmp_path: Path) -> N
         last = checkpoint.latest(out)
         assert last is not None and not (out / "adapter.safetensors").exists()
         assert [p.name for p in (out / "checkpoints").iterdir()] == [last.name]  # intact, alone
-        load_file(last / "trainable.safetensors")
+        assert checkpoint_weights(last)
         assert json.loads((last / "state.json").read_text())["step"] == (c + 1) // 2
 
 

@@ -8,6 +8,7 @@ a forward that returns logits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -233,3 +234,14 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     if rank == 0:
         torch.save(grads, out)
     dist.destroy_process_group()
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors a checkpoint holds, read back from its DCP folder."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(checkpoint / "dcp", Path(d) / "state.pt")
+        return torch.load(Path(d) / "state.pt", weights_only=True)["weights"]
