@@ -198,6 +198,8 @@ class Loop:
         self.grad_bytes = max(self.grad_bytes, sum(
             _local_bytes(p.grad) for p in self.params if p.grad is not None))
         self.optimizer.step()
+        if self.fsdp:
+            sharding.sync_fused_slices(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = int(self.data["attention_mask"][batch].sum())
@@ -260,6 +262,8 @@ class Loop:
             path, model=self.model, trainables=self.trainables, optimizer=self.optimizer,
             scheduler=self.scheduler, best=self.best, place=self.place,
         )
+        if self.fsdp:
+            sharding.sync_fused_slices(self.model)
         self.window = state["window"]
         self.best_loss, self.best_step = state["best_loss"], state["best_step"]
         return int(state["step"])
@@ -328,6 +332,7 @@ class Loop:
                     t.param.copy_(self.best[t.name])
         if self.fsdp:  # FSDP leaves the root's weights gathered after a forward without backward
             self.model.reshard()  # type: ignore[operator]
+            sharding.sync_fused_slices(self.model)
         unchanged = [n for n, c in _checksums(self.trainables).items() if c == initial[n]]
         return FitResult(
             steps=cfg.steps,

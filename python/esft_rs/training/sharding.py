@@ -66,6 +66,40 @@ def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
             p.grad = None
 
 
+def sync_fused_slices(model: torch.nn.Module) -> None:
+    """Write each ``FusedSlices``' current values into its rows of the sharded frozen
+    fused tensor (every rank must call, after every change to the slices).
+
+    FSDP2 frees a layer's gathered weights after its forward and gathers them again
+    from the shards for its backward. The forward writes the trained slices into the
+    gathered tensor only, so without this the backward would compute with the base
+    values in the trained rows, not the values the forward used. The all-gather is of
+    the trained slices alone."""
+    from esft_rs.training.freeze import FusedSlices
+
+    for module in model.modules():
+        params = getattr(module, "parametrizations", None)
+        if params is None:
+            continue
+        for plist in params.values():
+            for p in plist:
+                if not isinstance(p, FusedSlices):
+                    continue
+                values = full(p.slices.detach())
+                original = plist.original
+                if not is_sharded(original):
+                    p.write(original)
+                    continue
+                rows = local(original)
+                # Shard(0) as torch.chunk: rank r holds rows [r*c, r*c + len) of c = ceil(E/N).
+                chunk = -(-original.shape[0] // original.device_mesh.size())
+                start = original.device_mesh.get_local_rank() * chunk
+                ids = p.ids - start
+                mine = (ids >= 0) & (ids < rows.shape[0])
+                with torch.no_grad():
+                    rows.index_copy_(0, ids[mine], values[mine].to(rows.dtype))
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
