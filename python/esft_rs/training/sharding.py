@@ -39,13 +39,33 @@ def shard(
     from torch.distributed.fsdp import fully_shard
 
     mesh = place.mesh(device)
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     # Experts that get no token on a rank have no gradient there: reduce zeros for
     # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
     model.set_reduce_scatter_unused_params(True)
+    if layers:
+        # Backward gathers each layer it passes through, on every rank alike: a rank whose
+        # tokens reached no trained expert of a layer (and none below) would skip it.
+        layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
     return trainables
+
+
+def _input_needs_grad(
+    _module: torch.nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: the hidden states entering the first layer require grad (in
+    training), so backward runs through every layer above them, on every rank."""
+    if not torch.is_grad_enabled():
+        return None
+    if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+        if not args[0].requires_grad:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+    elif torch.is_tensor(h := kwargs.get("hidden_states")) and not h.requires_grad:
+        return args, {**kwargs, "hidden_states": h.detach().requires_grad_()}
+    return None
 
 
 def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
