@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import shutil
 import time
@@ -279,14 +280,22 @@ class _FineTune:
         from esft_rs.training import train
 
         modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random"}
+        # A short run leaves experts no token reached unchanged: expected here, and the
+        # trainer's warning about them would bury the progress bars.
+        trainer_log = logging.getLogger("esft_rs.training")
+        level = trainer_log.level
+        trainer_log.setLevel(logging.ERROR)
         t = time.perf_counter()
-        result = train(
-            self.base_dir, self.data.finetune_train,
-            self.runs_dir / f"seed{seed}" / f"{name}-lr{lr:g}",
-            experts=self.experts[name], mode=modes[name], steps=self.s.finetune_steps,
-            learning_rate=lr, warmup_steps=0,
-            **_run_options(replace(self.s, seed=seed), self.data.finetune_train, False),
-        )
+        try:
+            result = train(
+                self.base_dir, self.data.finetune_train,
+                self.runs_dir / f"seed{seed}" / f"{name}-lr{lr:g}",
+                experts=self.experts[name], mode=modes[name], steps=self.s.finetune_steps,
+                learning_rate=lr, warmup_steps=0,
+                **_run_options(replace(self.s, seed=seed), self.data.finetune_train, False),
+            )
+        finally:
+            trainer_log.setLevel(level)
         return result, time.perf_counter() - t
 
     def measure(self, name: str, result: Any, seconds: float) -> dict[str, Any]:
