@@ -172,10 +172,12 @@ def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) 
     paths = [out / "routing-heatmap.png", out / "accuracy-vs-share.png"]
     heatmap(selections["token"], paths[0])
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, m in report["methods"].items():
+    for i, (name, m) in enumerate(report["methods"].items()):
         share = m["trainable_params"] / m["total_params"]
         ax.scatter(share, m["downstream_acc"], label=LABELS[name])
-        ax.annotate(LABELS[name], (share, m["downstream_acc"]), fontsize=7)
+        # Methods often share a point's height: labels alternate above and below it.
+        ax.annotate(LABELS[name], (share, m["downstream_acc"]), fontsize=7,
+                    xytext=(4, 6 if i % 2 else -10), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("share of parameters trained")
     ax.set_ylabel("downstream exact match")
