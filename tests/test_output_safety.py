@@ -21,6 +21,7 @@ from conftest import CLI
 from esft_rs import _core
 from esft_rs.models import init_model, save_model
 from esft_rs.outputs import staged
+from train_fakes import plus_chat
 
 EXPERTS = {"experts": {"1": [0, 5], "2": [3]}, "shared_experts": False,
            "non_expert_modules": False}
@@ -58,10 +59,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace: a tiny model, task data, an expert config, routing stats, an adapter."""
     root = tmp_path_factory.mktemp("ws")
     save_model(init_model("tiny", seed=0), root / "model")
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(6) for b in range(4)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "data.jsonl").write_text(plus_chat(6, 4))
     (root / "experts.json").write_text(json.dumps(EXPERTS))
     for args in (["profile", "model", "data.jsonl", "-o", "routing.safetensors", "--tokens", "64",
                   "--seq-len", "64", "--device", "cpu"],

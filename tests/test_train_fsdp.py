@@ -23,6 +23,7 @@ from train_fakes import (
     constant_routes,
     ddp_worker,
     fsdp_grads_worker,
+    plus_chat,
     stop_after_2,
     uneven_batches,
 )
@@ -33,13 +34,6 @@ RUN = dict(steps=3, seq_length=48, gradient_accumulation_steps=2, eval_steps=3, 
            logging_steps=1, learning_rate=5e-3, gradient_checkpointing=False, device="cpu")
 BUILTIN_EXPERTS = ExpertConfig({1: [0, 5], 2: [3], 3: [7, 8, 9]}, False, False)
 HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
-
-
-def chat(n: int = 40) -> str:
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(n // 4) for b in range(4)]
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def spawn(world: int, args: tuple, kwargs: dict) -> None:
@@ -82,7 +76,7 @@ def assert_same_adapter(a: Path, b: Path) -> None:
 def builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fsdp_builtin")
     save_model(init_model("tiny", seed=0), root / "base")
-    (root / "task.jsonl").write_text(chat())
+    (root / "task.jsonl").write_text(plus_chat(10, 4))
     BUILTIN_EXPERTS.save(root / "experts.json")
     return root
 
@@ -162,7 +156,7 @@ def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str) -> None:
 
     root = tmp_path / family
     save(family, root / "base")
-    (root / "task.jsonl").write_text(chat())
+    (root / "task.jsonl").write_text(plus_chat(10, 4))
     HF_EXPERTS.save(root / "experts.json")
     one = train(root, tmp_path / "one", 1)
     two = train(root, tmp_path / "two", 2, save_merged=tmp_path / "merged")

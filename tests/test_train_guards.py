@@ -19,7 +19,7 @@ from esft_rs.errors import EsftError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.training import checkpoint
-from train_fakes import FakeMoE, checkpoint_weights, fake_data
+from train_fakes import FakeMoE, checkpoint_weights, fake_data, plus_chat
 
 EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
 WORKER = Path(__file__).with_name("interrupt_worker.py")
@@ -53,10 +53,7 @@ def test_nan_loss_stops_before_the_update(tmp_path: Path) -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("interrupt")
     save_model(init_model("tiny", seed=0), root / "base")
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(10) for b in range(6)]
-    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "task.jsonl").write_text(plus_chat(10, 6))
     (root / "experts.json").write_text(json.dumps(
         {"experts": {"1": [0, 5], "2": [3]}, "shared_experts": False,
          "non_expert_modules": False}))

@@ -15,7 +15,7 @@ from conftest import run_cli
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
 from test_train_config import OFFICIAL_BASE
-from train_fakes import ddp_worker
+from train_fakes import ddp_worker, plus_chat
 
 EXPERTS = {"experts": {"1": [0, 5], "2": [3], "3": [7, 8, 9]},
            "shared_experts": False, "non_expert_modules": False}
@@ -28,10 +28,7 @@ QUICK = ["--steps", "4", "--seq-length", "64", "--per-device-batch-size", "2",
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train_model")
     save_model(init_model("tiny", seed=0), root / "base")
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(10) for b in range(6)]
-    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "task.jsonl").write_text(plus_chat(10, 6))
     (root / "experts.json").write_text(json.dumps(EXPERTS))
     (root / "base.yaml").write_text(OFFICIAL_BASE)
     return {"base": root / "base", "data": root / "task.jsonl",

@@ -245,3 +245,13 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as d:
         dcp_to_torch_save(checkpoint / "dcp", Path(d) / "state.pt")
         return torch.load(Path(d) / "state.pt", weights_only=True)["weights"]
+
+
+def plus_chat(a_values: int, b_values: int) -> str:
+    """Task data (JSONL): "What is a plus b?" answered, for a < a_values, b < b_values."""
+    import json
+
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(a_values) for b in range(b_values)]
+    return "".join(json.dumps(r) + "\n" for r in rows)
