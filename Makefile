@@ -58,8 +58,10 @@ test-hf-floor: setup $(HF_VENV)/.stamp
 # A longer fuzz run on the stable toolchain: the header, index, official-log and
 # expert-config parsers on mutations of fuzz/corpus/<target>/ (make test runs 1000 cases).
 FUZZ_CASES ?= 100000
+FUZZ_SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 fuzz:
-	ESFT_FUZZ_CASES=$(FUZZ_CASES) cargo test --release --quiet -p esft-core --lib fuzz_
+	@echo "fuzzing with ESFT_FUZZ_SEED=$(FUZZ_SEED)"
+	ESFT_FUZZ_SEED=$(FUZZ_SEED) ESFT_FUZZ_CASES=$(FUZZ_CASES) cargo test --release --quiet -p esft-core --lib fuzz_
 
 demo: setup
 	$(VENV)/bin/esft-rs demo -o demo-out

@@ -56,25 +56,45 @@ pub enum FormatError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", OneLine(&path.to_string_lossy()))]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", OneLine(&path.to_string_lossy()))]
     Format { path: PathBuf, source: FormatError },
     /// A file that parses but does not say what we need (bad index, bad config).
-    #[error("{path}: {reason}")]
+    #[error("{}: {}", OneLine(&path.to_string_lossy()), OneLine(reason))]
     Invalid { path: PathBuf, reason: String },
     /// Inputs that are each valid but do not fit together.
-    #[error("{0}")]
+    #[error("{}", OneLine(.0))]
     Mismatch(String),
     /// Bad values in in-memory input (arrays, arguments) rather than in a file.
-    #[error("{0}")]
+    #[error("{}", OneLine(.0))]
     Value(String),
     /// Arguments that cannot work together (e.g. an output that is an input).
-    #[error("{0}")]
+    #[error("{}", OneLine(.0))]
     Usage(String),
     /// The watcher asked the job to stop (Ctrl-C); partial outputs are removed.
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Shows text with its control characters escaped (`\n` as `\\n`), so that an
+/// error stays one line even when a path or a name read from a file holds a
+/// newline: the CLI promises one line per error.
+struct OneLine<'a>(&'a str);
+
+impl std::fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Error {
@@ -158,4 +178,22 @@ pub fn one_line(s: &str) -> String {
             escaped
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard named in an index with a newline once printed a two-line error.
+    #[test]
+    fn errors_are_one_line() {
+        let nl = Path::new("/tmp/model-1.safet\nsors");
+        let missing = io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(
+            Error::io(nl, missing).to_string(),
+            "/tmp/model-1.safet\\nsors: entity not found"
+        );
+        assert_eq!(Error::invalid(nl, "bad\r\nname").to_string(), "/tmp/model-1.safet\\nsors: bad\\r\\nname");
+        assert_eq!(Error::Value("a\tb é".into()).to_string(), "a\\tb é");
+    }
 }

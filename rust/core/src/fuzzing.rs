@@ -3,11 +3,13 @@
 //! proptest mutations of the seeds (bit flips, truncations, insertions, splices of
 //! two seeds) and on random bytes; a panic fails the test with a shrunk input.
 //! `ESFT_FUZZ_CASES` sets the cases per target (default 1000; `make fuzz` runs more).
+//! `ESFT_FUZZ_SEED` sets the generator's seed: `cargo test` uses a fixed one so
+//! that a test run is repeatable, `make fuzz` a new one each run (printed).
 
 use std::path::PathBuf;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestRunner};
 
 /// The seed inputs of `target`, sorted by file name.
 pub fn corpus(target: &str) -> Vec<Vec<u8>> {
@@ -100,8 +102,13 @@ pub fn run(target: &str, check: impl Fn(&[u8])) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    let seed = std::env::var("ESFT_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let config = Config {
         cases,
+        rng_seed: RngSeed::Fixed(seed),
         failure_persistence: Some(Box::new(FileFailurePersistence::Off)),
         ..Config::default()
     };
@@ -115,5 +122,5 @@ pub fn run(target: &str, check: impl Fn(&[u8])) {
             check(&bytes);
             Ok(())
         })
-        .unwrap_or_else(|e| panic!("fuzz {target}: {e}"));
+        .unwrap_or_else(|e| panic!("fuzz {target} (ESFT_FUZZ_SEED={seed}): {e}"));
 }
