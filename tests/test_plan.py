@@ -4,7 +4,6 @@ it reads headers only (no torch) and says what to change when a run does not fit
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from esft_rs.data import causal_lm_loss
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
 from esft_rs.plan import plan
+from esft_rs.training.api import enable_checkpointing
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
 from train_fakes import fake_data, saved_bytes
 
@@ -97,11 +97,7 @@ def test_checkpointing_estimate_lies_between_layer_inputs_and_everything(
     net = load_model(models[family]).train()
     layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
     freeze(net, resolve_experts(layout, None, "full", 0))
-    if "gradient_checkpointing_kwargs" in inspect.signature(
-            net.gradient_checkpointing_enable).parameters:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        net.gradient_checkpointing_enable()
+    assert enable_checkpointing(net)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
 
     def step() -> None:

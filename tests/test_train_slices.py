@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from esft_rs.expert_config import ExpertConfig
+from esft_rs.training.api import enable_checkpointing
 from esft_rs.training.freeze import FusedSlices, freeze
 
 transformers = pytest.importorskip("transformers")
@@ -31,8 +32,7 @@ def model(impl: str, checkpointing: str | None) -> torch.nn.Module:
     net = getattr(transformers, model_cls)(config).train()
     net.set_experts_implementation(impl)
     if checkpointing is not None:
-        net.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        assert enable_checkpointing(net, use_reentrant=checkpointing == "reentrant")
         net.enable_input_require_grads()  # reentrant checkpointing needs an input with grad
     return net
 

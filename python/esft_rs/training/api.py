@@ -319,14 +319,27 @@ def _prepare(model: torch.nn.Module, trainables: list[Trainable], dev: torch.dev
         model.to(dev)
     for t in trainables:
         t.param.data = t.param.data.float()
-    if cfg.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
+    if cfg.gradient_checkpointing and not enable_checkpointing(model):
+        log.warning("gradient_checkpointing: the model does not offer it; training without")
+
+
+def enable_checkpointing(model: torch.nn.Module, *, use_reentrant: bool = False) -> bool:
+    """Turn on activation checkpointing by the model's own method; False if it has none.
+
+    transformers >= 5.23 names it ``activation_checkpointing_enable`` (the older
+    ``gradient_checkpointing_enable`` warns that it goes in v6); earlier 5.x and the
+    built-in model offer only the older name."""
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        enable = getattr(model, f"{name}_enable", None)
         if enable is None:
-            log.warning("gradient_checkpointing: the model does not offer it; training without")
-        elif "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            continue
+        key = f"{name}_kwargs"
+        if key in inspect.signature(enable).parameters:
+            enable(**{key: {"use_reentrant": use_reentrant}})
         else:
             enable()
+        return True
+    return False
 
 
 def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
