@@ -67,6 +67,7 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _keep_dtypes(model, dtype)
     model.config.use_cache = False
     Plan(model, root, _names(model))  # refuses a checkpoint that does not fit, before any read
     hf.routers(model)
@@ -92,6 +93,28 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
                 local.copy_(reader.rows(target, list(slices.experts[rows]), original.dtype))
     _init_buffers(model)
     return reader.bytes
+
+
+def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Tensors the model keeps in another dtype than ``dtype`` (its ``dtype_plan``, e.g.
+    DeepSeek-V3's fp32 ``e_score_correction_bias`` in a bf16 model), as transformers
+    casts them on load."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    pattern, by_group, _ = build_glob_alternation(list(plan))
+    for name, t in _persistent(model):
+        if (found := pattern.search(name)) is None:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        cast = t.detach().to(plan[by_group[found.lastgroup]])
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(cast, requires_grad=t.requires_grad)
+        else:
+            module._buffers[attr] = cast
 
 
 def _disk_dtype(root: Path) -> torch.dtype:
@@ -149,6 +172,7 @@ class Plan:
             group.sources[pattern if pattern is not None else key].append(key)
         self.made: dict[str, str] = {}  # in-memory name -> the group that makes it
         for first, group in self.groups.items():
+            self._check_count(first, group, shapes[first])
             for name, value in self._convert(first, group, None, meta=True).items():
                 self.made[name] = first
                 if name in shapes and tuple(value.shape) != shapes[name]:
@@ -160,6 +184,16 @@ class Plan:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise InvalidFileError(f"{root}: the checkpoint has no tensor {missing[0]}{more}")
         self.shapes = shapes
+
+    def _check_count(self, first: str, group: Group, shape: tuple[int, ...]) -> None:
+        """A group stacked on dim 0 needs one tensor per row of each kind (per expert)."""
+        if group.converter is None or not self.per_slice(group):
+            return
+        for pattern, keys in group.sources.items():
+            if len(keys) != shape[0]:
+                raise InvalidFileError(
+                    f"{self.root}: tensor {first} is made of {shape[0]} tensors"
+                    f" {pattern.strip('.')} (one per expert); the checkpoint has {len(keys)}")
 
     def is_scale(self, key: str) -> bool:
         base = self.tensors.get(key.removesuffix(SCALE)) if key.endswith(SCALE) else None
