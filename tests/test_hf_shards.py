@@ -200,3 +200,41 @@ def test_cli_under_torchrun_refuses_in_one_line(cases: dict[str, tuple[Path, Pat
         assert err.strip().count("\n") == 0, err
         assert f"{bad}: the checkpoint has no tensor model.layers.1.mlp.gate.weight" in err
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_a_conversion_that_cannot_run_per_shard_reads_whole_tensors(
+    cases: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Converters other than stack-then-concatenate are applied to the whole tensor, then
+    this rank's rows taken; the log names each such tensor."""
+    from esft_rs.models import hf, hf_shards
+
+    ckpt = cases["mixtral"][0]
+    monkeypatch.setattr(hf_shards.Plan, "per_slice",
+                        lambda self, group: group.converter is None)
+    model = hf_shards.meta(ckpt)
+    with caplog.at_level("WARNING", logger="esft_rs.models.hf_shards"):
+        read = hf_shards.fill(model, ckpt, torch.device("cpu"))
+    whole = hf.load(ckpt).state_dict()
+    assert all(torch.equal(t, whole[n]) for n, t in model.state_dict().items())
+    assert read == sum(t.bytes for t in esft_rs.inspect(ckpt).tensors.values())
+    warned = {r.getMessage().split(":")[0] for r in caplog.records}
+    assert warned == {f"model.layers.{i}.mlp.experts.{p}" for i in range(3)
+                      for p in ("gate_up_proj", "down_proj")}
+
+
+def test_fsdp_training_on_experts_fused_on_disk(
+    cases: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """2 ranks train slices of fused tensors read as single rows of the fused tensors on
+    disk: the adapter is one process's."""
+    from test_train_fsdp import HF_EXPERTS, assert_same_adapter, train
+    from train_fakes import plus_chat
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "base").symlink_to(cases["qwen3-fused-on-disk"][0])
+    (root / "task.jsonl").write_text(plus_chat(10, 4))
+    HF_EXPERTS.save(root / "experts.json")
+    assert_same_adapter(train(root, tmp_path / "one", 1), train(root, tmp_path / "two", 2))
