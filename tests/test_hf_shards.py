@@ -238,3 +238,50 @@ def test_fsdp_training_on_experts_fused_on_disk(
     (root / "task.jsonl").write_text(plus_chat(10, 4))
     HF_EXPERTS.save(root / "experts.json")
     assert_same_adapter(train(root, tmp_path / "one", 1), train(root, tmp_path / "two", 2))
+
+
+def test_fsdp_training_on_a_block_fp8_base(
+    cases: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    """2 ranks on a block-FP8 DeepSeek-V3 (bf16 compute), shared experts trained whole: the
+    losses are one process's. (Adapters are not compared: in bf16, AdamW's normalised
+    step turns the rounding of a near-zero gradient into a learning-rate-sized change.)"""
+    from esft_rs.expert_config import ExpertConfig
+    from test_train_fsdp import HF_EXPERTS, losses, train
+    from train_fakes import plus_chat
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "base").symlink_to(cases["fp8"][0])
+    (root / "task.jsonl").write_text(plus_chat(10, 4))
+    ExpertConfig(HF_EXPERTS.experts, True, False).save(root / "experts.json")
+    one, two = train(root, tmp_path / "one", 1), train(root, tmp_path / "two", 2)
+    x, y = load_file(one / "adapter.safetensors"), load_file(two / "adapter.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in x.items()} == \
+        {k: (v.dtype, v.shape) for k, v in y.items()}
+    torch.testing.assert_close(losses(one), losses(two), rtol=1e-5, atol=0)
+
+
+def test_trained_masters_start_from_what_one_process_loads(
+    cases: dict[str, tuple[Path, Path]]
+) -> None:
+    """Frozen and trained tensors (fused slices, whole fp32 masters) filled into a meta model
+    after freezing equal those of the model loaded whole, then frozen: on a block-FP8
+    base the masters are the model-dtype values, not a finer dequantisation."""
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.models import hf
+    from esft_rs.training.freeze import freeze
+    from esft_rs.training.sharded_load import fill, meta_model
+
+    ckpt = cases["fp8"][0]
+    cfg = ExpertConfig({1: [1, 5], 2: list(range(8))}, True, False)
+    nets = [meta_model(ckpt), hf.load(ckpt)]
+    for net in nets:
+        for t in freeze(net, cfg):
+            t.param.data = t.param.data.float()
+    fill(nets[0], ckpt, torch.device("cpu"))
+    got, want = (dict(n.named_parameters()) for n in nets)
+    assert got.keys() == want.keys()
+    assert sum(p.dtype == torch.float32 for p in want.values()) >= 10
+    for name, p in want.items():
+        assert got[name].dtype == p.dtype and torch.equal(got[name], p), name

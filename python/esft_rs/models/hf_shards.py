@@ -71,6 +71,9 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
     model.config.use_cache = False
     Plan(model, root, _names(model))  # refuses a checkpoint that does not fit, before any read
     hf.routers(model)
+    # the dtype each tensor is loaded in, as hf.load does, even where training later
+    # keeps fp32 masters (they are cast from it, as from a model loaded whole)
+    model._esft_load_dtypes = {name: t.dtype for name, t in _persistent(model)}
     return model.eval()
 
 
@@ -79,18 +82,21 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
     this rank's rows of each, read from ``directory``; returns the bytes read from disk."""
     names = _names(model)
     plan = Plan(model, Path(directory), names)
+    dtypes = getattr(model, "_esft_load_dtypes", {})
     model.to_empty(device=device)
     with torch.no_grad(), ExitStack() as files:
         reader = _Reader(plan, files)
         for name, t in _persistent(model):
+            target = names[name]
             for local, rows in _local_rows(t):
-                local.copy_(reader.rows(names[name], rows, t.dtype))
+                local.copy_(reader.rows(target, rows, dtypes.get(target, t.dtype)))
         for owner, attr, slices in _fused_slices(model):
             original = owner.parametrizations[attr].original
             target = names[_state_name(model, original)]
             slices.ids.copy_(torch.tensor(slices.experts, dtype=torch.long))
             for local, rows in _local_rows(slices.slices):
-                local.copy_(reader.rows(target, list(slices.experts[rows]), original.dtype))
+                local.copy_(reader.rows(target, list(slices.experts[rows]),
+                                        dtypes.get(target, original.dtype)))
     _init_buffers(model)
     return reader.bytes
 
