@@ -179,7 +179,7 @@ class Plan:
         self.made: dict[str, str] = {}  # in-memory name -> the group that makes it
         for first, group in self.groups.items():
             self._check_count(first, group, shapes[first])
-            for name, value in self._convert(first, group, None, meta=True).items():
+            for name, value in self.convert(first, group, None, meta=True).items():
                 self.made[name] = first
                 if name in shapes and tuple(value.shape) != shapes[name]:
                     raise InvalidFileError(
@@ -214,7 +214,7 @@ class Plan:
         return (type(ops[0]).__name__ == "MergeModulelist" and getattr(ops[0], "dim", None) == 0
                 and all(type(op).__name__ == "Concatenate" and op.dim >= 1 for op in ops[1:]))
 
-    def _convert(self, first: str, group: Group, read: Any, *, meta: bool,
+    def convert(self, first: str, group: Group, read: Any, *, meta: bool,
                  index: list[int] | None = None) -> dict[str, torch.Tensor]:
         """transformers' conversion of ``group``'s sources (the ``index``-th of each list,
         else all), each produced by ``read(key)`` (or empty on the meta device)."""
@@ -289,14 +289,14 @@ class _Reader:
             else rows
         whole = slice(None)
         if first == name and plan.per_slice(group) and self._stacks_experts(group, name):
-            return plan._convert(first, group, lambda k: self.disk_rows(k, whole, dtype),
+            return plan.convert(first, group, lambda k: self.disk_rows(k, whole, dtype),
                                  meta=False, index=ids)[name]
         if name not in self._warned:
             self._warned.add(name)
             ops = ", ".join(type(op).__name__ for op in group.converter.operations)
             log.warning("%s: transformers' conversion (%s) cannot run per shard; this rank"
                         " reads the whole tensor", name, ops)
-        made = plan._convert(first, group, lambda k: self.disk_rows(k, whole, dtype),
+        made = plan.convert(first, group, lambda k: self.disk_rows(k, whole, dtype),
                              meta=False)[name]
         return made[ids]
 
@@ -323,7 +323,7 @@ def _names(model: torch.nn.Module) -> dict[str, str]:
 
 def _persistent(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers (what a checkpoint holds), by state-dict name;
-    FusedSlices' own parameters aside (see ``_fill_slices``)."""
+    FusedSlices' own parameters aside (``fill`` reads them as rows of their tensor)."""
     from esft_rs.training.freeze import FusedSlices
 
     skip = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)}
