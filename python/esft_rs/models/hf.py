@@ -70,6 +70,16 @@ def require_transformers() -> Any:
     return transformers
 
 
+def check_family(root: Path) -> None:
+    """Refuses (one line) a directory whose config.json names no supported family."""
+    kind = model_type(root)
+    if kind not in FAMILIES:
+        raise InvalidFileError(
+            f"{root / 'config.json'}: model_type {kind!r} is not a supported MoE family"
+            f" (supported: {', '.join(FAMILIES)})"
+        )
+
+
 def load(
     directory: str | os.PathLike[str],
     *,
@@ -83,12 +93,7 @@ def load(
     complete with random tensors; ``EsftError`` without a supported transformers.
     """
     root = Path(directory)
-    kind = model_type(root)
-    if kind not in FAMILIES:
-        raise InvalidFileError(
-            f"{root / 'config.json'}: model_type {kind!r} is not a supported MoE family"
-            f" (supported: {', '.join(FAMILIES)})"
-        )
+    check_family(root)
     transformers = require_transformers()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report: esft-rs says it in one line

@@ -98,7 +98,7 @@ def train(
             base = model
         expert_cfg, origin = _experts(experts)
         resume_from = _check_out_dir(out, resume)
-        lazy = None  # under FSDP the built-in model is read shard by shard, after sharding
+        lazy = None  # under FSDP the model is read shard by shard, after sharding
         if fsdp and not isinstance(model, torch.nn.Module):
             lazy = sharded_load.meta_model(model)
         net = lazy if lazy is not None else _load_model(model)

@@ -163,6 +163,7 @@ class FusedSlices(torch.nn.Module):
 
     def __init__(self, original: torch.Tensor, ids: list[int]) -> None:
         super().__init__()
+        self.experts = tuple(ids)  # the rows of ``slices``, kept for loading a meta model
         index = torch.tensor(ids, dtype=torch.long, device=original.device)
         self.register_buffer("ids", index, persistent=False)
         self.slices = torch.nn.Parameter(original.index_select(0, index).clone())

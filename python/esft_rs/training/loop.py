@@ -223,7 +223,8 @@ class Loop:
             parts += [None] * (most - len(parts))
         for part in parts:
             if part is None:
-                self.model(self._batch(self.val_idx[:1])["input_ids"])
+                with self.autocast:  # the spare forward meets bf16 and fp32 tensors alike
+                    self.model(self._batch(self.val_idx[:1])["input_ids"])
                 continue
             batch = self._batch(part)
             with self.autocast:

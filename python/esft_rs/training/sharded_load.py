@@ -4,7 +4,8 @@ The model is built on the meta device (shapes and dtypes, no memory); after
 ``fully_shard`` has decided the placements, ``fill`` allocates each rank's
 shards on its device and reads exactly those rows from the safetensors files
 (memory-mapped slices), cast to the dtype the model holds them in. Host and
-device memory for the weights is then about total / world size per rank.
+device memory for the weights is then about total / world size per rank. This holds
+for the built-in model and for the transformers families (``esft_rs.models.hf_shards``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ from esft_rs.distributed import Dist
 from esft_rs.errors import InvalidFileError
 
 
-def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module | None:
-    """The built-in model of ``directory`` on the meta device, its tensors checked against
-    config.json as ``load_model`` checks them; None for a transformers family (loaded
-    whole by transformers, then sharded)."""
+def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module:
+    """The model of ``directory`` on the meta device, its tensors checked against the
+    checkpoint: the built-in model as ``load_model`` checks it, a transformers family
+    as ``hf.load`` would build it (``esft_rs.models.hf_shards``)."""
     from esft_rs import inspect
-    from esft_rs.models import checkpoint, hf
+    from esft_rs.models import checkpoint, hf, hf_shards
     from esft_rs.models.config import MODEL_TYPE, ModelConfig
     from esft_rs.models.reference import ReferenceMoE
 
     root = Path(directory)
     if hf.model_type(root) not in (MODEL_TYPE, None):
-        return None
+        return hf_shards.meta(root)
     cfg = ModelConfig.load(root)
     with torch.device("meta"):
         model = ReferenceMoE(cfg)
@@ -39,17 +40,23 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module | None:
     return model.to(getattr(torch, cfg.torch_dtype)).eval()
 
 
-def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> None:
+def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> int:
     """Give every parameter (a DTensor) of a sharded meta ``model`` this rank's rows, read
-    from the checkpoint in ``directory`` (parameter names are its tensor names)."""
+    from the checkpoint in ``directory``; returns the bytes read. The built-in model's
+    parameter names are its tensor names; a transformers family goes through its
+    conversion (``esft_rs.models.hf_shards.fill``)."""
     from safetensors import safe_open
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     from esft_rs import inspect
+    from esft_rs.models import hf, hf_shards
 
     root = Path(directory)
+    if hf.is_hf(model):
+        return hf_shards.fill(model, root, device)
     tensors = inspect(root).tensors
     model.to_empty(device=device)
+    read = 0
     by_file: dict[str, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     for name, p in model.named_parameters():
         if name not in tensors:
@@ -65,26 +72,21 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
                     shape, offset = compute_local_shape_and_global_offset(
                         p.shape, p.device_mesh, p.placements)
                     rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-                    local.copy_(f.get_slice(name)[rows])
+                    part = f.get_slice(name)[rows]
+                    read += part.numel() * part.element_size()
+                    local.copy_(part)
+    return read
 
 
 def load_sharded(
     directory: str | os.PathLike[str], place: Dist, device: torch.device
 ) -> torch.nn.Module:
-    """The model of ``directory``, frozen and sharded over all ranks (for profiling).
-
-    The built-in model is read shard by shard; a transformers family is loaded whole
-    on the host by transformers (which converts its on-disk layout), then sharded.
-    """
-    from esft_rs.models import load_model
+    """The model of ``directory``, frozen and sharded over all ranks (for profiling and
+    evaluation): built on the meta device, each rank reading only its own shards."""
     from esft_rs.training.sharding import shard
 
     model = meta_model(directory)
-    lazy = model is not None
-    if model is None:
-        model = load_model(directory)
     model.requires_grad_(False)
     shard(model, [], place, device)
-    if lazy:
-        fill(model, directory, device)
+    fill(model, directory, device)
     return model.eval()
