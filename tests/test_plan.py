@@ -207,6 +207,21 @@ def bf16_copy(src: Path, out: Path) -> Path:
     return out
 
 
+def _gradient_bytes() -> int:
+    """Bytes of every gradient this process holds: of the model's parameters and of any
+    other (FSDP's unsharded parameters accumulate unreduced gradients)."""
+    import gc
+
+    from esft_rs.training.sharding import local
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter) and obj.grad is not None:
+            storage = local(obj.grad).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def _rank_figures(rank: int, world: int, port: int, model: str, mode: str, parallelism: str,
                   out: str) -> None:
     """One torchrun-like rank: one optimizer step, then what this rank holds (JSON)."""
@@ -215,16 +230,26 @@ def _rank_figures(rank: int, world: int, port: int, model: str, mode: str, paral
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    from esft_rs.training import loop
+
+    held = []  # gradients held when each micro-step starts: those of the ones before
+    forward = loop.loss_sum
+
+    def measured(*args: object) -> torch.Tensor:
+        held.append(_gradient_bytes())
+        return forward(*args)
+
+    loop.loss_sum = measured
     result = esft_rs.train(
         model, fake_data(n=8, seq=64, vocab=256), Path(out) / "run", EXPERTS, progress=False,
-        device="cpu", mode=mode, parallelism=parallelism, steps=1, per_device_batch_size=2,
-        gradient_accumulation_steps=1, val_ratio=0.0, gradient_checkpointing=False)
+        device="cpu", mode=mode, parallelism=parallelism, steps=1, per_device_batch_size=1,
+        gradient_accumulation_steps=2, val_ratio=0.0, gradient_checkpointing=False)
     fit, params = result.fit, list(result.model.parameters())
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
         "trained_params": fit.trainable_params,
         "frozen_bytes": fit.rank_bytes["frozen"],
         "master_bytes": fit.rank_bytes["trained"],
-        "grad_bytes": fit.grad_bytes,
+        "grad_bytes": max(fit.grad_bytes, *held),
         "optimizer_bytes": fit.optimizer_state_bytes,
         "dtypes": sorted({f"{p.requires_grad}:{p.dtype}" for p in params}),
     }))
@@ -236,10 +261,11 @@ def _rank_figures(rank: int, world: int, port: int, model: str, mode: str, paral
 def test_per_rank_figures_equal_what_2_ranks_hold(models: dict[str, Path], tmp_path: Path,
                                                   family: str, mode: str,
                                                   parallelism: str) -> None:
-    """2 gloo ranks train one step of a bf16 checkpoint (Qwen3-MoE: experts fused in
-    memory). Each rank's frozen weights (bf16, the checkpoint's dtype), fp32 masters, fp32
-    gradients and AdamW state are what the plan says, to the byte: rank 0's exactly (it
-    holds the most: FSDP splits dim 0 as torch.chunk does), the other's no more."""
+    """2 gloo ranks train one step (2 micro-steps) of a bf16 checkpoint (Qwen3-MoE: experts
+    fused in memory). Each rank's frozen weights (bf16, the checkpoint's dtype), fp32
+    masters, fp32 gradients (the most it holds at any micro-step) and AdamW state are what
+    the plan says, to the byte: rank 0's exactly (it holds the most: FSDP splits dim 0 as
+    torch.chunk does), the other's no more."""
     import socket
 
     import torch.multiprocessing as mp

@@ -150,9 +150,10 @@ class Loop:
         self.ddp = model
         if place.world > 1 and not self.fsdp:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
+            # Gradients are views into DDP's all-reduce buckets, not a second copy of them.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=True, gradient_as_bucket_view=True,
             )
         self.best: dict[str, torch.Tensor] | None = None
         self.best_loss: float | None = None
@@ -179,8 +180,8 @@ class Loop:
         for micro in range(cfg.gradient_accumulation_steps):
             part = rank_part(batch, micro, place.rank, place.world, cfg.per_device_batch_size)
             last = micro == cfg.gradient_accumulation_steps - 1
-            if self.fsdp:  # gradients stay unsharded and accumulate until the last micro-step
-                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            # DDP all-reduces at the last micro-step only (its buckets hold the sum); FSDP
+            # reduce-scatters at each, so that no rank ever holds unsharded gradients.
             sync = (contextlib.nullcontext() if last or place.world == 1 or self.fsdp
                     else self.ddp.no_sync())
             with sync:
