@@ -169,3 +169,48 @@ def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path
     assert (one["correct"], one["answered"]) == (4, 7)  # the answers "a"
     assert two == {**one, "loss": pytest.approx(one["loss"], rel=1e-6),
                    "perplexity": pytest.approx(one["perplexity"], rel=1e-6)}
+
+
+def _evaluate_sharded(rank: int, world: int, port: int, model: str, data: str,
+                      out: str) -> None:
+    """One torchrun-like rank: the model sharded by FSDP2, ``esft_rs.evaluate`` on it."""
+    import os
+    from dataclasses import asdict
+
+    import esft_rs
+    from esft_rs.distributed import process_group
+    from esft_rs.training.sharded_load import load_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    with process_group(device) as place:
+        net = load_sharded(model, place, device)
+        result = esft_rs.evaluate(net, model, data, batch_size=3)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(asdict(result)))
+
+
+def test_evaluate_on_a_sharded_model_in_a_torchrun_job(tmp_path: Path) -> None:
+    """``esft_rs.evaluate`` called by every rank of a job (Qwen3-MoE sharded over 2 gloo
+    ranks, 7 conversations in batches of 3): each rank returns one process's figures."""
+    import socket
+
+    model = answering_model(save("qwen3_moe", tmp_path / "base", seed=2), tmp_path / "model")
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": a}]}) + "\n"
+        for p, a in zip([*PROMPTS, "One more"], ["a", "b", "a", "aa", "a", "a", "ab"],
+                        strict=True)))
+    one = evaluate(load_model(model).eval(), model, data, batch_size=3)
+    assert (one.correct, one.answered) == (4, 7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_evaluate_sharded,
+                                args=(2, port, str(model), str(data), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"conversations": 7, "label_tokens": one.label_tokens,
+                       "loss": pytest.approx(one.loss, rel=1e-6), "answered": 7, "correct": 4}
