@@ -113,3 +113,104 @@ def test_cli_bad_data_is_one_line(mixtral: Path, tmp_path: Path) -> None:
     proc = run_cli("eval", mixtral, data)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and f"{data}:2" in proc.stderr
+
+
+def answering_model(src: Path, dst: Path) -> Path:
+    """A copy of model ``src`` whose head predicts, from the last token's embedding (which
+    the residual stream carries), " " after ":", "a" after " " and EOS after "a": greedy
+    decoding answers "Assistant: a" then EOS, right for some references, wrong for others."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    head = torch.zeros_like(weights["lm_head.weight"])
+    for before, after in ((":", " "), (" ", "a"), ("a", ByteTokenizer().eos)):
+        head[after if isinstance(after, int) else ord(after)] = embed[ord(before)] * 100
+    weights["lm_head.weight"] = head
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize(("family", "parallelism"), [("builtin", "fsdp"), ("mixtral", "fsdp"),
+                                                    ("builtin", "ddp")])
+def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path, family: str,
+                                                   parallelism: str) -> None:
+    """2 CPU ranks (gloo) share the batches; under FSDP every rank runs every forward (7
+    conversations in batches of 2: rank 1 runs a spare fourth). Rank 0 writes the figures
+    of one process: counts exactly, the loss up to the order of float additions."""
+    import os
+    import subprocess
+    import sys
+
+    from esft_rs.models import init_model, save_model
+
+    src = mixtral if family == "mixtral" else save_model(init_model("tiny", seed=1),
+                                                          tmp_path / "base")
+    model = answering_model(src, tmp_path / "model")
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": a}]}) + "\n"
+        for p, a in zip([*PROMPTS, "One more"], ["a", "aa", "a", "b", "aaa", "a", "a"],
+                        strict=True)))
+    args = ["eval", model, data, "--device", "cpu", "--batch-size", "2"]
+    run_cli(*args, "-o", tmp_path / "one.json", check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "esft_rs", *map(str, args), "-o", str(tmp_path / "two.json"),
+         "--parallelism", parallelism],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("loss ") == 1  # rank 0 alone prints
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["correct"], one["answered"]) == (4, 7)  # the answers "a"
+    assert two == {**one, "loss": pytest.approx(one["loss"], rel=1e-6),
+                   "perplexity": pytest.approx(one["perplexity"], rel=1e-6)}
+
+
+def _evaluate_sharded(rank: int, world: int, port: int, model: str, data: str,
+                      out: str) -> None:
+    """One torchrun-like rank: the model sharded by FSDP2, ``esft_rs.evaluate`` on it."""
+    import os
+    from dataclasses import asdict
+
+    import esft_rs
+    from esft_rs.distributed import process_group
+    from esft_rs.training.sharded_load import load_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    with process_group(device) as place:
+        net = load_sharded(model, place, device)
+        result = esft_rs.evaluate(net, model, data, batch_size=3)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(asdict(result)))
+
+
+def test_evaluate_on_a_sharded_model_in_a_torchrun_job(tmp_path: Path) -> None:
+    """``esft_rs.evaluate`` called by every rank of a job (Qwen3-MoE sharded over 2 gloo
+    ranks, 7 conversations in batches of 3): each rank returns one process's figures."""
+    import socket
+
+    model = answering_model(save("qwen3_moe", tmp_path / "base", seed=2), tmp_path / "model")
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": a}]}) + "\n"
+        for p, a in zip([*PROMPTS, "One more"], ["a", "b", "a", "aa", "a", "a", "ab"],
+                        strict=True)))
+    one = evaluate(load_model(model).eval(), model, data, batch_size=3)
+    assert (one.correct, one.answered) == (4, 7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_evaluate_sharded,
+                                args=(2, port, str(model), str(data), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"conversations": 7, "label_tokens": one.label_tokens,
+                       "loss": pytest.approx(one.loss, rel=1e-6), "answered": 7, "correct": 4}

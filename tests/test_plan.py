@@ -188,55 +188,97 @@ def test_plan_imports_no_torch(models: dict[str, Path]) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def _sharded_rank(rank: int, world: int, port: int, directory: str, mode: str,
-                  queue: object) -> None:
+
+def bf16_copy(src: Path, out: Path) -> Path:
+    """``src`` with every tensor stored in bf16 (config.json saying so)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for file in src.glob("*.safetensors"):
+        save_file({n: t.to(torch.bfloat16) for n, t in load_file(file).items()}, out / file.name,
+                  metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.update({k: "bfloat16" for k in ("dtype", "torch_dtype") if k in config})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _gradient_bytes() -> int:
+    """Bytes of every gradient this process holds: of the model's parameters and of any
+    other (FSDP's unsharded parameters accumulate unreduced gradients)."""
+    import gc
+
+    from esft_rs.training.sharding import local
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter) and obj.grad is not None:
+            storage = local(obj.grad).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _rank_figures(rank: int, world: int, port: int, model: str, mode: str, parallelism: str,
+                  out: str) -> None:
+    """One torchrun-like rank: one optimizer step, then what this rank holds (JSON)."""
     import os
 
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from esft_rs.training import loop
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        net = load_model(directory).train()
-        layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
-        for t in freeze(net, resolve_experts(layout, EXPERTS, mode, 0)):
-            t.param.data = t.param.data.float()
-        for layer in net.model.layers:
-            fully_shard(layer)
-        fully_shard(net)
-        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-        out = net(ids)
-        getattr(out, "logits", out).sum().backward()
+    held = []  # gradients held when each micro-step starts: those of the ones before
+    forward = loop.loss_sum
 
-        def local(t: torch.Tensor) -> int:
-            t = t.to_local()
-            return t.numel() * t.element_size()
+    def measured(*args: object) -> torch.Tensor:
+        held.append(_gradient_bytes())
+        return forward(*args)
 
-        params = list(net.parameters())
-        queue.put((rank, {  # type: ignore[attr-defined]
-            "frozen_bytes": sum(local(p) for p in params if not p.requires_grad),
-            "master_bytes": sum(local(p) for p in params if p.requires_grad),
-            "grad_bytes": sum(local(p.grad) for p in params if p.grad is not None)}))
-    finally:
-        dist.destroy_process_group()
+    loop.loss_sum = measured
+    result = esft_rs.train(
+        model, fake_data(n=8, seq=64, vocab=256), Path(out) / "run", EXPERTS, progress=False,
+        device="cpu", mode=mode, parallelism=parallelism, steps=1, per_device_batch_size=1,
+        gradient_accumulation_steps=2, val_ratio=0.0, gradient_checkpointing=False)
+    fit, params = result.fit, list(result.model.parameters())
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({
+        "trained_params": fit.trainable_params,
+        "frozen_bytes": fit.rank_bytes["frozen"],
+        "master_bytes": fit.rank_bytes["trained"],
+        "grad_bytes": max(fit.grad_bytes, *held),
+        "optimizer_bytes": fit.optimizer_state_bytes,
+        "dtypes": sorted({f"{p.requires_grad}:{p.dtype}" for p in params}),
+    }))
 
 
-@pytest.mark.parametrize(("family", "mode"), [("qwen3_moe", "esft"), ("deepseek_v2", "full"),
-                                            ("builtin", "esft")])
-def test_per_rank_figures_equal_fsdp2_shards(models: dict[str, Path], family: str,
-                                             mode: str) -> None:
-    """Under FSDP2 (2 gloo ranks, one fully_shard per decoder layer and one at the root),
-    rank 0 holds what the plan says: every tensor's dim 0 split in ceil(rows / 2)."""
+@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
+@pytest.mark.parametrize("mode", ["esft", "full"])
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe"])
+def test_per_rank_figures_equal_what_2_ranks_hold(models: dict[str, Path], tmp_path: Path,
+                                                  family: str, mode: str,
+                                                  parallelism: str) -> None:
+    """2 gloo ranks train one step (2 micro-steps) of a bf16 checkpoint (Qwen3-MoE: experts
+    fused in memory). Each rank's frozen weights (bf16, the checkpoint's dtype), fp32
+    masters, fp32 gradients (the most it holds at any micro-step) and AdamW state are what
+    the plan says, to the byte: rank 0's exactly (it holds the most: FSDP splits dim 0 as
+    torch.chunk does), the other's no more."""
     import socket
 
     import torch.multiprocessing as mp
 
+    model = bf16_copy(models[family], tmp_path / "bf16")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_sharded_rank, args=(2, port, str(models[family]), mode, queue), nprocs=2)
-    got = dict(queue.get() for _ in range(2))[0]
-    want = plan(models[family], EXPERTS, mode, nproc=2, device="cpu").to_dict()
-    assert got == {k: want[k] for k in got}
+    mp.spawn(_rank_figures, args=(2, port, str(model), mode, parallelism, str(tmp_path)),
+             nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    want = plan(model, EXPERTS, mode, nproc=2, parallelism=parallelism, device="cpu").to_dict()
+    frozen = [] if mode == "full" else ["False:torch.bfloat16"]
+    for rank, got in enumerate(ranks):
+        assert got.pop("dtypes") == [*frozen, "True:torch.float32"]
+        if rank == 0:
+            assert got == {k: want[k] for k in got}
+        assert all(got[k] <= want[k] for k in got), (rank, got)
+    if parallelism == "ddp":
+        assert ranks[0] == ranks[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,13 @@ class Dist:
     world: int = 1
     local_rank: int = 0
 
+    @classmethod
+    def current(cls) -> Dist:
+        """The process group a caller has set up (rank 0 of 1 without one)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank())
+        return cls()
+
     @property
     def main(self) -> bool:
         return self.rank == 0
@@ -73,6 +80,43 @@ class Dist:
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(device.type, (self.world,))
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards ``model`` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def sum_over_batches(
+    model: torch.nn.Module,
+    batches: int,
+    run: Callable[[int], torch.Tensor],
+    width: int,
+    device: torch.device,
+    place: Dist | None = None,
+) -> torch.Tensor:
+    """The sum over batches ``0 .. batches - 1`` of ``run(i)`` (a float64 vector of ``width``
+    sums: loss numerators, token counts...), over all ranks (every rank must call).
+
+    Batch i runs on rank i mod world size, so each batch holds the rows it holds in one
+    process and the sums equal one process's (up to the order of float additions). A
+    model sharded by FSDP2 all-gathers every layer from all ranks in each forward, so
+    there every rank runs the same number of forwards: a rank out of batches runs a
+    spare one (one token) that counts nothing.
+    """
+    place = place or Dist.current()
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    mine: list[int | None] = list(range(place.rank, batches, place.world))
+    if place.world > 1 and is_sharded(model):
+        mine += [None] * (-(-batches // place.world) - len(mine))
+    for i in mine:
+        if i is None:
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
+        else:
+            total += run(i).to(total)
+    return place.sum(total)
 
 
 def backend(device: torch.device) -> str:

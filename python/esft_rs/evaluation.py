@@ -124,11 +124,18 @@ def evaluate(
     it from. ``data``: ``TaskData`` or chat data files (``read_task_data``).
     ``max_length``: see ``conversation_rows``. ``progress`` is called with 0 once the
     inputs are checked (token ids, answer tokens), then with the number of conversations
-    done in each batch.
+    done in each batch (this rank's, under torch.distributed).
+
+    Under ``torch.distributed`` (torchrun) every rank must call it: batch i (of
+    ``batch_size`` conversations, as in one process) runs on rank i mod world size, the
+    sums are all-reduced and every rank returns the figures of one process. A model
+    sharded by FSDP2 (``esft_rs.training.sharded_load.load_sharded``) runs every forward
+    on all ranks together (``esft_rs.distributed.sum_over_batches``).
     """
     import torch
 
     from esft_rs.data import causal_lm_loss, loss_tokens
+    from esft_rs.distributed import sum_over_batches
 
     if not callable(model):
         raise TypeError(f"evaluate expects a model (torch.nn.Module), got {type(model).__name__}")
@@ -156,21 +163,26 @@ def evaluate(
     _preflight(model, tokenizer, data, max_length)
     if progress is not None:
         progress(0)  # the inputs hold: a caller may show its progress bar from here on
-    total, count, answered, correct = 0.0, 0, 0, 0
-    with torch.inference_mode():
-        for start in range(0, len(convs), batch_size):
-            rows, answer = conversation_rows(convs[start : start + batch_size], tokenizer,
-                                             max_length)
-            rows = {k: v.to(device) for k, v in rows.items()}
-            out = model(rows["input_ids"], rows["attention_mask"])
-            logits = getattr(out, "logits", out)  # transformers models return an output object
-            total += float(causal_lm_loss(logits, rows["labels"], reduction="sum"))
-            count += loss_tokens(rows["labels"])
-            answered += int((answer > 0).sum())
-            correct += int(greedy_reproduces(logits, rows, answer).sum())
-            if progress is not None:
-                progress(len(answer))
-    return EvalResult(len(convs), count, total / count if count else math.nan, answered, correct)
+
+    def run(i: int) -> torch.Tensor:
+        rows, answer = conversation_rows(convs[i * batch_size : (i + 1) * batch_size],
+                                         tokenizer, max_length)
+        rows = {k: v.to(device) for k, v in rows.items()}
+        out = model(rows["input_ids"], rows["attention_mask"])
+        logits = getattr(out, "logits", out)  # transformers models return an output object
+        sums = torch.tensor([float(causal_lm_loss(logits, rows["labels"], reduction="sum")),
+                             loss_tokens(rows["labels"]), int((answer > 0).sum()),
+                             int(greedy_reproduces(logits, rows, answer).sum())],
+                            dtype=torch.float64)
+        if progress is not None:
+            progress(len(answer))
+        return sums
+
+    with torch.no_grad():  # not inference_mode: a sharded model may train after this
+        total, count, answered, correct = sum_over_batches(
+            model, -(-len(convs) // batch_size), run, 4, device).tolist()
+    return EvalResult(len(convs), int(count), total / count if count else math.nan,
+                      int(answered), int(correct))
 
 
 def exact_match(

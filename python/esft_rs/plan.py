@@ -10,9 +10,12 @@ The layout is the trainer's (``esft_rs.training``), tensor by tensor:
   gradients and AdamW's two fp32 moments plus a 4-byte step count per tensor;
 - transformers families fuse each MoE layer's routed experts in memory into
   ``gate_up_proj`` (gate and up; Mixtral's w1 and w3) and ``down_proj`` (w2);
-- with N > 1 ranks, FSDP2 shards every tensor on dim 0 (padded to a multiple of N),
-  and all-gathers one decoder layer (or the embeddings and head) at a time, in the
-  compute dtype: the largest such group is added;
+- with N > 1 ranks, FSDP2 (``parallelism="fsdp"``) shards every tensor on dim 0 as
+  ``torch.chunk`` does: rank 0 holds ceil(rows / N) rows of each, the most of any rank,
+  and the figures are its (FSDP pads every rank's shard to that size); it all-gathers
+  one decoder layer (or the embeddings and head) at a time, in the compute dtype: the
+  largest such group is added. DDP (``parallelism="ddp"``) keeps everything whole on
+  every rank (its gradient buckets are the gradients: the trainer makes them views);
 - activations: an estimate for one micro-batch (see ``activation_estimate``).
 """
 
@@ -63,6 +66,7 @@ class MemoryPlan:
     model: str
     mode: str
     nproc: int
+    parallelism: str  # fsdp | ddp (with nproc 1 the same)
     seq_length: int
     per_device_batch_size: int
     gradient_checkpointing: bool
@@ -103,6 +107,7 @@ def plan(
     mode: str = "esft",
     *,
     nproc: int = 1,
+    parallelism: str = "fsdp",
     seq_length: int = 4096,
     per_device_batch_size: int = 1,
     gradient_checkpointing: bool = True,
@@ -110,9 +115,12 @@ def plan(
     device: str = "cuda",
     origin: str = "expert config",
 ) -> MemoryPlan:
-    """The memory per rank of training ``model`` (a checkpoint directory) as configured."""
+    """The memory per rank of training ``model`` (a checkpoint directory) as configured
+    (the largest rank's: rank 0's)."""
     from esft_rs import inspect
 
+    if parallelism not in ("fsdp", "ddp"):
+        raise ValueError(f"parallelism must be fsdp or ddp, not {parallelism!r}")
     root = Path(model)
     config = _config(root)
     info = inspect(root)
@@ -125,8 +133,10 @@ def plan(
     compute = 4 if device == "cpu" and all(
         DTYPE_BYTES.get(t.dtype, 4) == 4 for t in params.values()) else 2
 
+    sharded = nproc > 1 and parallelism == "fsdp"
+
     def share(rows: int) -> int:
-        return rows if nproc == 1 else math.ceil(rows / nproc)
+        return math.ceil(rows / nproc) if sharded else rows
 
     trained = sum(t.trained_rows * t.row for t in tensors)
     frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
@@ -135,7 +145,7 @@ def plan(
     n_trained = sum(1 for t in tensors if t.trained_rows)
     optimizer = masters // MASTER * ADAM + STEP * n_trained
     gather = 0
-    if nproc > 1:
+    if sharded:
         groups: dict[int | None, int] = {}
         for t in tensors:
             groups[t.layer] = groups.get(t.layer, 0) + t.rows * t.row * min(t.nbytes, compute)
@@ -148,9 +158,9 @@ def plan(
     fits = None if gpu_memory is None else total <= gpu_memory
     advice = [] if gpu_memory is None or fits else _advice(
         total, gpu_memory, frozen + 2 * masters + optimizer, activations, nproc,
-        gradient_checkpointing)
+        gradient_checkpointing, sharded)
     return MemoryPlan(
-        model=str(root), mode=mode, nproc=nproc, seq_length=seq_length,
+        model=str(root), mode=mode, nproc=nproc, parallelism=parallelism, seq_length=seq_length,
         per_device_batch_size=per_device_batch_size,
         gradient_checkpointing=gradient_checkpointing, device=device,
         trained_params=trained, frozen_params=frozen_params, frozen_bytes=frozen,
@@ -300,9 +310,9 @@ def activation_estimate(
 
 
 def _advice(total: int, budget: int, weights: int, activations: int, nproc: int,
-            checkpointing: bool) -> list[str]:
+            checkpointing: bool, sharded: bool) -> list[str]:
     """What to change so that it fits. ``weights``: this rank's weights, gradients and
-    optimizer state, which more ranks divide."""
+    optimizer state, which more ranks divide (under FSDP: ``sharded``)."""
     out = []
     over = total - budget
     if not checkpointing:
@@ -312,9 +322,11 @@ def _advice(total: int, budget: int, weights: int, activations: int, nproc: int,
         out.append(f"shorten the sequences or the per-device batch (activations take"
                    f" {activations / 2**30:.2f} GiB)")
     if rest < budget:
-        need = nproc
-        while weights * nproc / need + rest > budget:
+        now = nproc if sharded else 1
+        need = max(now, 2)
+        while weights * now / need + rest > budget:
             need *= 2
-        out.append(f"use {need} or more ranks (--nproc {need}): weights, gradients and"
-                   " optimizer state divide among them")
+        shard = "" if sharded else " with --parallelism fsdp"
+        out.append(f"use {need} or more ranks (--nproc {need}){shard}: weights, gradients"
+                   " and optimizer state divide among them")
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from esft_rs.cli.model_inputs import chat_template_option
+from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
 
 
 @click.command("eval")
@@ -25,6 +25,7 @@ from esft_rs.cli.model_inputs import chat_template_option
               help="Also write the figures as JSON.")
 @click.option("--skip-bad", is_flag=True,
               help="Skip malformed JSONL lines (listed) instead of failing.")
+@parallelism_option
 @chat_template_option
 def eval_cmd(
     model: Path,
@@ -34,6 +35,7 @@ def eval_cmd(
     device: str,
     output: Path | None,
     skip_bad: bool,
+    parallelism: str,
     chat_template: str,
 ) -> None:
     """Evaluate MODEL (built-in or a transformers family; merge an adapter first) on
@@ -42,15 +44,17 @@ def eval_cmd(
     reproduces exactly.
 
     Conversations are formatted as for training, one per row (never packed); one
-    teacher-forced pass scores both (no decoding loop).
+    teacher-forced pass scores both (no decoding loop). Under torchrun the ranks share
+    the batches (the model sharded over them with --parallelism fsdp) and rank 0 prints
+    and writes the figures of one process.
     """
     from dataclasses import asdict, replace
 
     from tqdm import tqdm
 
-    from esft_rs.cli.model_inputs import task_inputs
+    from esft_rs.cli.model_inputs import load, task_inputs
+    from esft_rs.distributed import process_group
     from esft_rs.evaluation import evaluate
-    from esft_rs.models import load_model
     from esft_rs.outputs import check_outputs, check_target, write_file
     from esft_rs.preflight import context_length
 
@@ -60,21 +64,27 @@ def eval_cmd(
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
-    net = load_model(model, device=dev).eval()
-    bars: list[tqdm] = []  # opened once the inputs are checked, so an error is the only line
+    with process_group(dev) as place:
+        net = load(model, place, dev, parallelism)
+        bars: list[tqdm] = []  # opened once the inputs are checked, so an error is the only line
+        # rank 0's share of the batches (batch i runs on rank i mod world size)
+        mine = sum(len(task.conversations[i : i + batch_size])
+                   for i in range(0, len(task.conversations), batch_size * place.world))
 
-    def advance(n: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=len(task.conversations), unit="conv", desc="eval",
-                             dynamic_ncols=True))
-        bars[0].update(n)
+        def advance(n: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=mine, unit="conv", desc="eval", dynamic_ncols=True))
+            bars[0].update(n)
 
-    try:
-        result = evaluate(net, tokenizer, task, batch_size=batch_size,
-                          max_length=context_length(net), progress=advance)
-    finally:
-        for bar in bars:
-            bar.close()
+        try:
+            result = evaluate(net, tokenizer, task, batch_size=batch_size,
+                              max_length=context_length(net),
+                              progress=advance if place.main else None)
+        finally:
+            for bar in bars:
+                bar.close()
+        if not place.main:
+            return
     line = (f"loss {result.loss:.4f} (perplexity {result.perplexity:.2f}) over"
             f" {result.label_tokens} answer tokens of {result.conversations} conversations")
     if result.exact_match is not None:

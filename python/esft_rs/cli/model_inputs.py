@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from esft_rs.data import TaskData
+    from esft_rs.distributed import Dist
     from esft_rs.tokenizer import Tokenizer
 
 
@@ -25,6 +26,26 @@ def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
     text = next(h for name, _, _, h, _ in option_fields() if name == "chat_template")
     return click.option("--chat-template", default=TrainConfig.chat_template, show_default=True,
                         metavar="auto|model|official|PATH", help=text)(f)
+
+
+def parallelism_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--parallelism``: how the model is spread over torchrun's processes (``load``)."""
+    return click.option(
+        "--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp", show_default=True,
+        help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models"
+        " larger than one device; ddp gives each process a whole copy.")(f)
+
+
+def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> torch.nn.Module:
+    """The model for forward passes (frozen, in eval mode): under torchrun with ``fsdp``
+    sharded over the processes as training shards it, else whole in this process."""
+    from esft_rs.models import load_model
+    from esft_rs.training.sharded_load import load_sharded
+    from esft_rs.training.sharding import uses_fsdp
+
+    if uses_fsdp(parallelism, place.world):
+        return load_sharded(model, place, device)
+    return load_model(model, device=device).requires_grad_(False).eval()
 
 
 def task_inputs(

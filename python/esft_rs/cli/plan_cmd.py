@@ -18,6 +18,9 @@ from esft_rs.cli.fmt import human_bytes
               show_default=True, help="What trains, as in 'esft-rs train'.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ranks (GPUs) in all; above 1, FSDP2 shards the weights among them.")
+@click.option("--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp",
+              show_default=True,
+              help="As in 'esft-rs train': fsdp shards over the ranks, ddp copies to each.")
 @click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True)
 @click.option("--per-device-batch-size", type=click.IntRange(min=1), default=1,
               show_default=True)
@@ -28,7 +31,8 @@ from esft_rs.cli.fmt import human_bytes
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
               show_default=True, help="cuda computes in bf16, cpu in the checkpoint's dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, seq_length: int,
+def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, parallelism: str,
+             seq_length: int,
              per_device_batch_size: int, gpu_memory: str, gradient_checkpointing: bool,
              device: str, as_json: bool) -> None:
     """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
@@ -42,7 +46,8 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, seq_
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--gpu-memory") from None
     experts = ExpertConfig.load(experts_path) if experts_path is not None else None
-    result = plan(model, experts, mode, nproc=nproc, seq_length=seq_length,
+    result = plan(model, experts, mode, nproc=nproc, parallelism=parallelism,
+                  seq_length=seq_length,
                   per_device_batch_size=per_device_batch_size,
                   gradient_checkpointing=gradient_checkpointing, gpu_memory=budget,
                   device=device, origin=str(experts_path or "expert config"))
@@ -50,7 +55,8 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, seq_
         click.echo(json.dumps(result.to_dict()))
         return
     echo = click.echo
-    echo(f"{result.model}: {result.mode} on {nproc} rank{'s' if nproc > 1 else ''},"
+    ranks = f"{nproc} ranks ({parallelism})" if nproc > 1 else "1 rank"
+    echo(f"{result.model}: {result.mode} on {ranks},"
          f" {per_device_batch_size} x {seq_length} tokens per device,"
          f" checkpointing {'on' if gradient_checkpointing else 'off'}")
     echo(f"trained parameters: {result.trained_params:,}"
@@ -59,7 +65,7 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, seq_
             ("fp32 master weights", result.master_bytes),
             ("fp32 gradients", result.grad_bytes),
             ("AdamW state", result.optimizer_bytes)]
-    if nproc > 1:
+    if result.gather_bytes:
         rows.append(("one layer gathered", result.gather_bytes))
     rows += [("activations (estimate)", result.activation_bytes),
              ("total per rank", result.total_bytes)]

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from esft_rs.cli.model_inputs import chat_template_option
+from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
 from esft_rs.cli.params import SEED
 from esft_rs.errors import EsftError
-
-if TYPE_CHECKING:
-    import torch
-
-    from esft_rs.models.interface import MoEModel
 
 #: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
 DEFAULT_TOKENS = 131072
@@ -53,11 +47,7 @@ DEFAULT_SEQ_LEN = 4096
     " layer_<L>_weights.npy; rank_<r>/ folders under torchrun).",
 )
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
-@click.option(
-    "--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp", show_default=True,
-    help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models larger"
-    " than one device; ddp gives each process a whole copy.",
-)
+@parallelism_option
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Packing seed (random concatenation, as in training).")
 @chat_template_option
@@ -85,8 +75,9 @@ def profile_cmd(
     disjoint share of the rows and rank 0 writes the file; the result does not depend on
     the number of processes.
     """
-    from esft_rs.cli.model_inputs import task_inputs
+    from esft_rs.cli.model_inputs import load, task_inputs
     from esft_rs.distributed import process_group
+    from esft_rs.models import as_moe_model
     from esft_rs.outputs import check_outputs, check_target
     from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.profiling import profile
@@ -99,13 +90,7 @@ def profile_cmd(
     with process_group(dev) as place:
         rank, world = place.rank, place.world
         t0 = time.perf_counter()
-        if place.world > 1 and parallelism == "fsdp":
-            from esft_rs.models import as_moe_model
-            from esft_rs.training.sharded_load import load_sharded
-
-            moe = as_moe_model(load_sharded(model, place, dev))
-        else:
-            moe = load_model(model, dev)
+        moe = as_moe_model(load(model, place, dev, parallelism))
         limit = context_length(moe)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
@@ -170,10 +155,3 @@ def _fingerprint(model: Path) -> dict[str, str]:
     except EsftError:
         return {}
 
-
-def load_model(path: Path, device: torch.device) -> MoEModel:
-    """The model in ``path`` (built-in or a transformers family) as an ``MoEModel``."""
-    from esft_rs.models import as_moe_model
-    from esft_rs.models import load_model as load_any
-
-    return as_moe_model(load_any(path, device=device))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from esft_rs.data import causal_lm_loss, loss_tokens
-from esft_rs.distributed import Dist
+from esft_rs.distributed import Dist, sum_over_batches
 from esft_rs.training import checkpoint, sharding
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
@@ -150,9 +150,10 @@ class Loop:
         self.ddp = model
         if place.world > 1 and not self.fsdp:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
+            # Gradients are views into DDP's all-reduce buckets, not a second copy of them.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=True,
+                find_unused_parameters=True, gradient_as_bucket_view=True,
             )
         self.best: dict[str, torch.Tensor] | None = None
         self.best_loss: float | None = None
@@ -179,8 +180,8 @@ class Loop:
         for micro in range(cfg.gradient_accumulation_steps):
             part = rank_part(batch, micro, place.rank, place.world, cfg.per_device_batch_size)
             last = micro == cfg.gradient_accumulation_steps - 1
-            if self.fsdp:  # gradients stay unsharded and accumulate until the last micro-step
-                self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            # DDP all-reduces at the last micro-step only (its buckets hold the sum); FSDP
+            # reduce-scatters at each, so that no rank ever holds unsharded gradients.
             sync = (contextlib.nullcontext() if last or place.world == 1 or self.fsdp
                     else self.ddp.no_sync())
             with sync:
@@ -209,29 +210,23 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Loss over the held-out rows, in batches of ``per_device_batch_size`` spread over
+        the ranks as ``esft_rs.evaluate`` spreads them (``sum_over_batches``)."""
         if not len(self.val_idx):
             return None
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        mine = self.val_idx[self.place.rank :: self.place.world]
-        parts: list[torch.Tensor | None] = (
-            list(mine.split(self.cfg.per_device_batch_size)) if len(mine) else [])
-        if self.fsdp:
-            # Every rank joins every layer's all-gather: one with fewer rows runs a row it
-            # does not count (rank 0 has the most).
-            most = -(-len(self.val_idx[:: self.place.world]) // self.cfg.per_device_batch_size)
-            parts += [None] * (most - len(parts))
-        for part in parts:
-            if part is None:
-                with self.autocast:  # the spare forward meets bf16 and fp32 tensors alike
-                    self.model(self._batch(self.val_idx[:1])["input_ids"])
-                continue
-            batch = self._batch(part)
-            with self.autocast:
-                sums[0] += loss_sum(self.model, batch)
-            sums[1] += loss_tokens(batch["labels"])
+        parts = self.val_idx.split(self.cfg.per_device_batch_size)
+
+        def run(i: int) -> torch.Tensor:
+            batch = self._batch(parts[i])
+            return torch.stack([loss_sum(self.model, batch).double(),
+                                torch.tensor(loss_tokens(batch["labels"]), dtype=torch.float64,
+                                             device=self.device)])
+
+        with self.autocast:
+            loss, n = sum_over_batches(self.model, len(parts), run, 2, self.device,
+                                       self.place).tolist()
         self.model.train()
-        loss, n = self.place.sum(sums).tolist()
         return loss / max(1.0, n)
 
     def _keep_if_best(self, step: int, loss: float) -> None:
