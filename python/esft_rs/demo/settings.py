@@ -52,7 +52,10 @@ class Settings:
     downstream_pretrain_items: int = 8
     finetune_steps: int = 100
     finetune_items: int = 3000
-    seeds: int = 3  # fine-tuning seeds (data order, random experts): seed, seed + 1, ...
+    # Fine-tuning seeds (data order, random experts): seed, seed + 1, ... Five, not three:
+    # random experts' accuracy depends on the draw (sd 0.25 over three seeds), and three
+    # seeds left a 0.29 gap to ESFT-Token within the noise (docs/demo.md).
+    seeds: int = 5
     # Above the official 0.2 / 0.1, which select 5.7% / 4.7% of this model's 192 experts:
     # these select 12% / 9%, within the 5-15% the paper trains (docs/demo.md).
     token_top_p: float = 0.35
@@ -78,7 +81,7 @@ QUICK = replace(
     FULL, model=replace(DEMO_MODEL, hidden_size=32, intermediate_size=64, n_routed_experts=16,
                         num_experts_per_tok=4),
     batch_size=16, pretrain_steps=30, pretrain_items=100, finetune_steps=8, finetune_items=100,
-    val_items=20, test_items=20, general_test_items=5, profile_items=20,
+    val_items=20, test_items=20, general_test_items=5, profile_items=20, seeds=3,
     learning_rates={"fft": (1e-3,), "esft_token": (1e-2,), "esft_gate": (1e-2,),
                     "random": (1e-2,)},
 )
