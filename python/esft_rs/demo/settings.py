@@ -52,9 +52,9 @@ class Settings:
     downstream_pretrain_items: int = 8
     finetune_steps: int = 100
     finetune_items: int = 3000
-    # Fine-tuning seeds (data order, random experts): seed, seed + 1, ... Five, not three:
-    # random experts' accuracy depends on the draw (sd 0.25 over three seeds), and three
-    # seeds left a 0.29 gap to ESFT-Token within the noise (docs/demo.md).
+    # Fine-tuning seeds (data order, random experts): seed, seed + 1, ... Five: random
+    # experts' accuracy depends on the draw (sd 0.24), and their mean needs more than the
+    # issue's minimum of three to be told from ESFT-Token's (docs/demo.md).
     seeds: int = 5
     # Above the official 0.2 / 0.1, which select 5.7% / 4.7% of this model's 192 experts:
     # these select 12% / 9%, within the 5-15% the paper trains (docs/demo.md).
