@@ -53,6 +53,7 @@ def test_report_complete(report: tuple[dict, Path]) -> None:
 
 def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
     from esft_rs.demo.claims import NUMERIC
+    from esft_rs.demo.tuning import choose_rate
 
     r, out = report
     runs = r["runs"]
@@ -77,6 +78,9 @@ def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
         assert set(t["validation_acc"]) == {f"{lr:g}" for lr in grid}
         assert max(t["validation_acc"].values()) == t["validation_acc"][f"{t['learning_rate']:g}"]
         assert set(t["validation_loss"]) == set(t["validation_acc"])
+        scores = {float(lr): (acc, t["validation_loss"][lr])
+                  for lr, acc in t["validation_acc"].items()}
+        assert t["learning_rate"] == choose_rate(scores)
     for c in r["claims"].values():
         if "runs" in c:
             assert c["runs"] == len(runs) and 0 <= c["held_in"] <= len(runs)
