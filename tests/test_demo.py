@@ -53,6 +53,7 @@ def test_report_complete(report: tuple[dict, Path]) -> None:
 
 def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
     from esft_rs.demo.claims import NUMERIC
+    from esft_rs.demo.tuning import choose_rate
 
     r, out = report
     runs = r["runs"]
@@ -76,6 +77,10 @@ def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
         grid = r["settings"]["learning_rates"][name]
         assert set(t["validation_acc"]) == {f"{lr:g}" for lr in grid}
         assert max(t["validation_acc"].values()) == t["validation_acc"][f"{t['learning_rate']:g}"]
+        assert set(t["validation_loss"]) == set(t["validation_acc"])
+        scores = {float(lr): (acc, t["validation_loss"][lr])
+                  for lr, acc in t["validation_acc"].items()}
+        assert t["learning_rate"] == choose_rate(scores)
     for c in r["claims"].values():
         if "runs" in c:
             assert c["runs"] == len(runs) and 0 <= c["held_in"] <= len(runs)
@@ -250,3 +255,45 @@ def test_methods_are_the_means_of_runs() -> None:
     assert r["methods"]["fft"]["general_acc_after_by_task"]["a"] == pytest.approx(0.50)
     assert r["methods"]["fft"]["sd"]["downstream_acc"] == pytest.approx(0.0707, abs=1e-4)
     assert r["methods"]["fft"]["experts_trained"] is None
+
+
+def test_rate_choice_takes_the_best_accuracy_then_the_lowest_loss() -> None:
+    from esft_rs.demo.tuning import choose_rate
+
+    # Accuracy first, whatever the loss.
+    assert choose_rate({1e-4: (0.8, 0.1), 1e-3: (0.9, 0.5)}) == 1e-3
+    # Exact match saturated at 1.0: the lower validation loss decides, not the smaller rate.
+    assert choose_rate({1e-4: (0.85, 0.1), 3e-4: (1.0, 7e-4), 1e-3: (1.0, 2e-5)}) == 1e-3
+    # A diverged run's loss counts as worst; a full tie goes to the smaller rate.
+    assert choose_rate({1e-3: (1.0, float("nan")), 1e-2: (1.0, 0.3)}) == 1e-2
+    assert choose_rate({1e-2: (1.0, 0.0), 1e-3: (1.0, 0.0)}) == 1e-3
+    with pytest.raises(ValueError):
+        choose_rate({})
+
+
+def test_every_method_searches_the_same_rates() -> None:
+    from esft_rs.demo.settings import FULL
+
+    grids = {tuple(sorted(g)) for g in FULL.learning_rates.values()}
+    assert len(grids) == 1 and len(next(iter(grids))) >= 3
+
+
+def test_share_on_selected_experts() -> None:
+    import numpy as np
+
+    from esft_rs.demo.report import share_on_selected
+    from esft_rs.routing import RoutingStats
+    from esft_rs.selection import select
+
+    def stats(counts: list[list[int]]) -> RoutingStats:
+        c = np.array(counts, dtype=np.int64)
+        z = np.zeros(c.shape)
+        return RoutingStats([1, 2], c, z, c.sum(1), 1, 1, z, z)
+
+    st = {"a": stats([[3, 1, 0, 0], [0, 0, 2, 2]]), "b": stats([[0, 0, 1, 1], [4, 0, 0, 0]])}
+    sel = select(stats([[4, 0, 0, 0], [0, 0, 2, 2]]), score="token", top_p=0.9)
+    assert sel.experts == {1: [0], 2: [2, 3]}
+    out = share_on_selected(st, sel)
+    # a: layer 1 puts 3/4 on expert 0, layer 2 all on 2 and 3 -> (0.75 + 1) / 2.
+    assert out["by_task"] == {"a": 0.875, "b": 0.0}
+    assert out["uniform"] == pytest.approx(round((1 + 2) / 8, 3))

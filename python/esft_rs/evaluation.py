@@ -192,8 +192,16 @@ def exact_match(
     """Share of (prompt, answer) items that greedy decoding answers exactly."""
     if not items:
         return 0.0
+    return evaluate_items(model, tokenizer, items, batch_size).exact_match or 0.0
+
+
+def evaluate_items(
+    model: torch.nn.Module, tokenizer: Tokenizer, items: Sequence[tuple[str, str]],
+    batch_size: int = 256,
+) -> EvalResult:
+    """Loss and exact match of (prompt, answer) items, each one user -> assistant turn."""
     data = TaskData(_conversations(items), [f"item {i}" for i in range(len(items))], [])
-    return evaluate(model, tokenizer, data, batch_size=batch_size).exact_match or 0.0
+    return evaluate(model, tokenizer, data, batch_size=batch_size)
 
 
 def _preflight(model: Any, tokenizer: Tokenizer, data: TaskData, max_length: int | None) -> None:

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from esft_rs.demo import tasks as T
 from esft_rs.demo.claims import mean_runs
 from esft_rs.demo.settings import Settings, cache_dir
+from esft_rs.demo.tuning import choose_rate
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
-from esft_rs.evaluation import exact_match, item_rows
+from esft_rs.evaluation import evaluate_items, exact_match, item_rows
 from esft_rs.outputs import staged, write_file
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
     ``final``: where ``out`` will be once committed (the report's paths point there)."""
     import torch
 
-    from esft_rs.demo.report import routing_figures, write_report
+    from esft_rs.demo.report import routing_figures, share_on_selected, write_report
     from esft_rs.merging import merge
     from esft_rs.models import load_model
     from esft_rs.selection import select
@@ -196,6 +197,7 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
         "gate": select(stats[s.finetune_task], score="gate", top_p=s.gate_top_p),
     }
     routing = routing_figures(stats, top_p=s.token_top_p)
+    routing["share_on_selected"] = share_on_selected(stats, selections["token"])
     general_before, general_before_by_task = general_accuracy(base, tok, data)
     ft = _FineTune(s, data, tok, base_dir, out / "runs", general_before,
                    {"fft": None, "esft_token": selections["token"].config(),
@@ -203,26 +205,29 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
                     "random": selections["token"].config()})
     shutil.rmtree(out / "runs", ignore_errors=True)
 
-    # Each method's learning rate: the grid point with the best downstream accuracy on the
-    # validation split, at the first seed (ties: the smaller rate). Test items are scored
-    # only for the chosen runs.
+    # Each method's learning rate: the grid point with the best downstream validation score
+    # at the first seed (``tuning.choose_rate``). Test items are scored only for the chosen
+    # runs.
     tuning: dict[str, dict[str, Any]] = {}
     first: dict[str, dict[str, Any]] = {}
     grid = [(name, lr) for name in METHODS for lr in sorted(s.learning_rates[name])]
     bar = tqdm(total=len(grid), desc="tune learning rates", disable=not progress, unit="run")
     for name in METHODS:
-        best: tuple[float, float, Any] | None = None
-        validation = {}
+        validation: dict[float, tuple[float, float]] = {}
+        kept: tuple[Any, float] | None = None  # the best run so far (one model in memory)
         for lr in sorted(s.learning_rates[name]):
             result, seconds = ft.train(name, lr, s.seed)
-            acc = exact_match(result.model.eval(), tok, data.downstream_val)
-            validation[f"{lr:g}"] = acc
-            if best is None or acc > best[0]:
-                best = (acc, lr, (result, seconds))
+            ev = evaluate_items(result.model.eval(), tok, data.downstream_val)
+            validation[lr] = (ev.exact_match or 0.0, ev.loss)
+            if choose_rate(validation) == lr:
+                kept = (result, seconds)
             bar.update()
-        assert best is not None
-        tuning[name] = {"learning_rate": best[1], "validation_acc": validation}
-        first[name] = ft.measure(name, *best[2])
+        assert kept is not None
+        best = choose_rate(validation)
+        tuning[name] = {"learning_rate": best,
+                        "validation_acc": {f"{lr:g}": v[0] for lr, v in validation.items()},
+                        "validation_loss": {f"{lr:g}": v[1] for lr, v in validation.items()}}
+        first[name] = ft.measure(name, *kept)
     bar.close()
     runs = [{"seed": s.seed, "methods": first}]
     seeds = [s.seed + k for k in range(1, s.seeds)]

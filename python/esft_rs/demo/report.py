@@ -52,6 +52,23 @@ def routing_figures(stats: dict[str, RoutingStats], top_p: float) -> dict[str, A
     }
 
 
+def share_on_selected(stats: dict[str, RoutingStats], selection: Selection) -> dict[str, Any]:
+    """How much each task relies on the experts ESFT trains: per task, the share of its
+    token selections that land on ``selection``'s experts (mean over layers), and the
+    share uniform routing would give them. A general task that puts much of its routing
+    there is the one fine-tuning those experts can make forget."""
+    shares = {}
+    for name, st in stats.items():
+        scores = st.token_scores()
+        shares[name] = round(float(sum(
+            scores[i, selection.experts.get(layer, [])].sum() for i, layer in enumerate(st.layers)
+        ) / st.num_layers), 3)
+    st = next(iter(stats.values()))
+    uniform = sum(len(selection.experts.get(layer, [])) for layer in st.layers) / (
+        st.num_layers * st.num_experts)
+    return {"by_task": shares, "uniform": round(uniform, 3)}
+
+
 def verdict(holds: bool | None) -> str:
     return {True: "holds", False: "does NOT hold", None: "not measurable"}[holds]
 
@@ -128,6 +145,11 @@ def routing_table(report: dict[str, Any]) -> list[str]:
     rows += ["", f"Mean Jaccard overlap of selected experts between tasks: {r['mean_overlap']}"
              f" (random sets of the same sizes: {r['chance_overlap']} on average, "
              f"{r['chance_overlap_p95']} at the 95th percentile)."]
+    if "share_on_selected" in r:
+        share = r["share_on_selected"]
+        rows += ["", "Share of each task's token selections that land on the experts ESFT-Token"
+                 f" trains (uniform routing: {share['uniform']}): "
+                 + ", ".join(f"{k} {v}" for k, v in share["by_task"].items()) + "."]
     return rows
 
 
@@ -146,9 +168,12 @@ def write_report(report: dict[str, Any], stats: dict[str, RoutingStats],
               "Judged on the means; a difference counts when it exceeds two standard errors "
               "(test-split sampling and the seeds' spread), and an overlap when it exceeds the "
               "95th percentile of random sets of the same sizes.", "", *claim_lines(report)]
-    lines += ["", "Learning rates (validation exact match per rate, first seed):", ""]
+    lines += ["", "Learning rates (validation exact match / loss per rate, first seed; the "
+              "best exact match, ties to the lower loss):", ""]
     for name, t in report["learning_rates"].items():
-        grid = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in t["validation_acc"].items())
+        loss = t.get("validation_loss", {})
+        grid = ", ".join(f"{lr}: {acc:.3f}" + (f" / {loss[lr]:.2g}" if lr in loss else "")
+                         for lr, acc in t["validation_acc"].items())
         lines.append(f"- {LABELS[name]}: {t['learning_rate']:g} ({grid})")
     m = report["merge"]
     lines += ["", f"Merged ESFT-Token model: downstream acc {m['downstream_acc']:.3f}, in memory "

@@ -12,11 +12,13 @@ from esft_rs import __version__
 from esft_rs.demo.vocabulary import BOS_ID, EOS_ID, PAD_ID, VOCAB
 from esft_rs.models.config import ModelConfig
 
-#: Method name -> the learning rates tried; each method gets the one that scores best on
-#: the validation split, as the paper tuned each method's rate. Full fine-tuning moves
-#: every weight and needs smaller steps than ESFT.
-LEARNING_RATES = {"fft": (1e-4, 3e-4, 1e-3), "esft_token": (3e-3, 1e-2, 3e-2),
-                  "esft_gate": (3e-3, 1e-2, 3e-2), "random": (3e-3, 1e-2, 3e-2)}
+#: The learning rates tried, the same for every method; each method gets the one with
+#: the best score on the downstream validation split (``tuning.choose_rate``), as the
+#: paper tuned each method's rate. One grid for all: a grid per method would decide in
+#: advance how hard each method trains (with ESFT's grid starting at 3e-3 and FFT's at
+#: 1e-4, validation picked rates that forgot according to the grids, docs/demo.md).
+GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LEARNING_RATES = {"fft": GRID, "esft_token": GRID, "esft_gate": GRID, "random": GRID}
 
 #: The demo's model: DeepSeek-V2-Lite's expert layout (64 fine-grained routed experts,
 #: 6 active, 2 shared) at hidden 64 and 0.7M parameters, so that pretraining on one CPU
@@ -50,7 +52,10 @@ class Settings:
     downstream_pretrain_items: int = 8
     finetune_steps: int = 100
     finetune_items: int = 3000
-    seeds: int = 3  # fine-tuning seeds (data order, random experts): seed, seed + 1, ...
+    # Fine-tuning seeds (data order, random experts): seed, seed + 1, ... Five: random
+    # experts' accuracy depends on the draw (sd 0.24), and their mean needs more than the
+    # issue's minimum of three to be told from ESFT-Token's (docs/demo.md).
+    seeds: int = 5
     # Above the official 0.2 / 0.1, which select 5.7% / 4.7% of this model's 192 experts:
     # these select 12% / 9%, within the 5-15% the paper trains (docs/demo.md).
     token_top_p: float = 0.35
@@ -76,7 +81,7 @@ QUICK = replace(
     FULL, model=replace(DEMO_MODEL, hidden_size=32, intermediate_size=64, n_routed_experts=16,
                         num_experts_per_tok=4),
     batch_size=16, pretrain_steps=30, pretrain_items=100, finetune_steps=8, finetune_items=100,
-    val_items=20, test_items=20, general_test_items=5, profile_items=20,
+    val_items=20, test_items=20, general_test_items=5, profile_items=20, seeds=3,
     learning_rates={"fft": (1e-3,), "esft_token": (1e-2,), "esft_gate": (1e-2,),
                     "random": (1e-2,)},
 )
