@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,40 @@ def test_corrupt_gzip_data_is_one_line(ws: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidFileError, match=r"d\.jsonl\.gz: not a valid gzip file") as info:
         read_task_data(data)  # was zlib.error, which no caller catches
     assert info.value.path == str(data)
+
+
+@pytest.mark.parametrize("flag, value", [("--gpu-memory", "0"), ("--seq-length", str(2**40))])
+def test_plan_refuses_sizes_no_run_can_have(ws: Path, flag: str, value: str) -> None:
+    # were "does NOT fit in 0 B" and a 6e20-GiB activation estimate; train refuses them too
+    one_error(run_cli("plan", ws / "base", "-e", ws / "cfg.json", flag, value), flag)
+
+
+def alias_bomb(keys: list[str]) -> str:
+    """YAML whose every key holds nine aliases of the previous one ("billion laughs")."""
+    lines, prev = [], "1"
+    for i, key in enumerate(keys):
+        lines.append(f"{key}: &a{i} [{', '.join([prev] * 9)}]")
+        prev = f"*a{i}"
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_read_once_and_reported_briefly(tmp_path: Path) -> None:
+    from esft_rs.training.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(alias_bomb([f"k{i}" for i in range(9)]))  # 9**9 references
+    probe = f"from esft_rs.inputs import load_yaml; load_yaml({str(path)!r})"
+    # the depth check walked every one of them (minutes); a hang fails here
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+    path.write_text(alias_bomb(["optim", "n_device", "ep_size", "seed"]))
+    with pytest.raises(InvalidFileError, match="seed must be int") as info:
+        load_config(path)
+    assert len(str(info.value)) < 300  # shown briefly, not as thousands of items
+
+
+def test_missing_file_reads_file_colon_problem(ws: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json",
+                   "-o", tmp_path / "out", "-c", tmp_path / "nope.yaml")
+    line = one_error(proc, f"{tmp_path / 'nope.yaml'}: No such file or directory")
+    assert "[Errno" not in line
+    assert not (tmp_path / "out").exists()

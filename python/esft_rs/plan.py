@@ -94,7 +94,10 @@ def parse_size(text: str) -> int:
     powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
     binary = unit.endswith("I")
     base = 1024 if binary else 1000
-    return int(float(m.group(1)) * base ** powers[unit.removesuffix("I")])
+    size = int(float(m.group(1)) * base ** powers[unit.removesuffix("I")])
+    if size <= 0:
+        raise ValueError(f"not a size: {text!r} is no memory at all")
+    return size
 
 
 def plan(

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.fmt import human_bytes
+from esft_rs.training.config import MAX_SEQ_LENGTH
 
 
 @click.command("plan")
@@ -18,7 +19,8 @@ from esft_rs.cli.fmt import human_bytes
               show_default=True, help="What trains, as in 'esft-rs train'.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ranks (GPUs) in all; above 1, FSDP2 shards the weights among them.")
-@click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--seq-length", type=click.IntRange(1, MAX_SEQ_LENGTH), default=4096,
+              show_default=True)
 @click.option("--per-device-batch-size", type=click.IntRange(min=1), default=1,
               show_default=True)
 @click.option("--gpu-memory", default="80GiB", show_default=True,
