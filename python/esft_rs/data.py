@@ -37,6 +37,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def _rows(path: Path) -> Iterator[tuple[str, bytes | object]]:
     if path.name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # header, truncation, corrupt stream
             raise InvalidFileError(f"{path}: not a valid gzip file ({e})", path) from None
     for number, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():

@@ -135,12 +135,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _depth_problem(value: Any) -> str | None:
+    # YAML aliases share one object many times ("billion laughs") or hold themselves:
+    # each is walked again only when reached deeper than before, so at most MAX_DEPTH times.
+    deepest: dict[int, int] = {}
     stack = [(value, 1)]
     while stack:
         v, depth = stack.pop()
-        if isinstance(v, dict | list):
+        if isinstance(v, dict | list) and deepest.get(id(v), 0) < depth:
             if depth > MAX_DEPTH:
                 return f"nested more than {MAX_DEPTH} levels deep"
+            deepest[id(v)] = depth
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
     return None
 

@@ -21,7 +21,6 @@ The layout is the trainer's (``esft_rs.training``), tensor by tensor:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 
 from esft_rs.errors import InvalidFileError
 from esft_rs.expert_config import ExpertConfig
+from esft_rs.inputs import load_json
 from esft_rs.naming import classify
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
@@ -98,7 +98,10 @@ def parse_size(text: str) -> int:
     powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
     binary = unit.endswith("I")
     base = 1024 if binary else 1000
-    return int(float(m.group(1)) * base ** powers[unit.removesuffix("I")])
+    size = int(float(m.group(1)) * base ** powers[unit.removesuffix("I")])
+    if size <= 0:
+        raise ValueError(f"not a size: {text!r} is no memory at all")
+    return size
 
 
 def plan(
@@ -173,11 +176,9 @@ def plan(
 def _config(root: Path) -> dict[str, Any]:
     path = root / "config.json"
     try:
-        raw = json.loads(path.read_bytes())
+        raw = load_json(path)  # strict: no pipe that blocks, no duplicate keys
     except FileNotFoundError:
         raise InvalidFileError(f"{path}: not found (plan reads the model's config.json)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidFileError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise InvalidFileError(f"{path}: not a JSON object")
     for key in REQUIRED:

@@ -46,6 +46,6 @@ def check_answer_tokens(count: int, origin: str | os.PathLike[str], how: str) ->
     """Some label token must remain, or there is nothing to learn or score."""
     if count <= 0:
         raise InvalidFileError(
-            f"{os.fspath(origin)}: no answer tokens left {how} (every assistant turn is"
-            ' masked with "mask": 1 or cut off)'
+            f"{os.fspath(origin)}: no answer tokens left {how} (no assistant turn, or every"
+            ' one is masked with "mask": 1 or cut off)'
         )

@@ -77,8 +77,10 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
-    except (EsftError, OSError) as e:
+    except EsftError as e:
         fail(str(e))
+    except OSError as e:  # "FILE: what", as EsftIOError says it, not "[Errno 2] what: 'FILE'"
+        fail(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
     except RecursionError:  # a parser below us met nesting it could not follow
         fail("input nested too deeply to read")
     sys.exit(code if isinstance(code, int) else 0)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from esft_rs.errors import InvalidFileError
+from esft_rs.inputs import check_file
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +57,9 @@ def task_inputs(
     from esft_rs.data import read_task_data
     from esft_rs.tokenizer import load_tokenizer
 
-    if not (model / "config.json").is_file():
+    if not (model / "config.json").exists():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")
+    check_file(model / "config.json")
     dev = torch_device(device)
     tokenizer = load_tokenizer(model, chat_template)
     task = read_task_data(list(data), skip_bad=skip_bad)

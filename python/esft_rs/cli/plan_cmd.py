@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.fmt import human_bytes
+from esft_rs.training.config import MAX_SEQ_LENGTH
 
 
 @click.command("plan")
@@ -21,7 +22,8 @@ from esft_rs.cli.fmt import human_bytes
 @click.option("--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp",
               show_default=True,
               help="As in 'esft-rs train': fsdp shards over the ranks, ddp copies to each.")
-@click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--seq-length", type=click.IntRange(1, MAX_SEQ_LENGTH), default=4096,
+              show_default=True)
 @click.option("--per-device-batch-size", type=click.IntRange(min=1), default=1,
               show_default=True)
 @click.option("--gpu-memory", default="80GiB", show_default=True,

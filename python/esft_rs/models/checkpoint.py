@@ -13,7 +13,7 @@ import torch
 
 from esft_rs.errors import InvalidFileError
 from esft_rs.inspection import inspect
-from esft_rs.models.config import ModelConfig
+from esft_rs.models.config import CONFIG_NAME, ModelConfig
 from esft_rs.models.reference import ReferenceMoE, blank
 
 WEIGHTS_NAME = "model.safetensors"
@@ -60,7 +60,14 @@ def load_model(
         raise NotADirectoryError(f"{root}: not a model directory")
     cfg = ModelConfig.load(root)
     info = inspect(root)
-    model = blank(cfg)
+    try:
+        model = blank(cfg)
+    except (RuntimeError, MemoryError) as e:  # sizes the allocator refuses: a config typo
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidFileError(
+            f"{root / CONFIG_NAME}: its sizes give a model that cannot be built here ({why})",
+            root / CONFIG_NAME,
+        ) from None
     _check(root, info.tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     target = dtype or getattr(torch, cfg.torch_dtype)
     state = {}

@@ -8,6 +8,7 @@ multi-head attention, not DeepSeek's MLA, so transformers must not mistake it fo
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -77,6 +78,13 @@ class ModelConfig:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, k) < self.vocab_size:
                 out.append(f"{k} must be in 0..vocab_size-1")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append(f"{f.name} must be a finite number, not {value}")
+        for k in ("rms_norm_eps", "rope_theta"):
+            if math.isfinite(getattr(self, k)) and getattr(self, k) <= 0:
+                out.append(f"{k} must be positive")
         if self.torch_dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"torch_dtype {self.torch_dtype!r} is not float32, bfloat16 or float16")
         if self.model_type != MODEL_TYPE:

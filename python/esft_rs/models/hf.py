@@ -16,6 +16,7 @@ reverts on save; adapters are written with the reverted, on-disk names
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -97,6 +98,9 @@ def load(
     transformers = require_transformers()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report: esft-rs says it in one line
+    bar = transformers.logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # as tqdm's disable=None: no bar in logs, before an error line
+        transformers.logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             root, dtype=dtype if dtype is not None else "auto", local_files_only=True,
@@ -107,6 +111,8 @@ def load(
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bar:
+            transformers.logging.enable_progress_bar()
     # transformers would initialise these at random: never train or profile that
     if mismatched := sorted(info.get("mismatched_keys", ()), key=str):
         name, disk, want = mismatched[0]  # (in-memory name, loaded shape, config's shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -178,6 +179,11 @@ def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
     return from_mapping(load_yaml(path), os.fspath(path))
 
 
+# A value shown in an error: a YAML alias can make it a list of millions of items.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring = 2, 4, 4, 60
+
+
 def _typed(value: object, kind: type, key: str, origin: str) -> Any:
     # YAML reads 1e-5 as a string (YAML 1.1 wants a dot): accept numeric strings for floats.
     if kind is float and isinstance(value, str):
@@ -192,6 +198,7 @@ def _typed(value: object, kind: type, key: str, origin: str) -> Any:
         str: isinstance(value, str),
     }[kind]
     if not ok:
-        raise InvalidFileError(f"{origin}: {key} must be {kind.__name__}, got {value!r}")
+        raise InvalidFileError(f"{origin}: {key} must be {kind.__name__},"
+                               f" got {_BRIEF.repr(value)}")
     return float(value) if kind is float else value  # type: ignore[arg-type]
 

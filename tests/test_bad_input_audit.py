@@ -1,0 +1,157 @@
+"""Bad input found by an adversarial audit of every command: each gives one error line
+naming the file, exit code 2, and leaves the inputs and the output folder as they were."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI, run_cli
+from esft_rs.errors import InvalidFileError
+from esft_rs.models import init_model, load_model, save_model
+from train_fakes import plus_chat
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("audit")
+    save_model(init_model("tiny"), root / "base")
+    (root / "task.jsonl").write_text(plus_chat(4, 4))
+    (root / "cfg.json").write_text(json.dumps(
+        {"experts": {"1": [0], "2": [1], "3": [2]}, "shared_experts": False,
+         "non_expert_modules": False}))
+    return root
+
+
+def model_with(ws: Path, tmp_path: Path, **changes: object) -> Path:
+    """A copy of the tiny model whose config.json has ``changes`` (None deletes a key)."""
+    out = tmp_path / "m"
+    save_model(init_model("tiny"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(changes)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def one_error(proc: object, *names: object) -> str:
+    """The single stderr line of a failed command (exit 2), naming each of ``names``."""
+    assert proc.returncode == 2, proc.stderr  # type: ignore[attr-defined]
+    lines = proc.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), lines
+    for name in names:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]
+
+
+def listing(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*")) if not p.is_fifo()}
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", 10**12), ("vocab_size", 2**62)])
+def test_config_sizes_no_allocator_can_meet_are_one_line(ws: Path, tmp_path: Path, key: str,
+                                                         value: int) -> None:
+    model = model_with(ws, tmp_path, **{key: value})
+    with pytest.raises(InvalidFileError) as info:
+        load_model(model)
+    assert info.value.path == str(model / "config.json")
+    assert "\n" not in str(info.value)
+    if key == "hidden_size":
+        before = listing(tmp_path)
+        proc = run_cli("eval", model, ws / "task.jsonl", "--device", "cpu",
+                       "-o", tmp_path / "e.json")
+        one_error(proc, model / "config.json", "cannot be built")
+        assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("key, value", [("rope_theta", math.nan), ("rms_norm_eps", math.inf),
+                                        ("rms_norm_eps", 0.0), ("routed_scaling_factor",
+                                                                -math.inf)])
+def test_config_floats_must_be_finite(ws: Path, tmp_path: Path, key: str, value: float) -> None:
+    # json writes NaN and Infinity, and Python's json reads them back: a model that
+    # computes NaN (profile wrote stats, eval a NaN loss, train crashed in backward).
+    model = model_with(ws, tmp_path, **{key: value})
+    with pytest.raises(InvalidFileError, match=f"config.json: {key} must be"):
+        load_model(model)
+
+
+@pytest.mark.parametrize("bad", ["fifo", "duplicate"])
+def test_plan_reads_config_json_strictly(ws: Path, tmp_path: Path, bad: str) -> None:
+    model = model_with(ws, tmp_path)
+    config = model / "config.json"
+    if bad == "fifo":  # plan opened it with read_bytes(): blocked forever
+        config.unlink()
+        os.mkfifo(config)
+    else:  # a duplicate key was silently resolved to its last value
+        config.write_text(config.read_text().replace('"vocab_size": 259,',
+                                                      '"vocab_size": 259, "vocab_size": 3,'))
+    proc = subprocess.run([*CLI, "plan", str(model), "-e", str(ws / "cfg.json")],
+                          capture_output=True, text=True, timeout=60)  # a hang fails, not blocks
+    one_error(proc, config, "named pipe" if bad == "fifo" else "duplicate key 'vocab_size'")
+
+
+def test_model_config_that_is_a_pipe_is_named_so(ws: Path, tmp_path: Path) -> None:
+    model = model_with(ws, tmp_path)
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")
+    proc = run_cli("profile", model, ws / "task.jsonl", "-o", tmp_path / "r.safetensors",
+                   "--device", "cpu")
+    one_error(proc, model / "config.json", "is a named pipe")
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+def test_corrupt_gzip_data_is_one_line(ws: Path, tmp_path: Path) -> None:
+    import gzip
+
+    from esft_rs.data import read_task_data
+
+    packed = bytearray(gzip.compress((ws / "task.jsonl").read_bytes()))
+    packed[20:40] = b"\xff" * 20  # a valid gzip header over a broken deflate stream
+    data = tmp_path / "d.jsonl.gz"
+    data.write_bytes(bytes(packed))
+    with pytest.raises(InvalidFileError, match=r"d\.jsonl\.gz: not a valid gzip file") as info:
+        read_task_data(data)  # was zlib.error, which no caller catches
+    assert info.value.path == str(data)
+
+
+@pytest.mark.parametrize("flag, value", [("--gpu-memory", "0"), ("--seq-length", str(2**40))])
+def test_plan_refuses_sizes_no_run_can_have(ws: Path, flag: str, value: str) -> None:
+    # were "does NOT fit in 0 B" and a 6e20-GiB activation estimate; train refuses them too
+    one_error(run_cli("plan", ws / "base", "-e", ws / "cfg.json", flag, value), flag)
+
+
+def alias_bomb(keys: list[str]) -> str:
+    """YAML whose every key holds nine aliases of the previous one ("billion laughs")."""
+    lines, prev = [], "1"
+    for i, key in enumerate(keys):
+        lines.append(f"{key}: &a{i} [{', '.join([prev] * 9)}]")
+        prev = f"*a{i}"
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_read_once_and_reported_briefly(tmp_path: Path) -> None:
+    from esft_rs.training.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(alias_bomb([f"k{i}" for i in range(9)]))  # 9**9 references
+    probe = f"from esft_rs.inputs import load_yaml; load_yaml({str(path)!r})"
+    # the depth check walked every one of them (minutes); a hang fails here
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+    path.write_text(alias_bomb(["optim", "n_device", "ep_size", "seed"]))
+    with pytest.raises(InvalidFileError, match="seed must be int") as info:
+        load_config(path)
+    assert len(str(info.value)) < 300  # shown briefly, not as thousands of items
+
+
+def test_missing_file_reads_file_colon_problem(ws: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json",
+                   "-o", tmp_path / "out", "-c", tmp_path / "nope.yaml")
+    line = one_error(proc, f"{tmp_path / 'nope.yaml'}: No such file or directory")
+    assert "[Errno" not in line
+    assert not (tmp_path / "out").exists()
