@@ -82,11 +82,12 @@ class Dist:
         return init_device_mesh(device.type, (self.world,))
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
+def is_sharded_model(model: object) -> bool:
     """Whether FSDP2 shards ``model`` (its parameters are DTensors)."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    params = model.parameters() if hasattr(model, "parameters") else ()
+    return any(isinstance(p, DTensor) for p in params)
 
 
 def sum_over_batches(
@@ -109,7 +110,7 @@ def sum_over_batches(
     place = place or Dist.current()
     total = torch.zeros(width, dtype=torch.float64, device=device)
     mine: list[int | None] = list(range(place.rank, batches, place.world))
-    if place.world > 1 and is_sharded(model):
+    if place.world > 1 and is_sharded_model(model):
         mine += [None] * (-(-batches // place.world) - len(mine))
     for i in mine:
         if i is None:

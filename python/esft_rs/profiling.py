@@ -233,6 +233,8 @@ def _profile(
     import torch
     import torch.distributed as dist
 
+    from esft_rs.distributed import is_sharded_model
+
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     budget = None if max_tokens is None else max(1, max_tokens // world)
@@ -248,7 +250,7 @@ def _profile(
     done = 0
     # A sharded model (FSDP) gathers each layer from every rank: all ranks run each
     # round's forward together, a rank out of batches running one it does not count.
-    lockstep = distributed and _is_sharded(model)
+    lockstep = distributed and is_sharded_model(model)
     try:
         with torch.inference_mode():
             for i, batch in enumerate(_padded(batches) if lockstep else batches):
@@ -292,13 +294,6 @@ def _profile(
             folder = folder / f"rank_{rank}"
         _write_records(folder, rec.records)
     return stats
-
-
-def _is_sharded(model: object) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    params = model.parameters() if hasattr(model, "parameters") else ()
-    return any(isinstance(p, DTensor) for p in params)
 
 
 def _padded(batches: Iterable[Any]) -> Iterator[Any]:
