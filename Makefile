@@ -53,7 +53,7 @@ $(HF_VENV)/.stamp: requirements.lock
 
 test-hf-floor: setup $(HF_VENV)/.stamp
 	PYTHONPATH=python $(HF_VENV)/bin/python -m pytest -p no:cacheprovider \
-		tests/test_hf_families.py tests/test_eval.py tests/test_chat_template.py
+		tests/test_hf_families.py tests/test_hf_shards.py tests/test_eval.py tests/test_chat_template.py
 
 # A longer fuzz run on the stable toolchain: the header, index, official-log and
 # expert-config parsers on mutations of fuzz/corpus/<target>/ (make test runs 1000 cases).
