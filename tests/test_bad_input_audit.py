@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,37 @@ def test_commands_without_overwrite_never_replace_a_model(ws: Path, tmp_path: Pa
     }[command]
     one_error(run_cli(*args), other, "model checkpoint")
     assert listing(tmp_path) == before
+
+
+def as_unprivileged() -> list[str]:
+    """A prefix that runs a command as a user a read-only folder applies to (root ignores it)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no way to meet a read-only folder")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("command", ["select", "split"])
+def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str) -> None:
+    prefix = as_unprivileged()
+    root = Path(tempfile.mkdtemp())
+    try:
+        root.chmod(0o755)
+        shutil.copy(ws / "routing.safetensors", root)
+        shutil.copy(ws / "cfg.json", root)
+        shutil.copytree(ws / "base", root / "base")
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (root / "ro").mkdir(mode=0o555)
+        (root / "ro").chmod(0o555)
+        args = {"select": ["select", "routing.safetensors", "-o", "ro/x.json"],
+                "split": ["split", "base", "--experts", "cfg.json", "-o", "ro/a.safetensors"]}
+        proc = subprocess.run([*prefix, *CLI, *args[command]], capture_output=True, text=True,
+                              timeout=300, cwd=root)
+        # was: the selection table, then a hidden staging name (.x.json.esft-staging...)
+        assert proc.stdout == ""
+        line = one_error(proc, "ro: Permission denied")
+        assert "staging" not in line
+    finally:
+        shutil.rmtree(root)
