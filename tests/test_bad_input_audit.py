@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import esft_rs
 from conftest import CLI, run_cli
 from esft_rs.errors import InvalidFileError
 from esft_rs.models import init_model, load_model, save_model
@@ -26,6 +30,9 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "cfg.json").write_text(json.dumps(
         {"experts": {"1": [0], "2": [1], "3": [2]}, "shared_experts": False,
          "non_expert_modules": False}))
+    rng = np.random.default_rng(0)
+    esft_rs.aggregate(rng.integers(0, 16, (3, 64, 4)), rng.random((3, 64, 4)),
+                      num_experts=16).save(root / "routing.safetensors")
     return root
 
 
@@ -155,3 +162,56 @@ def test_missing_file_reads_file_colon_problem(ws: Path, tmp_path: Path) -> None
     line = one_error(proc, f"{tmp_path / 'nope.yaml'}: No such file or directory")
     assert "[Errno" not in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "select-config", "profile-weights", "eval-config"])
+def test_commands_without_overwrite_never_replace_a_model(ws: Path, tmp_path: Path,
+                                                          command: str) -> None:
+    # A model that is not an input of the command: `demo -o mymodel` deleted it whole.
+    other = tmp_path / "other"
+    save_model(init_model("tiny", seed=1), other)
+    before = listing(tmp_path)
+    args = {
+        "demo": ("demo", "--quick", "-o", other),
+        "select-config": ("select", ws / "routing.safetensors", "-o", other / "config.json"),
+        "profile-weights": ("profile", ws / "base", ws / "task.jsonl", "--device", "cpu",
+                            "-o", other / "model.safetensors"),
+        "eval-config": ("eval", ws / "base", ws / "task.jsonl", "--device", "cpu",
+                        "-o", other / "config.json"),
+    }[command]
+    one_error(run_cli(*args), other, "model checkpoint")
+    assert listing(tmp_path) == before
+
+
+def as_unprivileged() -> list[str]:
+    """A prefix that runs a command as a user a read-only folder applies to (root ignores it)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no way to meet a read-only folder")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("command", ["select", "split"])
+def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str) -> None:
+    prefix = as_unprivileged()
+    root = Path(tempfile.mkdtemp())
+    try:
+        root.chmod(0o755)
+        shutil.copy(ws / "routing.safetensors", root)
+        shutil.copy(ws / "cfg.json", root)
+        shutil.copytree(ws / "base", root / "base")
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (root / "ro").mkdir(mode=0o555)
+        (root / "ro").chmod(0o555)
+        args = {"select": ["select", "routing.safetensors", "-o", "ro/x.json"],
+                "split": ["split", "base", "--experts", "cfg.json", "-o", "ro/a.safetensors"]}
+        proc = subprocess.run([*prefix, *CLI, *args[command]], capture_output=True, text=True,
+                              timeout=300, cwd=root)
+        # was: the selection table, then a hidden staging name (.x.json.esft-staging...)
+        assert proc.stdout == ""
+        line = one_error(proc, "ro: Permission denied")
+        assert "staging" not in line
+    finally:
+        shutil.rmtree(root)

@@ -16,12 +16,14 @@ with ``merge`` and ``split``; see ``docs/outputs.md`` for the guarantees.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from esft_rs import _core
+from esft_rs.errors import EsftError
 
 PathLike = str | os.PathLike[str]
 
@@ -35,13 +37,33 @@ def check_outputs(outputs: Iterable[PathLike | None], inputs: Iterable[PathLike 
     _core.check_output_paths(_paths(outputs), _paths(inputs))
 
 
-def check_target(target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = ()) -> None:
+def check_target(
+    target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = (), models: bool = False
+) -> None:
     """Refuse an existing ``target`` unless ``overwrite`` and esft-rs could have written it.
 
     ``overwrite=True`` is what commands without an ``--overwrite`` flag use: they
-    replace their own earlier output, never a file of another kind.
+    replace their own earlier output, never a file of another kind, and never a model
+    (a checkpoint directory, or a file in one) unless ``models`` (an explicit flag) says so.
     """
     _core.check_output_target(os.fspath(target), overwrite, list(keep))
+    if models or not os.path.lexists(target):
+        return
+    path = Path(target)
+    if _is_checkpoint(path):
+        raise EsftError(f"{path}: is a model checkpoint (config.json and safetensors);"
+                        " not replaced (choose another output)")
+    if _is_checkpoint(path.parent) and _MODEL_FILE.fullmatch(path.name):
+        raise EsftError(f"{path}: is part of the model checkpoint {path.parent};"
+                        " not replaced (choose another output)")
+
+
+# The files that make a checkpoint directory a model (weights, index, config, tokenizer).
+_MODEL_FILE = re.compile(r"config\.json|.*\.safetensors(\.index\.json)?|tokenizer.*")
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 @contextmanager

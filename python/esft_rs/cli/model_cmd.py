@@ -29,7 +29,7 @@ def init_model_cmd(preset: str, output: Path, seed: int, force: bool) -> None:
         raise EsftError(f"{output}: already holds a model (--force overwrites it)")
     if not force and output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise EsftError(f"{output}: already exists (--force replaces it)")
-    check_target(output, overwrite=force)  # before any work: --force replaces only a checkpoint
+    check_target(output, overwrite=force, models=force)  # --force replaces only a checkpoint
     from esft_rs.models import init_model, save_model
 
     model = init_model(preset, seed=seed)

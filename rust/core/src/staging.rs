@@ -109,9 +109,8 @@ pub fn check_paths(outputs: &[&Path], inputs: &[&Path]) -> Result<()> {
 /// have written it. `keep`: further top-level names the output may hold (merge
 /// copies the base's other files).
 pub fn check_target(target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
-    // The folder it goes in must exist: found out now, not after the work.
-    let (parent, _) = split_target(target)?;
-    fs::metadata(&parent).map_err(|e| Error::io(&parent, e))?;
+    // The folder it goes in must exist and take new files: found out now, not after the work.
+    writable_parent(target)?;
     match fs::symlink_metadata(target) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(target, e)),
@@ -270,6 +269,17 @@ fn split_target(target: &Path) -> Result<(PathBuf, String)> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     Ok((parent.to_path_buf(), name.to_string_lossy().into_owned()))
+}
+
+/// The folder `target` goes in, when it exists and this process may create entries there
+/// (a read-only folder or file system is named now, not as a hidden staging name later).
+fn writable_parent(target: &Path) -> Result<PathBuf> {
+    let (parent, _) = split_target(target)?;
+    fs::metadata(&parent).map_err(|e| Error::io(&parent, e))?;
+    #[cfg(target_os = "linux")]
+    rustix::fs::access(&parent, rustix::fs::Access::WRITE_OK)
+        .map_err(|e| Error::io(&parent, e.into()))?;
+    Ok(parent)
 }
 
 fn host() -> String {
@@ -474,6 +484,7 @@ pub struct Staged {
 impl Staged {
     /// Starts a staged file (`dir == false`) or directory at `target`.
     pub fn new(target: &Path, dir: bool) -> Result<Self> {
+        writable_parent(target)?;
         let (parent, name) = split_target(target)?;
         clear_stale(&parent, &name);
         let tmp = staging_name(&parent, &name);
