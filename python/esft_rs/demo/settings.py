@@ -17,7 +17,7 @@ from esft_rs.models.config import ModelConfig
 #: paper tuned each method's rate. One grid for all: a grid per method would decide in
 #: advance how hard each method trains (with ESFT's grid starting at 3e-3 and FFT's at
 #: 1e-4, validation picked rates that forgot according to the grids, docs/demo.md).
-GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 LEARNING_RATES = {"fft": GRID, "esft_token": GRID, "esft_gate": GRID, "random": GRID}
 
 #: The demo's model: DeepSeek-V2-Lite's expert layout (64 fine-grained routed experts,
