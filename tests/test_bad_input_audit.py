@@ -215,3 +215,33 @@ def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str
         assert "staging" not in line
     finally:
         shutil.rmtree(root)
+
+
+def small_file_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # a "disk" full after 1 KiB
+
+
+@pytest.mark.parametrize("command", ["init-model", "profile-records", "train"])
+def test_a_full_disk_is_one_line_naming_the_output(ws: Path, tmp_path: Path,
+                                                   command: str) -> None:
+    # init-model and train raised a SafetensorError / torch RuntimeError traceback; profile
+    # said "1280 requested and 112 written", naming no file
+    args = {
+        "init-model": ["init-model", "-o", tmp_path / "m"],
+        "profile-records": ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu",
+                             "--tokens", "64", "--seq-len", "32", "-o", tmp_path / "r.safetensors",
+                             "--records", tmp_path / "rec"],
+        "train": ["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "-o",
+                   tmp_path / "out", "--steps", "2", "--save-steps", "1", "--seq-length", "32",
+                   "--per-device-batch-size", "1", "--gradient-accumulation-steps", "1",
+                   "--val-ratio", "0", "--device", "cpu"],
+    }[command]
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_file_limit)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"esft-rs: error: {tmp_path}/") and "staging" not in line, line
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
