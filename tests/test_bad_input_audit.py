@@ -245,3 +245,21 @@ def test_a_full_disk_is_one_line_naming_the_output(ws: Path, tmp_path: Path,
     assert line.startswith(f"esft-rs: error: {tmp_path}/") and "staging" not in line, line
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_missing_inputs_read_in_python_are_esft_errors(ws: Path, tmp_path: Path) -> None:
+    import errno
+
+    from esft_rs.data import read_task_data
+    from esft_rs.errors import EsftError, EsftFileNotFoundError
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.training.config import load_config
+
+    missing = tmp_path / "nope"
+    # were plain FileNotFoundErrors: an `except esft_rs.EsftError` did not catch them
+    for read in (read_task_data, ExpertConfig.load, load_config):
+        with pytest.raises(EsftFileNotFoundError) as info:
+            read(missing)
+        e = info.value
+        assert isinstance(e, EsftError) and isinstance(e, FileNotFoundError)
+        assert e.errno == errno.ENOENT and e.filename == str(missing) and e.path == str(missing)
