@@ -263,3 +263,23 @@ def test_missing_inputs_read_in_python_are_esft_errors(ws: Path, tmp_path: Path)
         e = info.value
         assert isinstance(e, EsftError) and isinstance(e, FileNotFoundError)
         assert e.errno == errno.ENOENT and e.filename == str(missing) and e.path == str(missing)
+
+
+def test_training_when_no_token_reaches_a_trained_expert(ws: Path, tmp_path: Path) -> None:
+    import torch
+
+    # Zero routers tie every expert; top-k takes the lowest ids, so expert 15 gets no token.
+    model = init_model("tiny")
+    with torch.no_grad():
+        for router in model.routers().values():
+            router.weight.zero_()
+    save_model(model, tmp_path / "m")
+    cfg = tmp_path / "e.json"
+    cfg.write_text(json.dumps({"experts": {"1": [15], "2": [15], "3": [15]},
+                               "shared_experts": False, "non_expert_modules": False}))
+    # was: RuntimeError "element 0 of tensors does not require grad" from backward
+    result = esft_rs.train(tmp_path / "m", ws / "task.jsonl", tmp_path / "out", cfg, steps=2,
+                           seq_length=32, per_device_batch_size=1, gradient_accumulation_steps=1,
+                           val_ratio=0.0, device="cpu")
+    assert result.fit.train_loss is not None and math.isfinite(result.fit.train_loss)
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
