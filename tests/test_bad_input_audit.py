@@ -283,3 +283,23 @@ def test_training_when_no_token_reaches_a_trained_expert(ws: Path, tmp_path: Pat
                            val_ratio=0.0, device="cpu")
     assert result.fit.train_loss is not None and math.isfinite(result.fit.train_loss)
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad", ["syntax", "fifo"])
+def test_chat_template_file_problems_name_the_file(tmp_path: Path, bad: str) -> None:
+    from esft_rs.chat_template import read_template
+
+    path = tmp_path / "t.jinja"
+    if bad == "syntax":  # was "chat template: unexpected end of template", naming no file
+        path.write_text("{% for m in messages %}{{ m.content")
+    else:  # was read with Path.read_text(): blocked forever on a pipe
+        os.mkfifo(path)
+    with pytest.raises(InvalidFileError) as info:
+        read_template(path)
+    assert str(info.value).startswith(f"{path}: ") and info.value.path == str(path)
+
+
+def test_meta_device_is_refused_in_one_line(ws: Path, tmp_path: Path) -> None:
+    # was a SafetensorError traceback ("device meta is invalid") once the model loaded
+    proc = run_cli("eval", ws / "base", ws / "task.jsonl", "--device", "meta")
+    one_error(proc, "'meta' holds no data")

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from esft_rs.errors import EsftValueError
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -36,6 +38,8 @@ def device_for(name: str | None) -> torch.device:
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
+    if dev.type == "meta":  # shapes only: no weights can be loaded onto it
+        raise EsftValueError(f"device {name!r} holds no data; use cpu or cuda")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank())
     return dev

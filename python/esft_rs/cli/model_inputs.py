@@ -3,6 +3,7 @@ before a model loads (torch imported inside)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,7 @@ def torch_device(name: str) -> torch.device:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:
         raise click.BadParameter(
-            f"{name!r} is not available here ({str(e).splitlines()[0]})", param_hint="'--device'"
+            f"{name!r} is not available here ({textwrap.shorten(str(e), 160)})",
+            param_hint="'--device'",
         ) from None
     return dev
