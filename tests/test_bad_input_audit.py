@@ -299,7 +299,15 @@ def test_chat_template_file_problems_name_the_file(tmp_path: Path, bad: str) -> 
     assert str(info.value).startswith(f"{path}: ") and info.value.path == str(path)
 
 
-def test_meta_device_is_refused_in_one_line(ws: Path, tmp_path: Path) -> None:
-    # was a SafetensorError traceback ("device meta is invalid") once the model loaded
-    proc = run_cli("eval", ws / "base", ws / "task.jsonl", "--device", "meta")
-    one_error(proc, "'meta' holds no data")
+@pytest.mark.parametrize("command", ["eval", "train"])
+@pytest.mark.parametrize("device, why", [("meta", "holds no data"),
+                                         ("gpu9", "is not a torch device")])
+def test_bad_devices_are_refused_in_one_line(ws: Path, tmp_path: Path, command: str,
+                                             device: str, why: str) -> None:
+    # eval --device meta: a SafetensorError traceback once the model loaded;
+    # train --device gpu9 (or cuda without a GPU): a RuntimeError traceback
+    args = (["eval", ws / "base", ws / "task.jsonl"] if command == "eval" else
+            ["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "-o",
+             tmp_path / "out"])
+    one_error(run_cli(*args, "--device", device), f"'{device}' {why}")
+    assert not (tmp_path / "out").exists()
