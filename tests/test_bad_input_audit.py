@@ -215,3 +215,99 @@ def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str
         assert "staging" not in line
     finally:
         shutil.rmtree(root)
+
+
+def small_file_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # a "disk" full after 1 KiB
+
+
+@pytest.mark.parametrize("command", ["init-model", "profile-records", "train"])
+def test_a_full_disk_is_one_line_naming_the_output(ws: Path, tmp_path: Path,
+                                                   command: str) -> None:
+    # init-model and train raised a SafetensorError / torch RuntimeError traceback; profile
+    # said "1280 requested and 112 written", naming no file
+    args = {
+        "init-model": ["init-model", "-o", tmp_path / "m"],
+        "profile-records": ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu",
+                             "--tokens", "64", "--seq-len", "32", "-o", tmp_path / "r.safetensors",
+                             "--records", tmp_path / "rec"],
+        "train": ["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "-o",
+                   tmp_path / "out", "--steps", "2", "--save-steps", "1", "--seq-length", "32",
+                   "--per-device-batch-size", "1", "--gradient-accumulation-steps", "1",
+                   "--val-ratio", "0", "--device", "cpu"],
+    }[command]
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_file_limit)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"esft-rs: error: {tmp_path}/") and "staging" not in line, line
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_missing_inputs_read_in_python_are_esft_errors(ws: Path, tmp_path: Path) -> None:
+    import errno
+
+    from esft_rs.data import read_task_data
+    from esft_rs.errors import EsftError, EsftFileNotFoundError
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.training.config import load_config
+
+    missing = tmp_path / "nope"
+    # were plain FileNotFoundErrors: an `except esft_rs.EsftError` did not catch them
+    for read in (read_task_data, ExpertConfig.load, load_config):
+        with pytest.raises(EsftFileNotFoundError) as info:
+            read(missing)
+        e = info.value
+        assert isinstance(e, EsftError) and isinstance(e, FileNotFoundError)
+        assert e.errno == errno.ENOENT and e.filename == str(missing) and e.path == str(missing)
+
+
+def test_training_when_no_token_reaches_a_trained_expert(ws: Path, tmp_path: Path) -> None:
+    import torch
+
+    # Zero routers tie every expert; top-k takes the lowest ids, so expert 15 gets no token.
+    model = init_model("tiny")
+    with torch.no_grad():
+        for router in model.routers().values():
+            router.weight.zero_()
+    save_model(model, tmp_path / "m")
+    cfg = tmp_path / "e.json"
+    cfg.write_text(json.dumps({"experts": {"1": [15], "2": [15], "3": [15]},
+                               "shared_experts": False, "non_expert_modules": False}))
+    # was: RuntimeError "element 0 of tensors does not require grad" from backward
+    result = esft_rs.train(tmp_path / "m", ws / "task.jsonl", tmp_path / "out", cfg, steps=2,
+                           seq_length=32, per_device_batch_size=1, gradient_accumulation_steps=1,
+                           val_ratio=0.0, device="cpu")
+    assert result.fit.train_loss is not None and math.isfinite(result.fit.train_loss)
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad", ["syntax", "fifo"])
+def test_chat_template_file_problems_name_the_file(tmp_path: Path, bad: str) -> None:
+    from esft_rs.chat_template import read_template
+
+    path = tmp_path / "t.jinja"
+    if bad == "syntax":  # was "chat template: unexpected end of template", naming no file
+        path.write_text("{% for m in messages %}{{ m.content")
+    else:  # was read with Path.read_text(): blocked forever on a pipe
+        os.mkfifo(path)
+    with pytest.raises(InvalidFileError) as info:
+        read_template(path)
+    assert str(info.value).startswith(f"{path}: ") and info.value.path == str(path)
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+@pytest.mark.parametrize("device, why", [("meta", "holds no data"),
+                                         ("gpu9", "is not a torch device")])
+def test_bad_devices_are_refused_in_one_line(ws: Path, tmp_path: Path, command: str,
+                                             device: str, why: str) -> None:
+    # eval --device meta: a SafetensorError traceback once the model loaded;
+    # train --device gpu9 (or cuda without a GPU): a RuntimeError traceback
+    args = (["eval", ws / "base", ws / "task.jsonl"] if command == "eval" else
+            ["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "-o",
+             tmp_path / "out"])
+    one_error(run_cli(*args, "--device", device), f"'{device}' {why}")
+    assert not (tmp_path / "out").exists()

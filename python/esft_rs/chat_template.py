@@ -248,20 +248,19 @@ def spans_to_tokens(char_to_token: Any, n_tokens: int, span: Span) -> range | No
 def read_template(path: str | os.PathLike[str]) -> str:
     """A chat template file: Jinja text, or a ``tokenizer_config.json``-style JSON object
     with ``chat_template``."""
+    from esft_rs.inputs import parse_json, read_text
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InvalidFileError(f"{p}: not valid UTF-8") from None
+    text = read_text(p)  # strict UTF-8; a pipe or directory is refused, not waited on
     if p.suffix == ".json":
-        try:
-            found = template_of(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise InvalidFileError(f"{p}: not valid JSON ({e.msg})") from None
+        found = template_of(parse_json(text, p))
         if found is None:
-            raise InvalidFileError(f"{p}: has no chat_template")
+            raise InvalidFileError(f"{p}: has no chat_template", p)
         text = found
-    compile_template(text)
+    try:
+        compile_template(text)
+    except InvalidFileError as e:  # a syntax error, named with its file
+        raise InvalidFileError(f"{p}: {e}", p) from None
     return text
 
 

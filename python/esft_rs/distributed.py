@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from esft_rs.errors import EsftValueError
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -35,9 +38,19 @@ def device_for(name: str | None) -> torch.device:
     A bare ``cuda`` is this rank's GPU too."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EsftValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "meta":  # shapes only: no weights can be loaded onto it
+        raise EsftValueError(f"device {name!r} holds no data; use cpu or cuda")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank())
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        why = textwrap.shorten(str(e), 160)
+        raise EsftValueError(f"device {name!r} is not available here ({why})") from None
     return dev
 
 

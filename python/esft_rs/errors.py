@@ -74,6 +74,21 @@ class EsftNotADirectoryError(EsftIOError, NotADirectoryError):
     pass
 
 
+def io_error(e: OSError, path: str | os.PathLike[str]) -> EsftIOError:
+    """``e`` as the ``EsftIOError`` subclass for its errno (as the Rust core raises them)."""
+    cls = next((c for builtin, c in _BY_BUILTIN if isinstance(e, builtin)), EsftIOError)
+    return cls(e.errno, e.strerror or str(e), os.fspath(path))
+
+
+_BY_BUILTIN: tuple[tuple[type[OSError], type[EsftIOError]], ...] = (
+    (FileNotFoundError, EsftFileNotFoundError),
+    (FileExistsError, EsftFileExistsError),
+    (PermissionError, EsftPermissionError),
+    (IsADirectoryError, EsftIsADirectoryError),
+    (NotADirectoryError, EsftNotADirectoryError),
+)
+
+
 __all__ = [
     "EsftError",
     "EsftFileExistsError",

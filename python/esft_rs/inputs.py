@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from esft_rs.errors import InvalidFileError
+from esft_rs.errors import InvalidFileError, io_error
 
 #: Deepest nesting of arrays and objects a JSON or YAML input may have (ours need 4).
 MAX_DEPTH = 64
@@ -39,7 +39,10 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def check_file(path: str | os.PathLike[str]) -> Path:
     """``path`` as a Path, when it names a readable regular file (symlinks followed)."""
     p = Path(path)
-    mode = os.stat(p).st_mode
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:  # an EsftError too, as the core's I/O errors are
+        raise io_error(e, p) from None
     if not stat.S_ISREG(mode):
         kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
         raise InvalidFileError(f"{p}: is {kind}, not a regular file", p)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from esft_rs import _core
-from esft_rs.errors import EsftError
+from esft_rs.errors import EsftError, EsftIOError
 
 PathLike = str | os.PathLike[str]
 
@@ -74,10 +74,34 @@ def staged(
     commit it to ``target`` when the block succeeds, remove it otherwise."""
     staging = _core.Staging(os.fspath(target), directory)
     try:
-        yield Path(staging.path)
+        try:
+            yield Path(staging.path)
+        except Exception as e:
+            if (why := _write_failure(e, os.fspath(staging.path))) is None:
+                raise
+            raise EsftIOError(getattr(e, "errno", None), why, os.fspath(target)) from None
         staging.commit(overwrite, list(keep))
     finally:
         staging.discard()
+
+
+def _write_failure(e: BaseException, staging: str) -> str | None:
+    """What went wrong, when ``e`` is a failed write into ``staging`` (a full disk, a file
+    size limit) that names no file or the hidden staging one; None for other errors."""
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError):  # EsftIOError too: a staged output nested in this one
+        name = None if e.filename is None else os.fspath(e.filename)
+        if name is not None and not name.startswith(staging):
+            return None  # about another file: keep its name
+        return e.strerror or text or type(e).__name__
+    if isinstance(e, EsftError):
+        return None
+    # safetensors and torch.save report I/O failures as their own errors
+    if type(e).__name__ == "SafetensorError" or any(
+        mark in text for mark in ("inline_container", "iostream error", "file write failed")
+    ):
+        return f"could not be written (disk full or a file size limit?): {text}"
+    return None
 
 
 def save_tensors(

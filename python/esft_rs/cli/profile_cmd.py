@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def profile_cmd(
     check_target(output)
     if records is not None and records.parent.is_dir():  # else made (with parents) at the end
         check_target(records)
+    new_records = records is not None and not records.exists()
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     with process_group(dev) as place:
         rank, world = place.rank, place.world
@@ -133,7 +135,12 @@ def profile_cmd(
                 bar.close()
         if rank != 0:
             return
-        stats.save(output)
+        try:
+            stats.save(output)
+        except BaseException:
+            if new_records:  # committed by profile(); without its stats file it is a partial output
+                shutil.rmtree(records, ignore_errors=True)  # type: ignore[arg-type]
+            raise
         available = int(packed.attention_mask.sum())
         note = f" (all the data holds; --tokens {tokens})" if available < tokens else ""
         click.echo(

@@ -187,7 +187,10 @@ class Loop:
             with sync:
                 with self.autocast:
                     loss = loss_sum(self.ddp, self._batch(part))
-                (loss * scale).backward()
+                # No token reached a trained expert (only experts train): a zero gradient.
+                # One process alone may skip backward; under torchrun every rank must run it.
+                if loss.requires_grad or place.world > 1:
+                    (loss * scale).backward()
             total += loss.detach()
         if self.fsdp:
             sharding.drop_unused_grads(self.params, place)
