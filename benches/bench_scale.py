@@ -11,7 +11,7 @@ trainers use for ESFT: every weight gets a gradient and AdamW state (full mode),
 gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--modes esft masked full] [--parallelisms fsdp ddp]
+        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft]
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
 and the ratios: per-rank weight bytes against total / N, step time against 1 process
