@@ -194,11 +194,11 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
     args = parser.parse_args()
     mib = 2**20
+    idle = idle_rss_mb()  # first: a child's ru_maxrss starts at its parent's peak (Linux)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.gb, args.experts)
         total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / mib
-        idle = idle_rss_mb()
         print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported): {idle:.0f} MiB"
               f" RSS; global batch {args.batch} x {args.seq} tokens; load {os.getloadavg()[0]:.1f}"
               f" on {os.cpu_count()} cores")
