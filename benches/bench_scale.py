@@ -1,18 +1,23 @@
-"""Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against DDP, ESFT against full.
+"""Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against DDP, ESFT against
+full and against gradient masking, each beside ``esft_rs.plan``'s prediction.
 
 A random built-in MoE of about ``--gb`` GB of fp32 weights (made locally, per-expert
 tensors) is trained for a few steps with the same global batch in every setting, each
 run a fresh ``torchrun`` job. Every rank reports its peak RSS, the weight and optimizer
-bytes it holds (``FitResult.rank_bytes``) and its median step time (steps after the
-first). ESFT trains ``--experts`` of the 64 experts per layer; full trains everything;
-the gradient-masking approach other trainers use (all weights get gradients and AdamW
-state, the frozen ones masked) costs what full costs, so full stands for it.
+bytes it holds (``FitResult.rank_bytes``), its gradient bytes at the optimizer step and
+its median step time (steps after the first). ESFT trains ``--experts`` of the 64 experts
+per layer; full trains everything; ``masked`` is the gradient-masking approach other
+trainers use for ESFT: every weight gets a gradient and AdamW state (full mode), and the
+gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--modes esft full] [--parallelisms fsdp ddp]
+        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft]
 
-Prints one row per setting and the ratios: per-rank weight bytes against total / N,
-ESFT optimizer bytes against full's, step time against 1 process.
+Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
+and the ratios: per-rank weight bytes against total / N, step time against 1 process
+and against full's at the same world size, peak RSS above an idle process against the
+plan's total (the plan counts training tensors only: weights, gradients, AdamW state,
+FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 from timing import clean  # noqa: E402
 
 EXPERTS = 64
+MASKED_GRAD_BYTES = [0]  # gradient bytes at the optimizer step, the masked zeros included
 
 
 def config(gb: float) -> object:
@@ -70,18 +76,54 @@ def make_inputs(root: Path, gb: float, experts: int) -> dict[str, Path]:
     return {"base": root / "base", "data": root / "task.jsonl", "experts": root / "experts.json"}
 
 
+def mask_gradients(experts: Path) -> None:
+    """Make the trainer's optimizer zero, before each step, the gradients of the tensors
+    ``experts`` leaves frozen: gradient masking (run with mode full)."""
+    import torch
+
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.training import loop
+    from esft_rs.training.sharding import local_bytes
+    from esft_rs.training.trained import tensor_plan
+
+    selected = ExpertConfig.load(experts)
+    make = loop.make_optimizer
+
+    def masked(trainables: list, cfg: object) -> object:
+        frozen = [t for t in trainables if tensor_plan(t.name, selected) is not True]
+
+        def zero(optimizer: object, args: object, kwargs: object) -> None:
+            for t in frozen:
+                p = t.param
+                if p.grad is None:  # got no token: masked trainers still hold a zero gradient
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+            MASKED_GRAD_BYTES[0] = max(MASKED_GRAD_BYTES[0], local_bytes(
+                t.param.grad for t in trainables if t.param.grad is not None))
+
+        optimizer = make(trainables, cfg)
+        optimizer.register_step_pre_hook(zero)
+        return optimizer
+
+    loop.make_optimizer = masked
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of a torchrun job: train, then write this rank's figures (OUT.rankR.json)."""
     import torch
 
     import esft_rs
 
+    if args.mode == "masked":
+        mask_gradients(args.experts)
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
     stamps: list[float] = []
     result = esft_rs.train(
         args.base, args.data, args.out, args.experts, progress=False, device="cpu",
-        mode=args.mode, parallelism=args.parallelism, steps=args.steps, seq_length=args.seq,
+        mode="full" if args.mode == "masked" else args.mode, parallelism=args.parallelism,
+        steps=args.steps, seq_length=args.seq,
         per_device_batch_size=1, gradient_accumulation_steps=args.batch // world,
         eval_steps=10**6, save_steps=10**6, logging_steps=1, learning_rate=1e-5,
         gradient_checkpointing=False, val_ratio=0.0,
@@ -93,6 +135,7 @@ def worker(args: argparse.Namespace) -> None:
         "rank": rank,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_s": statistics.median(steps) if steps else None,
+        "grad_mb": max(result.fit.grad_bytes, MASKED_GRAD_BYTES[0]) / 2**20,
         **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
     }))
 
@@ -123,41 +166,87 @@ def idle_rss_mb() -> float:
                                 text=True, check=True).stdout)
 
 
+def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
+              args: argparse.Namespace) -> object:
+    """``esft_rs.plan`` for this setting (masked trains and holds what full does)."""
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.plan import plan
+
+    return plan(inputs["base"], ExpertConfig.load(inputs["experts"]),
+                "full" if mode == "masked" else mode, nproc=world, parallelism=parallelism,
+                seq_length=args.seq, per_device_batch_size=1, gradient_checkpointing=False,
+                device="cpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--modes", nargs="+", default=["esft", "full"])
+    parser.add_argument("--modes", nargs="+", default=["esft", "masked", "full"],
+                        choices=["esft", "masked", "full"])
     parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"])
+    parser.add_argument("--ddp-modes", nargs="+", default=["esft", "masked", "full"],
+                        help="the modes run under DDP too (full and masked hold a whole"
+                        " replica, its gradients and AdamW state on every rank)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
     parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
     args = parser.parse_args()
+    mib = 2**20
+    idle = idle_rss_mb()  # first: a child's ru_maxrss starts at its parent's peak (Linux)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.gb, args.experts)
-        total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / 2**20
-        print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported):"
-              f" {idle_rss_mb():.0f} MiB RSS; global batch {args.batch} x {args.seq} tokens")
-        print(f"{'setting':<18} {'peak RSS':>10} {'weights':>9} {'x total/N':>9} "
-              f"{'trained':>9} {'optimizer':>10} {'step s':>7} {'x 1 proc':>8}")
-        base_step: dict[str, float] = {}
-        for mode in args.modes:
+        total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / mib
+        print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported): {idle:.0f} MiB"
+              f" RSS; global batch {args.batch} x {args.seq} tokens; load {os.getloadavg()[0]:.1f}"
+              f" on {os.cpu_count()} cores")
+        print("bytes per rank (rank 0), MiB, measured / planned (ratio)")
+        print(f"{'setting':<17} {'frozen':>17} {'trained':>19} {'grads':>19} {'AdamW':>19} "
+              f"{'x total/N':>9} {'RSS-idle':>8} {'plan tot':>8} {'step s':>7} {'x 1 proc':>8} "
+              f"{'x full':>6}", flush=True)
+
+        def pair(measured: float, plan_bytes: int) -> str:
+            planned = plan_bytes / mib
+            ratio = f"{measured / planned:.2f}" if planned else "-"
+            return f"{measured:>6.1f}/{planned:<6.1f}({ratio})"
+
+        step_of: dict[tuple[str, int, str], float] = {}
+        adam_of: dict[tuple[str, int, str], float] = {}
+        for mode in sorted(args.modes, key=["full", "esft", "masked"].index):
             for world in args.worlds:
                 for par in (args.parallelisms if world > 1 else ["fsdp"]):
+                    if par == "ddp" and mode not in args.ddp_modes:
+                        continue
                     out = root / f"out-{mode}-{world}-{par}"
                     rows = run(inputs, world, par, mode, args, out)
                     clean(out)
                     r0 = rows[0]
+                    plan = predicted(inputs, mode, world, par, args)
                     weights = r0["frozen_mb"] + r0["trained_mb"]
                     step = max(r["step_s"] for r in rows)
-                    base_step.setdefault(mode, step)
+                    step_of[mode, world, par] = step
+                    adam_of[mode, world, par] = r0["optimizer_mb"]
+                    one = step_of.get((mode, 1, "fsdp"), step)
+                    full = step_of.get(("full", world, par))
+                    vs_full = f"{step / full:>6.2f}" if full else f"{'-':>6}"
+                    rss = max(r["rss_mb"] for r in rows) - idle
                     name = f"{mode} {world}x{par if world > 1 else ''}"
-                    print(f"{name:<18} {max(r['rss_mb'] for r in rows):>8.0f}Mi "
-                          f"{weights:>7.0f}Mi {weights / (total_mb / world):>9.2f} "
-                          f"{r0['trained_mb']:>7.1f}Mi {r0['optimizer_mb']:>8.1f}Mi {step:>7.2f} "
-                          f"{step / base_step[mode]:>8.2f}", flush=True)
+                    print(f"{name:<17} {pair(r0['frozen_mb'], plan.frozen_bytes):>17} "
+                          f"{pair(r0['trained_mb'], plan.master_bytes):>19} "
+                          f"{pair(r0['grad_mb'], plan.grad_bytes):>19} "
+                          f"{pair(r0['optimizer_mb'], plan.optimizer_bytes):>19} "
+                          f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
+                          f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
+                          f"{vs_full}", flush=True)
+        print("ESFT against the baselines at the same setting: AdamW bytes, step time")
+        for (mode, world, par), step in step_of.items():
+            for other in ("masked", "full"):
+                if mode == "esft" and (other, world, par) in step_of:
+                    print(f"  {world}x{par if world > 1 else ''} vs {other}: AdamW"
+                          f" {adam_of[mode, world, par] / adam_of[other, world, par]:.3f}x,"
+                          f" step {step / step_of[other, world, par]:.2f}x")
 
 
 if __name__ == "__main__":
