@@ -7,6 +7,7 @@ import sys
 import torch.distributed as dist
 
 import esft_rs
+from esft_rs.distributed import leave_process_group
 from fake_moe import FakeMoE, batches
 
 if __name__ == "__main__":
@@ -14,4 +15,4 @@ if __name__ == "__main__":
     stats = esft_rs.profile(FakeMoE(), batches())
     if dist.get_rank() == 0:
         stats.save(sys.argv[1])
-    dist.destroy_process_group()
+    leave_process_group()

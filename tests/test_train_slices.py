@@ -221,6 +221,8 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    from esft_rs.distributed import leave_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -238,8 +240,10 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
                 assert type(t.param).__name__ == "DTensor"  # the sharded parameter
                 got = t.param.grad.full_tensor()
                 torch.testing.assert_close(got, fused(ref)[t.name].grad[list(t.experts)])
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_process_group()
 
 
 def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:

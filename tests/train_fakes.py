@@ -217,7 +217,7 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
 
     import torch.distributed as dist
 
-    from esft_rs.distributed import Dist
+    from esft_rs.distributed import Dist, leave_process_group
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.training import sharding
     from esft_rs.training.freeze import freeze
@@ -233,7 +233,7 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     grads = {t.name: sharding.full(t.param.grad) for t in trainables if t.param.grad is not None}
     if rank == 0:
         torch.save(grads, out)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
