@@ -7,7 +7,7 @@ import sys
 import torch.distributed as dist
 
 import esft_rs
-from esft_rs.distributed import leave_process_group
+from esft_rs.distributed import exit_process, leave_process_group
 from fake_moe import FakeMoE, batches
 
 if __name__ == "__main__":
@@ -16,3 +16,4 @@ if __name__ == "__main__":
     if dist.get_rank() == 0:
         stats.save(sys.argv[1])
     leave_process_group()
+    exit_process(0)

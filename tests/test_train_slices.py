@@ -221,7 +221,7 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from esft_rs.distributed import leave_process_group
+    from esft_rs.distributed import exit_process, leave_process_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -244,6 +244,7 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
         raise
     leave_process_group()
+    exit_process(0)
 
 
 def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:

@@ -217,7 +217,7 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
 
     import torch.distributed as dist
 
-    from esft_rs.distributed import Dist, leave_process_group
+    from esft_rs.distributed import Dist, exit_process, leave_process_group
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.training import sharding
     from esft_rs.training.freeze import freeze
@@ -234,6 +234,7 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     if rank == 0:
         torch.save(grads, out)
     leave_process_group()
+    exit_process(0)
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

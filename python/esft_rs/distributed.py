@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -172,3 +173,19 @@ def leave_process_group() -> None:
     at 3 ranks on 2 CPUs, 1 in 40 with the barrier."""
     dist.barrier()
     dist.destroy_process_group()
+    _left_group.append(True)
+
+
+_left_group: list[bool] = []
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with ``code``. After ``leave_process_group``, skip the interpreter's teardown:
+    gloo aborts a rank there ("terminate called without an active exception") after a
+    clean destroy, in about 1 of 20 runs of 3 ranks on 2 loaded CPUs (every rank had
+    returned from ``destroy_process_group``); outputs are complete and flushed by then."""
+    if _left_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -83,4 +83,7 @@ def run() -> None:
         fail(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e))
     except RecursionError:  # a parser below us met nesting it could not follow
         fail("input nested too deeply to read")
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if (group := sys.modules.get("esft_rs.distributed")) is not None:  # torch is loaded
+        group.exit_process(code)
+    sys.exit(code)
