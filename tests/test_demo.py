@@ -17,17 +17,38 @@ from esft_rs.naming import classify
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("demo")
-    cache = tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _quick_demo(out: Path, cache: Path, jobs: int) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     proc = subprocess.run(
-        [sys.executable, "-m", "esft_rs", "demo", "--quick", "-o", str(out)],
+        [sys.executable, "-m", "esft_rs", "demo", "--quick", "-o", str(out), "--jobs", str(jobs)],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "report.md" in proc.stdout
-    return json.loads((out / "report.json").read_text()), out
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    return _quick_demo(out, cache, jobs=2), out
+
+
+def test_figures_do_not_depend_on_the_number_of_workers(
+        report: tuple[dict, Path], cache: Path, tmp_path: Path) -> None:
+    """Runs go to worker processes as they free up; each is seeded and on one thread, so
+    one worker gives the same figures, bit for bit (the base comes from the same cache)."""
+    def figures(r: dict) -> list:
+        return [{name: {k: v for k, v in m.items() if k not in ("train_seconds", "adapter")}
+                 for name, m in run["methods"].items()} for run in r["runs"]]
+
+    serial = _quick_demo(tmp_path / "demo", cache, jobs=1)
+    assert figures(serial) == figures(report[0])
+    assert serial["learning_rates"] == report[0]["learning_rates"]
 
 
 def test_report_complete(report: tuple[dict, Path]) -> None:

@@ -14,7 +14,10 @@ from esft_rs.cli.params import SEED
               show_default=True, help="Directory for report.json, report.md, plots and runs.")
 @click.option("--quick", is_flag=True, help="A smaller run (tiny model, fewer steps): < 1 minute.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-def demo_cmd(out: Path, quick: bool, seed: int) -> None:
+@click.option("-j", "--jobs", type=click.IntRange(1), default=None,
+              help="Fine-tuning runs at a time, each in its own process on one thread"
+              " [default: the CPUs available, at most 8]. The figures do not depend on it.")
+def demo_cmd(out: Path, quick: bool, seed: int, jobs: int | None) -> None:
     """ESFT end to end on a built-in MoE model, CPU only, in a few minutes.
 
     Pretrains a small DeepSeek-style MoE on generated general tasks (cached),
@@ -33,7 +36,7 @@ def demo_cmd(out: Path, quick: bool, seed: int) -> None:
     check_outputs([out], [])
     check_target(out, keep=OUTPUTS)  # replaces an earlier demo's output, nothing else
     with staged(out, directory=True, keep=OUTPUTS) as tmp:
-        report = run(tmp, settings, final=out)
+        report = run(tmp, settings, final=out, jobs=jobs)
     echo = click.echo
     echo()
     for line in [*method_table(report), "", *routing_table(report)]:

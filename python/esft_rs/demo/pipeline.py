@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from esft_rs.demo import tasks as T
 from esft_rs.demo.claims import mean_runs
+from esft_rs.demo.runs import default_jobs, fine_tune
 from esft_rs.demo.settings import Settings, cache_dir
-from esft_rs.demo.tuning import choose_rate
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
-from esft_rs.evaluation import evaluate_items, exact_match, item_rows
+from esft_rs.evaluation import exact_match, item_rows
 from esft_rs.outputs import staged, write_file
 
 if TYPE_CHECKING:
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
     from esft_rs.routing import RoutingStats
     from esft_rs.tokenizer import Tokenizer
-
-METHODS = ("fft", "esft_token", "esft_gate", "random")
-
 
 @dataclass
 class Data:
@@ -165,10 +162,12 @@ OUTPUTS = ("data", "tokenizer", "runs", "merged-esft-token", "report.json", "rep
            "routing-heatmap.png", "accuracy-vs-share.png")
 
 
-def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = None
-        ) -> dict[str, Any]:
+def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = None,
+        jobs: int | None = None) -> dict[str, Any]:
     """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``.
-    ``final``: where ``out`` will be once committed (the report's paths point there)."""
+    ``final``: where ``out`` will be once committed (the report's paths point there).
+    ``jobs``: fine-tuning runs at a time (default: the CPUs available); the figures do
+    not depend on it."""
     import torch
 
     from esft_rs.demo.report import routing_figures, share_on_selected, write_report
@@ -199,47 +198,18 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
     routing = routing_figures(stats, top_p=s.token_top_p)
     routing["share_on_selected"] = share_on_selected(stats, selections["token"])
     general_before, general_before_by_task = general_accuracy(base, tok, data)
-    ft = _FineTune(s, data, tok, base_dir, out / "runs", general_before,
+    ft = FineTune(s, data, tok, base_dir, out / "runs", general_before,
                    {"fft": None, "esft_token": selections["token"].config(),
                     "esft_gate": selections["gate"].config(),
                     "random": selections["token"].config()})
     shutil.rmtree(out / "runs", ignore_errors=True)
 
     # Each method's learning rate: the grid point with the best downstream validation score
-    # at the first seed (``tuning.choose_rate``). Test items are scored only for the chosen
-    # runs.
-    tuning: dict[str, dict[str, Any]] = {}
-    first: dict[str, dict[str, Any]] = {}
-    grid = [(name, lr) for name in METHODS for lr in sorted(s.learning_rates[name])]
-    bar = tqdm(total=len(grid), desc="tune learning rates", disable=not progress, unit="run")
-    for name in METHODS:
-        validation: dict[float, tuple[float, float]] = {}
-        kept: tuple[Any, float] | None = None  # the best run so far (one model in memory)
-        for lr in sorted(s.learning_rates[name]):
-            result, seconds = ft.train(name, lr, s.seed)
-            ev = evaluate_items(result.model.eval(), tok, data.downstream_val)
-            validation[lr] = (ev.exact_match or 0.0, ev.loss)
-            if choose_rate(validation) == lr:
-                kept = (result, seconds)
-            bar.update()
-        assert kept is not None
-        best = choose_rate(validation)
-        tuning[name] = {"learning_rate": best,
-                        "validation_acc": {f"{lr:g}": v[0] for lr, v in validation.items()},
-                        "validation_loss": {f"{lr:g}": v[1] for lr, v in validation.items()}}
-        first[name] = ft.measure(name, *kept)
-    bar.close()
-    runs = [{"seed": s.seed, "methods": first}]
-    seeds = [s.seed + k for k in range(1, s.seeds)]
-    bar = tqdm(total=len(seeds) * len(METHODS), desc="fine-tune seeds", disable=not progress,
-               unit="run")
-    for seed in seeds:
-        methods: dict[str, dict[str, Any]] = {}
-        for name in METHODS:
-            methods[name] = ft.measure(name, *ft.train(name, tuning[name]["learning_rate"], seed))
-            bar.update()
-        runs.append({"seed": seed, "methods": methods})
-    bar.close()
+    # at the first seed (``tuning.choose_rate``); test items are scored only for the chosen
+    # runs. Then the chosen rates at the other seeds. Runs go to ``jobs`` worker processes.
+    tuning, runs = fine_tune(ft, [s.seed + k for k in range(s.seeds)], jobs or default_jobs(),
+                             progress)
+    first = runs[0]["methods"]
 
     merged_dir = out / "merged-esft-token"
     shutil.rmtree(merged_dir, ignore_errors=True)
@@ -270,7 +240,7 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
 
 
 @dataclass
-class _FineTune:
+class FineTune:
     """One fine-tuning run of a method at a learning rate and seed, and its figures."""
 
     s: Settings
