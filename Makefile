@@ -23,7 +23,7 @@ $(VENV)/.deps-stamp: requirements.lock
 
 # Rebuilt only when Rust sources change; Python sources are used in place.
 $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(RUST_SRC) pyproject.toml
-	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --quiet --uv
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --profile local --quiet --uv
 	@touch $@
 
 requirements.lock: pyproject.toml
