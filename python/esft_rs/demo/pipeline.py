@@ -167,7 +167,8 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
     """Run the whole demo; write ``report.json``, ``report.md`` and plots to ``out``.
     ``final``: where ``out`` will be once committed (the report's paths point there).
     ``jobs``: fine-tuning runs at a time (default: the CPUs available); the figures do
-    not depend on it."""
+    not depend on it. The runs go to spawned worker processes, so a script that calls this
+    does so under ``if __name__ == "__main__":``."""
     import torch
 
     from esft_rs.demo.report import routing_figures, share_on_selected, write_report
