@@ -311,3 +311,26 @@ def test_bad_devices_are_refused_in_one_line(ws: Path, tmp_path: Path, command: 
              tmp_path / "out"])
     one_error(run_cli(*args, "--device", device), f"'{device}' {why}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig, point", [("INT", "r.safetensors"), ("KILL", "r.safetensors"),
+                                        ("INT", "rec")])
+def test_profile_outputs_commit_together_keeping_earlier_ones(ws: Path, tmp_path: Path, sig: str,
+                                                              point: str) -> None:
+    def profile(tokens: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        args = ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu", "--seq-len", "32",
+                "--tokens", str(tokens), "-o", tmp_path / "r.safetensors",
+                "--records", tmp_path / "rec"]
+        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **(env or {})})
+
+    assert profile(32).returncode == 0
+    before = listing(tmp_path)
+    # The stats file fails as it is committed: the records of the run were already in
+    # place, so the earlier records were lost (replaced by ones without their stats file).
+    proc = profile(64, {"ESFT_RS_TEST_INTERRUPT": f"{sig}@commit:{point}"})
+    assert proc.returncode == (130 if sig == "INT" else -9), proc.stderr
+    assert {k: v for k, v in listing(tmp_path).items() if "esft-staging" not in k} == before
+    assert profile(64).returncode == 0  # a re-run replaces both and clears what a kill left
+    after = listing(tmp_path)
+    assert sorted(after) == sorted(before) and after != before
