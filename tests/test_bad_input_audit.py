@@ -396,3 +396,80 @@ def torch_equal(a: object, b: object) -> bool:
     import torch
 
     return bool(torch.equal(a, b))  # type: ignore[arg-type]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def with_bom(path: Path) -> Path:
+    path.write_bytes(BOM + path.read_bytes())
+    return path
+
+
+def test_json_inputs_may_start_with_a_byte_order_mark(ws: Path, tmp_path: Path) -> None:
+    # Windows editors write one; Python's json ("Unexpected UTF-8 BOM"), serde and the
+    # tokenizers library ("expected value at line 1 column 1") refused every such file.
+    import gzip
+
+    from safetensors import safe_open
+
+    from esft_rs.data import read_task_data
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.tokenizer import load_tokenizer
+    from test_tokenizer import hf_dir
+
+    model = tmp_path / "m"
+    save_model(init_model("tiny"), model)
+    with safe_open(model / "model.safetensors", "np") as f:
+        names = list(f.keys())
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    for p in (model / "config.json", model / "model.safetensors.index.json"):
+        with_bom(p)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_bytes(BOM + (ws / "cfg.json").read_bytes())
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(BOM + (ws / "task.jsonl").read_bytes())
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(data.read_bytes()))
+    before = listing(tmp_path)
+
+    assert load_model(model).config.vocab_size == init_model("tiny").config.vocab_size
+    assert ExpertConfig.load(cfg) == ExpertConfig.load(ws / "cfg.json")
+    want = read_task_data(ws / "task.jsonl").conversations
+    for d in (data, tmp_path / "d.jsonl.gz"):
+        assert read_task_data(d).conversations == want
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["plan", model, "-e", cfg],
+                 ["split", model, "--experts", cfg, "-o", out / "a.safetensors"],  # Rust reads
+                 ["merge", model, out / "a.safetensors", "-o", out / "merged"],
+                 ["profile", model, data, "--device", "cpu", "--tokens", "32", "--seq-len", "32",
+                  "-o", out / "r.safetensors"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 0, (args[0], proc.stderr)
+    assert {k: v for k, v in listing(tmp_path).items() if not k.startswith("out")} == before
+
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = load_tokenizer(hf_dir(tmp_path / "a", special))
+    marked = hf_dir(tmp_path / "b", special)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with_bom(marked / name)
+    tok = load_tokenizer(marked)
+    assert (tok.bos, tok.eos, tok.pad) == (plain.bos, plain.eos, plain.pad)
+    assert tok.encode("hello world") == plain.encode("hello world")
+
+
+def test_transformers_config_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from esft_rs.models import hf
+    from esft_rs.models.hf_shards import meta
+    from hf_tiny import save
+
+    root = save("qwen3_moe", tmp_path / "q")
+    want = hf.load(root).state_dict()
+    with_bom(root / "config.json")  # transformers' own reader refuses it
+    got = hf.load(root).state_dict()
+    assert list(got) == list(want) and all(bool((got[k] == want[k]).all()) for k in want)
+    assert meta(root).config.num_experts == hf.config(root).num_experts
