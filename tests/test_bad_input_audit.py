@@ -473,3 +473,18 @@ def test_transformers_config_may_start_with_a_byte_order_mark(tmp_path: Path) ->
     got = hf.load(root).state_dict()
     assert list(got) == list(want) and all(bool((got[k] == want[k]).all()) for k in want)
     assert meta(root).config.num_experts == hf.config(root).num_experts
+
+
+def test_merge_copies_files_whose_names_are_not_utf8_under_their_own_name(
+        ws: Path, tmp_path: Path) -> None:
+    # was copied as "n\ufffd.txt": a file of the base renamed in the merged model
+    base = tmp_path / "base"
+    shutil.copytree(ws / "base", base)
+    odd = os.fsdecode(b"n\xff.txt")
+    (base / odd).write_bytes(b"kept")
+    assert run_cli("split", base, "--experts", ws / "cfg.json", "-o",
+                   tmp_path / "a.safetensors").returncode == 0
+    proc = run_cli("merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(base))
+    assert (tmp_path / "out" / odd).read_bytes() == b"kept"
