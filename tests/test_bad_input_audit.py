@@ -311,3 +311,180 @@ def test_bad_devices_are_refused_in_one_line(ws: Path, tmp_path: Path, command: 
              tmp_path / "out"])
     one_error(run_cli(*args, "--device", device), f"'{device}' {why}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig, point", [("INT", "r.safetensors"), ("KILL", "r.safetensors"),
+                                        ("INT", "rec")])
+def test_profile_outputs_commit_together_keeping_earlier_ones(ws: Path, tmp_path: Path, sig: str,
+                                                              point: str) -> None:
+    def profile(tokens: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        args = ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu", "--seq-len", "32",
+                "--tokens", str(tokens), "-o", tmp_path / "r.safetensors",
+                "--records", tmp_path / "rec"]
+        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **(env or {})})
+
+    assert profile(32).returncode == 0
+    before = listing(tmp_path)
+    # The stats file fails as it is committed: the records of the run were already in
+    # place, so the earlier records were lost (replaced by ones without their stats file).
+    proc = profile(64, {"ESFT_RS_TEST_INTERRUPT": f"{sig}@commit:{point}"})
+    assert proc.returncode == (130 if sig == "INT" else -9), proc.stderr
+    assert {k: v for k, v in listing(tmp_path).items() if "esft-staging" not in k} == before
+    assert profile(64).returncode == 0  # a re-run replaces both and clears what a kill left
+    after = listing(tmp_path)
+    assert sorted(after) == sorted(before) and after != before
+
+
+def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> list[dict]:
+    """4 steps of FakeMoE training the one expert per layer that a sequence of token 5 never
+    reaches, on 8 rows of which the first ``reaching_rows`` are varied (global batch 4:
+    1 row per process and micro-step at 2 processes); the metrics of each step."""
+    import socket
+
+    import torch
+
+    from esft_rs.expert_config import ExpertConfig
+    from train_fakes import FakeMoE, constant_routes, ddp_worker, fake_data
+
+    missed = {layer: min(set(range(4)) - used)
+              for layer, used in constant_routes(FakeMoE(), 5).items()}
+    data = fake_data(n=8, seq=12)
+    data["input_ids"][reaching_rows:] = 5
+    data["labels"] = data["input_ids"].clone()
+    data["labels"][:, :3] = -100
+    args = (FakeMoE(), data, out, ExpertConfig({k: [e] for k, e in missed.items()}))
+    kw = dict(steps=4, seq_length=12, gradient_accumulation_steps=2, eval_steps=100,
+              save_steps=100, logging_steps=1, learning_rate=1e-4, val_ratio=0.0,
+              gradient_checkpointing=False, device="cpu", parallelism=parallelism,
+              per_device_batch_size=2 // world)
+    if world == 1:
+        esft_rs.train(*args, progress=False, **kw)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(ddp_worker, args=(world, port, args, kw), nprocs=world)
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("reaching_rows", [2, 0])
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_torchrun_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path, parallelism: str,
+                                                            reaching_rows: int) -> None:
+    # DDP: "element 0 of tensors does not require grad" on the rank whose micro-batch
+    # reaches no trained expert (skipping its backward would leave the others' gradient
+    # all-reduce waiting). Such a micro-batch adds nothing, as in one process.
+    from safetensors.torch import load_file
+
+    one = fake_run(tmp_path / "one", 1, parallelism, reaching_rows)
+    two = fake_run(tmp_path / "two", 2, parallelism, reaching_rows)
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two, strict=True):
+        # Step 1 starts from the same weights; after it Adam moves the entries whose
+        # gradient is rounding noise by a whole step either way, so later steps drift.
+        tol = 1e-5 if a["step"] == 1 else 1e-2
+        assert math.isclose(a["loss"], b["loss"], rel_tol=tol / 10), (a, b)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=tol, abs_tol=1e-12), (a, b)
+    if reaching_rows == 0:  # nothing ever reached them: trained tensors as they were
+        assert all(r["grad_norm"] == 0 for r in two)
+        x, y = (load_file(p / "adapter.safetensors") for p in (tmp_path / "one", tmp_path / "two"))
+        assert all(torch_equal(x[k], y[k]) for k in x)
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))  # type: ignore[arg-type]
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def with_bom(path: Path) -> Path:
+    path.write_bytes(BOM + path.read_bytes())
+    return path
+
+
+def test_json_inputs_may_start_with_a_byte_order_mark(ws: Path, tmp_path: Path) -> None:
+    # Windows editors write one; Python's json ("Unexpected UTF-8 BOM"), serde and the
+    # tokenizers library ("expected value at line 1 column 1") refused every such file.
+    import gzip
+
+    from safetensors import safe_open
+
+    from esft_rs.data import read_task_data
+    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.tokenizer import load_tokenizer
+    from test_tokenizer import hf_dir
+
+    model = tmp_path / "m"
+    save_model(init_model("tiny"), model)
+    with safe_open(model / "model.safetensors", "np") as f:
+        names = list(f.keys())
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model.safetensors" for n in names}}))
+    for p in (model / "config.json", model / "model.safetensors.index.json"):
+        with_bom(p)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_bytes(BOM + (ws / "cfg.json").read_bytes())
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(BOM + (ws / "task.jsonl").read_bytes())
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(data.read_bytes()))
+    before = listing(tmp_path)
+
+    assert load_model(model).config.vocab_size == init_model("tiny").config.vocab_size
+    assert ExpertConfig.load(cfg) == ExpertConfig.load(ws / "cfg.json")
+    want = read_task_data(ws / "task.jsonl").conversations
+    for d in (data, tmp_path / "d.jsonl.gz"):
+        assert read_task_data(d).conversations == want
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["plan", model, "-e", cfg],
+                 ["split", model, "--experts", cfg, "-o", out / "a.safetensors"],  # Rust reads
+                 ["merge", model, out / "a.safetensors", "-o", out / "merged"],
+                 ["profile", model, data, "--device", "cpu", "--tokens", "32", "--seq-len", "32",
+                  "-o", out / "r.safetensors"]):
+        proc = run_cli(*args)
+        assert proc.returncode == 0, (args[0], proc.stderr)
+    assert {k: v for k, v in listing(tmp_path).items() if not k.startswith("out")} == before
+
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = load_tokenizer(hf_dir(tmp_path / "a", special))
+    marked = hf_dir(tmp_path / "b", special)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with_bom(marked / name)
+    tok = load_tokenizer(marked)
+    assert (tok.bos, tok.eos, tok.pad) == (plain.bos, plain.eos, plain.pad)
+    assert tok.encode("hello world") == plain.encode("hello world")
+
+
+def test_transformers_config_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from esft_rs.models import hf
+    from esft_rs.models.hf_shards import meta
+    from hf_tiny import save
+
+    root = save("qwen3_moe", tmp_path / "q")
+    want = hf.load(root).state_dict()
+    with_bom(root / "config.json")  # transformers' own reader refuses it
+    got = hf.load(root).state_dict()
+    assert list(got) == list(want) and all(bool((got[k] == want[k]).all()) for k in want)
+    assert meta(root).config.num_experts == hf.config(root).num_experts
+
+
+def test_merge_copies_files_whose_names_are_not_utf8_under_their_own_name(
+        ws: Path, tmp_path: Path) -> None:
+    # was copied as "n\ufffd.txt": a file of the base renamed in the merged model
+    base = tmp_path / "base"
+    shutil.copytree(ws / "base", base)
+    odd = os.fsdecode(b"n\xff.txt")
+    (base / odd).write_bytes(b"kept")
+    assert run_cli("split", base, "--experts", ws / "cfg.json", "-o",
+                   tmp_path / "a.safetensors").returncode == 0
+    proc = run_cli("merge", base, tmp_path / "a.safetensors", "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(base))
+    assert (tmp_path / "out" / odd).read_bytes() == b"kept"

@@ -30,6 +30,7 @@ __all__ = [
     "check_output_paths",
     "check_output_target",
     "classify_tensor",
+    "commit_together",
     "count_routing",
     "dump_expert_config",
     "fingerprint",
@@ -330,3 +331,5 @@ class Staging:
     def path(self) -> Path: ...
     def commit(self, overwrite: bool, keep: list[str] = ...) -> None: ...
     def discard(self) -> None: ...
+
+def commit_together(items: list[tuple[Staging, bool, list[str]]]) -> None: ...

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -132,6 +133,14 @@ def sum_over_batches(
         else:
             total += run(i).to(total)
     return place.sum(total)
+
+
+def from_rank0(path: Path | None) -> Path:
+    """Rank 0's ``path`` (a staging folder the ranks write into), on every rank."""
+    shared = [str(path) if path is not None else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(shared, src=0)
+    return Path(str(shared[0]))
 
 
 def backend(device: torch.device) -> str:

@@ -3,7 +3,8 @@
 - ``check_file`` stats a path before anything opens it: a named pipe, socket, device
   or directory where a regular file belongs is refused at once (opening a pipe
   would block forever).
-- ``read_text`` decodes strict UTF-8 and names the byte offset of the first bad byte.
+- ``read_text`` decodes strict UTF-8 and names the byte offset of the first bad byte; a
+  byte-order mark at the start is dropped (``without_bom``), here and in ``parse_json``.
 - ``parse_json`` refuses duplicate keys, nesting deeper than ``MAX_DEPTH`` and
   strings that are not encodable (lone surrogates such as ``"\\ud800"``).
 - ``load_yaml`` refuses duplicate keys too (PyYAML keeps the last silently).
@@ -54,12 +55,18 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
-    """The file's text, which must be UTF-8."""
+    """The file's text, which must be UTF-8 (a byte-order mark before it is dropped)."""
     data = read_bytes(path)
     try:
-        return data.decode("utf-8")
+        return without_bom(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InvalidFileError(f"{path}: not valid UTF-8 (byte {e.start})", path) from None
+
+
+def without_bom(text: str) -> str:
+    """``text`` without the UTF-8 byte-order mark Windows editors put first, as Python's
+    ``utf-8-sig`` reads it (``json`` refuses it: "Unexpected UTF-8 BOM")."""
+    return text.removeprefix("\ufeff")
 
 
 def describe_text_problem(text: str) -> str | None:
@@ -78,6 +85,7 @@ def json_problem(text: str | bytes) -> tuple[Any, str | None]:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             return None, f"not valid UTF-8 (byte {e.start})"
+    text = without_bom(text)  # a JSONL file's first line holds the file's
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:

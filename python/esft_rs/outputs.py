@@ -11,6 +11,7 @@ with ``merge`` and ``split``; see ``docs/outputs.md`` for the guarantees.
 - ``staged(path)``: write under a hidden name unique to the run, beside ``path``;
   on success the result takes its final name in one rename (a directory is
   swapped with the old one in one step); on any error or Ctrl-C nothing appears.
+  ``staged_together`` does so for several outputs of one command: all or none.
 """
 
 from __future__ import annotations
@@ -72,17 +73,34 @@ def staged(
 ) -> Iterator[Path]:
     """Yield a hidden staging path (a file to create, or an empty directory) for ``target``;
     commit it to ``target`` when the block succeeds, remove it otherwise."""
-    staging = _core.Staging(os.fspath(target), directory)
+    with staged_together({target: directory}, overwrite=overwrite, keep=keep) as tmp:
+        yield tmp[target]
+
+
+@contextmanager
+def staged_together(
+    targets: Mapping[Any, bool], *, overwrite: bool = True, keep: Iterable[str] = ()
+) -> Iterator[dict[Any, Path]]:
+    """``staged`` for the outputs of one command (each target maps to whether it is a
+    directory): yields {target: staging path}; when the block succeeds all are committed
+    together, and if one cannot be, none is and every earlier output stays as it was."""
+    stagings: dict[Any, _core.Staging] = {}
     try:
+        for target, directory in targets.items():
+            stagings[target] = _core.Staging(os.fspath(target), directory)
         try:
-            yield Path(staging.path)
+            yield {target: Path(s.path) for target, s in stagings.items()}
         except Exception as e:
-            if (why := _write_failure(e, os.fspath(staging.path))) is None:
-                raise
-            raise EsftIOError(getattr(e, "errno", None), why, os.fspath(target)) from None
-        staging.commit(overwrite, list(keep))
+            for target, s in stagings.items():
+                if (why := _write_failure(e, os.fspath(s.path))) is not None:
+                    named = target if isinstance(e, OSError) or len(stagings) == 1 else (
+                        ", ".join(map(os.fspath, stagings)))
+                    raise EsftIOError(getattr(e, "errno", None), why, os.fspath(named)) from None
+            raise
+        _core.commit_together([(s, overwrite, list(keep)) for s in stagings.values()])
     finally:
-        staging.discard()
+        for s in stagings.values():
+            s.discard()
 
 
 def _write_failure(e: BaseException, staging: str) -> str | None:

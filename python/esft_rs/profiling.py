@@ -219,17 +219,50 @@ def profile(
             return profile(view, batches, max_tokens=max_tokens, records=records,
                            metadata=metadata, progress=progress)
     model = as_moe_model(model)  # a TypeError for anything else
-    return _profile(model, batches, max_tokens, records, metadata, progress)
+    stats, kept = profile_model(model, batches, max_tokens=max_tokens,
+                                keep_records=records is not None, metadata=metadata,
+                                progress=progress)
+    if kept is not None and records is not None:
+        folder = Path(records)
+        if kept.world > 1:  # each rank puts its own folder in place
+            folder.mkdir(parents=True, exist_ok=True)
+            folder = folder / f"rank_{kept.rank}"
+        from esft_rs.outputs import staged
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with staged(folder, directory=True) as tmp:
+            kept.write(tmp)
+    return stats
 
 
-def _profile(
+class Records:
+    """This rank's routing records: each layer's (ids, weights) parts, batch by batch."""
+
+    def __init__(self, parts: dict[int, list[tuple[np.ndarray, np.ndarray]]], rank: int,
+                 world: int) -> None:
+        self.parts, self.rank, self.world = parts, rank, world
+
+    def write(self, folder: Path) -> None:
+        """The ``layer_{L}_ids.npy`` / ``layer_{L}_weights.npy`` files, into ``folder``."""
+        for layer, parts in self.parts.items():
+            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.int64)
+            weights = (np.concatenate([p[1] for p in parts]) if parts
+                       else np.zeros((0, 0), np.float32))
+            np.save(folder / f"layer_{layer}_ids.npy", ids)
+            np.save(folder / f"layer_{layer}_weights.npy", weights)
+
+
+def profile_model(
     model: MoEModel,
     batches: Iterable[Any],
-    max_tokens: int | None,
-    records: str | os.PathLike[str] | None,
-    metadata: Mapping[str, str] | None,
-    progress: bool | Callable[[int], object],
-) -> RoutingStats:
+    *,
+    max_tokens: int | None = None,
+    keep_records: bool = False,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool | Callable[[int], object] = False,
+) -> tuple[RoutingStats, Records | None]:
+    """``profile`` of an ``MoEModel``, with the records kept in memory rather than
+    written, for a caller that commits them together with its other outputs."""
     import torch
     import torch.distributed as dist
 
@@ -240,7 +273,7 @@ def _profile(
     budget = None if max_tokens is None else max(1, max_tokens // world)
     param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = torch.device("cpu") if param is None else param.device
-    rec = _Recorder(model, device, keep_records=records is not None)
+    rec = _Recorder(model, device, keep_records=keep_records)
     bar = None
     if progress is True and rank == 0:
         from tqdm import tqdm
@@ -287,13 +320,7 @@ def _profile(
         rec.acc, rec.samples = acc, samples.reshape(())
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     stats = rec.stats(meta)
-    if rec.records is not None and records is not None:
-        folder = Path(records)
-        if world > 1:  # each rank puts its own folder in place
-            folder.mkdir(parents=True, exist_ok=True)
-            folder = folder / f"rank_{rank}"
-        _write_records(folder, rec.records)
-    return stats
+    return stats, None if rec.records is None else Records(rec.records, rank, world)
 
 
 def _padded(batches: Iterable[Any]) -> Iterator[Any]:
@@ -311,17 +338,3 @@ def _any_rank(busy: bool, device: torch.device) -> bool:
     flag = torch.tensor([int(busy)], device=device if dist.get_backend() != "gloo" else "cpu")
     dist.all_reduce(flag)
     return bool(flag.item())
-
-
-def _write_records(folder: Path, records: dict[int, list[tuple[np.ndarray, np.ndarray]]]) -> None:
-    """The folder of ``.npy`` files, put in place whole (an earlier one is replaced)."""
-    from esft_rs.outputs import staged
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with staged(folder, directory=True) as tmp:
-        for layer, parts in records.items():
-            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 0), np.int64)
-            weights = (np.concatenate([p[1] for p in parts]) if parts
-                       else np.zeros((0, 0), np.float32))
-            np.save(tmp / f"layer_{layer}_ids.npy", ids)
-            np.save(tmp / f"layer_{layer}_weights.npy", weights)

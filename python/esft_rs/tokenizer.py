@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from esft_rs.errors import InvalidFileError
-from esft_rs.inputs import check_file, load_json
+from esft_rs.inputs import check_file, load_json, read_text
 
 
 @runtime_checkable
@@ -60,8 +60,9 @@ class HFTokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         path = check_file(path)
+        text = read_text(path)  # the library refuses a byte-order mark; read_text drops it
         try:
-            self._tok = RustTokenizer.from_file(str(path))
+            self._tok = RustTokenizer.from_str(text)
         except Exception as e:  # the library raises a bare Exception on a bad file
             raise InvalidFileError(f"{path}: not a valid tokenizer.json ({e})", path) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

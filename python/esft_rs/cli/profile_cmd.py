@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
 from esft_rs.cli.params import SEED
 from esft_rs.errors import EsftError
+
+if TYPE_CHECKING:
+    from esft_rs.distributed import Dist
+    from esft_rs.profiling import Records
+    from esft_rs.routing import RoutingStats
 
 #: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
 DEFAULT_TOKENS = 131072
@@ -81,13 +87,12 @@ def profile_cmd(
     from esft_rs.models import as_moe_model
     from esft_rs.outputs import check_outputs, check_target
     from esft_rs.preflight import check_token_ids, context_length
-    from esft_rs.profiling import profile
+    from esft_rs.profiling import profile_model
 
     check_outputs([output, records], [model, *data])
     check_target(output)
     if records is not None and records.parent.is_dir():  # else made (with parents) at the end
         check_target(records)
-    new_records = records is not None and not records.exists()
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     with process_group(dev) as place:
         rank, world = place.rank, place.world
@@ -126,21 +131,16 @@ def profile_cmd(
             **_fingerprint(model),
         }
         try:
-            stats = profile(
-                moe, batches, records=records, metadata=metadata,
+            stats, kept = profile_model(
+                moe, batches, keep_records=records is not None, metadata=metadata,
                 progress=bar.update if bar is not None else False,
             )
         finally:
             if bar is not None:
                 bar.close()
+        _write(output, stats, records, kept, place)
         if rank != 0:
             return
-        try:
-            stats.save(output)
-        except BaseException:
-            if new_records:  # committed by profile(); without its stats file it is a partial output
-                shutil.rmtree(records, ignore_errors=True)  # type: ignore[arg-type]
-            raise
         available = int(packed.attention_mask.sum())
         note = f" (all the data holds; --tokens {tokens})" if available < tokens else ""
         click.echo(
@@ -149,6 +149,30 @@ def profile_cmd(
             f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
             f" {time.perf_counter() - t0:.1f} s"
         )
+
+
+def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Records | None,
+           place: Dist) -> None:
+    """The stats file and the records folder, committed together by rank 0 (every rank
+    calls): a failure leaves neither, and an earlier pair as it was."""
+    from esft_rs.distributed import from_rank0
+    from esft_rs.outputs import staged_together
+
+    with ExitStack() as stack:
+        tmp: dict[Path | None, Path] = {}
+        if place.main:
+            if records is not None:
+                records.parent.mkdir(parents=True, exist_ok=True)
+            targets = {p: p == records for p in (output, records) if p is not None}
+            tmp = stack.enter_context(staged_together(targets))
+            stats.save(tmp[output])
+        if kept is not None:
+            folder = from_rank0(tmp.get(records))
+            if place.world > 1:  # rank_<r>/ folders, as profile() writes them
+                folder = folder / f"rank_{place.rank}"
+                folder.mkdir()
+            kept.write(folder)
+        place.barrier()  # every rank's records are in; rank 0 commits as the block ends
 
 
 def _fingerprint(model: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,7 +99,7 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
-    from esft_rs.outputs import check_outputs, check_target, staged
+    from esft_rs.outputs import check_outputs, check_target, staged_together
     from esft_rs.selection import select, summary_json
 
     _check_top_p(top_p)
@@ -121,8 +120,7 @@ def select_cmd(
     )
     _print_selection(sel)
     # All outputs are staged first and committed together: a failing plot leaves none.
-    with ExitStack() as stack:
-        tmp = {p: stack.enter_context(staged(p)) for p in (output, summary, plot) if p is not None}
+    with staged_together({p: False for p in (output, summary, plot) if p is not None}) as tmp:
         tmp[output].write_text(sel.config(shared_experts, non_expert_modules).to_json() + "\n")
         if summary is not None:
             tmp[summary].write_text(summary_json(sel.stats))

@@ -52,6 +52,15 @@ def model_type(directory: str | os.PathLike[str]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def config(root: Path) -> Any:
+    """config.json as transformers' config object, as ``AutoConfig.from_pretrained`` makes
+    it but read by esft-rs: strictly, and with a byte-order mark (which transformers'
+    reader refuses) dropped. Raises KeyError for a model_type transformers lacks."""
+    raw = load_json(root / "config.json")
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    return require_transformers().CONFIG_MAPPING[kind].from_dict(raw)
+
+
 def require_transformers() -> Any:
     """The transformers module, or one line saying how to get a supported one."""
     try:
@@ -103,8 +112,8 @@ def load(
         transformers.logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            root, dtype=dtype if dtype is not None else "auto", local_files_only=True,
-            output_loading_info=True, ignore_mismatched_sizes=True,
+            root, config=config(root), dtype=dtype if dtype is not None else "auto",
+            local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
         )
     except (OSError, ImportError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

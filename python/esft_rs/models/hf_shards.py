@@ -50,7 +50,7 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
     hf.check_family(root)
     transformers = hf.require_transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+        config = hf.config(root)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None

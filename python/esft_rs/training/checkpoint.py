@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from esft_rs.distributed import Dist
+from esft_rs.distributed import Dist, from_rank0
 from esft_rs.errors import MismatchError
 from esft_rs.outputs import staged, write_file
 from esft_rs.training.freeze import Trainable
@@ -106,7 +106,7 @@ def write(
         if place.main:
             root.mkdir(parents=True, exist_ok=True)
             tmp = stack.enter_context(staged(final, directory=True))
-        tmp = _from_rank0(tmp)
+        tmp = from_rank0(tmp)
         torch.save(rng_state(), tmp / f"rng-{place.rank}.pt")
         with _single_process_quiet():
             dcp.save(_state_dict(model, trainables, optimizer, best), checkpoint_id=tmp / DCP,
@@ -121,16 +121,6 @@ def write(
                 shutil.rmtree(old, ignore_errors=True)
     place.barrier()
     return final
-
-
-def _from_rank0(path: Path | None) -> Path:
-    """Rank 0's staging folder, on every rank."""
-    import torch.distributed as dist
-
-    shared = [str(path) if path is not None else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(shared, src=0)
-    return Path(str(shared[0]))
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

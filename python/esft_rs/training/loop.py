@@ -121,6 +121,31 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return loss
 
 
+class _Anchored(torch.nn.Module):
+    """``model`` for DDP, its output tied to a parameter of its own at zero weight: a rank
+    whose tokens reach no trained expert then still runs backward, which is where DDP
+    joins the gradient all-reduce of the other ranks (its share counting as zero);
+    without it, that rank's backward raised (nothing required grad) or skipped the
+    collective (the other ranks hung). The anchor is in no optimizer."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.module = model
+        self.anchor = torch.nn.Parameter(torch.zeros((), device=device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.module(*args, **kwargs)
+        zero = self.anchor * 0
+        if torch.is_tensor(out):
+            return out + zero
+        out.logits = out.logits + zero  # a transformers ModelOutput
+        return out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        aux = getattr(self.module, "aux_loss", None)
+        return aux() if callable(aux) else None
+
+
 class Loop:
     """One training run over packed data; ``fit`` runs it to ``cfg.steps``."""
 
@@ -152,7 +177,8 @@ class Loop:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
             # Gradients are views into DDP's all-reduce buckets, not a second copy of them.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
+                _Anchored(model, device),
+                device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True, gradient_as_bucket_view=True,
             )
         self.best: dict[str, torch.Tensor] | None = None

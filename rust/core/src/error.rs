@@ -152,7 +152,9 @@ fn special_kind(_: std::fs::FileType) -> &'static str {
     "not a regular file"
 }
 
-/// A text input (checked as `open_input` does), which must be UTF-8.
+/// A text input (checked as `open_input` does), which must be UTF-8. A byte-order
+/// mark before the text (Windows editors write one) is dropped, as Python's
+/// `utf-8-sig` does: serde_json refuses it.
 pub fn read_input_text(path: &Path) -> Result<String> {
     use std::io::Read;
 
@@ -160,8 +162,11 @@ pub fn read_input_text(path: &Path) -> Result<String> {
     open_input(path)?
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, e))?;
+    let bom = if bytes.starts_with(b"\xef\xbb\xbf") { 3 } else { 0 };
+    bytes.drain(..bom);
     String::from_utf8(bytes).map_err(|e| {
-        Error::invalid(path, format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()))
+        let at = bom + e.utf8_error().valid_up_to();
+        Error::invalid(path, format!("not valid UTF-8 (byte {at})"))
     })
 }
 
@@ -195,5 +200,16 @@ mod tests {
         );
         assert_eq!(Error::invalid(nl, "bad\r\nname").to_string(), "/tmp/model-1.safet\\nsors: bad\\r\\nname");
         assert_eq!(Error::Value("a\tb é".into()).to_string(), "a\\tb é");
+    }
+
+    #[test]
+    fn text_inputs_may_start_with_a_byte_order_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("config.json");
+        std::fs::write(&path, b"\xef\xbb\xbf{\"a\": 1}").unwrap();
+        assert_eq!(read_input_text(&path).unwrap(), "{\"a\": 1}");
+        std::fs::write(&path, b"\xef\xbb\xbf{\xff}").unwrap();
+        let err = read_input_text(&path).unwrap_err().to_string();
+        assert!(err.ends_with("not valid UTF-8 (byte 4)"), "{err}");
     }
 }

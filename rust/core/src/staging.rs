@@ -402,28 +402,34 @@ fn taken(e: &io::Error) -> bool {
 /// with the existing output (then removed). Retries when a concurrent run
 /// creates or removes the target in between.
 fn install(tmp: &Path, target: &Path, overwrite: bool, keep: &[String]) -> Result<()> {
-    install_with(tmp, target, overwrite, keep, exchange)
+    match install_with(tmp, target, overwrite, keep, exchange)? {
+        Some(old) => remove_any(&old).map_err(|e| Error::io(&old, e)),
+        None => Ok(()),
+    }
 }
 
 /// `install`, with the exchange as a parameter (tests take the fallback path).
+/// Returns where the output it replaced now lies (under a staging name), for the
+/// caller to remove, or to put back (`restore`) when a later output of the same
+/// command fails.
 fn install_with(
     tmp: &Path,
     target: &Path,
     overwrite: bool,
     keep: &[String],
     exchange: fn(&Path, &Path) -> io::Result<bool>,
-) -> Result<()> {
+) -> Result<Option<PathBuf>> {
     let (parent, name) = split_target(target)?;
     for _ in 0..16 {
         match rename_new(tmp, target) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
             Err(e) if taken(&e) => {}
             Err(e) => return Err(Error::io(target, e)),
         }
         check_target(target, overwrite, keep)?;
         match exchange(tmp, target) {
             // `tmp` now holds the old output.
-            Ok(true) => return remove_any(tmp).map_err(|e| Error::io(tmp, e)),
+            Ok(true) => return Ok(Some(tmp.to_path_buf())),
             Ok(false) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(target, e)),
@@ -436,12 +442,14 @@ fn install_with(
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(target, e)),
         }
-        let put = rename_new(tmp, target);
-        remove_any(&aside).map_err(|e| Error::io(&aside, e))?;
-        match put {
-            Ok(()) => return Ok(()),
-            Err(e) if taken(&e) => continue,
-            Err(e) => return Err(Error::io(target, e)),
+        match rename_new(tmp, target) {
+            Ok(()) => return Ok(Some(aside)),
+            Err(e) => {
+                remove_any(&aside).map_err(|e| Error::io(&aside, e))?;
+                if !taken(&e) {
+                    return Err(Error::io(target, e));
+                }
+            }
         }
     }
     Err(Error::Usage(format!(
@@ -521,6 +529,63 @@ impl Staged {
     }
 }
 
+/// Commits the staged outputs of one command together: each replaces its target
+/// with the old output kept aside, and only when all are in place are the old ones
+/// removed. When one fails, those already in place are put back as they were, so a
+/// user's earlier outputs are never lost to a half-finished command. Each item:
+/// (staged output, overwrite, keep) as for `Staged::commit`.
+pub fn commit_all(items: Vec<(Staged, bool, Vec<String>)>) -> Result<()> {
+    for (staged, overwrite, keep) in &items {
+        if interrupt_point(&staged.target) {
+            return Err(Error::Cancelled);
+        }
+        check_target(&staged.target, *overwrite, keep)?;
+        if !staged.dir {
+            set_mode(&staged.tmp).map_err(|e| Error::io(&staged.tmp, e))?;
+        }
+    }
+    // (target, where the output it replaced lies) for each output in place.
+    let mut placed: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+    for (staged, overwrite, keep) in &items {
+        match install_with(&staged.tmp, &staged.target, *overwrite, keep, exchange) {
+            Ok(old) => placed.push((staged.target.clone(), old)),
+            Err(e) => {
+                for (target, old) in placed.iter().rev() {
+                    // Best effort: the failure is the error to report.
+                    let _ = restore(target, old.as_deref());
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut items = items;
+    for (staged, _, _) in &mut items {
+        staged.committed = true;
+    }
+    for (_, old) in placed {
+        if let Some(old) = old {
+            remove_any(&old).map_err(|e| Error::io(&old, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Undoes `install_with`: the old output (`old`, or nothing) back at `target`; the
+/// new one is removed.
+fn restore(target: &Path, old: Option<&Path>) -> io::Result<()> {
+    let Some(old) = old else {
+        return remove_any(target);
+    };
+    if !exchange(old, target)? {
+        let (parent, name) = split_target(target).map_err(io::Error::other)?;
+        let aside = staging_name(&parent, &name);
+        fs::rename(target, &aside)?;
+        rename_new(old, target)?;
+        return remove_any(&aside);
+    }
+    remove_any(old) // now the new output
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
@@ -580,10 +645,35 @@ mod tests {
         for content in [&b"1"[..], &b"2"[..]] {
             let s = Staged::new(&dir, true).unwrap();
             fs::write(s.path().join("config.json"), content).unwrap();
-            install_with(s.path(), &dir, true, &[], |_, _| Ok(false)).unwrap();
+            if let Some(old) = install_with(s.path(), &dir, true, &[], |_, _| Ok(false)).unwrap() {
+                remove_any(&old).unwrap();
+            }
         }
         assert_eq!(fs::read(dir.join("config.json")).unwrap(), b"2");
         assert_eq!(names(d.path()), ["model"], "the old output moved aside is removed");
+    }
+
+    #[test]
+    fn commit_all_puts_back_what_it_replaced_when_one_output_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, file) = (d.path().join("records"), d.path().join("stats.safetensors"));
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("layer_1_ids.npy"), b"old").unwrap();
+        fs::write(&file, b"").unwrap();
+        let new_dir = Staged::new(&dir, true).unwrap();
+        fs::write(new_dir.path().join("layer_1_ids.npy"), b"new").unwrap();
+        let unwritten = Staged::new(&file, false).unwrap(); // its install fails: nothing there
+        let items = vec![(new_dir, true, vec![]), (unwritten, true, vec![])];
+        assert!(commit_all(items).is_err());
+        assert_eq!(fs::read(dir.join("layer_1_ids.npy")).unwrap(), b"old");
+        assert_eq!(names(d.path()), ["records", "stats.safetensors"]);
+
+        let (a, b) = (Staged::new(&dir, true).unwrap(), Staged::new(&file, false).unwrap());
+        fs::write(a.path().join("layer_1_ids.npy"), b"new").unwrap();
+        fs::write(b.path(), b"").unwrap();
+        commit_all(vec![(a, true, vec![]), (b, true, vec![])]).unwrap();
+        assert_eq!(fs::read(dir.join("layer_1_ids.npy")).unwrap(), b"new");
+        assert_eq!(names(d.path()), ["records", "stats.safetensors"]);
     }
 
     #[test]

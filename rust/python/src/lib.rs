@@ -392,6 +392,22 @@ impl Staging {
     }
 }
 
+/// Commits several staged outputs of one command together (all, or none and the old
+/// ones kept): `items` of (Staging, overwrite, keep).
+#[pyfunction]
+fn commit_together(py: Python<'_>, items: Vec<(Bound<'_, Staging>, bool, Vec<String>)>) -> PyResult<()> {
+    let mut staged = Vec::with_capacity(items.len());
+    for (s, overwrite, keep) in items {
+        let one = s
+            .borrow_mut()
+            .staged
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("already committed or discarded"))?;
+        staged.push((one, overwrite, keep));
+    }
+    py.detach(|| staging::commit_all(staged)).map_err(to_py)
+}
+
 /// The base fingerprint of a checkpoint (see fingerprint.rs for the scheme).
 #[pyfunction]
 fn fingerprint(py: Python<'_>, path: PathBuf) -> PyResult<String> {
@@ -485,6 +501,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
     m.add_function(wrap_pyfunction!(check_output_target, m)?)?;
     m.add_class::<Staging>()?;
+    m.add_function(wrap_pyfunction!(commit_together, m)?)?;
     m.add("STAGING_MARK", staging::STAGING_MARK)?;
     Ok(())
 }

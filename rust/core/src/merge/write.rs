@@ -95,8 +95,9 @@ pub(super) fn write(
         let total: u64 = ckpt.total_bytes();
         write_index(&index.path, &out_path(&name), total)?;
     }
-    for (name, src) in others {
-        let dst = out_path(name);
+    for (_, src) in others {
+        // Under the base's own name, byte for byte (the listed name is a lossy display form).
+        let dst = staged.path().join(src.file_name().unwrap_or_default());
         let n = fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
         staging::set_mode(&dst).map_err(|e| Error::io(&dst, e))?;
         ctl.advance(n)?;
