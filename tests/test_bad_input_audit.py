@@ -516,3 +516,18 @@ def test_a_file_never_replaces_a_directory_or_back(ws: Path, tmp_path: Path, com
         "a file, and this output is a directory")
     one_error(run_cli(*args), target, kinds)
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("bad", ["folder", "broken link"])
+def test_a_tokenizer_json_that_is_not_a_file_is_named(ws: Path, tmp_path: Path, bad: str) -> None:
+    # was passed over: the byte tokenizer config.json names was used instead, silently
+    model = model_with(ws, tmp_path)
+    if bad == "folder":
+        (model / "tokenizer.json").mkdir()
+    else:
+        (model / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    proc = run_cli("profile", model, ws / "task.jsonl", "--device", "cpu", "--tokens", "32",
+                   "--seq-len", "32", "-o", tmp_path / "r.safetensors")
+    one_error(proc, model / "tokenizer.json",
+              "is a directory" if bad == "folder" else "No such file")
+    assert not (tmp_path / "r.safetensors").exists()
