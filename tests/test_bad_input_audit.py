@@ -488,3 +488,46 @@ def test_merge_copies_files_whose_names_are_not_utf8_under_their_own_name(
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(base))
     assert (tmp_path / "out" / odd).read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("command", ["init-model", "merge", "demo", "train", "split"])
+def test_a_file_never_replaces_a_directory_or_back(ws: Path, tmp_path: Path, command: str) -> None:
+    # init-model/merge/demo replaced a routing-stats file with a model folder, split an
+    # empty folder with a file; train named nothing ("File exists") once the model was read
+    (tmp_path / "r.safetensors").write_bytes((ws / "routing.safetensors").read_bytes())
+    (tmp_path / "folder").mkdir()
+    stats, folder = tmp_path / "r.safetensors", tmp_path / "folder"
+    if command == "merge":
+        run_cli("split", ws / "base", "--experts", ws / "cfg.json", "-o",
+                tmp_path / "a.safetensors", check=True)
+    args, target = {
+        "init-model": (["init-model", "--force", "-o", stats], stats),
+        "merge": (["merge", ws / "base", tmp_path / "a.safetensors", "--overwrite", "-o", stats],
+                  stats),
+        "demo": (["demo", "--quick", "-o", stats], stats),
+        "train": (["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "--device",
+                   "cpu", "--steps", "1", "--seq-length", "32", "--val-ratio", "0",
+                   "--gradient-accumulation-steps", "1", "-o", stats], stats),
+        "split": (["split", ws / "base", "--experts", ws / "cfg.json", "--overwrite",
+                   "-o", folder], folder),
+    }[command]
+    before = listing(tmp_path)
+    kinds = "a directory, and this output is a file" if target == folder else (
+        "a file, and this output is a directory")
+    one_error(run_cli(*args), target, kinds)
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("bad", ["folder", "broken link"])
+def test_a_tokenizer_json_that_is_not_a_file_is_named(ws: Path, tmp_path: Path, bad: str) -> None:
+    # was passed over: the byte tokenizer config.json names was used instead, silently
+    model = model_with(ws, tmp_path)
+    if bad == "folder":
+        (model / "tokenizer.json").mkdir()
+    else:
+        (model / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    proc = run_cli("profile", model, ws / "task.jsonl", "--device", "cpu", "--tokens", "32",
+                   "--seq-len", "32", "-o", tmp_path / "r.safetensors")
+    one_error(proc, model / "tokenizer.json",
+              "is a directory" if bad == "folder" else "No such file")
+    assert not (tmp_path / "r.safetensors").exists()

@@ -27,6 +27,7 @@ __all__ = [
     "adapter_info",
     "adapter_metadata",
     "canonical_name",
+    "check_output_kind",
     "check_output_paths",
     "check_output_target",
     "classify_tensor",
@@ -323,6 +324,7 @@ STAGING_MARK: str
 
 def check_output_paths(outputs: list[str], inputs: list[str]) -> None: ...
 def check_output_target(target: str, overwrite: bool, keep: list[str] = ...) -> None: ...
+def check_output_kind(target: str, directory: bool) -> None: ...
 
 @final
 class Staging:

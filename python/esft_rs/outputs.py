@@ -8,6 +8,7 @@ with ``merge`` and ``split``; see ``docs/outputs.md`` for the guarantees.
   one line naming both paths); symlinks and ``..`` are resolved.
 - ``check_target(path, overwrite=...)``: refuses an existing output unless it may
   be replaced: with ``overwrite`` and only if esft-rs could have written it.
+- ``check_kind(path, directory=...)``: refuses a file where a directory belongs, or back.
 - ``staged(path)``: write under a hidden name unique to the run, beside ``path``;
   on success the result takes its final name in one rename (a directory is
   swapped with the old one in one step); on any error or Ctrl-C nothing appears.
@@ -36,6 +37,11 @@ def _paths(paths: Iterable[PathLike | None]) -> list[str]:
 def check_outputs(outputs: Iterable[PathLike | None], inputs: Iterable[PathLike | None]) -> None:
     """Refuse outputs that are, contain or lie inside an input, or collide (``None``s skipped)."""
     _core.check_output_paths(_paths(outputs), _paths(inputs))
+
+
+def check_kind(target: PathLike, *, directory: bool) -> None:
+    """Refuse an existing ``target`` that is a file where the output is a directory, or back."""
+    _core.check_output_kind(os.fspath(target), directory)
 
 
 def check_target(

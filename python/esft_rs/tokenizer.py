@@ -110,7 +110,8 @@ def load_tokenizer(model_dir: str | os.PathLike[str], chat_template: str = "auto
     built-in model (``OFFICIAL_FORMAT_MODELS``), else official.
     """
     root = Path(model_dir)
-    if (root / "tokenizer.json").is_file():
+    # lexists: a tokenizer.json that is a folder or a broken link is named, not passed over
+    if os.path.lexists(root / "tokenizer.json"):
         tok: Tokenizer = HFTokenizer(root / "tokenizer.json")
     elif _json_object(root / "config.json").get("tokenizer") == "byte":
         tok = ByteTokenizer()

@@ -23,13 +23,14 @@ def init_model_cmd(preset: str, output: Path, seed: int, force: bool) -> None:
 
     The same preset and seed give the same files, byte for byte.
     """
-    from esft_rs.outputs import check_target
+    from esft_rs.outputs import check_kind, check_target
 
     if not force and (output / CONFIG_NAME).exists():
         raise EsftError(f"{output}: already holds a model (--force overwrites it)")
     if not force and output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise EsftError(f"{output}: already exists (--force replaces it)")
     check_target(output, overwrite=force, models=force)  # --force replaces only a checkpoint
+    check_kind(output, directory=True)
     from esft_rs.models import init_model, save_model
 
     model = init_model(preset, seed=seed)

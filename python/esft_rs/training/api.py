@@ -70,7 +70,7 @@ def train(
 
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
-    from esft_rs.outputs import check_outputs, check_target
+    from esft_rs.outputs import check_kind, check_outputs, check_target
     from esft_rs.training import sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
@@ -88,6 +88,7 @@ def train(
     out = Path(out_dir)
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
                                        base])
+    check_kind(out, directory=True)
     if save_merged is not None:
         check_target(save_merged, overwrite=False)
     cfg = _config(config, overrides)

@@ -121,6 +121,7 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     staging::check_paths(&[out], &inputs)?;
     if !opts.dry_run {
         staging::check_target(out, opts.overwrite, &[])?;
+        staging::check_kind(out, false)?;
     }
     let mut warnings = Vec::new();
     let layout = Layout::of(&ckpt);

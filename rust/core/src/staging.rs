@@ -191,6 +191,21 @@ fn foreign_entries(dir: &Path, top: bool, keep: &[String], found: &mut Vec<Strin
     }
 }
 
+/// Refuses to replace a directory with a file, or a file with a directory: whatever
+/// it holds, it is not an earlier run of this output.
+pub fn check_kind(target: &Path, dir: bool) -> Result<()> {
+    let kind = |d: bool| if d { "directory" } else { "file" };
+    match fs::metadata(target) {
+        Ok(m) if m.is_dir() != dir => Err(Error::Usage(format!(
+            "{}: is a {}, and this output is a {}; not replaced (remove it or choose another output)",
+            target.display(),
+            kind(m.is_dir()),
+            kind(dir)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn numbered(name: &str, prefix: &str) -> bool {
     name.strip_prefix(prefix)
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
@@ -493,6 +508,7 @@ impl Staged {
     /// Starts a staged file (`dir == false`) or directory at `target`.
     pub fn new(target: &Path, dir: bool) -> Result<Self> {
         writable_parent(target)?;
+        check_kind(target, dir)?;
         let (parent, name) = split_target(target)?;
         clear_stale(&parent, &name);
         let tmp = staging_name(&parent, &name);
@@ -520,6 +536,7 @@ impl Staged {
             return Err(Error::Cancelled);
         }
         check_target(&self.target, overwrite, keep)?;
+        check_kind(&self.target, self.dir)?;
         if !self.dir {
             set_mode(&self.tmp).map_err(|e| Error::io(&self.tmp, e))?;
         }
@@ -540,6 +557,7 @@ pub fn commit_all(items: Vec<(Staged, bool, Vec<String>)>) -> Result<()> {
             return Err(Error::Cancelled);
         }
         check_target(&staged.target, *overwrite, keep)?;
+        check_kind(&staged.target, staged.dir)?;
         if !staged.dir {
             set_mode(&staged.tmp).map_err(|e| Error::io(&staged.tmp, e))?;
         }
@@ -674,6 +692,19 @@ mod tests {
         commit_all(vec![(a, true, vec![]), (b, true, vec![])]).unwrap();
         assert_eq!(fs::read(dir.join("layer_1_ids.npy")).unwrap(), b"new");
         assert_eq!(names(d.path()), ["records", "stats.safetensors"]);
+    }
+
+    #[test]
+    fn never_replaces_a_directory_with_a_file_or_back() {
+        let d = tempfile::tempdir().unwrap();
+        let (dir, file) = (d.path().join("run"), d.path().join("r.safetensors"));
+        fs::create_dir(&dir).unwrap();
+        fs::write(&file, b"").unwrap();
+        let err = Staged::new(&dir, false).err().unwrap().to_string();
+        assert!(err.contains("is a directory, and this output is a file"), "{err}");
+        let err = Staged::new(&file, true).err().unwrap().to_string();
+        assert!(err.contains("is a file, and this output is a directory"), "{err}");
+        assert_eq!(names(d.path()), ["r.safetensors", "run"]);
     }
 
     #[test]

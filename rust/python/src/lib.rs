@@ -355,6 +355,12 @@ fn check_output_target(target: PathBuf, overwrite: bool, keep: Vec<String>) -> P
     staging::check_target(&target, overwrite, &keep).map_err(to_py)
 }
 
+/// Refuses an existing `target` that is a directory where the output is a file, or back.
+#[pyfunction]
+fn check_output_kind(target: PathBuf, directory: bool) -> PyResult<()> {
+    staging::check_kind(&target, directory).map_err(to_py)
+}
+
 /// A staged output: write at `path`, then `commit` (or `discard`, or let it be collected).
 #[pyclass(module = "esft_rs._core")]
 struct Staging {
@@ -500,6 +506,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fused_slice_parent, m)?)?;
     m.add_function(wrap_pyfunction!(check_output_paths, m)?)?;
     m.add_function(wrap_pyfunction!(check_output_target, m)?)?;
+    m.add_function(wrap_pyfunction!(check_output_kind, m)?)?;
     m.add_class::<Staging>()?;
     m.add_function(wrap_pyfunction!(commit_together, m)?)?;
     m.add("STAGING_MARK", staging::STAGING_MARK)?;

@@ -184,8 +184,11 @@ pub fn merge(
     staging::check_paths(&[&out], &inputs)?;
     // A merged directory may hold whatever the base's directory holds (copied).
     let keep = top_level_names(base);
+    let is_dir =
+        ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
     if !opts.dry_run {
         staging::check_target(&out, opts.overwrite, &keep)?;
+        staging::check_kind(&out, is_dir)?;
     }
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
@@ -193,8 +196,6 @@ pub fn merge(
     let (painted, requants) = plan(&ckpt, &adapters, opts)?;
     warnings.extend(outside_configs(&adapters, opts.force)?);
     let replaced = describe(&ckpt, &adapters, &painted);
-    let is_dir =
-        ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
     let others = if is_dir {
         other_files(&ckpt, &mut |w| warnings.push(w))?
     } else {
