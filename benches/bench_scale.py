@@ -38,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
+from memtrace import table  # noqa: E402
 from timing import clean  # noqa: E402
 
 EXPERTS = 64
@@ -117,6 +118,12 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.mode == "masked":
         mask_gradients(args.experts)
+    trace = None
+    if args.phases:
+        from memtrace import Trace, trace_training
+
+        trace = Trace()
+        trace_training(trace)
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
     stamps: list[float] = []
@@ -137,6 +144,7 @@ def worker(args: argparse.Namespace) -> None:
         "step_s": statistics.median(steps) if steps else None,
         "grad_mb": max(result.fit.grad_bytes, MASKED_GRAD_BYTES[0]) / 2**20,
         **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
+        "phases": trace.close() if trace is not None else None,
     }))
 
 
@@ -146,7 +154,8 @@ def run(inputs: dict[str, Path], world: int, parallelism: str, mode: str,
            f"--nproc-per-node={world}", str(HERE), "worker", "--base", str(inputs["base"]),
            "--data", str(inputs["data"]), "--experts", str(inputs["experts"]), "--out", str(out),
            "--mode", mode, "--parallelism", parallelism, "--steps", str(args.steps),
-           "--seq", str(args.seq), "--batch", str(args.batch)]
+           "--seq", str(args.seq), "--batch", str(args.batch)] + (["--phases"] if args.phases
+                                                                 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                                                     "OMP_NUM_THREADS": "1"})
     if proc.returncode:
@@ -192,6 +201,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
     parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
+    parser.add_argument("--phases", action="store_true",
+                        help="print each rank's anonymous and file-backed memory per phase")
     args = parser.parse_args()
     mib = 2**20
     idle = idle_rss_mb()  # first: a child's ru_maxrss starts at its parent's peak (Linux)
@@ -240,6 +251,10 @@ def main() -> None:
                           f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
                           f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
                           f"{vs_full}", flush=True)
+                    if args.phases:
+                        print(table([r["phases"] for r in rows]), flush=True)
+                        if os.environ.get("DIAG_LOG"):
+                            print(rows[0]["phases"]["log"])
         print("ESFT against the baselines at the same setting: AdamW bytes, step time")
         for (mode, world, par), step in step_of.items():
             for other in ("masked", "full"):
@@ -256,6 +271,7 @@ if __name__ == "__main__":
             p.add_argument(f"--{flag}")
         for flag in ("steps", "seq", "batch"):
             p.add_argument(f"--{flag}", type=int)
+        p.add_argument("--phases", action="store_true")
         worker(p.parse_args(sys.argv[2:]))
     else:
         main()
