@@ -81,6 +81,8 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
 def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> int:
     """Give every parameter and buffer of a (sharded) meta transformers ``model`` its values:
     this rank's rows of each, read from ``directory``; returns the bytes read from disk."""
+    from esft_rs.models.rows import local_rows
+
     names = _names(model)
     plan = Plan(model, Path(directory), names)
     dtypes = getattr(model, "_esft_load_dtypes", {})

@@ -3,9 +3,10 @@
 The model is built on the meta device (shapes and dtypes, no memory); after
 ``fully_shard`` has decided the placements, ``fill`` allocates each rank's
 shards on its device and reads exactly those rows' bytes from the safetensors files
-(positional reads, ``esft_rs.models.rows``; no memory map), cast to the dtype the model holds them in. Host and
-device memory for the weights is then about total / world size per rank. This holds
-for the built-in model and for the transformers families (``esft_rs.models.hf_shards``).
+(positional reads, ``esft_rs.models.rows``; no memory map), cast to the dtype the model
+holds them in. Host and device memory for the weights is then about total / world size
+per rank. This holds for the built-in model and for the transformers families
+(``esft_rs.models.hf_shards``).
 """
 
 from __future__ import annotations
