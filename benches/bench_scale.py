@@ -11,13 +11,16 @@ trainers use for ESFT: every weight gets a gradient and AdamW state (full mode),
 gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft]
+        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft] [--phases]
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
 and the ratios: per-rank weight bytes against total / N, step time against 1 process
 and against full's at the same world size, peak RSS above an idle process against the
 plan's total (the plan counts training tensors only: weights, gradients, AdamW state,
 FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers).
+With ``--phases`` each rank also samples its anonymous and file-backed memory
+(``memtrace``): their peaks above an idle process's, and a table of them per phase
+(model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
 """
 
 from __future__ import annotations
@@ -175,6 +178,15 @@ def idle_rss_mb() -> float:
                                 text=True, check=True).stdout)
 
 
+def idle_status_mb() -> dict[str, float]:
+    """``RssAnon`` and ``RssFile`` of such a process (MiB)."""
+    code = ("import json, torch, esft_rs.training.api; from memtrace import status;"
+            "print(json.dumps(status()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=HERE.parent).stdout
+    return {k: v / 2**20 for k, v in json.loads(out).items()}
+
+
 def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
               args: argparse.Namespace) -> object:
     """``esft_rs.plan`` for this setting (masked trains and holds what full does)."""
@@ -206,6 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     mib = 2**20
     idle = idle_rss_mb()  # first: a child's ru_maxrss starts at its parent's peak (Linux)
+    idle_split = idle_status_mb()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.gb, args.experts)
@@ -252,9 +265,13 @@ def main() -> None:
                           f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
                           f"{vs_full}", flush=True)
                     if args.phases:
+                        anon, file = (max(max(p[k] for p in r["phases"]["phases"].values())
+                                          for r in rows) / mib - idle_split[f"Rss{k.title()}"]
+                                      for k in ("anon", "file"))
+                        print(f"  peak RssAnon - idle {anon:.0f} MiB, peak RssFile - idle"
+                              f" {file:.0f} MiB (the largest over the ranks); plan total"
+                              f" {plan.total_bytes / mib:.0f} MiB; per phase, MiB:")
                         print(table([r["phases"] for r in rows]), flush=True)
-                        if os.environ.get("DIAG_LOG"):
-                            print(rows[0]["phases"]["log"])
         print("ESFT against the baselines at the same setting: AdamW bytes, step time")
         for (mode, world, par), step in step_of.items():
             for other in ("masked", "full"):

@@ -41,8 +41,6 @@ class Trace:
     def __init__(self, interval: float = 0.002) -> None:
         self.phases: dict[str, dict[str, int]] = {}
         self.order: list[str] = []
-        self.log: list[tuple[str, int, int]] = []  # each phase run: name, peak anon, end anon
-        self._run_peak = 0
         self._name = "start"
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -62,7 +60,6 @@ class Trace:
     def _note(self, now: dict[str, int]) -> None:
         p = self.phases[self._name]
         p["anon"] = max(p["anon"], now["RssAnon"])
-        self._run_peak = max(self._run_peak, now["RssAnon"])
         p["file"] = max(p["file"], now["RssFile"])
 
     def _sample(self) -> None:
@@ -79,8 +76,6 @@ class Trace:
             p = self.phases[self._name]
             p["rss"] = max(p["rss"], now["VmHWM"])
             p["anon_end"], p["file_end"] = now["RssAnon"], now["RssFile"]
-            self.log.append((self._name, self._run_peak >> 20, now["RssAnon"] >> 20))
-            self._run_peak = 0
             reset_peak()
             self._open(name, status())
 
@@ -88,7 +83,7 @@ class Trace:
         self.phase("end")
         self._stop.set()
         self._thread.join()
-        return {"order": self.order, "phases": self.phases, "log": self.log}
+        return {"order": self.order, "phases": self.phases}
 
 
 def trace_training(trace: Trace) -> None:
@@ -123,11 +118,6 @@ def trace_training(trace: Trace) -> None:
                 "backward" if torch.is_grad_enabled() else "other"))
             self.optimizer.register_step_pre_hook(lambda *_: trace.phase("optimizer step"))
             self.optimizer.register_step_post_hook(lambda *_: trace.phase("other"))
-            import os
-            if os.environ.get("DIAG_TRIM"):
-                import ctypes
-                libc = ctypes.CDLL("libc.so.6")
-                self.optimizer.register_step_post_hook(lambda *_: libc.malloc_trim(0))
 
         def fit(self, **kwargs: Any) -> Any:
             trace.phase("other")
