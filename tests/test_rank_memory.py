@@ -76,3 +76,41 @@ def test_rank_memory_falls_with_world_size(many_layers: Path, tmp_path: Path) ->
     two = max(r["peak"] for r in runs[2])
     four = max(r["peak"] for r in runs[4])
     assert four <= two - total / 8, (two, four, total)  # at least half of the shard's fall
+
+
+def test_rows_by_offset_are_the_slices_safetensors_reads(tmp_path: Path) -> None:
+    """``esft_rs.models.rows``: any rows of any tensor, in its dtype (or cast into ``out``),
+    byte for byte what safetensors' own slices give, across files of a sharded checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from esft_rs.models.rows import Rows
+
+    g = torch.Generator().manual_seed(0)
+    files = {
+        "a.safetensors": {"x": torch.randn(7, 5, generator=g),
+                          "y": torch.randn(6, 3, generator=g).to(torch.bfloat16),
+                          "s": torch.tensor(3.5)},
+        "b.safetensors": {"q": torch.randn(9, 4, generator=g).to(torch.float8_e4m3fn),
+                          "i": torch.arange(10, dtype=torch.int64).reshape(5, 2)},
+    }
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / name)
+    index = {"metadata": {}, "weight_map": {k: f for f, ts in files.items() for k in ts}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    info = esft_rs.inspect(tmp_path).tensors
+    with Rows(tmp_path, info) as rows:
+        for file, tensors in files.items():
+            with safe_open(tmp_path / file, "pt") as f:
+                for key, t in tensors.items():
+                    cuts = [slice(None)] if not t.dim() else \
+                        [slice(None), slice(0, 1), slice(2, t.shape[0]), slice(1, 1)]
+                    for cut in cuts:
+                        want = f.get_slice(key)[cut] if t.dim() else f.get_tensor(key)
+                        got = rows.read(key, cut)
+                        assert got.dtype == want.dtype and got.shape == want.shape
+                        assert torch.equal(got.reshape(-1).view(torch.uint8),
+                                           want.reshape(-1).view(torch.uint8)), (key, cut)
+        out = torch.empty(4, 5, dtype=torch.float64)
+        assert rows.read("x", slice(3, 7), out=out) is out
+        assert torch.equal(out, files["a.safetensors"]["x"][3:7].double())
