@@ -140,14 +140,17 @@ def worker(args: argparse.Namespace) -> None:
         on_step=lambda step, record: stamps.append(time.perf_counter()),
     )
     steps = [b - a for a, b in itertools.pairwise(stamps)]
+    phases = trace.close() if trace is not None else None
     rank = int(os.environ.get("RANK", 0))
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
         "rank": rank,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the trace resets the kernel's peak at each phase: its own peaks are the exact ones
+        "rss_mb": (max(p["rss"] for p in phases["phases"].values()) / 2**20 if phases
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "step_s": statistics.median(steps) if steps else None,
         "grad_mb": max(result.fit.grad_bytes, MASKED_GRAD_BYTES[0]) / 2**20,
         **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
-        "phases": trace.close() if trace is not None else None,
+        "phases": phases,
     }))
 
 
