@@ -7,7 +7,9 @@ glibc raises its mmap threshold to the size of the largest mapped block freed (u
 space between blocks still in use stays resident: a rank kept about 400 MiB more after
 one step of a 316 MiB model at 2 ranks (``benches/bench_scale.py --phases``), more than
 the whole model. A fixed threshold turns that adjustment off: each block of 128 KiB or
-more is mapped on its own and returned to the system when freed.
+more is mapped on its own and returned to the system when freed. The price is a page
+fault per page of each such block at every gather: CPU FSDP steps took 1.2-1.6x as long
+in the same bench (docs/distributed.md#performance).
 """
 
 from __future__ import annotations
