@@ -11,13 +11,16 @@ trainers use for ESFT: every weight gets a gradient and AdamW state (full mode),
 gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft]
+        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft] [--phases]
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
 and the ratios: per-rank weight bytes against total / N, step time against 1 process
 and against full's at the same world size, peak RSS above an idle process against the
 plan's total (the plan counts training tensors only: weights, gradients, AdamW state,
 FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers).
+With ``--phases`` each rank also samples its anonymous and file-backed memory
+(``memtrace``): their peaks above an idle process's, and a table of them per phase
+(model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
+from memtrace import table  # noqa: E402
 from timing import clean  # noqa: E402
 
 EXPERTS = 64
@@ -117,6 +121,12 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.mode == "masked":
         mask_gradients(args.experts)
+    trace = None
+    if args.phases:
+        from memtrace import Trace, trace_training
+
+        trace = Trace()
+        trace_training(trace)
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
     stamps: list[float] = []
@@ -130,13 +140,17 @@ def worker(args: argparse.Namespace) -> None:
         on_step=lambda step, record: stamps.append(time.perf_counter()),
     )
     steps = [b - a for a, b in itertools.pairwise(stamps)]
+    phases = trace.close() if trace is not None else None
     rank = int(os.environ.get("RANK", 0))
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
         "rank": rank,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the trace resets the kernel's peak at each phase: its own peaks are the exact ones
+        "rss_mb": (max(p["rss"] for p in phases["phases"].values()) / 2**20 if phases
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "step_s": statistics.median(steps) if steps else None,
         "grad_mb": max(result.fit.grad_bytes, MASKED_GRAD_BYTES[0]) / 2**20,
         **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
+        "phases": phases,
     }))
 
 
@@ -146,7 +160,8 @@ def run(inputs: dict[str, Path], world: int, parallelism: str, mode: str,
            f"--nproc-per-node={world}", str(HERE), "worker", "--base", str(inputs["base"]),
            "--data", str(inputs["data"]), "--experts", str(inputs["experts"]), "--out", str(out),
            "--mode", mode, "--parallelism", parallelism, "--steps", str(args.steps),
-           "--seq", str(args.seq), "--batch", str(args.batch)]
+           "--seq", str(args.seq), "--batch", str(args.batch)] + (["--phases"] if args.phases
+                                                                 else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                                                     "OMP_NUM_THREADS": "1"})
     if proc.returncode:
@@ -164,6 +179,15 @@ def idle_rss_mb() -> float:
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                 text=True, check=True).stdout)
+
+
+def idle_status_mb() -> dict[str, float]:
+    """``RssAnon`` and ``RssFile`` of such a process (MiB)."""
+    code = ("import json, torch, esft_rs.training.api; from memtrace import status;"
+            "print(json.dumps(status()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=HERE.parent).stdout
+    return {k: v / 2**20 for k, v in json.loads(out).items()}
 
 
 def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
@@ -192,9 +216,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
     parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
+    parser.add_argument("--phases", action="store_true",
+                        help="print each rank's anonymous and file-backed memory per phase")
     args = parser.parse_args()
     mib = 2**20
     idle = idle_rss_mb()  # first: a child's ru_maxrss starts at its parent's peak (Linux)
+    idle_split = idle_status_mb()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.gb, args.experts)
@@ -240,6 +267,14 @@ def main() -> None:
                           f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
                           f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
                           f"{vs_full}", flush=True)
+                    if args.phases:
+                        anon, file = (max(max(p[k] for p in r["phases"]["phases"].values())
+                                          for r in rows) / mib - idle_split[f"Rss{k.title()}"]
+                                      for k in ("anon", "file"))
+                        print(f"  peak RssAnon - idle {anon:.0f} MiB, peak RssFile - idle"
+                              f" {file:.0f} MiB (the largest over the ranks); plan total"
+                              f" {plan.total_bytes / mib:.0f} MiB; per phase, MiB:")
+                        print(table([r["phases"] for r in rows]), flush=True)
         print("ESFT against the baselines at the same setting: AdamW bytes, step time")
         for (mode, world, par), step in step_of.items():
             for other in ("masked", "full"):
@@ -256,6 +291,7 @@ if __name__ == "__main__":
             p.add_argument(f"--{flag}")
         for flag in ("steps", "seq", "batch"):
             p.add_argument(f"--{flag}", type=int)
+        p.add_argument("--phases", action="store_true")
         worker(p.parse_args(sys.argv[2:]))
     else:
         main()

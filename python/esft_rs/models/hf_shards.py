@@ -3,7 +3,8 @@
 ``meta`` builds the model ``hf.load`` would give (same class, dtype, attention and
 experts implementations) with no memory, and checks every tensor it needs against
 the checkpoint's headers. Once FSDP has sharded it, ``fill`` gives each rank's
-shards their values, reading only this rank's rows from the files.
+shards their values, reading only this rank's rows from the files (positional reads of
+their bytes, ``esft_rs.models.rows``).
 
 The in-memory layout comes from transformers' own load-time conversion
 (``get_model_conversion_mapping``: renamings, then ``WeightConverter``s such as
@@ -80,6 +81,8 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
 def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> int:
     """Give every parameter and buffer of a (sharded) meta transformers ``model`` its values:
     this rank's rows of each, read from ``directory``; returns the bytes read from disk."""
+    from esft_rs.models.rows import local_rows
+
     names = _names(model)
     plan = Plan(model, Path(directory), names)
     dtypes = getattr(model, "_esft_load_dtypes", {})
@@ -88,13 +91,13 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
         reader = _Reader(plan, files)
         for name, t in _persistent(model):
             target = names[name]
-            for local, rows in _local_rows(t):
+            for local, rows in local_rows(t):
                 local.copy_(reader.rows(target, rows, dtypes.get(target, t.dtype)))
         for owner, attr, slices in _fused_slices(model):
             original = owner.parametrizations[attr].original
             target = names[_state_name(model, original)]
             slices.ids.copy_(torch.tensor(slices.experts, dtype=torch.long))
-            for local, rows in _local_rows(slices.slices):
+            for local, rows in local_rows(slices.slices):
                 local.copy_(reader.rows(target, list(slices.experts[rows]),
                                         dtypes.get(target, original.dtype)))
     _init_buffers(model)
@@ -240,26 +243,22 @@ class Plan:
 
 
 class _Reader:
-    """Reads rows of in-memory tensors from the checkpoint, counting the bytes it reads."""
+    """Reads rows of in-memory tensors from the checkpoint (``esft_rs.models.rows``: this
+    rank's bytes only), counting the bytes it reads."""
 
     def __init__(self, plan: Plan, files: ExitStack) -> None:
-        self.plan, self._stack, self._open = plan, files, {}
-        self.bytes = 0
+        from esft_rs.models.rows import Rows
+
+        self.plan = plan
+        self._rows = files.enter_context(Rows(plan.root, plan.tensors))
         self._warned: set[str] = set()
 
-    def _slice(self, key: str) -> Any:
-        from safetensors import safe_open
-
-        file = self.plan.tensors[key].file
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(
-                safe_open(self.plan.root / file, "pt"))
-        return self._open[file].get_slice(key)
+    @property
+    def bytes(self) -> int:
+        return self._rows.bytes
 
     def _take(self, key: str, rows: slice) -> torch.Tensor:
-        t = self._slice(key)[rows]
-        self.bytes += t.numel() * t.element_size()
-        return t
+        return self._rows.read(key, rows)
 
     def disk_rows(self, key: str, rows: slice, dtype: torch.dtype) -> torch.Tensor:
         """Rows of one checkpoint tensor in ``dtype``; block-FP8 dequantised from the scale
@@ -387,21 +386,3 @@ def _init_buffers(model: torch.nn.Module) -> None:
         blank = b.isnan() if b.is_floating_point() else b.eq(torch.iinfo(b.dtype).min)
         if b.numel() and bool(blank.all()):
             raise EsftError(f"{type(model).__name__}: its init does not compute buffer {name}")
-
-
-def _local_rows(t: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
-    """(this rank's part of ``t``, the rows of ``t`` it holds); none when it holds none.
-    FSDP2 shards dim 0 only."""
-    from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if not isinstance(t, DTensor):
-        return [(t, slice(0, t.shape[0]))] if t.dim() and t.numel() else \
-            ([(t, slice(None))] if t.numel() else [])
-    local = t.to_local()
-    if not local.numel():
-        return []
-    if any(isinstance(p, Shard) and p.dim != 0 for p in t.placements):
-        raise NotImplementedError(f"sharding on dim other than 0: {t.placements}")
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return [(local, slice(offset[0], offset[0] + shape[0]))]

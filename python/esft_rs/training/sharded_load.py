@@ -2,16 +2,16 @@
 
 The model is built on the meta device (shapes and dtypes, no memory); after
 ``fully_shard`` has decided the placements, ``fill`` allocates each rank's
-shards on its device and reads exactly those rows from the safetensors files
-(memory-mapped slices), cast to the dtype the model holds them in. Host and
-device memory for the weights is then about total / world size per rank. This holds
-for the built-in model and for the transformers families (``esft_rs.models.hf_shards``).
+shards on its device and reads exactly those rows' bytes from the safetensors files
+(positional reads, ``esft_rs.models.rows``; no memory map), cast to the dtype the model
+holds them in. Host and device memory for the weights is then about total / world size
+per rank. This holds for the built-in model and for the transformers families
+(``esft_rs.models.hf_shards``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -45,37 +45,23 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
     from the checkpoint in ``directory``; returns the bytes read. The built-in model's
     parameter names are its tensor names; a transformers family goes through its
     conversion (``esft_rs.models.hf_shards.fill``)."""
-    from safetensors import safe_open
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     from esft_rs import inspect
     from esft_rs.models import hf, hf_shards
+    from esft_rs.models.rows import Rows, local_rows
 
     root = Path(directory)
     if hf.is_hf(model):
         return hf_shards.fill(model, root, device)
     tensors = inspect(root).tensors
-    model.to_empty(device=device)
-    read = 0
-    by_file: dict[str, list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         if name not in tensors:
             raise InvalidFileError(f"{root}: has no tensor {name}")
-        by_file[tensors[name].file].append((name, p))
-    with torch.no_grad():
-        for file, params in by_file.items():
-            with safe_open(root / file, "pt") as f:
-                for name, p in params:
-                    local = p.to_local()
-                    if not local.numel():
-                        continue
-                    shape, offset = compute_local_shape_and_global_offset(
-                        p.shape, p.device_mesh, p.placements)
-                    rows = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
-                    part = f.get_slice(name)[rows]
-                    read += part.numel() * part.element_size()
-                    local.copy_(part)
-    return read
+    model.to_empty(device=device)
+    with torch.no_grad(), Rows(root, tensors) as rows:
+        for name, p in model.named_parameters():
+            for local, part in local_rows(p):
+                rows.read(name, part, out=local)
+        return rows.bytes
 
 
 def load_sharded(

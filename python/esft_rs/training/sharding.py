@@ -38,6 +38,10 @@ def shard(
     by a DTensor; each ``Trainable`` looks its parameter up on its module, so it follows)."""
     from torch.distributed.fsdp import fully_shard
 
+    from esft_rs.training.host_memory import return_freed_memory
+
+    if device.type == "cpu":
+        return_freed_memory()  # else glibc keeps the freed gathers of every layer resident
     mesh = place.mesh(device)
     layers = decoder_layers(model)
     for layer in layers:

@@ -17,6 +17,10 @@ pub struct TensorEntry {
     pub shape: Vec<u64>,
     pub bytes: u64,
     pub file: String,
+    /// Absolute offset of the tensor's first byte in its file (for positional reads of
+    /// a shard's rows); not part of `inspect --json`.
+    #[serde(skip)]
+    pub offset: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -111,6 +115,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     shape: t.shape.clone(),
                     bytes: t.nbytes(),
                     file: shard.name.clone(),
+                    offset: shard.file.offset_of(t),
                 },
             ));
         }
@@ -243,6 +248,7 @@ mod tests {
             shape: shape.to_vec(),
             bytes: shape.iter().product::<u64>() * 4,
             file: "x".into(),
+            offset: 0,
         }
     }
 

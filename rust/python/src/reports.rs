@@ -53,6 +53,8 @@ pub struct TensorInfo {
     pub bytes: u64,
     /// The shard (file name) that holds it.
     pub file: String,
+    /// Absolute offset of its first byte in that file.
+    pub offset: u64,
 }
 
 /// One MoE layer: its routed experts, shared experts and router.
@@ -137,6 +139,7 @@ impl Inspection {
                 shape: tuple(py, &t.shape)?,
                 bytes: t.bytes,
                 file: t.file.clone(),
+                offset: t.offset,
             };
             tensors.set_item(name, Py::new(py, info)?)?;
         }

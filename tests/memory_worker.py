@@ -1,0 +1,71 @@
+"""A torchrun-like training process that reports its resident memory (Linux /proc): the
+peak above its own baseline, exact (the kernel's high-water mark, ``VmHWM``), and what
+loading the checkpoint shard by shard added, file-backed pages included."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def status() -> dict[str, int]:
+    """``RssAnon``, ``RssFile``, ``VmRSS``, ``VmHWM`` of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> None:
+    """Start the kernel's high-water mark (``VmHWM``) again from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def train_measured(rank: int, world: int, port: int, args: tuple, kwargs: dict,
+                   out: str) -> None:
+    """Train (``esft_rs.train(*args, **kwargs)``) as rank ``rank`` of ``world``; write
+    ``out/rank-R.json``: ``peak`` (bytes above the baseline taken just before), and for
+    the sharded load (``fill``) the bytes it read, what it added to the anonymous memory
+    and the most it added to the whole resident set."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import esft_rs
+    from esft_rs.models.config import PRESETS
+    from esft_rs.models.reference import ReferenceMoE
+    from esft_rs.training import sharded_load
+
+    with torch.device("meta"):  # torch's meta-device machinery, loaded in every setting alike
+        ReferenceMoE(PRESETS["tiny"])
+    report: dict[str, int] = {}
+    peaks: list[int] = []  # high-water marks, each of the stretch since the one before
+    fill = sharded_load.fill
+
+    def measured_fill(*a: object) -> int:
+        before = status()
+        peaks.append(before["VmHWM"])
+        reset_peak()
+        report["read"] = fill(*a)  # type: ignore[arg-type]
+        after = status()
+        peaks.append(after["VmHWM"])
+        report["fill_anon"] = after["RssAnon"] - before["RssAnon"]
+        report["fill_peak"] = after["VmHWM"] - before["VmRSS"]
+        reset_peak()
+        return report["read"]
+
+    sharded_load.fill = measured_fill  # esft_rs.train calls it by this name
+    reset_peak()
+    base = status()["VmRSS"]
+    result = esft_rs.train(*args, progress=False, **kwargs)
+    peaks.append(status()["VmHWM"])
+    report["peak"] = max(peaks) - base
+    report["frozen"] = result.fit.rank_bytes["frozen"]
+    report["trained"] = result.fit.rank_bytes["trained"]
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(report))
