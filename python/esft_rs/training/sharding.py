@@ -64,9 +64,13 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
     the running layer's compute. The backward starts with the last layer just after its
     forward, so it stays gathered in between (as torchtitan does) rather than being
     gathered twice in a row. Memory: at most two layers gathered, as FSDP2's own prefetch.
+    On CPU each gather goes in pieces (``chunked_gather``: gloo is faster so).
     """
     if device.type == "cpu":
+        from esft_rs.training import chunked_gather
+
         model._set_unshard_async_op(True)  # type: ignore[operator]
+        chunked_gather.install(model)
     model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
     for first, second in itertools.pairwise(layers):
         first.set_modules_to_forward_prefetch([second])  # type: ignore[operator]
