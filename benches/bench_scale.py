@@ -119,18 +119,23 @@ def mask_gradients(experts: Path) -> None:
 
 def count_collectives() -> None:
     """Count the bytes of FSDP2's all-gathers (outputs) and reduce-scatters (inputs)."""
+    import torch
     import torch.distributed as dist
 
     def counting(fn: object, kind: str) -> object:
-        def wrapped(output: object, input: object, *args: object, **kwargs: object) -> object:
-            t = output if kind == "gather" else input
-            n = t.numel() * t.element_size()  # type: ignore[attr-defined]
+        def wrapped(*args: object, **kwargs: object) -> object:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            t = tensors[0] if kind == "gather" else tensors[1]  # (output, input) in all three
+            n = t.numel() * t.element_size()
             COMM[kind] += n
             COMM[f"{kind}_max"] = max(COMM[f"{kind}_max"], n)
-            return fn(output, input, *args, **kwargs)  # type: ignore[operator]
+            return fn(*args, **kwargs)  # type: ignore[operator]
         return wrapped
 
-    dist.all_gather_single = counting(dist.all_gather_single, "gather")
+    from esft_rs.training.chunked_gather import ChunkedAllGather
+
+    dist.all_gather_single = counting(dist.all_gather_single, "gather")  # FSDP2's own
+    ChunkedAllGather.__call__ = counting(ChunkedAllGather.__call__, "gather")  # ours, on CPU
     dist.reduce_scatter_single = counting(dist.reduce_scatter_single, "scatter")
 
 
