@@ -1,5 +1,6 @@
-"""FSDP2's all-gather in pieces (gloo, CPU): the same bytes as one all-gather, and the
-same training as one process when every layer's gather goes in many uneven pieces."""
+"""Our FSDP2 schedule on CPU (``sharding._overlap``): the all-gather in pieces gathers the
+bytes one all-gather does, training with many uneven pieces equals one process, and what
+an eval forward leaves gathered is sharded again before a checkpoint reads it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from esft_rs.models import init_model, save_model
 from test_train_fsdp import BUILTIN_EXPERTS, GLOBAL, RUN, assert_same_adapter, train
@@ -66,3 +68,20 @@ def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4}
     torch.multiprocessing.spawn(small_pieces_worker, args=(2, _port(), args, kwargs), nprocs=2)
     assert_same_adapter(one, many)
+
+
+def test_full_mode_eval_then_checkpoint_under_fsdp(tmp_path: Path) -> None:
+    """A forward without backward (eval) leaves FSDP's root and last layer gathered; in
+    full mode their trained tensors are in the checkpoint written next, which needs them
+    sharded again (it failed so: KeyError in ``get_optimizer_state_dict``). Eval at every
+    step, checkpoints after it: the run ends, with an adapter of the whole tensors."""
+    save_model(init_model("tiny", seed=0), tmp_path / "base")
+    (tmp_path / "task.jsonl").write_text(plus_chat(10, 4))
+    BUILTIN_EXPERTS.save(tmp_path / "experts.json")
+    two = train(tmp_path, tmp_path / "two", 2, mode="full", steps=4, eval_steps=1,
+                save_steps=2, val_ratio=0.2)
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-4"]  # the last kept
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    adapter = load_file(two / "adapter.safetensors")
+    assert set(adapter) == set(base)
+    assert all(adapter[k].shape == base[k].shape for k in base)
