@@ -51,12 +51,11 @@ class ChunkedAllGather:
         world, n = group.size(), input_tensor.numel()
         rows = output_tensor.view(world, n)
         step = max(1, CHUNK // (input_tensor.element_size() * world))
-        works = [
+        work = _Pieces([
             dist.all_gather([rows[r, a:a + step] for r in range(world)], input_tensor[a:a + step],
                             group=group, async_op=True)
             for a in range(0, n, step)
-        ]
-        work = _Pieces([w for w in works if w is not None])
+        ])
         if async_op:
             return work
         work.wait()
