@@ -11,7 +11,11 @@ trainers use for ESFT: every weight gets a gradient and AdamW state (full mode),
 gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--modes esft masked full] [--parallelisms fsdp ddp] [--ddp-modes esft] [--phases]
+        [--micro-batch 1] [--modes esft masked full] [--parallelisms fsdp ddp fsdp0]
+        [--ddp-modes esft] [--phases]
+
+``fsdp0`` is FSDP with FSDP2's own schedule in place of ours (``sharding._overlap`` off:
+blocking all-gathers on CPU, the last layer gathered again for the backward).
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
 and the ratios: per-rank weight bytes against total / N, step time against 1 process
@@ -21,6 +25,9 @@ FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffe
 With ``--phases`` each rank also samples its anonymous and file-backed memory
 (``memtrace``): their peaks above an idle process's, and a table of them per phase
 (model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
+Under FSDP also the MiB per step of rank 0's all-gathers (outputs) and reduce-scatters
+(inputs), and ``floor s``: the seconds they take at the rate of a plain gloo all-gather
+and reduce-scatter of the largest such size, measured by the same job after training.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from timing import clean  # noqa: E402
 
 EXPERTS = 64
 MASKED_GRAD_BYTES = [0]  # gradient bytes at the optimizer step, the masked zeros included
+COMM = {"gather": 0, "scatter": 0, "gather_max": 0, "scatter_max": 0}  # FSDP's bytes, summed
 
 
 def config(gb: float) -> object:
@@ -113,11 +121,61 @@ def mask_gradients(experts: Path) -> None:
     loop.make_optimizer = masked
 
 
+def count_collectives() -> None:
+    """Count the bytes of FSDP2's all-gathers (outputs) and reduce-scatters (inputs)."""
+    import torch
+    import torch.distributed as dist
+
+    def counting(fn: object, kind: str) -> object:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            t = tensors[0] if kind == "gather" else tensors[1]  # (output, input) in all three
+            n = t.numel() * t.element_size()
+            COMM[kind] += n
+            COMM[f"{kind}_max"] = max(COMM[f"{kind}_max"], n)
+            return fn(*args, **kwargs)  # type: ignore[operator]
+        return wrapped
+
+    from esft_rs.training.chunked_gather import ChunkedAllGather
+
+    dist.all_gather_single = counting(dist.all_gather_single, "gather")  # FSDP2's own
+    ChunkedAllGather.__call__ = counting(ChunkedAllGather.__call__, "gather")  # ours, on CPU
+    dist.reduce_scatter_single = counting(dist.reduce_scatter_single, "scatter")
+
+
+def plain_rates() -> dict[str, float]:
+    """MiB/s of a plain gloo all-gather (of output) and reduce-scatter (of input) of the
+    largest sizes FSDP moved, each into a fresh tensor as FSDP's are: the floor here."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    rates = {}
+    for kind in ("gather", "scatter"):
+        n = COMM[f"{kind}_max"] // 4 // world
+        if not n:
+            continue
+        piece = torch.ones(n)
+        times = []
+        for _ in range(3):
+            dist.barrier()
+            t = time.perf_counter()
+            if kind == "gather":
+                dist.all_gather_into_tensor(torch.empty(n * world), piece)
+            else:
+                dist.reduce_scatter_tensor(piece, torch.ones(n * world))
+            times.append(time.perf_counter() - t)
+        rates[kind] = n * world * 4 / 2**20 / statistics.median(times)
+    return rates
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of a torchrun job: train, then write this rank's figures (OUT.rankR.json)."""
     import torch
+    import torch.distributed as dist
 
     import esft_rs
+    from esft_rs.distributed import exit_process, leave_process_group
 
     if args.mode == "masked":
         mask_gradients(args.experts)
@@ -127,14 +185,22 @@ def worker(args: argparse.Namespace) -> None:
 
         trace = Trace()
         trace_training(trace)
+    if args.parallelism == "fsdp0":
+        from esft_rs.training import sharding
+
+        sharding._overlap = lambda *_: None
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # made here, so that it outlives training for the plain collectives
+        dist.init_process_group("gloo")
+        count_collectives()
     stamps: list[float] = []
     result = esft_rs.train(
         args.base, args.data, args.out, args.experts, progress=False, device="cpu",
-        mode="full" if args.mode == "masked" else args.mode, parallelism=args.parallelism,
-        steps=args.steps, seq_length=args.seq,
-        per_device_batch_size=1, gradient_accumulation_steps=args.batch // world,
+        mode="full" if args.mode == "masked" else args.mode,
+        parallelism=args.parallelism.rstrip("0"), steps=args.steps, seq_length=args.seq,
+        per_device_batch_size=micro(args, world),
+        gradient_accumulation_steps=args.batch // world // micro(args, world),
         eval_steps=10**6, save_steps=10**6, logging_steps=1, learning_rate=1e-5,
         gradient_checkpointing=False, val_ratio=0.0,
         on_step=lambda step, record: stamps.append(time.perf_counter()),
@@ -142,16 +208,28 @@ def worker(args: argparse.Namespace) -> None:
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     phases = trace.close() if trace is not None else None
     rank = int(os.environ.get("RANK", 0))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the plain ones
+    rates = plain_rates() if world > 1 else {}
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
         "rank": rank,
         # the trace resets the kernel's peak at each phase: its own peaks are the exact ones
-        "rss_mb": (max(p["rss"] for p in phases["phases"].values()) / 2**20 if phases
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_mb": max(p["rss"] for p in phases["phases"].values()) / 2**20 if phases else rss,
         "step_s": statistics.median(steps) if steps else None,
         "grad_mb": max(result.fit.grad_bytes, MASKED_GRAD_BYTES[0]) / 2**20,
         **{f"{k}_mb": v / 2**20 for k, v in result.fit.rank_bytes.items()},
         "phases": phases,
+        # per optimizer step (the run's steps, all alike) and the plain rates, MiB/s
+        **{f"{k}_mb_step": COMM[k] / 2**20 / args.steps for k in ("gather", "scatter")},
+        **{f"{k}_rate": v for k, v in rates.items()},
     }))
+    if world > 1:
+        leave_process_group()
+        exit_process(0)
+
+
+def micro(args: argparse.Namespace, world: int) -> int:
+    """Sequences per micro-step and rank: ``--micro-batch``, at most a rank's share."""
+    return max(1, min(args.micro_batch, args.batch // world))
 
 
 def run(inputs: dict[str, Path], world: int, parallelism: str, mode: str,
@@ -160,8 +238,8 @@ def run(inputs: dict[str, Path], world: int, parallelism: str, mode: str,
            f"--nproc-per-node={world}", str(HERE), "worker", "--base", str(inputs["base"]),
            "--data", str(inputs["data"]), "--experts", str(inputs["experts"]), "--out", str(out),
            "--mode", mode, "--parallelism", parallelism, "--steps", str(args.steps),
-           "--seq", str(args.seq), "--batch", str(args.batch)] + (["--phases"] if args.phases
-                                                                 else [])
+           "--seq", str(args.seq), "--batch", str(args.batch),
+           "--micro-batch", str(args.micro_batch)] + (["--phases"] if args.phases else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                                                     "OMP_NUM_THREADS": "1"})
     if proc.returncode:
@@ -197,9 +275,17 @@ def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
     from esft_rs.plan import plan
 
     return plan(inputs["base"], ExpertConfig.load(inputs["experts"]),
-                "full" if mode == "masked" else mode, nproc=world, parallelism=parallelism,
-                seq_length=args.seq, per_device_batch_size=1, gradient_checkpointing=False,
+                "full" if mode == "masked" else mode, nproc=world,
+                parallelism=parallelism.rstrip("0"),
+                seq_length=args.seq, per_device_batch_size=micro(args, world),
+                gradient_checkpointing=False,
                 device="cpu")
+
+
+def floor_s(row: dict) -> float:
+    """Seconds a step's FSDP collectives take at the plain collectives' rates (same job)."""
+    return sum(row[f"{k}_mb_step"] / row[f"{k}_rate"] for k in ("gather", "scatter")
+               if row[f"{k}_mb_step"])
 
 
 def main() -> None:
@@ -208,13 +294,17 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=["esft", "masked", "full"],
                         choices=["esft", "masked", "full"])
-    parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"])
+    parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"],
+                        choices=["fsdp", "ddp", "fsdp0"])
     parser.add_argument("--ddp-modes", nargs="+", default=["esft", "masked", "full"],
                         help="the modes run under DDP too (full and masked hold a whole"
                         " replica, its gradients and AdamW state on every rank)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    parser.add_argument("--micro-batch", type=int, default=1,
+                        help="sequences per rank and micro-step (at most batch / world); FSDP"
+                        " gathers every layer twice per micro-step")
     parser.add_argument("--experts", type=int, default=4, help="ESFT experts per layer, of 64")
     parser.add_argument("--phases", action="store_true",
                         help="print each rank's anonymous and file-backed memory per phase")
@@ -227,12 +317,12 @@ def main() -> None:
         inputs = make_inputs(root, args.gb, args.experts)
         total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / mib
         print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported): {idle:.0f} MiB"
-              f" RSS; global batch {args.batch} x {args.seq} tokens; load {os.getloadavg()[0]:.1f}"
-              f" on {os.cpu_count()} cores")
+              f" RSS; global batch {args.batch} x {args.seq} tokens, micro-batch up to"
+              f" {args.micro_batch}; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("bytes per rank (rank 0), MiB, measured / planned (ratio)")
         print(f"{'setting':<17} {'frozen':>17} {'trained':>19} {'grads':>19} {'AdamW':>19} "
               f"{'x total/N':>9} {'RSS-idle':>8} {'plan tot':>8} {'step s':>7} {'x 1 proc':>8} "
-              f"{'x full':>6}", flush=True)
+              f"{'x full':>6} {'AG MiB':>7} {'RS MiB':>7} {'floor s':>7}", flush=True)
 
         def pair(measured: float, plan_bytes: int) -> str:
             planned = plan_bytes / mib
@@ -260,13 +350,15 @@ def main() -> None:
                     vs_full = f"{step / full:>6.2f}" if full else f"{'-':>6}"
                     rss = max(r["rss_mb"] for r in rows) - idle
                     name = f"{mode} {world}x{par if world > 1 else ''}"
+                    moved = (f"{r0['gather_mb_step']:>7.0f} {r0['scatter_mb_step']:>7.0f} "
+                             f"{floor_s(r0):>7.2f}" if "gather_rate" in r0 else "")
                     print(f"{name:<17} {pair(r0['frozen_mb'], plan.frozen_bytes):>17} "
                           f"{pair(r0['trained_mb'], plan.master_bytes):>19} "
                           f"{pair(r0['grad_mb'], plan.grad_bytes):>19} "
                           f"{pair(r0['optimizer_mb'], plan.optimizer_bytes):>19} "
                           f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
                           f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
-                          f"{vs_full}", flush=True)
+                          f"{vs_full} {moved}", flush=True)
                     if args.phases:
                         anon, file = (max(max(p[k] for p in r["phases"]["phases"].values())
                                           for r in rows) / mib - idle_split[f"Rss{k.title()}"]
@@ -289,7 +381,7 @@ if __name__ == "__main__":
         p = argparse.ArgumentParser()
         for flag in ("base", "data", "experts", "out", "mode", "parallelism"):
             p.add_argument(f"--{flag}")
-        for flag in ("steps", "seq", "batch"):
+        for flag in ("steps", "seq", "batch", "micro-batch"):
             p.add_argument(f"--{flag}", type=int)
         p.add_argument("--phases", action="store_true")
         worker(p.parse_args(sys.argv[2:]))

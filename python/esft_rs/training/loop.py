@@ -255,6 +255,8 @@ class Loop:
         with self.autocast:
             loss, n = sum_over_batches(self.model, len(parts), run, 2, self.device,
                                        self.place).tolist()
+        if self.fsdp:
+            sharding.reshard(self.model)
         self.model.train()
         return loss / max(1.0, n)
 
@@ -355,8 +357,7 @@ class Loop:
             with torch.no_grad():
                 for t in self.trainables:
                     t.param.copy_(self.best[t.name])
-        if self.fsdp:  # FSDP leaves the root's weights gathered after a forward without backward
-            self.model.reshard()  # type: ignore[operator]
+        if self.fsdp:
             sharding.sync_fused_slices(self.model)
         unchanged = [n for n, c in _checksums(self.trainables).items() if c == initial[n]]
         return FitResult(

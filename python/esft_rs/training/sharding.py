@@ -11,6 +11,7 @@ as ordinary parameters of the model.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Collection, Iterable
 
@@ -54,7 +55,41 @@ def shard(
         # Backward gathers each layer it passes through, on every rank alike: a rank whose
         # tokens reached no trained expert of a layer (and none below) would skip it.
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
+        _overlap(model, layers, device)
     return trainables
+
+
+def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device) -> None:
+    """Gather each layer while its neighbour computes, and skip the last layer's second gather.
+
+    FSDP2 overlaps by streams, which a CPU has not: there each all-gather blocks the rank
+    until it ends. Asynchronous all-gathers issued one layer ahead (the next one in the
+    forward, the previous one in the backward) run on the backend's thread instead, under
+    the running layer's compute. The backward starts with the last layer just after its
+    forward, so it stays gathered in between (as torchtitan does) rather than being
+    gathered twice in a row. Memory: at most two layers gathered, as FSDP2's own prefetch.
+    On CPU each gather goes in pieces (``chunked_gather``: gloo is faster so).
+    """
+    if device.type == "cpu":
+        from esft_rs.training import chunked_gather
+
+        model._set_unshard_async_op(True)  # type: ignore[operator]
+        chunked_gather.install(model)
+    model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
+    for first, second in itertools.pairwise(layers):
+        first.set_modules_to_forward_prefetch([second])  # type: ignore[operator]
+        second.set_modules_to_backward_prefetch([first])  # type: ignore[operator]
+    layers[-1].set_reshard_after_forward(False)  # type: ignore[operator]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Shard again what a forward without backward left gathered (the root and the last
+    layer, which ``shard`` keeps for the backward): their parameters are DTensors again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _input_needs_grad(

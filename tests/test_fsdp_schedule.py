@@ -1,0 +1,87 @@
+"""Our FSDP2 schedule on CPU (``sharding._overlap``): the all-gather in pieces gathers the
+bytes one all-gather does, training with many uneven pieces equals one process, and what
+an eval forward leaves gathered is sharded again before a checkpoint reads it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from esft_rs.models import init_model, save_model
+from test_train_fsdp import BUILTIN_EXPERTS, GLOBAL, RUN, assert_same_adapter, train
+from train_fakes import ddp_worker, plus_chat
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gather_worker(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from esft_rs.training import chunked_gather
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    chunked_gather.CHUNK = 40  # bytes of output: 10 floats over the ranks, a short last piece
+    comm = chunked_gather.ChunkedAllGather()
+    for dtype, n in ((torch.float32, 37), (torch.uint8, 101), (torch.float32, 1)):
+        shard = (torch.arange(n) * (rank + 1)).to(dtype)
+        expected = torch.empty(n * world, dtype=dtype)
+        dist.all_gather_into_tensor(expected, shard)
+        for async_op in (False, True):
+            out = comm.allocate((n * world,), dtype=dtype, device=torch.device("cpu"))
+            out.view(world, n)[rank].copy_(shard)  # FSDP2 copies its shard in so, in place
+            work = comm(out, out.view(world, n)[rank], dist.group.WORLD, async_op=async_op)
+            assert (work is not None) == async_op
+            if work is not None:
+                assert isinstance(work, dist.Work)  # FSDP2 waits only on a Work
+                work.wait()
+            assert torch.equal(out, expected), (dtype, n, async_op)
+    dist.destroy_process_group()
+
+
+def test_pieces_gather_what_one_all_gather_does() -> None:
+    torch.multiprocessing.spawn(gather_worker, args=(3, _port()), nprocs=3)
+
+
+def small_pieces_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
+    from esft_rs.training import chunked_gather
+
+    chunked_gather.CHUNK = 100_000  # each layer of the tiny model (~1 MB) in 11 uneven pieces
+    ddp_worker(rank, world, port, args, kwargs)
+
+
+def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
+    save_model(init_model("tiny", seed=0), tmp_path / "base")
+    (tmp_path / "task.jsonl").write_text(plus_chat(10, 4))
+    BUILTIN_EXPERTS.save(tmp_path / "experts.json")
+    one = train(tmp_path, tmp_path / "one", 1)
+    many = tmp_path / "many"
+    args = (tmp_path / "base", tmp_path / "task.jsonl", many, tmp_path / "experts.json")
+    kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4}
+    torch.multiprocessing.spawn(small_pieces_worker, args=(2, _port(), args, kwargs), nprocs=2)
+    assert_same_adapter(one, many)
+
+
+def test_full_mode_eval_then_checkpoint_under_fsdp(tmp_path: Path) -> None:
+    """A forward without backward (eval) leaves FSDP's root and last layer gathered; in
+    full mode their trained tensors are in the checkpoint written next, which needs them
+    sharded again (it failed so: KeyError in ``get_optimizer_state_dict``). Eval at every
+    step, checkpoints after it: the run ends, with an adapter of the whole tensors."""
+    save_model(init_model("tiny", seed=0), tmp_path / "base")
+    (tmp_path / "task.jsonl").write_text(plus_chat(10, 4))
+    BUILTIN_EXPERTS.save(tmp_path / "experts.json")
+    two = train(tmp_path, tmp_path / "two", 2, mode="full", steps=4, eval_steps=1,
+                save_steps=2, val_ratio=0.2)
+    assert [p.name for p in (two / "checkpoints").iterdir()] == ["step-4"]  # the last kept
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    adapter = load_file(two / "adapter.safetensors")
+    assert set(adapter) == set(base)
+    assert all(adapter[k].shape == base[k].shape for k in base)
