@@ -218,9 +218,8 @@ class Loop:
                 if loss.requires_grad or place.world > 1:
                     (loss * scale).backward()
             total += loss.detach()
-        # Every engine alike (one process, DDP, FSDP): a tensor whose gradient is zero on
-        # every rank (no token, or only padding, reached the expert) gets no AdamW step.
-        sharding.drop_unused_grads(self.params, place)
+        if self.fsdp:
+            sharding.drop_unused_grads(self.params, place)
         norm = sharding.full(torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         ))

@@ -110,12 +110,10 @@ def _input_needs_grad(
 def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
     """Give no gradient (None) to the parameters no rank used in this optimizer step.
 
-    FSDP and DDP reduce zeros for a parameter some rank did not use, and padding that
-    reaches an expert gives it an exactly zero gradient; AdamW must skip all of them,
-    so that the step does not depend on how the batch was split or padded: a zero
-    gradient would still count a step (its bias correction) and apply weight decay.
-    One all-reduce of a flag per parameter (none in one process); a gradient that is
-    exactly zero everywhere counts as unused.
+    FSDP reduces zeros for them (see ``shard``), but AdamW must skip them, as it does
+    in one process: a zero gradient would still count a step (its bias correction)
+    and apply weight decay. One all-reduce of a flag per parameter; a gradient
+    that is exactly zero everywhere counts as unused.
     """
     used = torch.stack([
         local(p.grad).ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool,
