@@ -50,6 +50,15 @@ class _Memorizer:
         return logits
 
 
+def write_chat(path: Path, prompts: list[str], answers: list[str]) -> Path:
+    """One user/assistant conversation per line, as chat JSONL."""
+    path.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": p},
+                                 {"role": "assistant", "content": a}]}) + "\n"
+        for p, a in zip(prompts, answers, strict=True)))
+    return path
+
+
 def test_one_pass_exact_match_is_greedy_decoding() -> None:
     tok = ByteTokenizer()
     items = examples(DOWNSTREAM[0], 8, seed=0) + examples(DOWNSTREAM[1], 4, seed=0)
@@ -94,11 +103,7 @@ def test_loss_equals_one_conversation_at_a_time(mixtral: Path) -> None:
 
 
 def test_cli_prints_and_writes_figures(mixtral: Path, tmp_path: Path) -> None:
-    data = tmp_path / "task.jsonl"
-    data.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": p},
-                                 {"role": "assistant", "content": "x"}]}) + "\n"
-        for p in PROMPTS))
+    data = write_chat(tmp_path / "task.jsonl", PROMPTS, ["x"] * len(PROMPTS))
     proc = run_cli("eval", mixtral, data, "--device", "cpu", "-o", tmp_path / "e.json",
                    "--limit", "4", check=True)
     figures = json.loads((tmp_path / "e.json").read_text())
@@ -150,12 +155,8 @@ def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path
     src = mixtral if family == "mixtral" else save_model(init_model("tiny", seed=1),
                                                           tmp_path / "base")
     model = answering_model(src, tmp_path / "model")
-    data = tmp_path / "task.jsonl"
-    data.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": p},
-                                 {"role": "assistant", "content": a}]}) + "\n"
-        for p, a in zip([*PROMPTS, "One more"], ["a", "aa", "a", "b", "aaa", "a", "a"],
-                        strict=True)))
+    data = write_chat(tmp_path / "task.jsonl", [*PROMPTS, "One more"],
+                      ["a", "aa", "a", "b", "aaa", "a", "a"])
     args = ["eval", model, data, "--device", "cpu", "--batch-size", "2"]
     run_cli(*args, "-o", tmp_path / "one.json", check=True)
     proc = subprocess.run(
@@ -197,12 +198,8 @@ def test_evaluate_on_a_sharded_model_in_a_torchrun_job(tmp_path: Path) -> None:
     import socket
 
     model = answering_model(save("qwen3_moe", tmp_path / "base", seed=2), tmp_path / "model")
-    data = tmp_path / "task.jsonl"
-    data.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": p},
-                                 {"role": "assistant", "content": a}]}) + "\n"
-        for p, a in zip([*PROMPTS, "One more"], ["a", "b", "a", "aa", "a", "a", "ab"],
-                        strict=True)))
+    data = write_chat(tmp_path / "task.jsonl", [*PROMPTS, "One more"],
+                      ["a", "b", "a", "aa", "a", "a", "ab"])
     one = evaluate(load_model(model).eval(), model, data, batch_size=3)
     assert (one.correct, one.answered) == (4, 7)
     with socket.socket() as s:
