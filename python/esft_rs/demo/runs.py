@@ -34,7 +34,7 @@ _EVENTS: Any = None  # a queue of finished runs' phases, for the progress bars
 
 
 def default_jobs() -> int:
-    """The CPUs this process may run on, at most one worker per method's seed run."""
+    """The CPUs this process may run on, at most 8 (each worker is a torch process)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
