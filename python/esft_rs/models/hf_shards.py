@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from esft_rs.errors import InvalidFileError
+from esft_rs.models.checkpoint import FLOAT_DTYPES
 
 log = logging.getLogger(__name__)
 
 FP8 = "F8_E4M3"
 SCALE = "_scale_inv"
-_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
@@ -131,7 +131,8 @@ def _disk_dtype(root: Path) -> torch.dtype:
     in config.json, as transformers decides)."""
     from esft_rs import inspect
 
-    found = (_FLOATS[t.dtype] for t in inspect(root).tensors.values() if t.dtype in _FLOATS)
+    found = (FLOAT_DTYPES[t.dtype] for t in inspect(root).tensors.values()
+             if t.dtype in FLOAT_DTYPES)
     return next(found, torch.float32)
 
 
