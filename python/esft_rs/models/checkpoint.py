@@ -15,9 +15,10 @@ from esft_rs.errors import InvalidFileError
 from esft_rs.inspection import inspect
 from esft_rs.models.config import CONFIG_NAME, ModelConfig
 from esft_rs.models.reference import ReferenceMoE, blank
+from esft_rs.models.rows import DTYPES
 
 WEIGHTS_NAME = "model.safetensors"
-FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOAT_DTYPES = {k: DTYPES[k] for k in ("F32", "BF16", "F16")}  # the built-in model's
 
 
 def save_model(
