@@ -120,7 +120,8 @@ def train(
             trainables = sharding.shard(net, trainables, place, dev)
         if lazy is not None:
             sharded_load.fill(net, model, dev)
-        identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
+        identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
+                    "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         created = place.main and not out.exists()
         if resume and (out / ADAPTER).exists():
