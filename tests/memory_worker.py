@@ -76,7 +76,9 @@ def load_measured(directory: str, dtype: str) -> None:
     weight bytes and what loading added: the peak resident set, and the file-backed
     pages still resident after."""
     from esft_rs.models import load_model
+    from esft_rs.training.sharded_load import meta_model
 
+    meta_model(directory)  # the modelling code's imports, outside the measure (no memory)
     before = status()
     reset_peak()
     model = load_model(directory, dtype=getattr(torch, dtype))
