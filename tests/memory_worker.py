@@ -69,3 +69,23 @@ def train_measured(rank: int, world: int, port: int, args: tuple, kwargs: dict,
     report["frozen"] = result.fit.rank_bytes["frozen"]
     report["trained"] = result.fit.rank_bytes["trained"]
     Path(out, f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+def load_measured(directory: str, dtype: str) -> None:
+    """Load the model of ``directory`` in ``dtype`` in this (fresh) process; print its
+    weight bytes and what loading added: the peak resident set, and the file-backed
+    pages still resident after."""
+    from esft_rs.models import load_model
+    from esft_rs.training.sharded_load import meta_model
+
+    meta_model(directory)  # the modelling code's imports, outside the measure (no memory)
+    before = status()
+    reset_peak()
+    model = load_model(directory, dtype=getattr(torch, dtype))
+    after = status()
+    print(json.dumps({
+        "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        "largest": max(t.numel() * 4 for t in model.state_dict().values()),
+        "peak": after["VmHWM"] - before["VmRSS"],
+        "file": after["RssFile"] - before["RssFile"],
+    }))

@@ -119,6 +119,8 @@ def test_refuses_earlier_run_and_foreign_checkpoint(tmp_path: Path) -> None:
         run(out, steps=3, resume=True, experts=ExpertConfig({1: [1]}))
     with pytest.raises(MismatchError, match="different training data"):
         run(out, steps=3, resume=True, data=fake_data(seed=1))
+    with pytest.raises(MismatchError, match=r"sequences of 12 tokens \(this run cuts them to 8"):
+        run(out, steps=3, resume=True, data={k: v[:, :8] for k, v in fake_data().items()})
 
 
 def test_warns_when_trained_tensors_do_not_change(tmp_path: Path, caplog) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esft_rs import _core
 from esft_rs._core import AdapterInfo
 from esft_rs.expert_config import ExpertConfig
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_KEYS: dict[str, str] = dict(_core.ADAPTER_KEYS)
 KEY_EXPERT_CONFIG = ADAPTER_KEYS["expert_config"]
@@ -80,6 +83,26 @@ def save_adapter(
         base_fingerprint = fingerprint(base)
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
     return save_tensors(tensors, path, metadata)
+
+
+def stream_adapter(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    path: str | os.PathLike[str],
+    expert_config: ExpertConfig,
+    *,
+    base_fingerprint: str | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """``save_adapter`` of (name, tensor) pairs that arrive one at a time, none of them
+    kept once written (``esft_rs.tensor_stream``): a trainer's gathered tensors."""
+    from esft_rs.tensor_stream import tensor_stream
+
+    metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
+    with tensor_stream(path, metadata) as out:
+        for name, tensor in tensors:
+            out.add(name, tensor)
+            del tensor  # before the next one is made
+    return Path(path)
 
 
 def _tensor_dict(tensors: object) -> dict[str, Any]:

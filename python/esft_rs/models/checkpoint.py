@@ -14,7 +14,7 @@ import torch
 from esft_rs.errors import InvalidFileError
 from esft_rs.inspection import inspect
 from esft_rs.models.config import CONFIG_NAME, ModelConfig
-from esft_rs.models.reference import ReferenceMoE, blank
+from esft_rs.models.reference import ReferenceMoE, skeleton
 from esft_rs.models.rows import DTYPES
 
 WEIGHTS_NAME = "model.safetensors"
@@ -54,27 +54,28 @@ def load_model(
     Tensors are cast to ``dtype`` (default: config.json's ``torch_dtype``). Raises
     ``InvalidFileError`` naming the file and tensors when they do not fit config.json.
     """
-    from safetensors.torch import load_file
+    from esft_rs.models.rows import Rows
 
     root = Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a model directory")
     cfg = ModelConfig.load(root)
     info = inspect(root)
+    target = dtype or getattr(torch, cfg.torch_dtype)
     try:
-        model = blank(cfg)
+        model = skeleton(cfg)
+        _check(root, info.tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        state = {k: torch.empty(v.shape, dtype=target, device=device)
+                 for k, v in model.state_dict().items()}
     except (RuntimeError, MemoryError) as e:  # sizes the allocator refuses: a config typo
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(
             f"{root / CONFIG_NAME}: its sizes give a model that cannot be built here ({why})",
             root / CONFIG_NAME,
         ) from None
-    _check(root, info.tensors, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    target = dtype or getattr(torch, cfg.torch_dtype)
-    state = {}
-    for name in info.files:
-        for k, v in load_file(root / name, device=str(device)).items():
-            state[k] = v.to(target)
+    with Rows(root, info.tensors) as rows:  # read into the tensors kept: no file map
+        for name, t in state.items():
+            rows.read(name, out=t)
     model.load_state_dict(state, assign=True)
     return model.eval()
 

@@ -98,12 +98,24 @@ def load(
 ) -> torch.nn.Module:
     """A transformers MoE causal LM from a local directory (never the network).
 
-    ``dtype`` defaults to config.json's. Raises ``InvalidFileError`` for a family
+    ``dtype`` defaults to config.json's. The model is the one ``from_pretrained`` gives,
+    built on the meta device and filled tensor by tensor (``hf_shards``); a quantised
+    checkpoint goes through ``from_pretrained``. Raises ``InvalidFileError`` for a family
     esft-rs does not support, or a checkpoint transformers cannot load or would
     complete with random tensors; ``EsftError`` without a supported transformers.
     """
     root = Path(directory)
     check_family(root)
+    raw = load_json(root / "config.json")
+    if "quantization_config" not in raw:
+        # Built on meta, each tensor read once into its place: from_pretrained peaked at
+        # 2.2x the weights (fp32) and 3x (bf16), a map of the file beside its copies.
+        from esft_rs.models import hf_shards
+
+        model = hf_shards.meta(root, dtype)
+        hf_shards.fill(model, root, torch.device(device))
+        return model
+    # transformers' own loader keeps FP8 layers on a GPU
     transformers = require_transformers()
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its load report: esft-rs says it in one line

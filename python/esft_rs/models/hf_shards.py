@@ -1,10 +1,11 @@
 """transformers families built on the meta device, then filled shard by shard from safetensors.
 
-``meta`` builds the model ``hf.load`` would give (same class, dtype, attention and
-experts implementations) with no memory, and checks every tensor it needs against
+``meta`` builds the model ``from_pretrained`` would give (same class, dtype, attention
+and experts implementations) with no memory, and checks every tensor it needs against
 the checkpoint's headers. Once FSDP has sharded it, ``fill`` gives each rank's
 shards their values, reading only this rank's rows from the files (positional reads of
-their bytes, ``esft_rs.models.rows``).
+their bytes, ``esft_rs.models.rows``). Unsharded, the same two load a whole model with
+no second copy (``hf.load``).
 
 The in-memory layout comes from transformers' own load-time conversion
 (``get_model_conversion_mapping``: renamings, then ``WeightConverter``s such as
@@ -39,8 +40,10 @@ FP8 = "F8_E4M3"
 SCALE = "_scale_inv"
 
 
-def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
-    """The transformers model of ``directory`` on the meta device, as ``hf.load`` builds it.
+def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+         ) -> torch.nn.Module:
+    """The transformers model of ``directory`` on the meta device, as ``from_pretrained``
+    builds it (``dtype``: config.json's by default).
 
     Raises ``InvalidFileError`` (one line) for an unsupported family or quantisation,
     a tensor the model needs that the checkpoint lacks, or one of the wrong shape.
@@ -64,7 +67,7 @@ def meta(directory: str | os.PathLike[str]) -> torch.nn.Module:
                 f"{root / 'config.json'}: quantization {method!r} cannot be loaded shard by"
                 " shard (block FP8 can)")
         del config.quantization_config  # dequantised here, as transformers does on CPU
-    dtype = config.dtype or _disk_dtype(root)
+    dtype = dtype or config.dtype or _disk_dtype(root)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

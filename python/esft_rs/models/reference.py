@@ -8,6 +8,8 @@ every routed expert owns its parameters (the trainer freezes them one by one).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,6 +247,30 @@ def _rope_tables(
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+#: the ``torch.nn.init`` functions the model's modules call when they are built
+_INITS = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+
+
+def skeleton(cfg: ModelConfig) -> ReferenceMoE:
+    """The model on the meta device (shapes and dtypes, no memory), for a loader that
+    assigns every tensor: no second, random copy of the weights.
+
+    ``torch.nn.init`` is switched off while it is built (as transformers'
+    ``no_init_weights``): initialising on meta goes through torch's Python
+    decompositions, whose first use imports for over a second.
+    """
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack, torch.device("meta"):
+        for name in _INITS:
+            stack.enter_context(mock.patch.object(torch.nn.init, name, _unchanged))
+        return ReferenceMoE(cfg)
+
+
+def _unchanged(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
 
 
 def blank(cfg: ModelConfig) -> ReferenceMoE:

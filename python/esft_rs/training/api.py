@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import inspect
 import logging
@@ -120,7 +121,8 @@ def train(
             trainables = sharding.shard(net, trainables, place, dev)
         if lazy is not None:
             sharded_load.fill(net, model, dev)
-        identity = {"base": fingerprint, "data": _digest(tensors), "experts": resolved.to_json(),
+        identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
+                    "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
         created = place.main and not out.exists()
         if resume and (out / ADAPTER).exists():
@@ -143,12 +145,19 @@ def train(
             )
         adapter = out / ADAPTER
         merged = Path(save_merged) if save_merged is not None else None
+        # One trained tensor's worth at a time: under --mode full they are the model.
         weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
-                   else checkpoint_tensors(net, trainables, on_disk) if place.main else {})
-        if place.main:
-            write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
-            if merged is not None:
-                _merge(base, adapter, merged, requantize_fp8)
+                   else (kv for t in trainables
+                         for kv in checkpoint_tensors(net, [t], on_disk).items())
+                   if place.main else iter(()))
+        try:
+            if place.main:
+                write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(),
+                              fit.metrics())
+        finally:
+            collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
+        if place.main and merged is not None:
+            _merge(base, adapter, merged, requantize_fp8)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
 

@@ -125,7 +125,10 @@ def write(
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a checkpoint made from another model, data, expert set or config."""
-    diffs = [k for k in current if saved.get(k) != current[k]]
+    # seq_length: checkpoints written before it was recorded lack it (their data digest
+    # covers it)
+    diffs = [k for k in current if saved.get(k) != current[k]
+             and not (k == "seq_length" and k not in saved)]
     if not diffs:
         return
     k = diffs[0]
@@ -135,6 +138,8 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
                          for key in keys[:3])
     else:
         what = {"base": "a different base model", "data": "different training data",
+                "seq_length": f"sequences of {saved.get(k)} tokens (this run cuts them to"
+                              f" {current[k]}: --seq-length)",
                 "experts": "a different expert selection",
                 "global_batch": f"a global batch of {saved.get(k)} sequences (this run has"
                                 f" {current[k]})"}.get(k, k)

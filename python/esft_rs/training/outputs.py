@@ -8,6 +8,7 @@ only gathers what goes into it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,24 +25,24 @@ CONFIG = "train_config.yaml"
 
 def write_outputs(
     out_dir: Path,
-    tensors: dict[str, torch.Tensor],
+    tensors: Iterable[tuple[str, torch.Tensor]],
     experts: ExpertConfig,
     base_fingerprint: str | None,
     config: dict[str, Any],
     metrics: dict[str, Any],
 ) -> Path:
     """Write ``expert_cfg.json``, ``train_config.yaml`` and, last, the adapter (whose
-    presence marks a finished run); each file appears whole (``esft_rs.outputs``)."""
+    presence marks a finished run) from (name, tensor) pairs taken one at a time; each
+    file appears whole (``esft_rs.outputs``)."""
     import yaml
 
-    from esft_rs.adapter import save_adapter
+    from esft_rs.adapter import stream_adapter
     from esft_rs.outputs import write_file
 
     experts.save(out_dir / EXPERT_CFG)
     write_file(out_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
-    return save_adapter(
-        {k: v.detach().cpu() for k, v in tensors.items()}, out_dir / ADAPTER, experts,
-        base_fingerprint=base_fingerprint,
+    return stream_adapter(
+        tensors, out_dir / ADAPTER, experts, base_fingerprint=base_fingerprint,
         extra_metadata={"esft.training_config": json.dumps(config),
                         "esft.metrics": json.dumps(metrics)},
     )

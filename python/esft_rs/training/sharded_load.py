@@ -27,14 +27,13 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module:
     from esft_rs import inspect
     from esft_rs.models import checkpoint, hf, hf_shards
     from esft_rs.models.config import MODEL_TYPE, ModelConfig
-    from esft_rs.models.reference import ReferenceMoE
+    from esft_rs.models.reference import skeleton
 
     root = Path(directory)
     if hf.model_type(root) not in (MODEL_TYPE, None):
         return hf_shards.meta(root)
     cfg = ModelConfig.load(root)
-    with torch.device("meta"):
-        model = ReferenceMoE(cfg)
+    model = skeleton(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     checkpoint._check(root, inspect(root).tensors, expected)
     return model.to(getattr(torch, cfg.torch_dtype)).eval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 
@@ -177,23 +177,23 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def adapter_tensors(
     model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str], place: Dist
-) -> dict[str, torch.Tensor]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """What the adapter holds (``freeze.checkpoint_tensors``' names, dtypes and layout),
-    gathering only the trained tensors, one at a time; rank 0 gets them, the others an
-    empty dict (every rank must call)."""
+    gathering only the trained tensors, one at a time: rank 0 gets them, one trained
+    tensor's worth at a time, the others nothing. Every rank must exhaust it (each
+    step gathers)."""
     from esft_rs.models import hf
 
-    out: dict[str, torch.Tensor] = {}
     for t in trainables:
         value = full(t.param.detach())
         if not place.main:
-            continue
-        if hf.is_hf(model) and t.experts is not None and t.name not in on_disk:
+            pass
+        elif hf.is_hf(model) and t.experts is not None and t.name not in on_disk:
             # Fused slices: their frozen rows stay sharded, so revert the slices alone.
-            out.update(_reverted_slices(model, t, value))
+            yield from _reverted_slices(model, t, value).items()
         else:
-            out.update(_checkpoint_tensors(model, t, value, on_disk))
-    return out
+            yield from _checkpoint_tensors(model, t, value, on_disk).items()
+        del value  # before the next gather
 
 
 def _checkpoint_tensors(
