@@ -13,8 +13,10 @@ Padding is to the fixed ``seq_length``, so each padding token is in its row in e
 engine and is routed alike: the union over ranks and micro-steps of these marks is one
 process's "gradient is not None".
 
-DDP needs none of this: its reducer keeps the same record (autograd hooks, all-reduced
-over the ranks) and leaves the gradient of a tensor no rank's autograd reached unset.
+DDP needs none of this: its reducer keeps the same record (autograd hooks, summed over
+the ``no_sync`` micro-steps and all-reduced over the ranks) and leaves the gradient of a
+tensor no rank's autograd reached unset; one reached on any rank gets the all-reduced
+gradient, zero or not.
 """
 
 from __future__ import annotations
