@@ -20,6 +20,7 @@ from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from train_fakes import (
     FakeMoE,
+    checkpoint_state,
     constant_routes,
     ddp_worker,
     fsdp_grads_worker,
@@ -79,6 +80,44 @@ def builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "task.jsonl").write_text(plus_chat(10, 4))
     BUILTIN_EXPERTS.save(root / "experts.json")
     return root
+
+
+def adam_state(out: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state per trained tensor (``step``, ``exp_avg``, ...) in the run's checkpoint
+    at ``step``."""
+    state = checkpoint_state(out / "checkpoints" / f"step-{step}")["optimizer"]["state"]
+    return {name: {k: torch.as_tensor(v) for k, v in s.items()} for name, s in state.items()}
+
+
+@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
+def test_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path,
+                                                parallelism: str) -> None:
+    """Every weight trains. A tensor that autograd reached on some rank gets AdamW's step
+    (count, weight decay) even when its gradient is exactly zero, as in one process: an
+    expert that no token carrying loss reached, only padding. One that no token reached
+    gets none, in every engine. Before, FSDP gave the first kind no gradient either (so no
+    step and no weight decay): 9 of the 186 tensors here."""
+    kw = {"mode": "full", "steps": 2, "eval_steps": 100, "save_steps": 2}
+    one = train(builtin, tmp_path / "one", 1, **kw)
+    many = train(builtin, tmp_path / "many", 2, parallelism=parallelism, **kw)
+    want, got = adam_state(one, 2), adam_state(many, 2)
+    # Not vacuous: in one process some expert was stepped with a gradient that was exactly
+    # zero at both steps (it took part in the forward, by tokens without loss only).
+    padding_only = [n for n, s in want.items() if not s["exp_avg"].any()]
+    assert any(".experts." in n for n in padding_only), padding_only
+    assert set(got) == set(want)
+    assert {n: int(s["step"]) for n, s in got.items()} == \
+        {n: int(s["step"]) for n, s in want.items()}
+    for name, s in want.items():
+        for k in ("exp_avg", "exp_avg_sq"):  # within 1e-5 of the tensor's largest (4.4e-6 seen)
+            torch.testing.assert_close(got[name][k], s[k], rtol=0,
+                                       atol=1e-5 * float(s[k].abs().max()), msg=name)
+    # Weights: AdamW divides by sqrt(exp_avg_sq), which turns the float noise of near-zero
+    # gradients into up to 5e-6 here (lr 5e-3); a skipped step misses a decay of 5e-4 x the weight.
+    x, y = load_file(one / "adapter.safetensors"), load_file(many / "adapter.safetensors")
+    assert list(x) == list(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -149,8 +188,9 @@ def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2"])
-def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "world"), [("qwen3_moe", 2), ("mixtral", 2),
+                                              ("deepseek_v2", 2), ("qwen3_moe", 4)])
+def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:
     pytest.importorskip("transformers")
     from hf_tiny import save
 
@@ -159,7 +199,7 @@ def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str) -> None:
     (root / "task.jsonl").write_text(plus_chat(10, 4))
     HF_EXPERTS.save(root / "experts.json")
     one = train(root, tmp_path / "one", 1)
-    two = train(root, tmp_path / "two", 2, save_merged=tmp_path / "merged")
+    two = train(root, tmp_path / "two", world, save_merged=tmp_path / "merged")
     assert_same_adapter(one, two)
     base = esft_rs.inspect(root / "base")
     merged = esft_rs.inspect(tmp_path / "merged")

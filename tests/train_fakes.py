@@ -221,15 +221,16 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.training import sharding
     from esft_rs.training.freeze import freeze
+    from esft_rs.training.grad_presence import GradPresence
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = FakeMoE()
     trainables = freeze(model, ExpertConfig(experts))
     trainables = sharding.shard(model, trainables, Dist(rank, world), torch.device("cpu"))
+    presence = GradPresence(trainables)
     model(uneven_batches()[rank]).sum().backward()
-    params = [t.param for t in trainables]
-    sharding.drop_unused_grads(params, Dist(rank, world))
+    presence.drop_unused(Dist(rank, world))
     grads = {t.name: sharding.full(t.param.grad) for t in trainables if t.param.grad is not None}
     if rank == 0:
         torch.save(grads, out)
@@ -237,15 +238,21 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     exit_process(0)
 
 
-def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The trained tensors a checkpoint holds, read back from its DCP folder."""
+def checkpoint_state(checkpoint: Path) -> dict:
+    """What a checkpoint's DCP folder holds (``weights``, ``optimizer``, ...), read whole
+    in this process whatever world size wrote it."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as d:
         dcp_to_torch_save(checkpoint / "dcp", Path(d) / "state.pt")
-        return torch.load(Path(d) / "state.pt", weights_only=True)["weights"]
+        return torch.load(Path(d) / "state.pt", weights_only=True)
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors a checkpoint holds, read back from its DCP folder."""
+    return checkpoint_state(checkpoint)["weights"]
 
 
 def plus_chat(a_values: int, b_values: int) -> str:

@@ -32,6 +32,7 @@ from esft_rs.training import checkpoint, sharding
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import Trainable
+from esft_rs.training.grad_presence import GradPresence
 from esft_rs.training.guards import StopRequest, check_finite
 
 log = logging.getLogger("esft_rs.training")
@@ -172,6 +173,9 @@ class Loop:
         self.scheduler = lr_schedule(self.optimizer, cfg)
         self.autocast = autocast(model, device)
         self.fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
+        # FSDP gives every trained tensor a gradient; which ones one process would have
+        # stepped is recorded here (DDP leaves the others' unset itself).
+        self.presence = GradPresence(trainables) if self.fsdp else None
         self.ddp = model
         if place.world > 1 and not self.fsdp:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
@@ -218,8 +222,8 @@ class Loop:
                 if loss.requires_grad or place.world > 1:
                     (loss * scale).backward()
             total += loss.detach()
-        if self.fsdp:
-            sharding.drop_unused_grads(self.params, place)
+        if self.presence is not None:
+            self.presence.drop_unused(place)
         norm = sharding.full(torch.nn.utils.clip_grad_norm_(
             self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         ))

@@ -107,24 +107,6 @@ def _input_needs_grad(
     return None
 
 
-def drop_unused_grads(params: list[torch.nn.Parameter], place: Dist) -> None:
-    """Give no gradient (None) to the parameters no rank used in this optimizer step.
-
-    FSDP reduces zeros for them (see ``shard``), but AdamW must skip them, as it does
-    in one process: a zero gradient would still count a step (its bias correction)
-    and apply weight decay. One all-reduce of a flag per parameter; a gradient
-    that is exactly zero everywhere counts as unused.
-    """
-    used = torch.stack([
-        local(p.grad).ne(0).any() if p.grad is not None else torch.zeros((), dtype=torch.bool,
-                                                                        device=local(p).device)
-        for p in params
-    ]).to(torch.int32)
-    for p, u in zip(params, place.sum(used).tolist(), strict=True):
-        if not u:
-            p.grad = None
-
-
 def sync_fused_slices(model: torch.nn.Module) -> None:
     """Write each ``FusedSlices``' current values into its rows of the sharded frozen
     fused tensor (every rank must call, after every change to the slices).
