@@ -299,7 +299,7 @@ def test_split_forward_is_bit_identical_and_gradients_equal_the_fused_path(
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("checkpointing", [None, "non-reentrant"])
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("path", ["split", "fused"])
 def test_the_backward_makes_no_fused_size_tensor(

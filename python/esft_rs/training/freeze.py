@@ -7,9 +7,10 @@ experts when the config lists them; shared experts and everything else
 only its selected slices: they become one separate parameter (fp32 master
 weights), so frozen slices get no gradient, no optimizer state and no weight
 decay, and stay bit-identical. The fused tensor is never copied (see
-``FusedSlices``); one whose every expert trains is trained whole. Names in the
-checkpoint come from the model interface (``esft_rs.models.to_checkpoint``):
-nothing here knows transformers.
+``FusedSlices``), and its frozen experts get no weight gradient computed
+(``esft_rs.training.slice_grads``); one whose every expert trains is trained
+whole. Names in the checkpoint, and whether experts fit the split, come from the
+model interface (``esft_rs.models``): nothing here knows transformers.
 """
 
 from __future__ import annotations
@@ -180,9 +181,12 @@ class FusedSlices(torch.nn.Module):
     Used as a parametrization: the module's attribute reads as the whole fused
     tensor, while autograd and the optimizer see only ``slices`` (fp32 masters
     where the original is bf16). A read writes the slices into the original's
-    rows in place and returns the original itself (``_SlicesInPlace``): no
-    fused-size tensor is made in the forward pass or saved for backward, with
-    any experts implementation, and the frozen rows are never written.
+    rows in place and returns the original itself: no fused-size tensor is made
+    in the forward pass or saved for backward, with any experts implementation,
+    and the frozen rows are never written. With ``split`` the original is returned
+    detached and the experts' forward gives the slices their gradient
+    (``slice_grads``); without, the read is ``_SlicesInPlace``, whose backward
+    takes the slices' rows of the whole fused tensor's gradient.
     """
 
     def __init__(self, original: torch.Tensor, ids: list[int]) -> None:
