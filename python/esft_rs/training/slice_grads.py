@@ -62,6 +62,8 @@ class _SliceGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        if not any(ctx.needs_input_grad[4:6]):
+            return grad, None, None, None, None, None, None
         hidden, index, weights, gate_up, down = ctx.saved_tensors
         grad_gate_up, grad_down = torch.zeros_like(gate_up), torch.zeros_like(down)
         dtype = ctx.dtype  # the fused tensor's: what the experts computed in
