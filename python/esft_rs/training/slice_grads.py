@@ -8,11 +8,12 @@ fused tensors, which hold the slices' values (``FusedSlices`` writes them in) bu
 detached: its backward computes the input and routing-weight gradients of every
 expert and no weight gradient. ``_SliceGrads`` passes the output through unchanged
 (bit-identical to training the fused tensor) and, in backward, computes the weight
-gradient of the trained slices alone from the tokens routed to them: the gate/up
-output is recomputed for those tokens (4 n H I FLOPs), and the down projection's
-input gradient taken again (2 n H I), for n such tokens. Against the weight gradient
-of all E experts (6 N H I for N routed tokens) that replaces, ESFT's backward drops
-by the frozen share, less that overhead, and no tensor of the fused size is made.
+gradient of the trained slices alone from the n (token, expert) pairs routed to
+them: beside those gradients (6 n H I FLOPs), it recomputes the pairs' gate/up output
+(4 n H I) and the down projection's input gradient (2 n H I). Against the weight
+gradient of all E experts (6 N H I for N routed pairs) that this replaces, ESFT's
+backward drops by the frozen share, less that overhead, and no tensor of the fused
+size is made.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _forward(self: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor,
         out = type(self).forward(self, hidden, index, weights)
     gate_up, down = (self.parametrizations[a] for a in PROJECTIONS)
     return _SliceGrads.apply(out, hidden, index, weights, gate_up[0].slices,
-                             down[0].slices, (self, gate_up[0].ids, gate_up.original.dtype))
+                             down[0].slices, (self.act_fn, gate_up[0].ids, gate_up.original.dtype))
 
 
 class _SliceGrads(torch.autograd.Function):
@@ -54,10 +55,10 @@ class _SliceGrads(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, out: torch.Tensor, hidden: torch.Tensor, index: torch.Tensor,
         weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-        how: tuple[torch.nn.Module, torch.Tensor, torch.dtype],
+        how: tuple[torch.nn.Module, torch.Tensor, torch.dtype],  # act_fn, ids, fused dtype
     ) -> torch.Tensor:
         ctx.save_for_backward(hidden, index, weights, gate_up, down)
-        ctx.module, ctx.ids, ctx.dtype = how  # a module and a buffer: nothing new is saved
+        ctx.act, ctx.ids, ctx.dtype = how  # a module and a buffer: nothing new is saved
         return out.view_as(out)
 
     @staticmethod
@@ -80,7 +81,7 @@ class _SliceGrads(torch.autograd.Function):
             with torch.enable_grad():
                 gu = (x @ gate_up[i].to(dtype).T).requires_grad_()
                 g, u = gu.chunk(2, dim=-1)
-                h = ctx.module.act_fn(g) * u
+                h = ctx.act(g) * u
             grad_down[i] = dy.T @ h.detach()
             (dgu,) = torch.autograd.grad(h, gu, dy @ down[i].to(dtype))
             grad_gate_up[i] = dgu.T @ x
