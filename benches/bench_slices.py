@@ -1,22 +1,30 @@
-"""Training selected slices of fused experts: in place (ours) against rebuilding the fused
-tensor on every read (the re-parametrisation esft-rs used before, ``index_copy``), in one run.
+"""Training selected slices of fused experts: the straight-through split (ours: weight
+gradients for the trained slices only) against the same slices taking their rows of the
+whole fused tensor's gradient (the path before it), against rebuilding the fused tensor
+on every read (``index_copy``, the path before that; ``--rebuilt``), and against full
+fine-tuning, in one run.
 
-The model is a random 2-layer Qwen3-MoE with 64 experts per layer (48 MiB of fp32
+The model is a random 2-layer Qwen3-MoE with 64 experts per layer (96 MiB of fp32
 expert weights), made locally. For each experts implementation transformers offers on
-CPU, and for full fine-tuning beside it: bytes autograd saves for backward in one step
-(distinct storages other than the model's own parameters), the largest tensor the
-forward makes, and the median step time (forward, backward, AdamW), ESFT and full
-interleaved round by round. Targets: ESFT saves no more than training the fused
-tensors whole (the activations) plus the trained slices; ESFT step <= full step.
+CPU: bytes autograd saves for backward in one step (distinct storages other than the
+model's own parameters), the largest fused-size tensor made in the forward and in the
+backward, the backward's matmul FLOPs, and the median step time (forward, backward,
+AdamW; CPU time of the process, and wall time), all methods interleaved round by round.
+Targets: ESFT saves no more than training the fused tensors whole, makes no fused-size
+tensor, and its backward drops the frozen experts' weight-gradient FLOPs: ESFT step
+near the method's bound, about 0.67x full.
 
-    python benches/bench_slices.py [--rounds 5] [--tokens 512] [--experts 6] [--threads N]
-        [--implementations grouped_mm eager batched_mm]
+    python benches/bench_slices.py [--rounds 5] [--tokens 512] [--experts 6] [--threads 1]
+        [--implementations grouped_mm eager batched_mm] [--rebuilt]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -24,12 +32,13 @@ import torch
 import transformers
 
 from esft_rs.expert_config import ExpertConfig
+from esft_rs.training import freeze as freezing
 from esft_rs.training.freeze import freeze
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from timing import interleaved
-from train_fakes import saved_bytes
+from train_fakes import backward_flops, saved_bytes
 
 IMPLEMENTATIONS = ("grouped_mm", "eager", "batched_mm")
 MiB = 2**20
@@ -72,13 +81,25 @@ def build(impl: str) -> torch.nn.Module:
     return model
 
 
-def largest_forward_tensor(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the largest fused-shaped tensor the forward makes (0: none)."""
+def fused_grad_freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[torch.Tensor]:
+    """The path before the split: the slices, in place, take their rows of the whole
+    fused tensor's gradient (``freeze``'s fallback for experts the split does not know)."""
+    known = freezing.gated_experts_problem
+    freezing.gated_experts_problem = lambda _module: "the baseline"
+    try:
+        return [t.param for t in freeze(model, experts)]
+    finally:
+        freezing.gated_experts_problem = known
+
+
+def largest_fused_tensor(model: torch.nn.Module, run: Callable[[], object]) -> int:
+    """Bytes of the largest fused-shaped tensor ``run`` makes (0: none)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 3}
+    shapes = {tuple(p.shape) for n, p in model.named_parameters()
+              if p.ndim == 3 and not n.endswith("slices")}
     found = [0]
 
     class Watch(TorchDispatchMode):
@@ -91,7 +112,7 @@ def largest_forward_tensor(model: torch.nn.Module, ids: torch.Tensor) -> int:
             return out
 
     with Watch():
-        model(ids)
+        run()
     return found[0]
 
 
@@ -110,10 +131,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--experts", type=int, default=6, help="trained experts per layer, of 64")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
                     default=list(IMPLEMENTATIONS))
+    ap.add_argument("--rebuilt", action="store_true", help="time the index_copy path too")
     args = ap.parse_args()
+    logging.getLogger("esft_rs.training").setLevel(logging.ERROR)  # the baseline's fallback
     if args.threads:
         torch.set_num_threads(args.threads)
     ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -123,33 +146,50 @@ def main() -> None:
                        if n.endswith(("gate_up_proj", "down_proj")))
     print(f"Qwen3-MoE, 2 layers x 64 experts ({expert_bytes / MiB:.0f} MiB of fp32 expert"
           f" weights), {args.tokens} tokens, ESFT trains {args.experts} experts per layer;"
-          f" step times: medians of {args.rounds} interleaved rounds")
-    print(f"{'implementation':<12} {'method':<9} {'saved MiB':>9} {'fused copy MiB':>14}"
-          f" {'step s':>8}")
+          f" step times: medians of {args.rounds} interleaved rounds, {torch.get_num_threads()}"
+          " thread(s)")
+    print(f"{'implementation':<12} {'method':<10} {'saved MiB':>9} {'fused fwd MiB':>13}"
+          f" {'fused bwd MiB':>13} {'bwd GFLOP':>9} {'step CPU s':>10} {'step wall s':>11}")
     for impl in args.implementations:
         models: dict[str, torch.nn.Module] = {}
         params: dict[str, list[torch.Tensor]] = {}
-        for method in ("rebuilt", "in-place", "full"):
+        for method in (["rebuilt"] if args.rebuilt else []) + ["fused-grad", "split", "full"]:
             model = build(impl)
             if method == "rebuilt":
                 params[method] = rebuilt_freeze(model, experts)
-            elif method == "in-place":
+            elif method == "fused-grad":
+                params[method] = fused_grad_freeze(model, experts)
+            elif method == "split":
                 params[method] = [t.param for t in freeze(model, experts)]
             else:
                 params[method] = list(model.parameters())
             models[method] = model
         optimizers = {m: torch.optim.AdamW(p, lr=1e-5) for m, p in params.items()}
-        times = interleaved({m: partial(step, models[m], optimizers[m], ids) for m in models},
-                            args.rounds)
-        saved = {}
+        steps = {m: partial(step, models[m], optimizers[m], ids) for m in models}
+        steps_again = dict(steps)
+        cpu = interleaved(steps, args.rounds, clock=time.process_time)
+        wall = interleaved(steps_again, args.rounds)
+        flops = {}
         for method, model in models.items():
-            saved[method] = saved_bytes(model, lambda model=model: loss(model, ids).backward())
-            copy = largest_forward_tensor(model, ids)
-            print(f"{impl:<12} {method:<9} {saved[method] / MiB:>9.1f} {copy / MiB:>14.1f}"
-                  f" {times[method]:>8.3f}")
-        print(f"{impl:<12} saved in-place/rebuilt {saved['in-place'] / saved['rebuilt']:.3f};"
-              f" step in-place/rebuilt {times['in-place'] / times['rebuilt']:.2f}x;"
-              f" ESFT (in-place)/full {times['in-place'] / times['full']:.2f}x")
+            saved = saved_bytes(model, lambda model=model: loss(model, ids).backward())
+            model.zero_grad(set_to_none=True)
+            fwd = largest_fused_tensor(model, lambda model=model: model(ids))
+            out = loss(model, ids)
+            bwd = largest_fused_tensor(model, out.backward)
+            model.zero_grad(set_to_none=True)
+            flops[method] = backward_flops(loss(model, ids))
+            model.zero_grad(set_to_none=True)
+            print(f"{impl:<12} {method:<10} {saved / MiB:>9.1f} {fwd / MiB:>13.1f}"
+                  f" {bwd / MiB:>13.1f} {flops[method] / 1e9:>9.2f} {cpu[method]:>10.3f}"
+                  f" {wall[method]:>11.3f}")
+        print(f"{impl:<12} split / fused-grad: step CPU {cpu['split'] / cpu['fused-grad']:.2f}x,"
+              f" wall {wall['split'] / wall['fused-grad']:.2f}x, backward FLOPs"
+              f" {flops['split'] / flops['fused-grad']:.2f}x; ESFT / full: step CPU"
+              f" split {cpu['split'] / cpu['full']:.2f}x (fused-grad"
+              f" {cpu['fused-grad'] / cpu['full']:.2f}x), wall split"
+              f" {wall['split'] / wall['full']:.2f}x, backward FLOPs split"
+              f" {flops['split'] / flops['full']:.2f}x (fused-grad"
+              f" {flops['fused-grad'] / flops['full']:.2f}x)")
 
 
 if __name__ == "__main__":

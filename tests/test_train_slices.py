@@ -79,7 +79,8 @@ class FusedShaped(TorchDispatchMode):
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-        self.shapes = {tuple(p.shape) for n, p in net.named_parameters() if p.ndim == 3}
+        self.shapes = {tuple(p.shape) for n, p in net.named_parameters()
+                       if p.ndim == 3 and not n.endswith(".slices")}
         self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -258,3 +259,109 @@ def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp_rank, args=(2, port), nprocs=2, join=True)
+
+
+def whole_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``freeze`` train slices as before the split: through their rows of the
+    whole fused tensor's gradient (its fallback for experts it does not know)."""
+    monkeypatch.setattr("esft_rs.training.freeze.gated_experts_problem", lambda _m: "a test")
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_split_forward_is_bit_identical_and_gradients_equal_the_fused_path(
+        impl: str, checkpointing: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over three AdamW steps (trained slices no longer equal to the base): the split
+    gives the same logits, bit for bit, as slices trained through the whole fused
+    tensor's gradient, and the same slice gradients within float tolerance."""
+    net = model(impl, checkpointing)
+    split = freeze(net, ExpertConfig(TRAINED))
+    assert all(t.module.split for t in split)
+    ref = model(impl, checkpointing)
+    with monkeypatch.context() as m:
+        whole_tensor_path(m)
+        fallback = freeze(ref, ExpertConfig(TRAINED))
+    assert not any(t.module.split for t in fallback)
+    opt = torch.optim.AdamW([t.param for t in fallback], lr=1e-2)
+    for step in range(3):
+        with torch.no_grad():
+            for a, b in zip(split, fallback, strict=True):
+                a.param.copy_(b.param)
+        got, want = net(batch()).logits, ref(batch()).logits
+        assert torch.equal(got, want), step
+        got.square().mean().backward()
+        want.square().mean().backward()
+        for a, b in zip(split, fallback, strict=True):
+            assert b.param.grad.abs().sum() > 0, a.name
+            torch.testing.assert_close(a.param.grad, b.param.grad, rtol=1e-5, atol=1e-7)
+            a.param.grad = None
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("path", ["split", "fused"])
+def test_the_backward_makes_no_fused_size_tensor(
+        impl: str, checkpointing: str | None, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split computes no gradient of the whole fused tensor (the path before it
+    did: one per projection, with ``eager`` one per expert hit)."""
+    net = model(impl, checkpointing)
+    if path == "fused":
+        whole_tensor_path(monkeypatch)
+    freeze(net, ExpertConfig(TRAINED))
+    loss = net(batch()).logits.square().mean()
+    with FusedShaped(net) as mode:
+        loss.backward()
+    assert (mode.seen == []) == (path == "split"), mode.seen[:3]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_backward_flops_drop_by_the_frozen_share(impl: str) -> None:
+    """Backward matmul FLOPs beyond the input gradients: training the fused tensors
+    whole computes every expert's weight gradient (W); the split computes the trained
+    slices' (the trained share s of the routed pairs: s W) and recomputes their gate/up
+    output and down-input gradient (another s W), so at most 2 s W. The path before it
+    computed all of W."""
+    from train_fakes import backward_flops
+
+    routed: dict[int, torch.Tensor] = {}
+    flops = {}
+    for how in ("frozen", "whole", "split"):
+        net = model(impl, None)
+        net.enable_input_require_grads()  # every variant computes every input gradient
+        if how == "frozen":
+            net.requires_grad_(False)
+        elif how == "whole":
+            train_whole(net)
+        else:
+            freeze(net, ExpertConfig(TRAINED))
+            for layer in TRAINED:
+                net.model.layers[layer].mlp.experts.register_forward_hook(
+                    lambda _m, args, _out, layer=layer: routed.__setitem__(layer, args[1]))
+        flops[how] = backward_flops(net(batch()).logits.square().mean())
+    share = (sum(torch.isin(routed[layer], torch.tensor(ids)).sum() for layer, ids in
+                 TRAINED.items()) / sum(routed[layer].numel() for layer in TRAINED)).item()
+    assert share < 0.2
+    weight_grads = flops["whole"] - flops["frozen"]
+    assert 0 < flops["split"] - flops["frozen"] <= 2 * share * weight_grads * 1.0001, (
+        flops, share)
+
+
+def test_families_experts_are_split_and_variants_fall_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every supported family's experts take the split; a variant the split does not
+    compute (here a bias) keeps the whole-tensor gradient, and says so."""
+    from esft_rs.models import gated_experts_problem
+
+    for family in hf_tiny.FAMILIES:
+        net = hf_tiny.build(family)
+        experts = [m for n, m in net.named_modules() if n.endswith("mlp.experts")]
+        assert experts and all(gated_experts_problem(m) is None for m in experts), family
+    net = model("grouped_mm", None)
+    net.model.layers[2].mlp.experts.has_bias = True
+    trainables = freeze(net, ExpertConfig(TRAINED))
+    assert {t.name.split(".")[2]: t.module.split for t in trainables} == {"1": True, "2": False}
+    assert "Qwen3MoeExperts.has_bias is True, not False" in caplog.text
+    assert gated_experts_problem(torch.nn.Linear(2, 2)) == (
+        "Linear is not a transformers experts module")

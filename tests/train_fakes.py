@@ -184,6 +184,28 @@ def saved_bytes(model: nn.Module, step: Callable[[], None]) -> int:
     return sum(s.nbytes() for s in kept.values())
 
 
+def _grouped_mm_flops(a: list[int], b: list[int], *_: object, out_shape: list[int],
+                     **__: object) -> int:
+    """FLOPs of ``aten._grouped_mm`` (FlopCounterMode has no formula for it): a 2-D output
+    contracts a's last dim; 2-D x 2-D (a weight gradient, [G, M, N] out) contracts a's
+    columns over all groups; 3-D x 3-D is a batched mm."""
+    if len(out_shape) == 2:
+        return 2 * out_shape[0] * out_shape[1] * a[-1]
+    if len(a) == len(b) == 2:
+        return 2 * out_shape[1] * out_shape[2] * a[1]
+    return 2 * out_shape[0] * out_shape[1] * out_shape[2] * a[-1]
+
+
+def backward_flops(loss: torch.Tensor) -> int:
+    """Matmul FLOPs of ``loss.backward()`` (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as m:
+        loss.backward()
+    return m.get_total_flops()
+
+
 def stop_after_2(step: int, record: dict) -> None:
     """``on_step`` that stops a run after step 2, as a crash would (picklable, for spawn)."""
     if step == 2:

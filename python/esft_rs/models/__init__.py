@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "RouterOutput",
     "as_moe_model",
+    "gated_experts_problem",
     "init_model",
     "load_model",
     "save_model",
@@ -104,3 +105,14 @@ def to_checkpoint(
     from esft_rs.models import hf
 
     return hf.to_checkpoint(model, name, tensor) if hf.is_hf(model) else {name: tensor}
+
+
+def gated_experts_problem(module: torch.nn.Module) -> str | None:
+    """None when ``module`` holds fused routed experts computing, for each routed pair,
+    ``down_e @ (act(gate_e @ x) * (up_e @ x))`` weighted by the router (what
+    ``esft_rs.training.slice_grads`` differentiates); otherwise why not, in words."""
+    from esft_rs.models import hf
+
+    if not hf.is_hf(module):
+        return f"{type(module).__name__} is not a transformers experts module"
+    return hf.gated_experts_problem(module)

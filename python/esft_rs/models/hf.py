@@ -238,6 +238,33 @@ def _remove_hooks(handles: list[Any]) -> None:
         h.remove()
 
 
+#: What ``use_experts_implementation`` must have said of an experts class for
+#: ``gated_experts_problem``: [gate; up] concatenated on dim 1, not transposed, no
+#: bias, no norm after the experts, no expert parallelism.
+GATED_EXPERTS = {"has_gate": True, "is_concatenated": True, "is_transposed": False,
+                 "has_bias": False, "has_post_expert_norm": False, "_is_expert_parallel": False}
+
+
+def gated_experts_problem(module: torch.nn.Module) -> str | None:
+    """None when ``module`` is a supported family's routed experts as transformers 5
+    makes them (every implementation, ``eager`` included, computes
+    ``down_e @ (act_fn(gate) * up)`` per routed pair, weighted by the router); otherwise
+    why not. Families outside ``FAMILIES``, and variants (biases, transposed or
+    interleaved weights, a custom ``_apply_gate``, expert parallelism), are refused."""
+    name = type(module).__name__
+    family = next((c.__module__ for c in type(module).__mro__
+                   if c.__module__.startswith("transformers.models.")), None)
+    if family not in {f"transformers.models.{t}.modeling_{t}" for t in FAMILIES}:
+        return f"{name} is not the experts module of a supported family"
+    for flag, want in GATED_EXPERTS.items():
+        if getattr(module, flag, None) is not want:
+            return f"{name}.{flag} is {getattr(module, flag, None)}, not {want}"
+    gate = getattr(type(module), "_apply_gate", None)
+    if getattr(gate, "__qualname__", None) != "_default_apply_gate":
+        return f"{name} has its own _apply_gate"
+    return None
+
+
 def to_checkpoint(
     model: torch.nn.Module, name: str, tensor: torch.Tensor
 ) -> dict[str, torch.Tensor]:

@@ -7,13 +7,15 @@ experts when the config lists them; shared experts and everything else
 only its selected slices: they become one separate parameter (fp32 master
 weights), so frozen slices get no gradient, no optimizer state and no weight
 decay, and stay bit-identical. The fused tensor is never copied (see
-``FusedSlices``); one whose every expert trains is trained whole. Names in the
-checkpoint come from the model interface (``esft_rs.models.to_checkpoint``):
-nothing here knows transformers.
+``FusedSlices``), and its frozen experts get no weight gradient computed
+(``esft_rs.training.slice_grads``); one whose every expert trains is trained
+whole. Names in the checkpoint, and whether experts fit the split, come from the
+model interface (``esft_rs.models``): nothing here knows transformers.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -21,9 +23,11 @@ import torch
 
 from esft_rs.errors import MismatchError
 from esft_rs.expert_config import ExpertConfig
-from esft_rs.models import to_checkpoint
+from esft_rs.models import gated_experts_problem, to_checkpoint
 from esft_rs.naming import classify, fused_slice_name
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
+
+log = logging.getLogger("esft_rs.training")
 
 __all__ = ["Trainable", "checkpoint_shapes", "checkpoint_tensors", "freeze", "moe_layout",
            "resolve_experts", "tensor_plan", "whole_tensor"]
@@ -112,6 +116,7 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
     Raises ``MismatchError`` when nothing would train.
     """
     out = []
+    sliced: dict[int, torch.nn.Module] = {}  # modules with fused tensors trained in slices
     for name, p in list(model.named_parameters()):
         plan = tensor_plan(name, experts)
         whole = plan is True or (plan and len(plan) == p.shape[0])
@@ -127,9 +132,29 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
             torch.nn.utils.parametrize.register_parametrization(module, attr, slices, unsafe=True)
             module.parametrizations[attr].original.requires_grad_(False)
             out.append(Trainable(name, slices, "slices", p.dtype, tuple(plan)))
+            sliced[id(module)] = module
     if not out:
         raise MismatchError("the expert config selects no tensor of this model to train")
+    for module in sliced.values():
+        _split_weight_grads(module)
     return out
+
+
+def _split_weight_grads(module: torch.nn.Module) -> None:
+    """Give ``module``'s backward weight gradients for its trained slices only
+    (``esft_rs.training.slice_grads``) when it is fused experts the split knows;
+    otherwise its slices take their rows of the whole fused tensor's gradient."""
+    from esft_rs.training import slice_grads
+
+    params = module.parametrizations
+    experts = {params[a][0].experts if a in params else None for a in slice_grads.PROJECTIONS}
+    problem = (gated_experts_problem(module) if len(experts) == 1 and None not in experts
+               else "its gate_up_proj and down_proj do not train the same experts")
+    if problem is None:
+        slice_grads.install(module)
+    else:
+        log.warning("%s: the gradient of the whole fused tensor is computed for its"
+                    " trained slices (%s)", type(module).__name__, problem)
 
 
 def whole_tensor(model: torch.nn.Module, t: Trainable, *, current: bool = True) -> torch.Tensor:
@@ -156,14 +181,20 @@ class FusedSlices(torch.nn.Module):
     Used as a parametrization: the module's attribute reads as the whole fused
     tensor, while autograd and the optimizer see only ``slices`` (fp32 masters
     where the original is bf16). A read writes the slices into the original's
-    rows in place and returns the original itself (``_SlicesInPlace``): no
-    fused-size tensor is made in the forward pass or saved for backward, with
-    any experts implementation, and the frozen rows are never written.
+    rows in place and returns the original itself: no fused-size tensor is made
+    in the forward pass or saved for backward, with any experts implementation,
+    and the frozen rows are never written. With ``split`` the original is returned
+    detached and the experts' forward gives the slices their gradient
+    (``slice_grads``); without, the read is ``_SlicesInPlace``, whose backward
+    takes the slices' rows of the whole fused tensor's gradient.
     """
 
     def __init__(self, original: torch.Tensor, ids: list[int]) -> None:
         super().__init__()
         self.experts = tuple(ids)  # the rows of ``slices``, kept for loading a meta model
+        # set by ``slice_grads.install``: the module's forward gives the slices their
+        # gradient, so a read returns the original detached
+        self.split = False
         index = torch.tensor(ids, dtype=torch.long, device=original.device)
         self.register_buffer("ids", index, persistent=False)
         self.slices = torch.nn.Parameter(original.index_select(0, index).clone())
@@ -176,6 +207,9 @@ class FusedSlices(torch.nn.Module):
             original.data.index_copy_(0, self.ids, self.slices.detach().to(original.dtype))
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            self.write(original)
+            return original.detach()
         return _SlicesInPlace.apply(original, self.slices, self)
 
 
