@@ -1,13 +1,17 @@
 """Our FSDP2 schedule on CPU (``sharding._overlap``): the all-gather in pieces gathers the
-bytes one all-gather does, training with many uneven pieces equals one process, and what
-an eval forward leaves gathered is sharded again before a checkpoint reads it."""
+bytes one all-gather does, training with many uneven pieces equals one process, a rank
+holds one gathered layer at a time without prefetch (two with it), and what an eval
+forward leaves gathered is sharded again before a checkpoint reads it."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -68,6 +72,74 @@ def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4}
     torch.multiprocessing.spawn(small_pieces_worker, args=(2, _port(), args, kwargs), nprocs=2)
     assert_same_adapter(one, many)
+
+
+def gathered_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict,
+                    prefetch: bool, out: str) -> None:
+    """Train, recording the most bytes FSDP's gather buffers held at once on this rank:
+    flat all-gather outputs and unsharded parameters, counted whenever one is allocated."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from esft_rs.training import chunked_gather, sharding
+
+    sharding.PREFETCH = prefetch
+    groups: list[FSDPParamGroup] = []
+    flats: list[weakref.ref] = []
+    most = [0]
+
+    def count() -> None:
+        live = [f() for f in flats]
+        most[0] = max(most[0], sum(f.untyped_storage().nbytes() for f in live if f is not None)
+                      + sum(t.untyped_storage().nbytes() for g in groups for p in g.fsdp_params
+                            for t in p.all_gather_outputs))
+
+    init, alloc, allocate = (FSDPParamGroup.__init__, FSDPParam.alloc_all_gather_outputs,
+                             chunked_gather.ChunkedAllGather.allocate)
+
+    def tracked_init(self: FSDPParamGroup, *a: object, **k: object) -> None:
+        init(self, *a, **k)
+        groups.append(self)
+
+    def counted_alloc(self: FSDPParam) -> None:
+        alloc(self)
+        count()
+
+    def counted_allocate(self: object, *a: object, **k: object) -> torch.Tensor:
+        flat = allocate(self, *a, **k)  # type: ignore[arg-type]
+        flats.append(weakref.ref(flat))
+        count()
+        return flat
+
+    FSDPParamGroup.__init__ = tracked_init  # type: ignore[method-assign]
+    FSDPParam.alloc_all_gather_outputs = counted_alloc  # type: ignore[method-assign]
+    chunked_gather.ChunkedAllGather.allocate = counted_allocate  # type: ignore[method-assign]
+    ddp_worker(rank, world, port, args, kwargs)
+    sizes = {g._module_fqn: sum(t.numel() * t.element_size() for p in g.fsdp_params
+                                for t in p.all_gather_outputs) for g in groups}
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"most": most[0], "sizes": sizes}))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
+    """Without prefetch a rank holds the root and one gathered decoder layer at a time,
+    with it two layers (the running one and the next): FSDP2's flat all-gather output and
+    the copy of it into the parameters held each layer twice (``chunked_gather``)."""
+    save_model(init_model("tiny", seed=0), tmp_path / "base")
+    (tmp_path / "task.jsonl").write_text(plus_chat(10, 4))
+    BUILTIN_EXPERTS.save(tmp_path / "experts.json")
+    args = (tmp_path / "base", tmp_path / "task.jsonl", tmp_path / "run",
+            tmp_path / "experts.json")
+    kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4, "eval_steps": 10**6,
+              "save_steps": 10**6}
+    torch.multiprocessing.spawn(gathered_worker, nprocs=2,
+                                args=(2, _port(), args, kwargs, prefetch, str(tmp_path)))
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        root = got["sizes"].pop("")
+        layer = max(got["sizes"].values())
+        assert len(got["sizes"]) == 4 and root > 0 and layer > 0, got
+        assert got["most"] == root + (2 if prefetch else 1) * layer, (got, root, layer)
 
 
 def test_full_mode_eval_then_checkpoint_under_fsdp(tmp_path: Path) -> None:
