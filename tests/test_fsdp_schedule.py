@@ -55,6 +55,42 @@ def test_pieces_gather_what_one_all_gather_does() -> None:
     torch.multiprocessing.spawn(gather_worker, args=(3, _port()), nprocs=3)
 
 
+def in_place_worker(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from esft_rs.training import chunked_gather
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    chunked_gather.CHUNK = 64  # bytes of output: pieces across parameters and within them
+    torch.manual_seed(0)  # the same model on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 9, bias=False))
+    model[0].weight.requires_grad_(False)
+    model[0].weight.data = model[0].weight.data.to(torch.bfloat16)  # mixed: FSDP2 gathers bytes
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    chunked_gather.install(model)
+    comm = model._get_fsdp_state()._fsdp_param_groups[0]._all_gather_comm
+    assert isinstance(comm, chunked_gather.InPlaceAllGather)
+    for async_op in (False, True):
+        handle = model.unshard(async_op=async_op)
+        if handle is not None:
+            handle.wait()
+        got = dict(model.named_parameters())
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (k, async_op)
+        model.reshard()
+    dist.destroy_process_group()
+
+
+def test_in_place_gather_gives_each_parameter_its_values() -> None:
+    """Unevenly sharded parameters (padded shards), mixed dtypes (gathered as bytes) and
+    pieces that span parameters: each unsharded parameter is the one process's."""
+    torch.multiprocessing.spawn(in_place_worker, args=(3, _port()), nprocs=3)
+
+
 def small_pieces_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
     from esft_rs.training import chunked_gather
 
