@@ -5,8 +5,9 @@ Trains ``bench_scale.py``'s random built-in MoE (``--gb``) for a few ESFT steps 
 copy-out, reshard, pre/post backward), the rank's anonymous memory (``RssAnon``), its
 sampled peak since the previous event, and FSDP's own buffers then: each layer's
 all-gather output (the flat buffer the collective fills) and its unsharded parameters'
-storage. Rank 0 prints the events of the last step around its peak, and the census at
-the peak against the layer size.
+storage. Each rank prints its peak in the last step (above that step's least
+``RssAnon``, against the decoder layer's size) and the event it came before; rank 0 also
+prints every event of that step.
 
     python benches/gather_trace.py [--gb 0.3] [--world 2] [--steps 2] [--parallelism fsdp]
 """
@@ -96,6 +97,7 @@ def worker(rank: int, world: int, port: int, inputs: dict, steps: int, variant: 
 
     import esft_rs
     from bench_scale import apply_variants
+    from esft_rs.distributed import exit_process
 
     apply_variants(variant)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -111,6 +113,7 @@ def worker(rank: int, world: int, port: int, inputs: dict, steps: int, variant: 
                   gradient_checkpointing=False, val_ratio=0.0,
                   on_step=lambda *_: marks.append(len(rec.events)))
     Path(out, f"rank{rank}.json").write_text(json.dumps({"events": rec.events, "marks": marks}))
+    exit_process(0)  # gloo may abort a rank in the interpreter's teardown
 
 
 def main() -> None:
