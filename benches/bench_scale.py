@@ -15,7 +15,11 @@ gradients of the weights ESFT would freeze are zeroed before each optimizer step
         [--ddp-modes esft] [--phases]
 
 ``fsdp0`` is FSDP with FSDP2's own schedule in place of ours (``sharding._overlap`` off:
-blocking all-gathers on CPU, the last layer gathered again for the backward).
+blocking all-gathers on CPU, the last layer gathered again for the backward). Variants of
+ours, for A/B runs: ``fsdp+flat`` gathers through FSDP2's flat buffer and copies it out
+(``chunked_gather.InPlaceAllGather`` off), ``fsdp+noprefetch`` gathers each layer when
+it runs, not one ahead (``sharding.PREFETCH``), ``fsdp+libc`` keeps glibc's own mmap
+threshold (``host_memory`` off); they combine (``fsdp+noprefetch+libc``).
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
 and the ratios: per-rank weight bytes against total / N, step time against 1 process
@@ -136,10 +140,11 @@ def count_collectives() -> None:
             return fn(*args, **kwargs)  # type: ignore[operator]
         return wrapped
 
-    from esft_rs.training.chunked_gather import ChunkedAllGather
+    from esft_rs.training.chunked_gather import ChunkedAllGather, InPlaceAllGather
 
     dist.all_gather_single = counting(dist.all_gather_single, "gather")  # FSDP2's own
-    ChunkedAllGather.__call__ = counting(ChunkedAllGather.__call__, "gather")  # ours, on CPU
+    for ours in (ChunkedAllGather, InPlaceAllGather):  # on CPU
+        ours.__call__ = counting(ours.__call__, "gather")  # type: ignore[method-assign]
     dist.reduce_scatter_single = counting(dist.reduce_scatter_single, "scatter")
 
 
@@ -169,6 +174,23 @@ def plain_rates() -> dict[str, float]:
     return rates
 
 
+def apply_variants(parallelism: str) -> str:
+    """Set up this process for a ``--parallelisms`` value; its engine (fsdp, fsdp0, ddp)."""
+    engine, *variants = parallelism.split("+")
+    from esft_rs.training import chunked_gather, host_memory, sharding
+
+    if engine == "fsdp0":
+        sharding._overlap = lambda *_: None
+    for v in variants:
+        if v == "flat":
+            chunked_gather._in_place_fits = lambda _: False
+        elif v == "libc":
+            host_memory.return_freed_memory = lambda: False
+        elif v == "noprefetch":
+            sharding.PREFETCH = False
+    return engine
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of a torchrun job: train, then write this rank's figures (OUT.rankR.json)."""
     import torch
@@ -185,10 +207,7 @@ def worker(args: argparse.Namespace) -> None:
 
         trace = Trace()
         trace_training(trace)
-    if args.parallelism == "fsdp0":
-        from esft_rs.training import sharding
-
-        sharding._overlap = lambda *_: None
+    engine = apply_variants(args.parallelism)
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # made here, so that it outlives training for the plain collectives
@@ -198,7 +217,7 @@ def worker(args: argparse.Namespace) -> None:
     result = esft_rs.train(
         args.base, args.data, args.out, args.experts, progress=False, device="cpu",
         mode="full" if args.mode == "masked" else args.mode,
-        parallelism=args.parallelism.rstrip("0"), steps=args.steps, seq_length=args.seq,
+        parallelism=engine.rstrip("0"), steps=args.steps, seq_length=args.seq,
         per_device_batch_size=micro(args, world),
         gradient_accumulation_steps=args.batch // world // micro(args, world),
         eval_steps=10**6, save_steps=10**6, logging_steps=1, learning_rate=1e-5,
@@ -276,7 +295,7 @@ def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
 
     return plan(inputs["base"], ExpertConfig.load(inputs["experts"]),
                 "full" if mode == "masked" else mode, nproc=world,
-                parallelism=parallelism.rstrip("0"),
+                parallelism=parallelism.split("+")[0].rstrip("0"),
                 seq_length=args.seq, per_device_batch_size=micro(args, world),
                 gradient_checkpointing=False,
                 device="cpu")
@@ -288,6 +307,15 @@ def floor_s(row: dict) -> float:
                if row[f"{k}_mb_step"])
 
 
+def parallelism(text: str) -> str:
+    """A ``--parallelisms`` value: fsdp, ddp, fsdp0, or fsdp with variants (``fsdp+flat``)."""
+    engine, *variants = text.split("+")
+    if engine not in ("fsdp", "ddp", "fsdp0") or (variants and engine != "fsdp") or not all(
+            v in ("flat", "libc", "noprefetch") for v in variants):
+        raise argparse.ArgumentTypeError(f"unknown parallelism {text!r}")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0)
@@ -295,7 +323,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["esft", "masked", "full"],
                         choices=["esft", "masked", "full"])
     parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"],
-                        choices=["fsdp", "ddp", "fsdp0"])
+                        type=parallelism, help="fsdp, ddp, fsdp0 or fsdp+VARIANT (above)")
     parser.add_argument("--ddp-modes", nargs="+", default=["esft", "masked", "full"],
                         help="the modes run under DDP too (full and masked hold a whole"
                         " replica, its gradients and AdamW state on every rank)")
@@ -350,6 +378,7 @@ def main() -> None:
                     vs_full = f"{step / full:>6.2f}" if full else f"{'-':>6}"
                     rss = max(r["rss_mb"] for r in rows) - idle
                     name = f"{mode} {world}x{par if world > 1 else ''}"
+                    name = name if len(name) <= 17 else f"{name}\n{'':<17}"
                     moved = (f"{r0['gather_mb_step']:>7.0f} {r0['scatter_mb_step']:>7.0f} "
                              f"{floor_s(r0):>7.2f}" if "gather_rate" in r0 else "")
                     print(f"{name:<17} {pair(r0['frozen_mb'], plan.frozen_bytes):>17} "

@@ -56,9 +56,9 @@ def measure(root: Path, out: Path, world: int) -> list[dict[str, int]]:
 def test_rank_memory_falls_with_world_size(many_layers: Path, tmp_path: Path) -> None:
     """At 2 and 4 ranks: each rank reads its own rows of the checkpoint and no others,
     loading leaves its shard resident and no page of the file, and its peak resident
-    memory over training is its shard, a few gathered layers (FSDP's gather buffer and
-    unsharded parameters, gloo's receive buffer) and a fixed cost (torch.distributed's
-    code and objects, gloo's and autograd's buffers: 60-80 MiB here), falling with N."""
+    memory over training is its shard, two gathered layers (the running one and the next)
+    and a fixed cost (torch.distributed's code and objects, gloo's pieces in flight,
+    autograd's buffers: 70-100 MiB here), falling with N."""
     tensors = esft_rs.inspect(many_layers / "base").tensors
     total = sum(t.bytes for t in tensors.values())
     layer = max(sum(t.bytes for n, t in tensors.items() if n.startswith(f"model.layers.{i}."))
@@ -71,8 +71,9 @@ def test_rank_memory_falls_with_world_size(many_layers: Path, tmp_path: Path) ->
             # mapped slices kept 87% of the file resident at 2 ranks, and more anonymous
             assert r["fill_anon"] <= r["read"] + 4 * MiB, (world, r)
             assert r["fill_peak"] <= r["read"] + 0.05 * total, (world, r)
-            # glibc kept freed gathers resident (more than a whole replica at 2 ranks)
-            assert r["peak"] <= total / world + 4 * layer + 128 * MiB, (world, r, total, layer)
+            # glibc kept freed gathers resident (more than a whole replica at 2 ranks); the
+            # gathered layers held at once are counted exactly by test_fsdp_schedule.py
+            assert r["peak"] <= total / world + 2 * layer + 128 * MiB, (world, r, total, layer)
     two = max(r["peak"] for r in runs[2])
     four = max(r["peak"] for r in runs[4])
     assert four <= two - total / 8, (two, four, total)  # at least half of the shard's fall

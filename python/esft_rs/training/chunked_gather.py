@@ -6,6 +6,12 @@ ranks took 342 ms as one collective and 122-143 ms as 8-16 (``benches/bench_scal
 measures the step). FSDP2 gathers a whole decoder layer in one collective; this one
 issues it in pieces of ``CHUNK`` bytes of output, all asynchronous, into the same output
 (rank r's shard is row r of the output viewed as [world, shard]).
+
+Where it can (``InPlaceAllGather``: each parameter sharded on dim 0, one all-gather input
+each, the usual case), the pieces go straight into each parameter's unsharded storage:
+FSDP2 otherwise gathers the layer into one flat buffer and then copies it into the
+parameters ("copy-out"), so that each gathered layer was held twice at that moment, the
+forward/backward memory peak of a rank (``benches/gather_trace.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,36 @@ class _Pieces(dist.Work):
         return True
 
 
+def _pieces(segments: list[tuple[torch.Tensor, torch.Tensor]],
+            group: dist.ProcessGroup) -> list[dist.Work]:
+    """Asynchronous all-gathers of each ``(rows, source)`` pair (``source`` 1-D of this
+    rank's n elements, ``rows`` [world, n] where rank r's go), in pieces of up to CHUNK
+    bytes of output, each piece one gloo collective over as many pairs as fit (small
+    parameters would each cost a round trip)."""
+    works: list[dist.Work] = []
+    outs: list[list[torch.Tensor]] = []  # [rank][input]: gloo's order
+    ins: list[torch.Tensor] = []
+    room = 0
+    for rows, source in segments:
+        world, n = rows.shape
+        step = max(1, CHUNK // (source.element_size() * world))
+        a = 0
+        while a < n:
+            if room == 0:
+                if ins:
+                    works.append(group.allgather_coalesced(outs, ins))
+                outs, ins, room = [[] for _ in range(world)], [], step
+            b = min(n, a + room)
+            for r in range(world):
+                outs[r].append(rows[r, a:b])
+            ins.append(source[a:b])
+            room -= b - a
+            a = b
+    if ins:
+        works.append(group.allgather_coalesced(outs, ins))
+    return works
+
+
 class ChunkedAllGather:
     """An all-gather for ``FSDPModule.set_custom_all_gather`` (FSDP2's ``AllGather``)."""
 
@@ -48,25 +84,99 @@ class ChunkedAllGather:
         group: dist.ProcessGroup,
         async_op: bool = False,
     ) -> dist.Work | None:
-        world, n = group.size(), input_tensor.numel()
-        rows = output_tensor.view(world, n)
-        step = max(1, CHUNK // (input_tensor.element_size() * world))
-        work = _Pieces([
-            dist.all_gather([rows[r, a:a + step] for r in range(world)], input_tensor[a:a + step],
-                            group=group, async_op=True)
-            for a in range(0, n, step)
-        ])
-        if async_op:
-            return work
-        work.wait()
-        return None
+        rows = output_tensor.view(group.size(), input_tensor.numel())
+        return _finish(_pieces([(rows, input_tensor)], group), async_op)
+
+
+def _finish(works: list[dist.Work], async_op: bool) -> dist.Work | None:
+    work = _Pieces(works)
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
+class InPlaceAllGather(ChunkedAllGather):
+    """The all-gather of one FSDP2 parameter group, into its parameters' unsharded storage.
+
+    FSDP2 allocates a flat output, copies this rank's shards into it ("copy-in") and calls
+    this; it gathers each parameter's shard (FSDP2 shards on dim 0, so rank r's shard is
+    row r of the unsharded parameter viewed as [world, shard]) into that parameter's
+    unsharded storage, allocated here as FSDP2's copy-out would, after freeing the flat
+    output (only its copied-in part was ever written). ``copy_out`` replaces FSDP2's
+    copy-out: nothing is left to copy.
+    """
+
+    def __init__(self, params: list) -> None:
+        self.params = params  # FSDP2's FSDPParam of the group, in its all-gather order
+        self._written: tuple[list[torch.Tensor], list[int]] | None = None
+
+    def __call__(
+        self,
+        output_tensor: torch.Tensor,
+        input_tensor: torch.Tensor,
+        group: dist.ProcessGroup,
+        async_op: bool = False,
+    ) -> dist.Work | None:
+        world = group.size()
+        # The tensors FSDP2's copy-in just read (this rank's padded shards), in its order.
+        sources = [p.all_gather_inputs for p in self.params]
+        if any(len(s) != 1 for s in sources) or sum(
+                s.numel() * s.element_size() for (s,) in sources) != input_tensor.nbytes:
+            raise RuntimeError(f"torch {torch.__version__}: FSDP2's all-gather input is not the"
+                               " parameters' shards in order; esft_rs.training.chunked_gather"
+                               " needs updating")
+        output_tensor.untyped_storage().resize_(0)  # the flat output: never read
+        segments = []
+        self._written = ([], [])
+        for p, (source,) in zip(self.params, sources, strict=True):
+            p.init_all_gather_outputs([source.numel()], [source.dtype], world, source.device)
+            p.alloc_all_gather_outputs()
+            (out,) = p.all_gather_outputs
+            if not out.is_inference():
+                # As FSDP2's copy-out, hide the write from autograd: the forward saved the
+                # parameter for the backward, which gathers it again into the same tensor.
+                self._written[0].append(out)
+                self._written[1].append(out._version)
+            rows, source = out.view(world, -1), source.view(-1)
+            if source.dtype != input_tensor.dtype:  # mixed dtypes: FSDP2 gathers bytes
+                rows, source = rows.view(input_tensor.dtype), source.view(input_tensor.dtype)
+            segments.append((rows, source))
+        return _finish(_pieces(segments, group), async_op)
+
+    def copy_out(self, fsdp_params: list, result: object, world_size: int) -> None:
+        """FSDP2's ``_all_gather_output_fn``, called once the pieces are done."""
+        if self._written is not None:
+            torch._C._autograd._unsafe_set_version_counter(*map(tuple, self._written))
+            self._written = None
+
+
+def _in_place_fits(group: object) -> bool:
+    """Whether ``InPlaceAllGather`` can serve an FSDP2 parameter group (else the flat way)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param
+
+    needed = ("init_all_gather_outputs", "alloc_all_gather_outputs", "all_gather_inputs")
+    if (getattr(group, "_all_gather_output_fn", None)
+            is not _fsdp_collectives._default_all_gather_output_fn
+            or not all(hasattr(_fsdp_param.FSDPParam, a) for a in needed)):
+        raise RuntimeError(f"torch {torch.__version__}: FSDP2's parameter group has changed;"
+                           " esft_rs.training.chunked_gather needs updating")
+    return all(p.fsdp_placement.dim == 0 and not p.offload_to_cpu
+               and not hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather")
+               for p in group.fsdp_params)  # type: ignore[attr-defined]
 
 
 def install(model: torch.nn.Module) -> None:
-    """Make every FSDP module of ``model`` all-gather in pieces."""
+    """Make every FSDP module of ``model`` all-gather in pieces, in place where it can."""
     from torch.distributed.fsdp import FSDPModule
 
-    comm = ChunkedAllGather()
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        if len(groups) == 1 and _in_place_fits(groups[0]):
+            comm = InPlaceAllGather(groups[0].fsdp_params)
             module.set_custom_all_gather(comm)  # type: ignore[arg-type]
+            groups[0]._all_gather_output_fn = comm.copy_out
+        else:
+            module.set_custom_all_gather(ChunkedAllGather())  # type: ignore[arg-type]

@@ -24,6 +24,11 @@ from esft_rs.training.freeze import Trainable
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+$")
 
 
+#: Gather each layer one ahead, while the layer before it computes (``_overlap``). Off, a
+#: rank holds one gathered layer at a time instead of two, and each gather blocks it.
+PREFETCH = True
+
+
 def uses_fsdp(parallelism: str, world: int) -> bool:
     return world > 1 and parallelism == "fsdp"
 
@@ -75,10 +80,16 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
 
         model._set_unshard_async_op(True)  # type: ignore[operator]
         chunked_gather.install(model)
-    model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
-    for first, second in itertools.pairwise(layers):
-        first.set_modules_to_forward_prefetch([second])  # type: ignore[operator]
-        second.set_modules_to_backward_prefetch([first])  # type: ignore[operator]
+    if PREFETCH:
+        model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
+        for first, second in itertools.pairwise(layers):
+            first.set_modules_to_forward_prefetch([second])  # type: ignore[operator]
+            second.set_modules_to_backward_prefetch([first])  # type: ignore[operator]
+    else:
+        # FSDP2 prefetches the previous layer in the backward unless told which to
+        # prefetch: the layer itself, gathered by then, makes that a no-op.
+        for layer in layers:
+            layer.set_modules_to_backward_prefetch([layer])  # type: ignore[operator]
     layers[-1].set_reshard_after_forward(False)  # type: ignore[operator]
 
 
