@@ -18,7 +18,7 @@ gradients of the weights ESFT would freeze are zeroed before each optimizer step
 blocking all-gathers on CPU, the last layer gathered again for the backward). Variants of
 ours, for A/B runs: ``fsdp+flat`` gathers through FSDP2's flat buffer and copies it out
 (``chunked_gather.InPlaceAllGather`` off), ``fsdp+noprefetch`` gathers each layer when
-it runs, not one ahead (``sharding.PREFETCH``), ``fsdp+libc`` keeps glibc's own mmap
+it runs, not one ahead (``fsdp_prefetch: false``), ``fsdp+libc`` keeps glibc's own mmap
 threshold (``host_memory`` off); they combine (``fsdp+noprefetch+libc``).
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
@@ -186,8 +186,6 @@ def apply_variants(parallelism: str) -> str:
             chunked_gather._in_place_fits = lambda _: False
         elif v == "libc":
             host_memory.return_freed_memory = lambda: False
-        elif v == "noprefetch":
-            sharding.PREFETCH = False
     return engine
 
 
@@ -208,6 +206,7 @@ def worker(args: argparse.Namespace) -> None:
         trace = Trace()
         trace_training(trace)
     engine = apply_variants(args.parallelism)
+    prefetch = "noprefetch" not in args.parallelism.split("+")
     torch.set_num_threads(1)  # every setting alike, whatever its world size
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # made here, so that it outlives training for the plain collectives
@@ -221,7 +220,7 @@ def worker(args: argparse.Namespace) -> None:
         per_device_batch_size=micro(args, world),
         gradient_accumulation_steps=args.batch // world // micro(args, world),
         eval_steps=10**6, save_steps=10**6, logging_steps=1, learning_rate=1e-5,
-        gradient_checkpointing=False, val_ratio=0.0,
+        gradient_checkpointing=False, val_ratio=0.0, fsdp_prefetch=prefetch,
         on_step=lambda step, record: stamps.append(time.perf_counter()),
     )
     steps = [b - a for a, b in itertools.pairwise(stamps)]

@@ -113,15 +113,14 @@ def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
 
 
 def gathered_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict,
-                    prefetch: bool, out: str) -> None:
+                    out: str) -> None:
     """Train, recording the most bytes FSDP's gather buffers held at once on this rank:
     flat all-gather outputs and unsharded parameters, counted whenever one is allocated."""
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    from esft_rs.training import chunked_gather, sharding
+    from esft_rs.training import chunked_gather
 
-    sharding.PREFETCH = prefetch
     groups: list[FSDPParamGroup] = []
     flats: list[weakref.ref] = []
     most = [0]
@@ -170,9 +169,9 @@ def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
     args = (tmp_path / "base", tmp_path / "task.jsonl", tmp_path / "run",
             tmp_path / "experts.json")
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4, "eval_steps": 10**6,
-              "save_steps": 10**6}
+              "save_steps": 10**6, "fsdp_prefetch": prefetch}
     torch.multiprocessing.spawn(gathered_worker, nprocs=2,
-                                args=(2, _port(), args, kwargs, prefetch, str(tmp_path)))
+                                args=(2, _port(), args, kwargs, str(tmp_path)))
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         root = got["sizes"].pop("")

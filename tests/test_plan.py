@@ -119,8 +119,12 @@ def test_more_ranks_divide_weights_gradients_and_optimizer_state(
     for key in ("master_bytes", "grad_bytes"):
         # dim 0 of each tensor padded to a multiple of 4: at most 3 rows more per tensor
         assert one.to_dict()[key] / 4 <= four.to_dict()[key] < one.to_dict()[key] / 4 * 1.1
-    assert 0 < four.gather_bytes < one.master_bytes  # one layer, all-gathered
+    assert 0 < four.gather_bytes < one.master_bytes  # two layers, all-gathered
     assert four.activation_bytes == one.activation_bytes
+    # without prefetch one gathered layer, the most FSDP then holds (test_fsdp_schedule)
+    alone = plan(models["builtin"], mode="full", nproc=4, device="cpu", fsdp_prefetch=False)
+    assert alone.gather_bytes * 2 == four.gather_bytes
+    assert alone.total_bytes == four.total_bytes - alone.gather_bytes
 
 
 def test_json_has_the_figures(models: dict[str, Path], tmp_path: Path) -> None:

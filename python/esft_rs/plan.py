@@ -13,8 +13,9 @@ The layout is the trainer's (``esft_rs.training``), tensor by tensor:
 - with N > 1 ranks, FSDP2 (``parallelism="fsdp"``) shards every tensor on dim 0 as
   ``torch.chunk`` does: rank 0 holds ceil(rows / N) rows of each, the most of any rank,
   and the figures are its (FSDP pads every rank's shard to that size); it all-gathers
-  one decoder layer (or the embeddings and head) at a time, in the compute dtype: the
-  largest such group is added. DDP (``parallelism="ddp"``) keeps everything whole on
+  one decoder layer (or the embeddings and head) at a time, in the compute dtype, and
+  with ``fsdp_prefetch`` (the default) the next one meanwhile: twice the largest such
+  group is added (once without prefetch). DDP (``parallelism="ddp"``) keeps everything whole on
   every rank (its gradient buckets are the gradients: the trainer makes them views);
 - activations: an estimate for one micro-batch (see ``activation_estimate``).
 """
@@ -114,6 +115,7 @@ def plan(
     seq_length: int = 4096,
     per_device_batch_size: int = 1,
     gradient_checkpointing: bool = True,
+    fsdp_prefetch: bool = True,
     gpu_memory: int | None = None,
     device: str = "cuda",
     origin: str = "expert config",
@@ -152,7 +154,8 @@ def plan(
         groups: dict[int | None, int] = {}
         for t in tensors:
             groups[t.layer] = groups.get(t.layer, 0) + t.rows * t.row * min(t.nbytes, compute)
-        gather = max(groups.values(), default=0)
+        # the running layer, and with prefetch the next one, gathered meanwhile
+        gather = (2 if fsdp_prefetch else 1) * max(groups.values(), default=0)
     activations = activation_estimate(
         config, _trained_parts(tensors), tokens=seq_length * per_device_batch_size,
         compute_bytes=compute, checkpointing=gradient_checkpointing)
@@ -162,6 +165,9 @@ def plan(
     advice = [] if gpu_memory is None or fits else _advice(
         total, gpu_memory, frozen + 2 * masters + optimizer, activations, nproc,
         gradient_checkpointing, sharded)
+    if advice and sharded and fsdp_prefetch and total - gather // 2 <= gpu_memory:
+        advice.insert(0, "gather one layer at a time (--no-fsdp-prefetch): slower, one"
+                         " gathered layer less")
     return MemoryPlan(
         model=str(root), mode=mode, nproc=nproc, parallelism=parallelism, seq_length=seq_length,
         per_device_batch_size=per_device_batch_size,

@@ -30,13 +30,15 @@ from esft_rs.training.config import MAX_SEQ_LENGTH
               help="Memory of one device, e.g. 80GiB, 141GB, 24GiB.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True,
               show_default=True)
+@click.option("--fsdp-prefetch/--no-fsdp-prefetch", default=True, show_default=True,
+              help="As train's fsdp_prefetch: two gathered layers at a time, or one.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
               show_default=True, help="cuda computes in bf16, cpu in the checkpoint's dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, parallelism: str,
              seq_length: int,
              per_device_batch_size: int, gpu_memory: str, gradient_checkpointing: bool,
-             device: str, as_json: bool) -> None:
+             fsdp_prefetch: bool, device: str, as_json: bool) -> None:
     """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
     master weights, gradients, AdamW state and activations; whether it fits, and what
     to change if not. Reads config.json and the safetensors headers only."""
@@ -51,7 +53,8 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
     result = plan(model, experts, mode, nproc=nproc, parallelism=parallelism,
                   seq_length=seq_length,
                   per_device_batch_size=per_device_batch_size,
-                  gradient_checkpointing=gradient_checkpointing, gpu_memory=budget,
+                  gradient_checkpointing=gradient_checkpointing,
+                  fsdp_prefetch=fsdp_prefetch, gpu_memory=budget,
                   device=device, origin=str(experts_path or "expert config"))
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -68,7 +71,7 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
             ("fp32 gradients", result.grad_bytes),
             ("AdamW state", result.optimizer_bytes)]
     if result.gather_bytes:
-        rows.append(("one layer gathered", result.gather_bytes))
+        rows.append(("gathered layers", result.gather_bytes))
     rows += [("activations (estimate)", result.activation_bytes),
              ("total per rank", result.total_bytes)]
     for label, n in rows:

@@ -118,7 +118,8 @@ def train(
                                 fp8_ok=save_merged is None or requantize_fp8)
         _prepare(net, trainables, dev, cfg, move=not fsdp)  # FSDP moves each rank's shards
         if fsdp:
-            trainables = sharding.shard(net, trainables, place, dev)
+            trainables = sharding.shard(net, trainables, place, dev,
+                                        prefetch=cfg.fsdp_prefetch)
         if lazy is not None:
             sharded_load.fill(net, model, dev)
         identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),

@@ -37,6 +37,7 @@ MAX_SEQ_LENGTH = 1 << 24
 # (The batch shape per process may change too, with the world size, if the global batch stays.)
 BOOKKEEPING_KEYS = frozenset(
     {"logging_steps", "eval_steps", "save_steps", "gradient_checkpointing", "parallelism",
+     "fsdp_prefetch",
      "per_device_batch_size", "gradient_accumulation_steps"}
 )
 
@@ -76,6 +77,9 @@ class TrainConfig:
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
     parallelism: str = _opt("fsdp", "Under torchrun: fsdp shards weights, gradients and optimizer"
                                      " state over the processes (FSDP2); ddp replicates the model.")
+    fsdp_prefetch: bool = _opt(
+        True, "Under FSDP, gather each decoder layer while the one before computes: faster,"
+        " and a rank holds two gathered layers at a time instead of one.")
     chat_template: str = _opt(
         "auto", "How conversations become tokens: model (the tokenizer's chat template; only"
         " assistant tokens are learned), official (the official ESFT format), a template file,"

@@ -24,11 +24,6 @@ from esft_rs.training.freeze import Trainable
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+$")
 
 
-#: Gather each layer one ahead, while the layer before it computes (``_overlap``). Off, a
-#: rank holds one gathered layer at a time instead of two, and each gather blocks it.
-PREFETCH = True
-
-
 def uses_fsdp(parallelism: str, world: int) -> bool:
     return world > 1 and parallelism == "fsdp"
 
@@ -38,10 +33,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(
-    model: torch.nn.Module, trainables: list[Trainable], place: Dist, device: torch.device
+    model: torch.nn.Module, trainables: list[Trainable], place: Dist, device: torch.device,
+    *, prefetch: bool = True,
 ) -> list[Trainable]:
     """Shard ``model`` in place over all ranks (``fully_shard`` replaces every parameter
-    by a DTensor; each ``Trainable`` looks its parameter up on its module, so it follows)."""
+    by a DTensor; each ``Trainable`` looks its parameter up on its module, so it follows).
+    ``prefetch``: gather each layer one ahead, while the layer before it computes; off, a
+    rank holds one gathered layer at a time instead of two, and each gather blocks it."""
     from torch.distributed.fsdp import fully_shard
 
     from esft_rs.training.host_memory import return_freed_memory
@@ -60,11 +58,12 @@ def shard(
         # Backward gathers each layer it passes through, on every rank alike: a rank whose
         # tokens reached no trained expert of a layer (and none below) would skip it.
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
-        _overlap(model, layers, device)
+        _overlap(model, layers, device, prefetch)
     return trainables
 
 
-def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device) -> None:
+def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device,
+             prefetch: bool) -> None:
     """Gather each layer while its neighbour computes, and skip the last layer's second gather.
 
     FSDP2 overlaps by streams, which a CPU has not: there each all-gather blocks the rank
@@ -80,7 +79,7 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
 
         model._set_unshard_async_op(True)  # type: ignore[operator]
         chunked_gather.install(model)
-    if PREFETCH:
+    if prefetch:
         model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
         for first, second in itertools.pairwise(layers):
             first.set_modules_to_forward_prefetch([second])  # type: ignore[operator]
