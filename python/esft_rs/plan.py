@@ -15,8 +15,9 @@ The layout is the trainer's (``esft_rs.training``), tensor by tensor:
   and the figures are its (FSDP pads every rank's shard to that size); it all-gathers
   one decoder layer (or the embeddings and head) at a time, in the compute dtype, and
   with ``fsdp_prefetch`` (the default) the next one meanwhile: twice the largest such
-  group is added (once without prefetch). DDP (``parallelism="ddp"``) keeps everything whole on
-  every rank (its gradient buckets are the gradients: the trainer makes them views);
+  group is added (once without prefetch). DDP (``parallelism="ddp"``) keeps everything
+  whole on every rank (its gradient buckets are the gradients: the trainer makes them
+  views);
 - activations: an estimate for one micro-batch (see ``activation_estimate``).
 """
 
