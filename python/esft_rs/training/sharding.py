@@ -178,13 +178,11 @@ def adapter_tensors(
 
     for t in trainables:
         value = full(t.param.detach())
-        if not place.main:
-            pass
-        elif hf.is_hf(model) and t.experts is not None and t.name not in on_disk:
+        if place.main:
             # Fused slices: their frozen rows stay sharded, so revert the slices alone.
-            yield from _reverted_slices(model, t, value).items()
-        else:
-            yield from _checkpoint_tensors(model, t, value, on_disk).items()
+            fused = hf.is_hf(model) and t.experts is not None and t.name not in on_disk
+            yield from (_reverted_slices(model, t, value) if fused
+                        else _checkpoint_tensors(model, t, value, on_disk)).items()
         del value  # before the next gather
 
 
