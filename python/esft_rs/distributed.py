@@ -98,9 +98,13 @@ class Dist:
 
 
 def is_sharded_model(model: object) -> bool:
-    """Whether FSDP2 shards ``model`` (its parameters are DTensors)."""
+    """Whether FSDP2 shards ``model`` (its parameters are DTensors) or its experts are
+    spread over the ranks (expert parallelism): either way every forward is collective."""
     from torch.distributed.tensor import DTensor
 
+    if any(getattr(m, "_esft_placement", None) is not None
+           for m in (model, getattr(model, "model", None))):
+        return True
     params = model.parameters() if hasattr(model, "parameters") else ()
     return any(isinstance(p, DTensor) for p in params)
 

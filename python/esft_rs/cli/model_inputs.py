@@ -32,20 +32,25 @@ def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def parallelism_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--parallelism``: how the model is spread over torchrun's processes (``load``)."""
     return click.option(
-        "--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp", show_default=True,
+        "--parallelism", type=click.Choice(["fsdp", "ddp", "ep"]), default="fsdp",
+        show_default=True,
         help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models"
-        " larger than one device; ddp gives each process a whole copy.")(f)
+        " larger than one device; ep gives each process its share of every MoE layer's"
+        " experts and sends tokens to them; ddp gives each process a whole copy.")(f)
 
 
 def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> torch.nn.Module:
     """The model for forward passes (frozen, in eval mode): under torchrun with ``fsdp``
     sharded over the processes as training shards it, else whole in this process."""
     from esft_rs.models import load_model
-    from esft_rs.training.sharded_load import load_sharded
+    from esft_rs.training.expert_parallel import uses_ep
+    from esft_rs.training.sharded_load import load_expert_parallel, load_sharded
     from esft_rs.training.sharding import uses_fsdp
 
     if uses_fsdp(parallelism, place.world):
         return load_sharded(model, place, device)
+    if uses_ep(parallelism, place.world):
+        return load_expert_parallel(model, place, device)
     return load_model(model, device=device).requires_grad_(False).eval()
 
 

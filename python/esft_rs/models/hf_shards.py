@@ -33,6 +33,7 @@ import torch
 
 from esft_rs.errors import InvalidFileError
 from esft_rs.models.checkpoint import FLOAT_DTYPES
+from esft_rs.training.expert_parallel import rows_of
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,14 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
         reader = _Reader(plan, files)
         for name, t in _persistent(model):
             target = names[name]
+            held = rows_of(model, target)  # expert parallelism: these experts' rows only
             for local, rows in local_rows(t):
-                local.copy_(reader.rows(target, rows, dtypes.get(target, t.dtype)))
+                which = rows if held is None else list(held[0][rows])
+                local.copy_(reader.rows(target, which, dtypes.get(target, t.dtype)))
         for owner, attr, slices in _fused_slices(model):
             original = owner.parametrizations[attr].original
             target = names[_state_name(model, original)]
-            slices.ids.copy_(torch.tensor(slices.experts, dtype=torch.long))
+            slices.ids.copy_(torch.tensor(slices.rows, dtype=torch.long))
             for local, rows in local_rows(slices.slices):
                 local.copy_(reader.rows(target, list(slices.experts[rows]),
                                         dtypes.get(target, original.dtype)))
@@ -339,7 +342,13 @@ def _persistent(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _shapes(model: torch.nn.Module, names: dict[str, str]) -> dict[str, tuple[int, ...]]:
-    return {names[n]: tuple(t.shape) for n, t in _persistent(model)}
+    """In-memory name -> the shape the checkpoint makes it (all experts, where expert
+    parallelism holds some)."""
+    out = {}
+    for n, t in _persistent(model):
+        held = rows_of(model, names[n])
+        out[names[n]] = tuple(t.shape) if held is None else (held[1], *t.shape[1:])
+    return out
 
 
 def _fused_slices(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -72,7 +73,7 @@ def train(
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
     from esft_rs.outputs import check_kind, check_outputs, check_target
-    from esft_rs.training import sharded_load, sharding
+    from esft_rs.training import expert_parallel, sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
@@ -96,16 +97,22 @@ def train(
     dev = device_for(device)
     with process_group(dev) as place:
         fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
+        ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
         resume_from = _check_out_dir(out, resume)
-        lazy = None  # under FSDP the model is read shard by shard, after sharding
-        if fsdp and not isinstance(model, torch.nn.Module):
+        lazy = None  # under FSDP and EP the model is read shard by shard, after sharding
+        if (fsdp or ep) and not isinstance(model, torch.nn.Module):
             lazy = sharded_load.meta_model(model)
         net = lazy if lazy is not None else _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
+        placement = None
+        if ep:  # each rank keeps its own experts only, before anything is read
+            expert_parallel.check_model(net)
+            placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
+            expert_parallel.localize(net, placement, place.rank)
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
@@ -116,12 +123,15 @@ def train(
         if base is not None:
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
-        _prepare(net, trainables, dev, cfg, move=not fsdp)  # FSDP moves each rank's shards
+        _prepare(net, trainables, dev, cfg, move=not fsdp and lazy is None)  # else read or
+        # moved shard by shard
         if fsdp:
             trainables = sharding.shard(net, trainables, place, dev,
                                         prefetch=cfg.fsdp_prefetch)
         if lazy is not None:
             sharded_load.fill(net, model, dev)
+        if ep:
+            expert_parallel.install(net, place, dev)
         identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
                     "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
@@ -130,6 +140,11 @@ def train(
             _refuse_finished(out, resume_from, identity)
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
+            if placement is not None:
+                from esft_rs.outputs import write_file
+
+                write_file(out / expert_parallel.PLACEMENT,
+                           json.dumps(placement.describe(resolved.experts), indent=1) + "\n")
         place.barrier()
         loop = Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
                     place=place, identity=identity)
@@ -148,6 +163,8 @@ def train(
         merged = Path(save_merged) if save_merged is not None else None
         # One trained tensor's worth at a time: under --mode full they are the model.
         weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
+                   else expert_parallel.adapter_tensors(net, trainables, on_disk, place, dev)
+                   if ep
                    else (kv for t in trainables
                          for kv in checkpoint_tensors(net, [t], on_disk).items())
                    if place.main else iter(()))

@@ -69,6 +69,10 @@ def _state_dict(
     the optimizer state keyed by parameter names, so that any world size maps it back."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    from esft_rs.training import expert_parallel
+
+    if expert_parallel.placement_of(model) is not None:
+        return {"ep": expert_parallel.state_dict(trainables, optimizer, best, saving=True)}
     out: dict[str, Any] = {"weights": {t.name: t.param for t in trainables},
                            "optimizer": get_optimizer_state_dict(model, optimizer)}
     if best is not None:
@@ -159,13 +163,55 @@ def read(
     """Restore a checkpoint in place (``best``: tensors to load the best weights into, when
     the checkpoint has them); returns its state. A rank the writing run did not have
     keeps its RNG state: training draws no random numbers after the data is split."""
+    from esft_rs.training import expert_parallel
+
+    state = json.loads((path / "state.json").read_text())
+    if expert_parallel.placement_of(model) is not None:
+        _read_ep(path, trainables, optimizer, best, place)
+    else:
+        _read_dcp(path, model, trainables, optimizer, best, place)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = path / f"rng-{place.rank}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return state
+
+
+def _read_ep(path: Path, trainables: list[Trainable], optimizer: torch.optim.Optimizer,
+             best: dict[str, torch.Tensor] | None, place: Dist) -> None:
+    """Expert parallelism: each rank loads its experts' rows by their placement-free keys,
+    so a checkpoint of any world size or placement resumes (one written under FSDP, DDP or
+    one process is keyed otherwise: refused in one line)."""
+    import torch.distributed.checkpoint as dcp
+
+    from esft_rs.training import expert_parallel
+
+    saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
+    keys = {k.removeprefix("ep.") for k in saved if k.startswith("ep.")}
+    if not keys:
+        raise MismatchError(f"{path}: cannot resume with --parallelism ep: the checkpoint was"
+                            " written with fsdp, ddp or one process (resume it with those)")
+    expert_parallel.prepare_optimizer(trainables, optimizer, keys)
+    loaded = {"ep": expert_parallel.state_dict(trainables, optimizer, best, saving=False)}
+    wanted = {k: v for k, v in loaded["ep"].items() if k in keys}
+    if missing := sorted(set(loaded["ep"]) - keys - {k for k in loaded["ep"]
+                                                       if k.startswith("optimizer/")}):
+        raise MismatchError(f"{path}: the checkpoint has no {missing[0]}")
+    loaded["ep"] = wanted
+    with _single_process_quiet():
+        dcp.load(loaded, checkpoint_id=path / DCP, no_dist=place.world == 1)
+    expert_parallel.restore_lr(optimizer, loaded["ep"])
+
+
+def _read_dcp(path: Path, model: torch.nn.Module, trainables: list[Trainable],
+              optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor] | None,
+              place: Dist) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_optimizer_state_dict,
     )
 
-    state = json.loads((path / "state.json").read_text())
     loaded = _state_dict(model, trainables, optimizer, best)
     # get_optimizer_state_dict gives every parameter state to load into; one that had no
     # gradient yet had none when saved, and must have none again (AdamW counts its steps).
@@ -178,8 +224,3 @@ def read(
         dcp.load(loaded, checkpoint_id=path / DCP, no_dist=place.world == 1)
     set_optimizer_state_dict(model, optimizer, loaded["optimizer"],
                              options=StateDictOptions(strict=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = path / f"rng-{place.rank}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True))
-    return state

@@ -18,7 +18,7 @@ from esft_rs.errors import InvalidFileError
 
 MODES = ("esft", "full", "random")
 SCHEDULERS = ("constant", "cosine")
-PARALLELISMS = ("fsdp", "ddp")
+PARALLELISMS = ("fsdp", "ddp", "ep")
 
 # Keys of the official base.yaml that have no meaning here: accepted, with a note why.
 IGNORED_KEYS = {
@@ -76,7 +76,10 @@ class TrainConfig:
     lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
     parallelism: str = _opt("fsdp", "Under torchrun: fsdp shards weights, gradients and optimizer"
-                                     " state over the processes (FSDP2); ddp replicates the model.")
+                                     " state over the processes (FSDP2); ep gives each process"
+                                     " its share of every MoE layer's experts (tokens travel"
+                                     " to them by all-to-all) and replicates the rest; ddp"
+                                     " replicates the model.")
     fsdp_prefetch: bool = _opt(
         True, "Under FSDP, gather each decoder layer while the one before computes: faster,"
         " and a rank holds two gathered layers at a time instead of one.")

@@ -25,6 +25,7 @@ from esft_rs.errors import MismatchError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import gated_experts_problem, to_checkpoint
 from esft_rs.naming import classify, fused_slice_name
+from esft_rs.training.expert_parallel import expert_rows
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
@@ -119,16 +120,20 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
     sliced: dict[int, torch.nn.Module] = {}  # modules with fused tensors trained in slices
     for name, p in list(model.named_parameters()):
         plan = tensor_plan(name, experts)
+        owner, _, attr = name.rpartition(".")
+        rows = expert_rows(model.get_submodule(owner)) if plan else None
+        local = plan  # the rows of ``p`` that train
+        if rows is not None:  # expert parallelism: p holds these experts' rows
+            local = [i for i, e in enumerate(rows) if plan is True or e in plan]
+            plan = [rows[i] for i in local]
         whole = plan is True or (plan and len(plan) == p.shape[0])
         p.requires_grad_(bool(whole))
         if whole:
-            owner, _, attr = name.rpartition(".")
             out.append(Trainable(name, model.get_submodule(owner), attr, p.dtype,
                                  tuple(plan) if plan is not True else None))
         elif plan:
-            owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
-            slices = FusedSlices(p.detach(), plan)
+            slices = FusedSlices(p.detach(), local, plan)
             torch.nn.utils.parametrize.register_parametrization(module, attr, slices, unsafe=True)
             module.parametrizations[attr].original.requires_grad_(False)
             out.append(Trainable(name, slices, "slices", p.dtype, tuple(plan)))
@@ -189,9 +194,13 @@ class FusedSlices(torch.nn.Module):
     takes the slices' rows of the whole fused tensor's gradient.
     """
 
-    def __init__(self, original: torch.Tensor, ids: list[int]) -> None:
+    def __init__(self, original: torch.Tensor, ids: list[int],
+                 experts: list[int] | None = None) -> None:
         super().__init__()
-        self.experts = tuple(ids)  # the rows of ``slices``, kept for loading a meta model
+        # the experts of ``slices``' rows (kept for loading a meta model), and the rows of
+        # ``original`` they are: the same, unless expert parallelism holds some rows only
+        self.experts = tuple(ids if experts is None else experts)
+        self.rows = tuple(ids)
         # set by ``slice_grads.install``: the module's forward gives the slices their
         # gradient, so a read returns the original detached
         self.split = False

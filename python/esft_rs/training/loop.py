@@ -28,7 +28,7 @@ import torch
 
 from esft_rs.data import causal_lm_loss, loss_tokens
 from esft_rs.distributed import Dist, sum_over_batches
-from esft_rs.training import checkpoint, sharding
+from esft_rs.training import checkpoint, expert_parallel, sharding
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import Trainable
@@ -82,7 +82,9 @@ def global_batch_size(cfg: TrainConfig, world: int) -> int:
 
 
 def make_optimizer(trainables: list[Trainable], cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [t.param for t in trainables]
+    # A rank that owns no trained expert (expert parallelism) has nothing to step: an empty
+    # tensor stands in, which never gets a gradient and so never any state.
+    params = [t.param for t in trainables] or [torch.nn.Parameter(torch.zeros(0))]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -173,11 +175,12 @@ class Loop:
         self.scheduler = lr_schedule(self.optimizer, cfg)
         self.autocast = autocast(model, device)
         self.fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
+        self.ep = place.world > 1 and expert_parallel.placement_of(model) is not None
         # FSDP gives every trained tensor a gradient; which ones one process would have
         # stepped is recorded here (DDP leaves the others' unset itself).
         self.presence = GradPresence(trainables) if self.fsdp else None
         self.ddp = model
-        if place.world > 1 and not self.fsdp:
+        if place.world > 1 and not self.fsdp and not self.ep:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
             # Gradients are views into DDP's all-reduce buckets, not a second copy of them.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -212,7 +215,7 @@ class Loop:
             last = micro == cfg.gradient_accumulation_steps - 1
             # DDP all-reduces at the last micro-step only (its buckets hold the sum); FSDP
             # reduce-scatters at each, so that no rank ever holds unsharded gradients.
-            sync = (contextlib.nullcontext() if last or place.world == 1 or self.fsdp
+            sync = (contextlib.nullcontext() if last or place.world == 1 or self.fsdp or self.ep
                     else self.ddp.no_sync())
             with sync:
                 with self.autocast:
@@ -224,9 +227,13 @@ class Loop:
             total += loss.detach()
         if self.presence is not None:
             self.presence.drop_unused(place)
-        norm = sharding.full(torch.nn.utils.clip_grad_norm_(
-            self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        ))
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        if self.ep:
+            expert_parallel.finish_grads(self.model, self.trainables, place)
+            norm = expert_parallel.clip_grad_norm(self.model, self.trainables, max_norm, place,
+                                                  self.device)
+        else:
+            norm = sharding.full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         loss_value = float(place.sum(total)) / max(1, n_label)
         check_finite(step + 1, loss_value, float(norm))  # before the update reaches the weights
         self.grad_bytes = max(self.grad_bytes, sum(

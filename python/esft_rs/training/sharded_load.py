@@ -75,3 +75,24 @@ def load_sharded(
     shard(model, [], place, device)
     fill(model, directory, device)
     return model.eval()
+
+
+def load_expert_parallel(
+    directory: str | os.PathLike[str], place: Dist, device: torch.device
+) -> torch.nn.Module:
+    """The model of ``directory``, frozen, each rank holding its share of every MoE layer's
+    experts (``expert_parallel``; for profiling and evaluation) and the rest whole: each
+    rank reads only its experts' bytes."""
+    from esft_rs.training import expert_parallel
+
+    model = meta_model(directory)
+    expert_parallel.check_model(model)
+    layout = {layer: len(block.experts) if isinstance(block.experts, torch.nn.ModuleList)
+              else int(block.experts.num_experts)
+              for layer, block in expert_parallel.moe_blocks(model).items()}
+    placement = expert_parallel.place_experts(layout, {}, place.world)
+    expert_parallel.localize(model, placement, place.rank)
+    model.requires_grad_(False)
+    fill(model, directory, device)
+    expert_parallel.install(model, place, device)
+    return model.eval()
