@@ -326,12 +326,13 @@ def _routed_fused(dispatch: Dispatch, inner: Callable[..., torch.Tensor]
 
 # --- gradients ----------------------------------------------------------------------------
 
-def is_local(model: torch.nn.Module, name: str) -> bool:
-    """Whether checkpoint-named parameter ``name`` is a routed expert's, held by its owner
-    alone (else it is replicated)."""
+def is_local(model: torch.nn.Module, t: Any) -> bool:
+    """Whether trained tensor ``t`` is routed experts' (a per-expert tensor, or a fused
+    one's rows), held by their owner alone; else it is replicated."""
     from esft_rs.naming import classify
 
-    return classify(name).kind == "routed_expert" and placement_of(model) is not None
+    return placement_of(model) is not None and (
+        t.experts is not None or classify(t.name).kind == "routed_expert")
 
 
 def finish_grads(model: torch.nn.Module, trainables: list[Any], place: Dist) -> None:
@@ -342,7 +343,7 @@ def finish_grads(model: torch.nn.Module, trainables: list[Any], place: Dist) -> 
     (AdamW skips it, as in one process)."""
     import torch.distributed as dist
 
-    shared = [t for t in trainables if not is_local(model, t.name)]
+    shared = [t for t in trainables if not is_local(model, t)]
     for t in trainables:
         if t in shared:
             continue
@@ -369,9 +370,9 @@ def clip_grad_norm(model: torch.nn.Module, trainables: list[Any], max_norm: floa
     """``torch.nn.utils.clip_grad_norm_`` over the gradients of all ranks: the owners' expert
     gradients each counted once, the replicated ones once."""
     local = [t.param.grad for t in trainables if t.param.grad is not None
-             and is_local(model, t.name)]
+             and is_local(model, t)]
     shared = [t.param.grad for t in trainables if t.param.grad is not None
-              and not is_local(model, t.name)]
+              and not is_local(model, t)]
     def squares(grads: list[torch.Tensor]) -> torch.Tensor:
         if not grads:
             return torch.zeros((), dtype=torch.float32, device=device)
@@ -397,7 +398,7 @@ def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.sharding import _checkpoint_tensors, _reverted_slices
 
-    mine = [(t.name, t.experts, is_local(model, t.name), _dtype_name(t.dtype),
+    mine = [(t.name, t.experts, is_local(model, t), _dtype_name(t.dtype),
              _dtype_name(t.param.dtype), tuple(t.param.shape)) for t in trainables]
     every: list[list[Any]] = [[] for _ in range(place.world)]
     if place.world > 1:

@@ -25,7 +25,7 @@ from esft_rs.errors import MismatchError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import gated_experts_problem, to_checkpoint
 from esft_rs.naming import classify, fused_slice_name
-from esft_rs.training.expert_parallel import expert_rows
+from esft_rs.training.expert_parallel import expert_rows, placement_of
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
@@ -138,7 +138,7 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
             module.parametrizations[attr].original.requires_grad_(False)
             out.append(Trainable(name, slices, "slices", p.dtype, tuple(plan)))
             sliced[id(module)] = module
-    if not out:
+    if not out and placement_of(model) is None:  # under EP, other ranks may train
         raise MismatchError("the expert config selects no tensor of this model to train")
     for module in sliced.values():
         _split_weight_grads(module)
