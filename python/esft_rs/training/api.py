@@ -110,7 +110,7 @@ def train(
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
         placement = None
         if ep:  # each rank keeps its own experts only, before anything is read
-            expert_parallel.check_model(net)
+            expert_parallel.check_model(net, base if base is not None else type(net).__name__)
             placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
             expert_parallel.localize(net, placement, place.rank)
         tensors = _load_data(data, base, cfg, skip_bad)

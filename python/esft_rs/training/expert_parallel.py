@@ -174,11 +174,11 @@ def rows_of(model: torch.nn.Module, name: str) -> tuple[tuple[int, ...], int] | 
     return None if rows is None else (rows, int(owner._esft_total))
 
 
-def check_model(model: torch.nn.Module) -> None:
+def check_model(model: torch.nn.Module, origin: object) -> None:
     """Refuses, in one line, a model with nothing to place: no MoE layer."""
     if not moe_blocks(model):
-        raise MismatchError(f"{type(model).__name__}: has no MoE layer, so --parallelism ep"
-                            " has no experts to place; use fsdp or ddp")
+        raise MismatchError(f"{origin}: has no MoE layer, so --parallelism ep has no experts"
+                            " to place; use fsdp or ddp")
 
 
 # --- the forward ------------------------------------------------------------------------------

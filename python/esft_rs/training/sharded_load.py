@@ -86,7 +86,7 @@ def load_expert_parallel(
     from esft_rs.training import expert_parallel
 
     model = meta_model(directory)
-    expert_parallel.check_model(model)
+    expert_parallel.check_model(model, directory)
     layout = {layer: len(block.experts) if isinstance(block.experts, torch.nn.ModuleList)
               else int(block.experts.num_experts)
               for layer, block in expert_parallel.moe_blocks(model).items()}
