@@ -140,7 +140,8 @@ def answering_model(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize(("family", "parallelism"), [("builtin", "fsdp"), ("mixtral", "fsdp"),
-                                                    ("builtin", "ddp")])
+                                                    ("builtin", "ddp"), ("builtin", "ep"),
+                                                    ("mixtral", "ep")])
 def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path, family: str,
                                                    parallelism: str) -> None:
     """2 CPU ranks (gloo) share the batches; under FSDP every rank runs every forward (7
