@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from esft_rs.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
 CLI = [sys.executable, "-m", "esft_rs"]
@@ -45,3 +46,20 @@ def sharded_ckpt(tmp_path: Path, tiny_shape: MoEShape) -> Path:
     return write_checkpoint(
         tmp_path / "sharded", random_tensors(tiny_shape, seed=2), shards=3, config={"x": 1}
     )
+
+
+#: the experts the multi-process training tests train on the built-in model
+BUILTIN_EXPERTS = ExpertConfig({1: [0, 5], 2: [3], 3: [7, 8, 9]}, False, False)
+
+
+@pytest.fixture(scope="session")
+def builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny built-in model, task data and ``BUILTIN_EXPERTS`` (read only: shared)."""
+    from esft_rs.models import init_model, save_model
+    from train_fakes import plus_chat
+
+    root = tmp_path_factory.mktemp("builtin_run")
+    save_model(init_model("tiny", seed=0), root / "base")
+    (root / "task.jsonl").write_text(plus_chat(10, 4))
+    BUILTIN_EXPERTS.save(root / "experts.json")
+    return root

@@ -11,16 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import BUILTIN_EXPERTS
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
-from test_train_fsdp import (  # noqa: F401 (builtin: a fixture)
-    BUILTIN_EXPERTS,
-    HF_EXPERTS,
-    adam_state,
-    assert_same_adapter,
-    builtin,
-    train,
-)
+from test_train_fsdp import HF_EXPERTS, adam_state, assert_same_adapter, train
 from train_fakes import plus_chat, stop_after_2
 
 

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import esft_rs
 from esft_rs.expert_config import ExpertConfig
-from esft_rs.models import init_model, save_model
 from train_fakes import (
     FakeMoE,
     checkpoint_state,
@@ -33,7 +32,6 @@ from train_fakes import (
 GLOBAL = 8
 RUN = dict(steps=3, seq_length=48, gradient_accumulation_steps=2, eval_steps=3, save_steps=3,
            logging_steps=1, learning_rate=5e-3, gradient_checkpointing=False, device="cpu")
-BUILTIN_EXPERTS = ExpertConfig({1: [0, 5], 2: [3], 3: [7, 8, 9]}, False, False)
 HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
 
 
@@ -71,15 +69,6 @@ def assert_same_adapter(a: Path, b: Path) -> None:
             safe_open(b / "adapter.safetensors", "pt") as g:
         assert set(f.metadata()) == set(g.metadata())
     torch.testing.assert_close(losses(a), losses(b), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def builtin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fsdp_builtin")
-    save_model(init_model("tiny", seed=0), root / "base")
-    (root / "task.jsonl").write_text(plus_chat(10, 4))
-    BUILTIN_EXPERTS.save(root / "experts.json")
-    return root
 
 
 def adam_state(out: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
