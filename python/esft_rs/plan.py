@@ -18,7 +18,19 @@ The layout is the trainer's (``esft_rs.training``), tensor by tensor:
   group is added (once without prefetch). DDP (``parallelism="ddp"``) keeps everything
   whole on every rank (its gradient buckets are the gradients: the trainer makes them
   views);
-- activations: an estimate for one micro-batch (see ``activation_estimate``).
+- expert parallelism (``parallelism="ep"``) gives each rank its share of every MoE
+  layer's routed experts (``esft_rs.training.placement``, as training places them) and
+  keeps everything else whole; the figures are those of the rank that holds the most;
+- activations: an estimate for one micro-batch (see ``activation_estimate``);
+- ``comm_bytes``: what one rank sends plus receives per optimizer step, at the
+  collectives: FSDP's all-gathers of every layer (forward and backward, the last layer
+  once) and reduce-scatters of the trained gradients at every micro-step; DDP's ring
+  all-reduce of the trained gradients once per step; EP's all-to-alls of the routed
+  token rows (and their expert ids) to and from their experts' ranks in every MoE layer,
+  forward, backward and the recomputed forward under checkpointing, for tokens routed
+  evenly (a share (N-1)/N of them leave the rank), plus the ring all-reduce of the trained
+  tensors that are replicated. ``parallelism="auto"`` takes, of those that fit, the one
+  that moves the fewest bytes (the least memory when none fits).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from esft_rs.errors import InvalidFileError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.inputs import load_json
 from esft_rs.naming import classify
+from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 #: safetensors dtype -> bytes per element in memory (F8_E4M3 is dequantised to bf16).
@@ -51,6 +64,10 @@ ADAM = 8  # AdamW's two fp32 moments
 STEP = 4  # AdamW's step count, one fp32 scalar per tensor
 
 
+PARALLELISMS = ("fsdp", "ddp", "ep")
+INDEX = 8  # bytes of an expert id, sent beside each routed row under EP
+
+
 @dataclass
 class _Tensor:
     """One in-memory parameter: ``rows`` along dim 0, ``row`` elements each."""
@@ -61,6 +78,22 @@ class _Tensor:
     row: int
     nbytes: int  # per element, in memory
     trained_rows: int  # 0: frozen; rows: trained whole; between: fused slices
+    expert: int | None = None  # a per-expert tensor's expert
+    trained_ids: frozenset[int] = frozenset()  # fused: the trained experts (rows)
+
+
+@dataclass
+class _Figures:
+    """One parallelism's bytes per rank (its largest rank's) and per step."""
+
+    frozen: int
+    masters: int
+    optimizer: int
+    gather: int
+    comm: int
+
+    def total(self, activations: int) -> int:
+        return self.frozen + 2 * self.masters + self.optimizer + self.gather + activations
 
 
 @dataclass(frozen=True)
@@ -68,7 +101,7 @@ class MemoryPlan:
     model: str
     mode: str
     nproc: int
-    parallelism: str  # fsdp | ddp (with nproc 1 the same)
+    parallelism: str  # fsdp | ddp | ep (with nproc 1 the same); auto: the one chosen
     seq_length: int
     per_device_batch_size: int
     gradient_checkpointing: bool
@@ -85,6 +118,10 @@ class MemoryPlan:
     adapter_bytes: int  # the trained tensors in the checkpoint's dtype: the adapter's size
     gpu_memory: int | None
     fits: bool | None
+    comm_bytes: int = 0  # one rank sends plus receives per optimizer step
+    gradient_accumulation_steps: int = 16
+    # with more than one rank: every parallelism's total_bytes, comm_bytes and fits
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +152,7 @@ def plan(
     parallelism: str = "fsdp",
     seq_length: int = 4096,
     per_device_batch_size: int = 1,
+    gradient_accumulation_steps: int = 16,
     gradient_checkpointing: bool = True,
     fsdp_prefetch: bool = True,
     gpu_memory: int | None = None,
@@ -122,11 +160,12 @@ def plan(
     origin: str = "expert config",
 ) -> MemoryPlan:
     """The memory per rank of training ``model`` (a checkpoint directory) as configured
-    (the largest rank's: rank 0's)."""
+    (the largest rank's), and the bytes a rank communicates per optimizer step."""
     from esft_rs import inspect
 
-    if parallelism not in ("fsdp", "ddp"):
-        raise ValueError(f"parallelism must be fsdp or ddp, not {parallelism!r}")
+    if parallelism not in (*PARALLELISMS, "auto"):
+        raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"
+                         f" not {parallelism!r}")
     root = Path(model)
     config = _config(root)
     info = inspect(root)
@@ -138,46 +177,159 @@ def plan(
                          fuse=not builtin)
     compute = 4 if device == "cpu" and all(
         DTYPE_BYTES.get(t.dtype, 4) == 4 for t in params.values()) else 2
-
-    sharded = nproc > 1 and parallelism == "fsdp"
-
-    def share(rows: int) -> int:
-        return math.ceil(rows / nproc) if sharded else rows
-
-    trained = sum(t.trained_rows * t.row for t in tensors)
-    frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
-    frozen = sum(share(t.rows) * t.row * t.nbytes for t in tensors if t.trained_rows < t.rows)
-    masters = sum(share(t.trained_rows) * t.row for t in tensors) * MASTER
-    n_trained = sum(1 for t in tensors if t.trained_rows)
-    optimizer = masters // MASTER * ADAM + STEP * n_trained
-    gather = 0
-    if sharded:
-        groups: dict[int | None, int] = {}
-        for t in tensors:
-            groups[t.layer] = groups.get(t.layer, 0) + t.rows * t.row * min(t.nbytes, compute)
-        # the running layer, and with prefetch the next one, gathered meanwhile
-        gather = (2 if fsdp_prefetch else 1) * max(groups.values(), default=0)
     activations = activation_estimate(
         config, _trained_parts(tensors), tokens=seq_length * per_device_batch_size,
         compute_bytes=compute, checkpointing=gradient_checkpointing)
-    total = frozen + 2 * masters + optimizer + gather + activations
+    traffic = _Traffic(config, layout, nproc, seq_length * per_device_batch_size,
+                       gradient_accumulation_steps, compute, gradient_checkpointing)
+
+    def figures(how: str) -> _Figures:
+        if nproc > 1 and how == "fsdp":
+            return _sharded(tensors, nproc, compute, fsdp_prefetch, traffic)
+        if nproc > 1 and how == "ep":
+            return _expert_parallel(tensors, place_experts(layout, resolved.experts, nproc),
+                                    traffic)
+        return _whole(tensors, traffic if nproc > 1 else None)
+
+    options: dict[str, dict[str, Any]] = {}
+    if nproc > 1:
+        for how in PARALLELISMS:
+            f = figures(how)
+            total = f.total(activations)
+            options[how] = {"total_bytes": total, "comm_bytes": f.comm,
+                            "fits": None if gpu_memory is None else total <= gpu_memory}
+    chosen = choose(options) if parallelism == "auto" else parallelism
+    f = figures(chosen)
+    sharded = nproc > 1 and chosen == "fsdp"
+    trained = sum(t.trained_rows * t.row for t in tensors)
+    frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
+    total = f.total(activations)
     adapter = sum(t.trained_rows * t.row * t.nbytes for t in tensors)
     fits = None if gpu_memory is None else total <= gpu_memory
     advice = [] if gpu_memory is None or fits else _advice(
-        total, gpu_memory, frozen + 2 * masters + optimizer, activations, nproc,
+        total, gpu_memory, f.frozen + 2 * f.masters + f.optimizer, activations, nproc,
         gradient_checkpointing, sharded)
-    if advice and sharded and fsdp_prefetch and total - gather // 2 <= gpu_memory:
+    if advice and sharded and fsdp_prefetch and total - f.gather // 2 <= gpu_memory:
         advice.insert(0, "gather one layer at a time (--no-fsdp-prefetch): slower, one"
                          " gathered layer less")
     return MemoryPlan(
-        model=str(root), mode=mode, nproc=nproc, parallelism=parallelism, seq_length=seq_length,
+        model=str(root), mode=mode, nproc=nproc, parallelism=chosen, seq_length=seq_length,
         per_device_batch_size=per_device_batch_size,
         gradient_checkpointing=gradient_checkpointing, device=device,
-        trained_params=trained, frozen_params=frozen_params, frozen_bytes=frozen,
-        master_bytes=masters, grad_bytes=masters, optimizer_bytes=optimizer, gather_bytes=gather,
-        activation_bytes=activations, total_bytes=total, adapter_bytes=adapter,
-        gpu_memory=gpu_memory, fits=fits, advice=advice,
+        trained_params=trained, frozen_params=frozen_params, frozen_bytes=f.frozen,
+        master_bytes=f.masters, grad_bytes=f.masters, optimizer_bytes=f.optimizer,
+        gather_bytes=f.gather, activation_bytes=activations, total_bytes=total,
+        adapter_bytes=adapter, gpu_memory=gpu_memory, fits=fits, comm_bytes=f.comm,
+        gradient_accumulation_steps=gradient_accumulation_steps, options=options,
+        advice=advice,
     )
+
+
+def choose(options: dict[str, dict[str, Any]]) -> str:
+    """``auto``: of the parallelisms that fit, the one that moves the fewest bytes; when none
+    fits, the one that needs the least memory (ties: the order of ``PARALLELISMS``)."""
+    if not options:
+        return "fsdp"
+    fitting = [p for p in PARALLELISMS if options[p]["fits"] is not False]
+    if fitting:
+        return min(fitting, key=lambda p: options[p]["comm_bytes"])
+    return min(PARALLELISMS, key=lambda p: options[p]["total_bytes"])
+
+
+@dataclass
+class _Traffic:
+    """What a step's collectives carry, before the parallelism decides who sends what."""
+
+    config: dict[str, Any]
+    layout: dict[int, int]
+    nproc: int
+    tokens: int  # per rank per micro-step
+    micro_steps: int
+    compute: int  # bytes per element of activations and gathered weights
+    checkpointing: bool
+
+    @property
+    def away(self) -> float:
+        """The share of a rank's data that a collective exchanges with the others."""
+        return (self.nproc - 1) / self.nproc
+
+    def all_reduce(self, nbytes: float) -> int:
+        """Ring all-reduce: a reduce-scatter and an all-gather, each sending and receiving
+        (N-1)/N of the tensor."""
+        return int(4 * self.away * nbytes)
+
+    def tokens_to_experts(self) -> int:
+        """EP: every MoE layer sends its routed rows (and their expert ids) out and back, in
+        the forward, the backward and (checkpointing) the recomputed forward."""
+        h = int(self.config["hidden_size"])
+        k = int(self.config.get("num_experts_per_tok") or 1)
+        rows = self.tokens * k * self.away
+        forwards = 2 if self.checkpointing else 1
+        per_layer = (2 * forwards + 2) * rows * h * self.compute + forwards * rows * INDEX
+        return int(2 * per_layer * len(self.layout) * self.micro_steps)  # sent and received
+
+
+def _whole(tensors: list[_Tensor], traffic: _Traffic | None) -> _Figures:
+    """Every tensor whole on the rank: one process, or DDP (``traffic``: its all-reduce)."""
+    frozen = sum(t.rows * t.row * t.nbytes for t in tensors if t.trained_rows < t.rows)
+    masters = sum(t.trained_rows * t.row for t in tensors) * MASTER
+    n_trained = sum(1 for t in tensors if t.trained_rows)
+    comm = traffic.all_reduce(masters) if traffic is not None else 0
+    return _Figures(frozen, masters, masters // MASTER * ADAM + STEP * n_trained, 0, comm)
+
+
+def _sharded(tensors: list[_Tensor], nproc: int, compute: int, prefetch: bool,
+             traffic: _Traffic) -> _Figures:
+    """FSDP2: every tensor split on dim 0, rank 0 holding ceil(rows / N) rows of each."""
+    def share(rows: int) -> int:
+        return math.ceil(rows / nproc)
+
+    frozen = sum(share(t.rows) * t.row * t.nbytes for t in tensors if t.trained_rows < t.rows)
+    masters = sum(share(t.trained_rows) * t.row for t in tensors) * MASTER
+    n_trained = sum(1 for t in tensors if t.trained_rows)
+    groups: dict[int | None, int] = {}
+    for t in tensors:
+        groups[t.layer] = groups.get(t.layer, 0) + t.rows * t.row * min(t.nbytes, compute)
+    # the running layer, and with prefetch the next one, gathered meanwhile
+    gather = (2 if prefetch else 1) * max(groups.values(), default=0)
+    layers = [n for layer, n in groups.items() if layer is not None]
+    # forward and backward gather every group; the last layer stays gathered in between
+    gathered = 2 * sum(groups.values()) - (layers[-1] if layers else 0)
+    trained = sum(t.trained_rows * t.row for t in tensors) * MASTER
+    comm = int(2 * traffic.away * (gathered + trained)) * traffic.micro_steps
+    return _Figures(frozen, masters, masters // MASTER * ADAM + STEP * n_trained, gather, comm)
+
+
+def _expert_parallel(tensors: list[_Tensor], placement: Placement,
+                     traffic: _Traffic) -> _Figures:
+    """EP: each rank its experts (``placement``), the rest whole; the largest rank's."""
+    best: _Figures | None = None
+    replicated = sum(t.trained_rows * t.row for t in tensors
+                     if t.kind not in ("routed_expert", "fused_experts")) * MASTER
+    comm = traffic.tokens_to_experts() + traffic.all_reduce(replicated)
+    for rank in range(placement.world):
+        frozen = masters = n_trained = 0
+        for t in tensors:
+            if t.kind == "fused_experts" and t.layer in placement.owners:
+                owned = placement.experts_of(t.layer, rank)
+                trained = [e for e in owned if e in t.trained_ids]
+                if len(trained) < len(owned):
+                    frozen += len(owned) * t.row * t.nbytes
+                masters += len(trained) * t.row
+                n_trained += bool(trained)
+                continue
+            if t.kind == "routed_expert" and t.expert is not None and \
+                    placement.owners.get(t.layer, ())[t.expert] != rank:
+                continue
+            if t.trained_rows < t.rows:
+                frozen += t.rows * t.row * t.nbytes
+            masters += t.trained_rows * t.row
+            n_trained += bool(t.trained_rows)
+        f = _Figures(frozen, masters * MASTER, masters * ADAM + STEP * n_trained, 0, comm)
+        if best is None or f.total(0) > best.total(0):
+            best = f
+    assert best is not None
+    return best
 
 
 def _config(root: Path) -> dict[str, Any]:
@@ -217,11 +369,12 @@ def _in_memory(
                 group["trained"].add(role.expert)
             continue
         trained = rows if plan is True else len(plan) if isinstance(plan, list) else 0
-        out.append(_Tensor(role.layer, role.kind, rows, numel // max(rows, 1), size, trained))
+        out.append(_Tensor(role.layer, role.kind, rows, numel // max(rows, 1), size, trained,
+                           role.expert if role.kind == "routed_expert" else None))
     for (layer, _), g in sorted(fused.items()):
         row = max(g["row"].values())
         out.append(_Tensor(layer, "fused_experts", len(g["row"]), row, g["nbytes"],
-                           len(g["trained"])))
+                           len(g["trained"]), trained_ids=frozenset(g["trained"])))
     return out
 
 

@@ -18,14 +18,17 @@ from esft_rs.training.config import MAX_SEQ_LENGTH
 @click.option("--mode", type=click.Choice(["esft", "full", "random"]), default="esft",
               show_default=True, help="What trains, as in 'esft-rs train'.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Ranks (GPUs) in all; above 1, FSDP2 shards the weights among them.")
-@click.option("--parallelism", type=click.Choice(["fsdp", "ddp"]), default="fsdp",
-              show_default=True,
-              help="As in 'esft-rs train': fsdp shards over the ranks, ddp copies to each.")
+              help="Ranks (GPUs) in all; above 1, the figures of each parallelism are shown.")
+@click.option("--parallelism", type=click.Choice(["auto", "fsdp", "ddp", "ep"]),
+              default="auto", show_default=True,
+              help="As in 'esft-rs train': fsdp shards over the ranks, ep spreads the experts,"
+              " ddp copies to each; auto takes what fits and moves the fewest bytes.")
 @click.option("--seq-length", type=click.IntRange(1, MAX_SEQ_LENGTH), default=4096,
               show_default=True)
 @click.option("--per-device-batch-size", type=click.IntRange(min=1), default=1,
               show_default=True)
+@click.option("--gradient-accumulation-steps", type=click.IntRange(min=1), default=16,
+              show_default=True, help="Micro-steps per optimizer step (for comm_bytes).")
 @click.option("--gpu-memory", default="80GiB", show_default=True,
               help="Memory of one device, e.g. 80GiB, 141GB, 24GiB.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True,
@@ -36,8 +39,8 @@ from esft_rs.training.config import MAX_SEQ_LENGTH
               show_default=True, help="cuda computes in bf16, cpu in the checkpoint's dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, parallelism: str,
-             seq_length: int,
-             per_device_batch_size: int, gpu_memory: str, gradient_checkpointing: bool,
+             seq_length: int, per_device_batch_size: int,
+             gradient_accumulation_steps: int, gpu_memory: str, gradient_checkpointing: bool,
              fsdp_prefetch: bool, device: str, as_json: bool) -> None:
     """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
     master weights, gradients, AdamW state and activations; whether it fits, and what
@@ -53,6 +56,7 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
     result = plan(model, experts, mode, nproc=nproc, parallelism=parallelism,
                   seq_length=seq_length,
                   per_device_batch_size=per_device_batch_size,
+                  gradient_accumulation_steps=gradient_accumulation_steps,
                   gradient_checkpointing=gradient_checkpointing,
                   fsdp_prefetch=fsdp_prefetch, gpu_memory=budget,
                   device=device, origin=str(experts_path or "expert config"))
@@ -60,7 +64,7 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
         click.echo(json.dumps(result.to_dict()))
         return
     echo = click.echo
-    ranks = f"{nproc} ranks ({parallelism})" if nproc > 1 else "1 rank"
+    ranks = f"{nproc} ranks ({result.parallelism})" if nproc > 1 else "1 rank"
     echo(f"{result.model}: {result.mode} on {ranks},"
          f" {per_device_batch_size} x {seq_length} tokens per device,"
          f" checkpointing {'on' if gradient_checkpointing else 'off'}")
@@ -76,7 +80,16 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
              ("total per rank", result.total_bytes)]
     for label, n in rows:
         echo(f"  {label:<24}{human_bytes(n):>12}")
+    if result.comm_bytes:
+        echo(f"  {'sent + received per step':<24}{human_bytes(result.comm_bytes):>12}")
     verdict = "fits" if result.fits else "does NOT fit"
     echo(f"{verdict} in {human_bytes(budget)} per device")
+    if result.options:
+        echo(f"{'parallelism':<14}{'per rank':>12}{'moved per step':>16}")
+        for how, o in result.options.items():
+            mark = ("fits" if o["fits"] else "does not fit") + \
+                (" (chosen)" if how == result.parallelism else "")
+            echo(f"  {how:<12}{human_bytes(o['total_bytes']):>12}"
+                 f"{human_bytes(o['comm_bytes']):>16}  {mark}")
     for line in result.advice:
         echo(f"  - {line}")
