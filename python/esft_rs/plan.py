@@ -80,6 +80,7 @@ class _Tensor:
     trained_rows: int  # 0: frozen; rows: trained whole; between: fused slices
     expert: int | None = None  # a per-expert tensor's expert
     trained_ids: frozenset[int] = frozenset()  # fused: the trained experts (rows)
+    inner: int = 0  # fused: an expert's size along dim 1, which FSDP splits its slices on
 
 
 @dataclass
@@ -149,7 +150,7 @@ def plan(
     mode: str = "esft",
     *,
     nproc: int = 1,
-    parallelism: str = "fsdp",
+    parallelism: str = "auto",
     seq_length: int = 4096,
     per_device_batch_size: int = 1,
     gradient_accumulation_steps: int = 16,
@@ -284,8 +285,15 @@ def _sharded(tensors: list[_Tensor], nproc: int, compute: int, prefetch: bool,
     def share(rows: int) -> int:
         return math.ceil(rows / nproc)
 
+    def trained(t: _Tensor) -> int:
+        """Elements of ``t``'s trained part on rank 0: a fused tensor's slices are split on
+        dim 1 (``training.sharding``), anything else on dim 0."""
+        if t.kind == "fused_experts" and 0 < t.trained_rows < t.rows:
+            return t.trained_rows * share(t.inner) * (t.row // t.inner)
+        return share(t.trained_rows) * t.row
+
     frozen = sum(share(t.rows) * t.row * t.nbytes for t in tensors if t.trained_rows < t.rows)
-    masters = sum(share(t.trained_rows) * t.row for t in tensors) * MASTER
+    masters = sum(trained(t) for t in tensors) * MASTER
     n_trained = sum(1 for t in tensors if t.trained_rows)
     groups: dict[int | None, int] = {}
     for t in tensors:
@@ -295,8 +303,8 @@ def _sharded(tensors: list[_Tensor], nproc: int, compute: int, prefetch: bool,
     layers = [n for layer, n in groups.items() if layer is not None]
     # forward and backward gather every group; the last layer stays gathered in between
     gathered = 2 * sum(groups.values()) - (layers[-1] if layers else 0)
-    trained = sum(t.trained_rows * t.row for t in tensors) * MASTER
-    comm = int(2 * traffic.away * (gathered + trained)) * traffic.micro_steps
+    grads = sum(t.trained_rows * t.row for t in tensors) * MASTER
+    comm = int(2 * traffic.away * (gathered + grads)) * traffic.micro_steps
     return _Figures(frozen, masters, masters // MASTER * ADAM + STEP * n_trained, gather, comm)
 
 
@@ -363,8 +371,9 @@ def _in_memory(
         if fuse and role.kind == "routed_expert":
             part = "down" if re.search(r"\.(down_proj|w2)\.", name) else "gate_up"
             group = fused.setdefault((role.layer, part), {"row": {}, "trained": set(),
-                                                          "nbytes": size})
+                                                          "nbytes": size, "inner": {}})
             group["row"][role.expert] = group["row"].get(role.expert, 0) + numel
+            group["inner"][role.expert] = group["inner"].get(role.expert, 0) + rows
             if plan is True:
                 group["trained"].add(role.expert)
             continue
@@ -374,7 +383,8 @@ def _in_memory(
     for (layer, _), g in sorted(fused.items()):
         row = max(g["row"].values())
         out.append(_Tensor(layer, "fused_experts", len(g["row"]), row, g["nbytes"],
-                           len(g["trained"]), trained_ids=frozenset(g["trained"])))
+                           len(g["trained"]), trained_ids=frozenset(g["trained"]),
+                           inner=max(g["inner"].values())))
     return out
 
 

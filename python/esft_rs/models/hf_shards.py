@@ -103,11 +103,27 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
             original = owner.parametrizations[attr].original
             target = names[_state_name(model, original)]
             slices.ids.copy_(torch.tensor(slices.rows, dtype=torch.long))
-            for local, rows in local_rows(slices.slices):
-                local.copy_(reader.rows(target, list(slices.experts[rows]),
-                                        dtypes.get(target, original.dtype)))
+            dtype = dtypes.get(target, original.dtype)
+            for local, part in _slice_parts(slices.slices):
+                # the trained experts' tensors are read whole, then this rank's part taken
+                local.copy_(reader.rows(target, list(slices.experts[part[0]]), dtype)[part])
     _init_buffers(model)
     return reader.bytes
+
+
+def _slice_parts(t: torch.Tensor) -> list[tuple[torch.Tensor, tuple[slice, ...]]]:
+    """(this rank's part of trained slices ``t``, its index in ``t``): FSDP splits them on
+    dim 1 (``sharding``), expert parallelism not at all; none when the rank holds none."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return [(t, (slice(0, t.shape[0]),))] if t.numel() else []
+    local = t.to_local()
+    if not local.numel():
+        return []
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return [(local, tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True)))]
 
 
 def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:

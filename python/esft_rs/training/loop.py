@@ -246,6 +246,17 @@ class Loop:
         tokens = int(self.data["attention_mask"][batch].sum())
         return loss_value, n_label, float(norm), tokens
 
+    def _trained_count(self) -> int:
+        """Trained parameters of the whole run (under EP each rank holds its experts')."""
+        if not self.ep:
+            return sum(p.numel() for p in self.params)
+        local = sum(t.param.numel() for t in self.trainables
+                    if expert_parallel.is_local(self.model, t))
+        total = torch.tensor(local, dtype=torch.float64, device=self.device)
+        return int(self.place.sum(total)) + sum(
+            t.param.numel() for t in self.trainables
+            if not expert_parallel.is_local(self.model, t))
+
     # --- eval -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -376,7 +387,7 @@ class Loop:
             train_loss=train_loss,
             eval_loss=self.best_loss,
             best_step=self.best_step,
-            trainable_params=sum(p.numel() for p in self.params),
+            trainable_params=self._trained_count(),
             optimizer_state_bytes=optimizer_state_bytes(self.optimizer),
             grad_bytes=self.grad_bytes,
             unchanged=unchanged,

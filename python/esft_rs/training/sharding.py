@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -48,9 +49,10 @@ def shard(
         return_freed_memory()  # else glibc keeps the freed gathers of every layer resident
     mesh = place.mesh(device)
     layers = decoder_layers(model)
+    placement = _slices_on_dim_1(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     # Experts that get no token on a rank have no gradient there: reduce zeros for
     # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
     model.set_reduce_scatter_unused_params(True)
@@ -60,6 +62,24 @@ def shard(
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
         _overlap(model, layers, device, prefetch)
     return trainables
+
+
+def _slices_on_dim_1(model: torch.nn.Module) -> Any:
+    """FSDP2's placement per parameter: the trained slices of a fused experts tensor
+    [k, rows, cols] are split along their rows, not their k experts, so that every rank
+    holds an equal share of them (and of their AdamW state) even when the ranks outnumber
+    a layer's trained experts; everything else on dim 0."""
+    from torch.distributed.tensor import Shard
+
+    from esft_rs.training.freeze import FusedSlices
+
+    slices = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)
+              and m.slices.dim() >= 2}
+
+    def placement(param: torch.nn.Parameter) -> Shard | None:
+        return Shard(1) if id(param) in slices else None
+
+    return placement
 
 
 def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device,
