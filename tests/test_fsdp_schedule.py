@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import BUILTIN_EXPERTS
 from esft_rs.distributed import exit_process, leave_process_group
 from esft_rs.models import init_model, save_model
-from test_train_fsdp import BUILTIN_EXPERTS, GLOBAL, RUN, assert_same_adapter, train
+from test_train_fsdp import GLOBAL, RUN, assert_same_adapter, train
 from train_fakes import ddp_worker, plus_chat
 
 

@@ -46,7 +46,7 @@ def measure(root: Path, out: Path, world: int) -> list[dict[str, int]]:
     args = (root / "base", root / "task.jsonl", out / "run", root / "experts.json")
     kwargs = dict(steps=2, seq_length=32, per_device_batch_size=4 // world,
                   gradient_accumulation_steps=1, eval_steps=10**6, save_steps=10**6,
-                  val_ratio=0.0, gradient_checkpointing=False, device="cpu")
+                  val_ratio=0.0, gradient_checkpointing=False, device="cpu", parallelism="fsdp")
     out.mkdir()
     torch.multiprocessing.spawn(train_measured, args=(world, port, args, kwargs, str(out)),
                                 nprocs=world)

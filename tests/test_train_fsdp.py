@@ -31,7 +31,8 @@ from train_fakes import (
 #: global batch 8 = per-device batch x processes x 2 micro-steps, whatever the world size
 GLOBAL = 8
 RUN = dict(steps=3, seq_length=48, gradient_accumulation_steps=2, eval_steps=3, save_steps=3,
-           logging_steps=1, learning_rate=5e-3, gradient_checkpointing=False, device="cpu")
+           logging_steps=1, learning_rate=5e-3, gradient_checkpointing=False, device="cpu",
+           parallelism="fsdp")
 HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
 
 

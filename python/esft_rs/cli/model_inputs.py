@@ -32,11 +32,12 @@ def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def parallelism_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--parallelism``: how the model is spread over torchrun's processes (``load``)."""
     return click.option(
-        "--parallelism", type=click.Choice(["fsdp", "ddp", "ep"]), default="fsdp",
+        "--parallelism", type=click.Choice(["auto", "fsdp", "ddp", "ep"]), default="auto",
         show_default=True,
         help="Under torchrun: fsdp shards the model over the processes (FSDP2), for models"
         " larger than one device; ep gives each process its share of every MoE layer's"
-        " experts and sends tokens to them; ddp gives each process a whole copy.")(f)
+        " experts and sends tokens to them; ddp gives each process a whole copy; auto: ddp"
+        " when the weights fit one device, else ep (else fsdp).")(f)
 
 
 def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> torch.nn.Module:
@@ -44,9 +45,13 @@ def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> to
     sharded over the processes as training shards it, else whole in this process."""
     from esft_rs.models import load_model
     from esft_rs.training.expert_parallel import uses_ep
+    from esft_rs.training.parallelism import for_inference
     from esft_rs.training.sharded_load import load_expert_parallel, load_sharded
     from esft_rs.training.sharding import uses_fsdp
 
+    parallelism, why = for_inference(model, parallelism, place, device)
+    if why is not None and place.main:
+        click.echo(f"esft-rs: note: parallelism auto: {parallelism} ({why})", err=True)
     if uses_fsdp(parallelism, place.world):
         return load_sharded(model, place, device)
     if uses_ep(parallelism, place.world):

@@ -83,6 +83,7 @@ def train(
         resolve_experts,
     )
     from esft_rs.training.loop import Loop, global_batch_size
+    from esft_rs.training.parallelism import for_training
 
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
@@ -96,11 +97,15 @@ def train(
     cfg = _config(config, overrides)
     dev = device_for(device)
     with process_group(dev) as place:
-        fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
-        ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
+        if cfg.parallelism == "auto":
+            chosen = for_training(base if not isinstance(model, torch.nn.Module) else None,
+                                  expert_cfg, cfg, place, dev)
+            cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
+        fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
+        ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
         resume_from = _check_out_dir(out, resume)
         lazy = None  # under FSDP and EP the model is read shard by shard, after sharding
         if (fsdp or ep) and not isinstance(model, torch.nn.Module):

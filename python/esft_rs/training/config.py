@@ -18,13 +18,14 @@ from esft_rs.errors import InvalidFileError
 
 MODES = ("esft", "full", "random")
 SCHEDULERS = ("constant", "cosine")
-PARALLELISMS = ("fsdp", "ddp", "ep")
+PARALLELISMS = ("auto", "fsdp", "ddp", "ep")
 
 # Keys of the official base.yaml that have no meaning here: accepted, with a note why.
 IGNORED_KEYS = {
     "optim": "esft-rs always uses torch AdamW (fused on CUDA)",
     "n_device": "the number of processes comes from torchrun",
-    "ep_size": "experts are sharded with every other weight (parallelism: fsdp), not by expert",
+    "ep_size": "with parallelism: ep the experts are spread over all ranks (the official"
+               " expert-parallel group size is the world size)",
 }
 
 #: Largest seed: torch's generators take 64-bit seeds.
@@ -75,11 +76,12 @@ class TrainConfig:
                              "random: as many experts per layer as configured, chosen by seed.")
     lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
-    parallelism: str = _opt("fsdp", "Under torchrun: fsdp shards weights, gradients and optimizer"
+    parallelism: str = _opt("auto", "Under torchrun: fsdp shards weights, gradients and optimizer"
                                      " state over the processes (FSDP2); ep gives each process"
                                      " its share of every MoE layer's experts (tokens travel"
                                      " to them by all-to-all) and replicates the rest; ddp"
-                                     " replicates the model.")
+                                     " replicates the model; auto takes, of those that fit,"
+                                     " the one that moves the fewest bytes (esft-rs plan).")
     fsdp_prefetch: bool = _opt(
         True, "Under FSDP, gather each decoder layer while the one before computes: faster,"
         " and a rank holds two gathered layers at a time instead of one.")
