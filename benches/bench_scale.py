@@ -1,5 +1,6 @@
-"""Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against DDP, ESFT against
-full and against gradient masking, each beside ``esft_rs.plan``'s prediction.
+"""Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against expert parallelism
+and DDP, ESFT against full and against gradient masking, each beside ``esft_rs.plan``'s
+prediction.
 
 A random built-in MoE of about ``--gb`` GB of fp32 weights (made locally, per-expert
 tensors) is trained for a few steps with the same global batch in every setting, each
@@ -11,7 +12,7 @@ trainers use for ESFT: every weight gets a gradient and AdamW state (full mode),
 gradients of the weights ESFT would freeze are zeroed before each optimizer step.
 
     python benches/bench_scale.py [--gb 1.0] [--worlds 1 2 4] [--steps 4] [--seq 128]
-        [--micro-batch 1] [--modes esft masked full] [--parallelisms fsdp ddp fsdp0]
+        [--micro-batch 1] [--modes esft masked full] [--parallelisms fsdp ep ddp fsdp0]
         [--ddp-modes esft] [--phases]
 
 ``fsdp0`` is FSDP with FSDP2's own schedule in place of ours (``sharding._overlap`` off:
@@ -22,10 +23,13 @@ it runs, not one ahead (``fsdp_prefetch: false``), ``fsdp+libc`` keeps glibc's o
 threshold (``host_memory`` off); they combine (``fsdp+noprefetch+libc``).
 
 Prints one row per setting (measured / planned for the bytes of rank 0, the largest)
-and the ratios: per-rank weight bytes against total / N, step time against 1 process
-and against full's at the same world size, peak RSS above an idle process against the
+and the ratios, tokens per second (global batch tokens / median step) and the bytes
+rank 0 sent plus received per step at the collectives against the plan's ``comm_bytes``
+(not under DDP, whose reducer's all-reduce runs in C++); per-rank weight bytes against
+total / N, step time against 1 process and against full's at the same world size, peak RSS above an idle process against the
 plan's total (the plan counts training tensors only: weights, gradients, AdamW state,
-FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers).
+FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers); then
+EP against FSDP: bytes moved and tokens per second.
 With ``--phases`` each rank also samples its anonymous and file-backed memory
 (``memtrace``): their peaks above an idle process's, and a table of them per phase
 (model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
@@ -58,6 +62,10 @@ from timing import clean  # noqa: E402
 EXPERTS = 64
 MASKED_GRAD_BYTES = [0]  # gradient bytes at the optimizer step, the masked zeros included
 COMM = {"gather": 0, "scatter": 0, "gather_max": 0, "scatter_max": 0}  # FSDP's bytes, summed
+# bytes rank 0 sent plus received at every collective (all-gathers and reduce-scatters by
+# ring, all-reduces as a reduce-scatter and an all-gather; all-to-alls exactly, the part
+# it keeps aside), as esft_rs.plan counts comm_bytes
+MOVED = [0]
 
 
 def config(gb: float) -> object:
@@ -126,9 +134,13 @@ def mask_gradients(experts: Path) -> None:
 
 
 def count_collectives() -> None:
-    """Count the bytes of FSDP2's all-gathers (outputs) and reduce-scatters (inputs)."""
+    """Count the bytes of FSDP2's all-gathers (outputs) and reduce-scatters (inputs), and
+    what every collective moves (``MOVED``): EP's all-to-alls, the all-reduces."""
     import torch
     import torch.distributed as dist
+
+    world = dist.get_world_size()
+    away = (world - 1) / world
 
     def counting(fn: object, kind: str) -> object:
         def wrapped(*args: object, **kwargs: object) -> object:
@@ -137,8 +149,30 @@ def count_collectives() -> None:
             n = t.numel() * t.element_size()
             COMM[kind] += n
             COMM[f"{kind}_max"] = max(COMM[f"{kind}_max"], n)
+            MOVED[0] += int(2 * away * n)
             return fn(*args, **kwargs)  # type: ignore[operator]
         return wrapped
+
+    def all_to_all(fn: object) -> object:
+        def wrapped(output: torch.Tensor, input: torch.Tensor, output_split_sizes: object = None,
+                    input_split_sizes: object = None, *rest: object, **kw: object) -> object:
+            rank = dist.get_rank()
+            for t, splits in ((input, input_split_sizes), (output, output_split_sizes)):
+                row = t[0].numel() * t.element_size() if len(t) else 0
+                sizes = list(splits) if splits else [len(t) // world] * world  # type: ignore
+                MOVED[0] += row * (sum(sizes) - sizes[rank])
+            return fn(output, input, output_split_sizes, input_split_sizes,  # type: ignore
+                      *rest, **kw)
+        return wrapped
+
+    def all_reduce(fn: object) -> object:
+        def wrapped(t: torch.Tensor, *rest: object, **kw: object) -> object:
+            MOVED[0] += int(4 * away * t.numel() * t.element_size())
+            return fn(t, *rest, **kw)  # type: ignore[operator]
+        return wrapped
+
+    dist.all_to_all_single = all_to_all(dist.all_to_all_single)
+    dist.all_reduce = all_reduce(dist.all_reduce)
 
     from esft_rs.training.chunked_gather import ChunkedAllGather, InPlaceAllGather
 
@@ -238,6 +272,8 @@ def worker(args: argparse.Namespace) -> None:
         "phases": phases,
         # per optimizer step (the run's steps, all alike) and the plain rates, MiB/s
         **{f"{k}_mb_step": COMM[k] / 2**20 / args.steps for k in ("gather", "scatter")},
+        "moved_mb_step": MOVED[0] / 2**20 / args.steps,
+        "tokens_s": args.batch * args.seq / statistics.median(steps) if steps else None,
         **{f"{k}_rate": v for k, v in rates.items()},
     }))
     if world > 1:
@@ -296,6 +332,7 @@ def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
                 "full" if mode == "masked" else mode, nproc=world,
                 parallelism=parallelism.split("+")[0].rstrip("0"),
                 seq_length=args.seq, per_device_batch_size=micro(args, world),
+                gradient_accumulation_steps=args.batch // world // micro(args, world),
                 gradient_checkpointing=False,
                 device="cpu")
 
@@ -307,9 +344,9 @@ def floor_s(row: dict) -> float:
 
 
 def parallelism(text: str) -> str:
-    """A ``--parallelisms`` value: fsdp, ddp, fsdp0, or fsdp with variants (``fsdp+flat``)."""
+    """A ``--parallelisms`` value: fsdp, ddp, ep, fsdp0, or fsdp with variants (``fsdp+flat``)."""
     engine, *variants = text.split("+")
-    if engine not in ("fsdp", "ddp", "fsdp0") or (variants and engine != "fsdp") or not all(
+    if engine not in ("fsdp", "ddp", "ep", "fsdp0") or (variants and engine != "fsdp") or not all(
             v in ("flat", "libc", "noprefetch") for v in variants):
         raise argparse.ArgumentTypeError(f"unknown parallelism {text!r}")
     return text
@@ -322,7 +359,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["esft", "masked", "full"],
                         choices=["esft", "masked", "full"])
     parser.add_argument("--parallelisms", nargs="+", default=["fsdp", "ddp"],
-                        type=parallelism, help="fsdp, ddp, fsdp0 or fsdp+VARIANT (above)")
+                        type=parallelism, help="fsdp, ddp, ep, fsdp0 or fsdp+VARIANT (above)")
     parser.add_argument("--ddp-modes", nargs="+", default=["esft", "masked", "full"],
                         help="the modes run under DDP too (full and masked hold a whole"
                         " replica, its gradients and AdamW state on every rank)")
@@ -349,7 +386,8 @@ def main() -> None:
         print("bytes per rank (rank 0), MiB, measured / planned (ratio)")
         print(f"{'setting':<17} {'frozen':>17} {'trained':>19} {'grads':>19} {'AdamW':>19} "
               f"{'x total/N':>9} {'RSS-idle':>8} {'plan tot':>8} {'step s':>7} {'x 1 proc':>8} "
-              f"{'x full':>6} {'AG MiB':>7} {'RS MiB':>7} {'floor s':>7}", flush=True)
+              f"{'x full':>6} {'tok/s':>7} {'moved MiB/step':>19} {'AG MiB':>7} {'RS MiB':>7}"
+              f" {'floor s':>7}", flush=True)
 
         def pair(measured: float, plan_bytes: int) -> str:
             planned = plan_bytes / mib
@@ -357,6 +395,8 @@ def main() -> None:
             return f"{measured:>6.1f}/{planned:<6.1f}({ratio})"
 
         step_of: dict[tuple[str, int, str], float] = {}
+        moved_of: dict[tuple[str, int, str], float] = {}
+        tokens_of: dict[tuple[str, int, str], float] = {}
         adam_of: dict[tuple[str, int, str], float] = {}
         for mode in sorted(args.modes, key=["full", "esft", "masked"].index):
             for world in args.worlds:
@@ -378,15 +418,21 @@ def main() -> None:
                     rss = max(r["rss_mb"] for r in rows) - idle
                     name = f"{mode} {world}x{par if world > 1 else ''}"
                     name = name if len(name) <= 17 else f"{name}\n{'':<17}"
-                    moved = (f"{r0['gather_mb_step']:>7.0f} {r0['scatter_mb_step']:>7.0f} "
-                             f"{floor_s(r0):>7.2f}" if "gather_rate" in r0 else "")
+                    fsdp_io = (f"{r0['gather_mb_step']:>7.0f} {r0['scatter_mb_step']:>7.0f} "
+                               f"{floor_s(r0):>7.2f}" if "gather_rate" in r0 else "")
+                    moved_of[mode, world, par] = r0["moved_mb_step"]
+                    tokens_of[mode, world, par] = r0["tokens_s"]
+                    # DDP's all-reduce runs in its C++ reducer, which the count cannot see
+                    moved = (f"{'-':>19}" if par == "ddp" and world > 1 else
+                             pair(r0["moved_mb_step"], plan.comm_bytes))
                     print(f"{name:<17} {pair(r0['frozen_mb'], plan.frozen_bytes):>17} "
                           f"{pair(r0['trained_mb'], plan.master_bytes):>19} "
                           f"{pair(r0['grad_mb'], plan.grad_bytes):>19} "
                           f"{pair(r0['optimizer_mb'], plan.optimizer_bytes):>19} "
                           f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
                           f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
-                          f"{vs_full} {moved}", flush=True)
+                          f"{vs_full} {r0['tokens_s']:>7.0f} {moved:>19} {fsdp_io}",
+                          flush=True)
                     if args.phases:
                         anon, file = (max(max(p[k] for p in r["phases"]["phases"].values())
                                           for r in rows) / mib - idle_split[f"Rss{k.title()}"]
@@ -395,6 +441,14 @@ def main() -> None:
                               f" {file:.0f} MiB (the largest over the ranks); plan total"
                               f" {plan.total_bytes / mib:.0f} MiB; per phase, MiB:")
                         print(table([r["phases"] for r in rows]), flush=True)
+        print("EP against FSDP at the same setting: bytes moved per step, tokens/s (and"
+              " against 1 process)")
+        for (mode, world, par), moved in moved_of.items():
+            if par == "ep" and (mode, world, "fsdp") in moved_of and world > 1:
+                fsdp, one = (mode, world, "fsdp"), tokens_of.get((mode, 1, "fsdp"))
+                vs_one = f", {tokens_of[mode, world, par] / one:.2f}x 1 process" if one else ""
+                print(f"  {mode} {world}x: moved {moved / moved_of[fsdp]:.3f}x fsdp's, tokens/s"
+                      f" {tokens_of[mode, world, par] / tokens_of[fsdp]:.2f}x fsdp's{vs_one}")
         print("ESFT against the baselines at the same setting: AdamW bytes, step time")
         for (mode, world, par), step in step_of.items():
             for other in ("masked", "full"):
