@@ -26,10 +26,10 @@ Prints one row per setting (measured / planned for the bytes of rank 0, the larg
 and the ratios, tokens per second (global batch tokens / median step) and the bytes
 rank 0 sent plus received per step at the collectives against the plan's ``comm_bytes``
 (not under DDP, whose reducer's all-reduce runs in C++); per-rank weight bytes against
-total / N, step time against 1 process and against full's at the same world size, peak RSS above an idle process against the
-plan's total (the plan counts training tensors only: weights, gradients, AdamW state,
-FSDP's gathered layer and activations; RSS adds allocator slack and gloo's buffers); then
-EP against FSDP: bytes moved and tokens per second.
+total / N, step time against 1 process and against full's at the same world size, peak
+RSS above an idle process against the plan's total (the plan counts training tensors
+only: weights, gradients, AdamW state, FSDP's gathered layer and activations; RSS adds
+allocator slack and gloo's buffers); then EP against FSDP: bytes moved, tokens per second.
 With ``--phases`` each rank also samples its anonymous and file-backed memory
 (``memtrace``): their peaks above an idle process's, and a table of them per phase
 (model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
