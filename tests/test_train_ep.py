@@ -172,3 +172,92 @@ def test_ep_on_a_model_without_moe_layers(tmp_path: Path) -> None:
         " place; use fsdp or ddp" in r.stderr
     assert "esft_rs/" not in r.stderr  # no traceback of ours (torchrun prints its own)
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def _dispatch_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: experts 0 and 1 on rank 0, expert 2 on rank 1, which no token is
+    routed to; forward and backward through ``Dispatch`` must still complete on both."""
+    import os
+
+    import torch.distributed as dist
+
+    from esft_rs.training.expert_parallel import Dispatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    weights = torch.nn.Parameter(torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1 + rank), requires_grad=True)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1]])
+    mix = torch.full((6, 2), 0.5)
+    mine = [0, 1] if rank == 0 else [2]
+
+    def compute(rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        w = weights[torch.tensor(mine)[local]] if len(rows) else weights[:0]
+        return torch.einsum("ti,tio->to", rows, w) if len(rows) else rows * 0
+
+    y = Dispatch((0, 0, 1), rank, world, torch.device("cpu"))(x, ids, mix, compute)
+    y.square().sum().backward()
+    torch.save({"x_grad": x.grad, "w_grad": weights.grad, "y": y.detach()}, f"{out}{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_experts_get_no_token(tmp_path: Path) -> None:
+    """Rank 1 owns expert 2 and no token is routed to it: both ranks' forward and backward
+    complete (rank 1's all-to-alls send and receive nothing) and give one process's
+    outputs and gradients."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_dispatch_worker, args=(2, port, str(tmp_path / "r")), nprocs=2)
+    weights = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    w_grad = torch.zeros_like(weights)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1]])
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r{rank}.pt", weights_only=True)
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1 + rank),
+                        requires_grad=True)
+        w = weights.clone().requires_grad_()
+        y = 0.5 * torch.einsum("ti,tkio->tko", x, w[ids]).sum(1)
+        y.square().sum().backward()
+        torch.testing.assert_close(got["y"], y.detach())
+        torch.testing.assert_close(got["x_grad"], x.grad)
+        w_grad += w.grad
+        if rank == 1:
+            assert got["w_grad"] is None or not got["w_grad"][2].any()
+    owner0 = torch.load(tmp_path / "r0.pt", weights_only=True)["w_grad"]
+    torch.testing.assert_close(owner0[:2], w_grad[:2])  # the owner holds every rank's share
+
+
+def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -> None:
+    """The default under torchrun: the plan's choice for this host (CPU: its memory shared by
+    the ranks), said in one line and recorded in train_config.yaml."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from esft_rs.distributed import Dist
+    from esft_rs.plan import plan
+    from esft_rs.training.parallelism import device_memory
+
+    flags = ["--seq-length", "48", "--per-device-batch-size", "2",
+             "--gradient-accumulation-steps", "2", "--steps", "1", "--device", "cpu",
+             "--no-gradient-checkpointing"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "esft_rs", "train", str(builtin / "base"), str(builtin / "task.jsonl"),
+         "-e", str(builtin / "experts.json"), "--out", str(tmp_path / "run"), *flags],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stderr.splitlines() if "parallelism auto:" in line]
+    assert len(notes) == 1, r.stderr[-3000:]  # rank 0 alone says it
+    chosen = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["parallelism"]
+    assert notes[0].startswith(f"esft-rs: note: parallelism auto: {chosen} (")
+    budget = device_memory(torch.device("cpu"), Dist(0, 2))
+    want = plan(builtin / "base", BUILTIN_EXPERTS, nproc=2, seq_length=48,
+                per_device_batch_size=2, gradient_accumulation_steps=2,
+                gradient_checkpointing=False, gpu_memory=budget, device="cpu")
+    assert chosen == want.parallelism

@@ -18,11 +18,13 @@ The pieces, in the order a run uses them:
   transformers family's fused ``[E, ...]`` tensors shrink to the owned rows, and
   ``expert_rows`` tells the loader and the trainer which experts those rows are.
 - ``install``: the MoE layers' expert computation becomes ``Dispatch``: token rows go to
-  their owners by ``torch.distributed.nn.functional.all_to_all_single`` (differentiable:
-  its backward is the reverse all-to-all), the owner runs its experts (the family's own
-  experts forward, any implementation), and the results come back the same way.
+  their owners by all-to-all (``_AllToAll``, differentiable: its backward is the reverse
+  all-to-all), the owner runs its experts (the family's own experts forward, any
+  implementation), and the results come back the same way.
 - ``finish_grads`` / ``clip_grad_norm``: the gradient of one process with the same
   global batch, and its norm.
+- ``adapter_tensors`` / ``state_dict``: the adapter in one process's naming and order,
+  and checkpoints keyed by expert, not by rank (any world size resumes them).
 """
 
 from __future__ import annotations
@@ -134,8 +136,6 @@ class Dispatch:
             for i, e in enumerate(e for e, o in enumerate(owners) if o == r):
                 local[e] = i
         self.local = torch.tensor(local, dtype=torch.long, device=device)
-        # send/receive counts of the last forward, in elements: what a bench counts
-        self.moved = 0
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -159,7 +159,6 @@ class Dispatch:
         if out.dtype != got.dtype:
             out = out.to(got.dtype)
         back = _AllToAll.apply(out, send_sizes, recv_sizes)
-        self.moved += (sum(send_sizes) + sum(recv_sizes)) * 2 * x.shape[-1] * x.element_size()
         slots = back[torch.argsort(order)]
         return (slots.view(tokens, k, -1) * weights.unsqueeze(-1).to(slots.dtype)).sum(dim=1)
 
@@ -196,10 +195,8 @@ def install(model: torch.nn.Module, place: Dist, device: torch.device) -> None:
     placement = placement_of(model)
     if placement is None:
         raise RuntimeError("install: the model was not localized")
-    model._esft_dispatch = []
     for layer, block in moe_blocks(model).items():
         dispatch = Dispatch(placement.owners[layer], place.rank, place.world, device)
-        model._esft_dispatch.append(dispatch)
         experts = block.experts
         if isinstance(experts, torch.nn.ModuleList):
             block.routed = types.MethodType(_routed_builtin(dispatch), block)
@@ -213,11 +210,6 @@ def install(model: torch.nn.Module, place: Dist, device: torch.device) -> None:
     layers = decoder_layers(model)
     if layers:
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
-
-
-def dispatchers(model: torch.nn.Module) -> list[Dispatch]:
-    """The model's ``Dispatch`` per MoE layer (each counts the bytes it moves)."""
-    return list(getattr(model, "_esft_dispatch", []))
 
 
 def _connected(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -44,14 +44,18 @@ def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | N
         return cfg.parallelism if cfg.parallelism != "auto" else "fsdp"
     if model is None:
         return _say(place, "fsdp", "an in-memory model has no checkpoint to plan from")
+    from esft_rs.errors import EsftError
     from esft_rs.plan import plan
 
-    result = plan(model, experts, cfg.mode, nproc=place.world, parallelism="auto",
-                  seq_length=cfg.seq_length, per_device_batch_size=cfg.per_device_batch_size,
-                  gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                  gradient_checkpointing=cfg.gradient_checkpointing,
-                  fsdp_prefetch=cfg.fsdp_prefetch, gpu_memory=device_memory(device, place),
-                  device=device.type)
+    try:
+        result = plan(model, experts, cfg.mode, nproc=place.world, parallelism="auto",
+                      seq_length=cfg.seq_length, per_device_batch_size=cfg.per_device_batch_size,
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      gradient_checkpointing=cfg.gradient_checkpointing,
+                      fsdp_prefetch=cfg.fsdp_prefetch, gpu_memory=device_memory(device, place),
+                      device=device.type)
+    except EsftError as e:  # the run itself names what is wrong with its inputs
+        return _say(place, "fsdp", f"no plan: {e}")
     return _say(place, result.parallelism, _trade(result.options, result.parallelism))
 
 

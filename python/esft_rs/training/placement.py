@@ -3,7 +3,6 @@ and the trainer share it)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +17,6 @@ class Placement:
 
     def experts_of(self, layer: int, rank: int) -> list[int]:
         return [e for e, r in enumerate(self.owners[layer]) if r == rank]
-
-    def to_json(self) -> str:
-        return json.dumps({"world": self.world,
-                           "owners": {str(k): list(v) for k, v in self.owners.items()}})
-
-    @classmethod
-    def from_json(cls, text: str) -> Placement:
-        raw = json.loads(text)
-        return cls(int(raw["world"]),
-                   {int(k): tuple(int(r) for r in v) for k, v in raw["owners"].items()})
 
     def describe(self, trained: Mapping[int, list[int]]) -> dict[str, Any]:
         """What each rank holds: experts and trained experts in all (for the run directory)."""
