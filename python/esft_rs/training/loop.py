@@ -3,13 +3,14 @@
 AdamW (no decay on 1-D tensors), warm-up then constant or cosine LR, gradient
 accumulation, grad-norm clipping, bf16 autocast on CUDA, eval on a held-out
 split keeping the best weights, resumable checkpoints, and under torchrun a
-model sharded by FSDP2 (``esft_rs.training.sharding``) or replicated by DDP.
+model sharded by FSDP2 (``esft_rs.training.sharding``), with its experts spread over the
+ranks (``esft_rs.training.expert_parallel``) or replicated by DDP.
 
 The loss of a step is the mean over all label tokens of the global batch
 (every micro-step on every process): each process backpropagates its token-loss
 sum divided by the global token count (times the world size, which the
-gradient averaging of DDP and FSDP divides out), so 1 process and N processes with the same
-global batch compute the same gradient.
+gradient averaging of DDP and FSDP, and EP's ``finish_grads``, divides out), so 1
+process and N processes with the same global batch compute the same gradient.
 """
 
 from __future__ import annotations
