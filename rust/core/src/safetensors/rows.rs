@@ -38,7 +38,9 @@ impl FileReader {
                 let end = offset.saturating_add(out.len() as u64);
                 Error::invalid(
                     &self.path,
-                    format!("ends before byte {end} (truncated, or changed since it was inspected)"),
+                    format!(
+                        "ends before byte {end} (truncated, or changed since it was inspected)"
+                    ),
                 )
             } else {
                 Error::io(&self.path, e)
@@ -65,7 +67,9 @@ mod tests {
         assert_eq!(r.read_into(7, &mut []).unwrap(), 0);
         let e = r.read_into(95, &mut out).unwrap_err().to_string();
         assert!(e.contains("f: ends before byte 105"), "{e}");
-        let missing = FileReader::open(&dir.path().join("g")).err().map(|e| e.to_string());
+        let missing = FileReader::open(&dir.path().join("g"))
+            .err()
+            .map(|e| e.to_string());
         assert!(missing.is_some_and(|e| e.contains("g: ")));
         assert!(FileReader::open(dir.path()).is_err());
     }

@@ -45,8 +45,8 @@ pub fn layout(tensors: &[TensorSpec]) -> Result<Vec<NewTensor>> {
         if t.name == "__metadata__" || !seen.insert(t.name.as_str()) {
             return Err(Error::Value(format!("{}: given twice or reserved", t.name)));
         }
-        let nbytes = tensor_nbytes(&t.name, t.dtype, &t.shape)
-            .map_err(|e| Error::Value(e.to_string()))?;
+        let nbytes =
+            tensor_nbytes(&t.name, t.dtype, &t.shape).map_err(|e| Error::Value(e.to_string()))?;
         out.push(NewTensor {
             name: t.name.clone(),
             dtype: t.dtype,
@@ -80,7 +80,10 @@ impl StreamWriter {
         let mut md = metadata.to_vec();
         md.sort();
         if let Some(w) = md.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(Error::Value(format!("metadata key {:?} given twice", w[0].0)));
+            return Err(Error::Value(format!(
+                "metadata key {:?} given twice",
+                w[0].0
+            )));
         }
         let (header, offsets) = header_bytes(&laid, &md);
         let staged = Staged::new(target, false)?;
@@ -91,7 +94,10 @@ impl StreamWriter {
             .create_new(true)
             .open(staged.path())
             .map_err(err)?;
-        let total = offsets.last().zip(laid.last()).map_or(header.len() as u64, |(o, t)| o + t.nbytes);
+        let total = offsets
+            .last()
+            .zip(laid.last())
+            .map_or(header.len() as u64, |(o, t)| o + t.nbytes);
         preallocate(&file, target, total)?;
         write_all_at(&file, &header, 0).map_err(err)?;
         let slots: HashMap<String, Slot> = laid
@@ -163,7 +169,12 @@ impl StreamWriter {
                 names[..names.len().min(3)].join(", ")
             )));
         }
-        let StreamWriter { file, staged, target, .. } = self;
+        let StreamWriter {
+            file,
+            staged,
+            target,
+            ..
+        } = self;
         file.sync_data().map_err(|e| Error::io(&target, e))?;
         drop(file);
         staged.commit(overwrite, &[])
@@ -193,7 +204,10 @@ mod tests {
             spec("c", Dtype::F32, &[1]),
             spec("z", Dtype::BOOL, &[0]),
         ];
-        let md = [("z".to_string(), "1".to_string()), ("format".into(), "pt".into())];
+        let md = [
+            ("z".to_string(), "1".to_string()),
+            ("format".into(), "pt".into()),
+        ];
         let mut w = StreamWriter::create(&target, &specs, &md).unwrap();
         assert!(!target.exists());
         w.write("a", Dtype::BF16, &[1, 2, 3, 4, 5, 6]).unwrap();
@@ -204,10 +218,16 @@ mod tests {
         let f = SafetensorsFile::open(&target).unwrap();
         let names: Vec<&str> = f.header.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["b", "c", "a", "z"]);
-        assert_eq!(f.read_tensor(f.tensor("a").unwrap()).unwrap(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            f.read_tensor(f.tensor("a").unwrap()).unwrap(),
+            [1, 2, 3, 4, 5, 6]
+        );
         assert_eq!(f.read_tensor(f.tensor("c").unwrap()).unwrap(), [9; 4]);
         let text = String::from_utf8_lossy(f.header_bytes()).into_owned();
-        assert!(text.contains(r#"{"__metadata__":{"format":"pt","z":"1"},"b":"#), "{text}");
+        assert!(
+            text.contains(r#"{"__metadata__":{"format":"pt","z":"1"},"b":"#),
+            "{text}"
+        );
         assert_eq!(dir.path().read_dir().unwrap().count(), 1);
     }
 
@@ -240,9 +260,15 @@ mod tests {
         let target = dir.path().join("a.safetensors");
         let empty = StreamWriter::create(&target, &[], &[]).unwrap();
         empty.finish(false).unwrap();
-        assert_eq!(std::fs::read(&target).unwrap(), b"\x08\0\0\0\0\0\0\0{}      ");
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"\x08\0\0\0\0\0\0\0{}      "
+        );
         let again = StreamWriter::create(&target, &[], &[]).unwrap();
         assert!(again.finish(false).is_err());
-        StreamWriter::create(&target, &[], &[]).unwrap().finish(true).unwrap();
+        StreamWriter::create(&target, &[], &[])
+            .unwrap()
+            .finish(true)
+            .unwrap();
     }
 }
