@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 
-.PHONY: setup test test-hf-floor demo docs wheel-check bench fuzz clean
+.PHONY: setup test test-fast test-hf-floor demo docs wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -39,6 +39,12 @@ test: setup
 	$(VENV)/bin/ruff check python tests benches
 	@$(MAKE) --no-print-directory test-hf-floor
 	$(PY) -m pytest  # last, so that its summary closes the output
+
+# The edit loop: the Rust unit tests and pytest without the tests that start several
+# ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
+test-fast: setup
+	cargo test --workspace --quiet
+	$(PY) -m pytest -m "not multiprocess and not demo"
 
 # The transformers tests again on the oldest transformers the `hf` extra allows
 # (pyproject.toml; the lock holds the newest). Same packages otherwise, linked from

@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test may reach the Hugging Face Hub: tiny models are built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,14 @@ def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess[s
     if check and proc.returncode != 0:
         raise AssertionError(f"esft-rs {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the rendezvous (``MASTER_PORT``) of a job whose
+    ranks a test spawns. The one copy of this snippet."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture

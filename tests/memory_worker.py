@@ -38,6 +38,7 @@ def train_measured(rank: int, world: int, port: int, args: tuple, kwargs: dict,
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import esft_rs
+    from esft_rs.distributed import exit_process
     from esft_rs.models.config import PRESETS
     from esft_rs.models.reference import ReferenceMoE
     from esft_rs.training import sharded_load
@@ -69,6 +70,7 @@ def train_measured(rank: int, world: int, port: int, args: tuple, kwargs: dict,
     report["frozen"] = result.fit.rank_bytes["frozen"]
     report["trained"] = result.fit.rank_bytes["trained"]
     Path(out, f"rank-{rank}.json").write_text(json.dumps(report))
+    exit_process(0)  # past the interpreter's teardown, where gloo may abort a rank
 
 
 def load_measured(directory: str, dtype: str) -> None:

@@ -22,7 +22,7 @@ def check_shards(rank: int, world: int, port: int, cases: list[tuple[str, str]],
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from esft_rs.distributed import process_group
+    from esft_rs.distributed import exit_process, process_group
     from esft_rs.models import load_model
     from esft_rs.training import sharded_load
 
@@ -62,3 +62,4 @@ def check_shards(rank: int, world: int, port: int, cases: list[tuple[str, str]],
             assert torch.equal(got, want), f"{directory}: logits {(got - want).abs().max()}"
             result[directory] = reads[-1]
     Path(out, f"rank-{rank}.json").write_text(json.dumps(result))
+    exit_process(0)  # past the interpreter's teardown, where gloo may abort a rank

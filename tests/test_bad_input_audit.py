@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import esft_rs
-from conftest import CLI, run_cli
+from conftest import CLI, free_port, run_cli
 from esft_rs.errors import InvalidFileError
 from esft_rs.models import init_model, load_model, save_model
 from train_fakes import plus_chat
@@ -340,12 +340,10 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
     """4 steps of FakeMoE training the one expert per layer that a sequence of token 5 never
     reaches, on 8 rows of which the first ``reaching_rows`` are varied (global batch 4:
     1 row per process and micro-step at 2 processes); the metrics of each step."""
-    import socket
-
     import torch
 
     from esft_rs.expert_config import ExpertConfig
-    from train_fakes import FakeMoE, constant_routes, ddp_worker, fake_data
+    from train_fakes import FakeMoE, constant_routes, ddp_rank, fake_data
 
     missed = {layer: min(set(range(4)) - used)
               for layer, used in constant_routes(FakeMoE(), 5).items()}
@@ -361,13 +359,12 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
     if world == 1:
         esft_rs.train(*args, progress=False, **kw)
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.multiprocessing.spawn(ddp_worker, args=(world, port, args, kw), nprocs=world)
+        port = free_port()
+        torch.multiprocessing.spawn(ddp_rank, args=(world, port, args, kw), nprocs=world)
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("reaching_rows", [2, 0])
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_torchrun_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path, parallelism: str,

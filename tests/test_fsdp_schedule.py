@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import weakref
 from pathlib import Path
 
@@ -15,17 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BUILTIN_EXPERTS
+from conftest import BUILTIN_EXPERTS, free_port
 from esft_rs.distributed import exit_process, leave_process_group
 from esft_rs.models import init_model, save_model
 from test_train_fsdp import GLOBAL, RUN, assert_same_adapter, train
-from train_fakes import ddp_worker, plus_chat
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from train_fakes import ddp_rank, ddp_worker, plus_chat
 
 
 def gather_worker(rank: int, world: int, port: int) -> None:
@@ -50,11 +43,13 @@ def gather_worker(rank: int, world: int, port: int) -> None:
                 assert isinstance(work, dist.Work)  # FSDP2 waits only on a Work
                 work.wait()
             assert torch.equal(out, expected), (dtype, n, async_op)
-    dist.destroy_process_group()
+    leave_process_group()  # not a bare destroy: a peer may still be in the last gather
+    exit_process(0)
 
 
+@pytest.mark.multiprocess
 def test_pieces_gather_what_one_all_gather_does() -> None:
-    torch.multiprocessing.spawn(gather_worker, args=(3, _port()), nprocs=3)
+    torch.multiprocessing.spawn(gather_worker, args=(3, free_port()), nprocs=3)
 
 
 def in_place_worker(rank: int, world: int, port: int) -> None:
@@ -88,19 +83,21 @@ def in_place_worker(rank: int, world: int, port: int) -> None:
     exit_process(0)  # gloo may abort a rank in the interpreter's teardown
 
 
+@pytest.mark.multiprocess
 def test_in_place_gather_gives_each_parameter_its_values() -> None:
     """Unevenly sharded parameters (padded shards), mixed dtypes (gathered as bytes) and
     pieces that span parameters: each unsharded parameter is the one process's."""
-    torch.multiprocessing.spawn(in_place_worker, args=(3, _port()), nprocs=3)
+    torch.multiprocessing.spawn(in_place_worker, args=(3, free_port()), nprocs=3)
 
 
 def small_pieces_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
     from esft_rs.training import chunked_gather
 
     chunked_gather.CHUNK = 100_000  # each layer of the tiny model (~1 MB) in 11 uneven pieces
-    ddp_worker(rank, world, port, args, kwargs)
+    ddp_rank(rank, world, port, args, kwargs)
 
 
+@pytest.mark.multiprocess
 def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
     save_model(init_model("tiny", seed=0), tmp_path / "base")
     (tmp_path / "task.jsonl").write_text(plus_chat(10, 4))
@@ -109,7 +106,7 @@ def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
     many = tmp_path / "many"
     args = (tmp_path / "base", tmp_path / "task.jsonl", many, tmp_path / "experts.json")
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4}
-    torch.multiprocessing.spawn(small_pieces_worker, args=(2, _port(), args, kwargs), nprocs=2)
+    torch.multiprocessing.spawn(small_pieces_worker, args=(2, free_port(), args, kwargs), nprocs=2)
     assert_same_adapter(one, many)
 
 
@@ -159,6 +156,7 @@ def gathered_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict,
     exit_process(0)  # gloo may abort a rank in the interpreter's teardown
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
     """Without prefetch a rank holds the root and one gathered decoder layer at a time,
@@ -172,7 +170,7 @@ def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4, "eval_steps": 10**6,
               "save_steps": 10**6, "fsdp_prefetch": prefetch}
     torch.multiprocessing.spawn(gathered_worker, nprocs=2,
-                                args=(2, _port(), args, kwargs, str(tmp_path)))
+                                args=(2, free_port(), args, kwargs, str(tmp_path)))
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         root = got["sizes"].pop("")

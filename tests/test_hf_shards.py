@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import esft_rs
+from conftest import free_port
 from esft_rs.errors import InvalidFileError
 from esft_rs.testing import dequantize_fp8_blocks
 
@@ -26,12 +26,6 @@ from shard_worker import check_shards  # noqa: E402
 from test_hf_families import fp8_copy  # noqa: E402
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fused_on_disk(family: str, out: Path) -> Path:
@@ -80,6 +74,7 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pat
     return out
 
 
+@pytest.mark.multiprocess
 def test_each_rank_holds_and_reads_only_its_shards(
     cases: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
@@ -177,6 +172,7 @@ def test_unsupported_inputs_are_refused(cases: dict[str, tuple[Path, Path]],
         meta_model(other)
 
 
+@pytest.mark.multiprocess
 def test_cli_under_torchrun_refuses_in_one_line(cases: dict[str, tuple[Path, Path]],
                                                 tmp_path: Path) -> None:
     """``esft-rs profile`` on 2 ranks (the environment torchrun gives each): a tensor missing

@@ -94,6 +94,7 @@ def test_router_shape_mismatch_is_reported():
     assert all(not m._forward_hooks for m in model.routers().values())
 
 
+@pytest.mark.multiprocess
 def test_two_processes_give_the_counts_of_one(tmp_path):
     """torchrun, 2 ranks on CPU (gloo): each profiles half the batches; all-reduced."""
     out = tmp_path / "dist.safetensors"

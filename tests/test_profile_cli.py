@@ -180,6 +180,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, model_dir, data):
     assert RoutingStats.load(out).tokens[0] == int(packed_rows(data)[1].sum())
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("parallelism", "world"), [("fsdp", 2), ("ddp", 2), ("fsdp", 3),
                                                     ("ep", 3)])
 def test_torchrun_gives_the_counts_of_one_process(tmp_path, capsys, model_dir, data,

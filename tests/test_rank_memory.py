@@ -4,7 +4,6 @@ the checkpoint is read shard by shard, no rank maps or holds the whole of it."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import esft_rs
+from conftest import free_port
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.models.config import PRESETS
@@ -40,9 +40,7 @@ def many_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def measure(root: Path, out: Path, world: int) -> list[dict[str, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = (root / "base", root / "task.jsonl", out / "run", root / "experts.json")
     kwargs = dict(steps=2, seq_length=32, per_device_batch_size=4 // world,
                   gradient_accumulation_steps=1, eval_steps=10**6, save_steps=10**6,
@@ -53,6 +51,7 @@ def measure(root: Path, out: Path, world: int) -> list[dict[str, int]]:
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
 
 
+@pytest.mark.multiprocess
 def test_rank_memory_falls_with_world_size(many_layers: Path, tmp_path: Path) -> None:
     """At 2 and 4 ranks: each rank reads its own rows of the checkpoint and no others,
     loading leaves its shard resident and no page of the file, and its peak resident

@@ -100,6 +100,8 @@ def test_report_values_have_the_stub_types(tmp_path: Path, single_ckpt: Path) ->
         split.tensors[0],
         esft_rs.read_adapter(tmp_path / "ad.safetensors"),
         _core.Staging(tmp_path / "staged.json"),
+        _core.FileReader(next(single_ckpt.glob("*.safetensors"))),  # no properties
+        _core.SafetensorsWriter(tmp_path / "written.safetensors", []),
     ]
     namespace = {**vars(_core), "Any": Any, "ExpertConfig": ExpertConfig, "Path": Path}
     properties = _stub_properties()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BUILTIN_EXPERTS
+from conftest import BUILTIN_EXPERTS, free_port
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
 from test_train_fsdp import HF_EXPERTS, adam_state, assert_same_adapter, train
@@ -76,6 +76,7 @@ def ep_adam_state(out: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
     return out_state
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: int) -> None:
     one = train(builtin, tmp_path / "one", 1)
@@ -87,6 +88,7 @@ def test_ep_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: int
     assert sum(trained) == BUILTIN_EXPERTS.num_experts and max(trained) - min(trained) <= 1
 
 
+@pytest.mark.multiprocess
 def test_ep_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path) -> None:
     """--mode full: experts and the replicated rest (attention, norms, embeddings) alike."""
     kw = {"mode": "full", "steps": 2, "eval_steps": 100, "save_steps": 2}
@@ -99,6 +101,7 @@ def test_ep_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.multiprocess
 def test_ep_resume_on_another_world_size(builtin: Path, tmp_path: Path) -> None:
     """A checkpoint of 2 EP ranks resumes on 2 with the uninterrupted losses exactly, and on
     4 within float tolerance: its keys name experts, not ranks."""
@@ -116,6 +119,7 @@ def test_ep_resume_on_another_world_size(builtin: Path, tmp_path: Path) -> None:
     assert_same_adapter(whole, in_four)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("family", "world"), [("qwen3_moe", 2), ("deepseek_v2", 2),
                                               ("deepseek_v2", 4)])
 def test_ep_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:
@@ -134,6 +138,7 @@ def test_ep_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> No
     assert_same_state(adam_state(one, 3), ep_adam_state(many, 3))
 
 
+@pytest.mark.multiprocess
 def test_ep_more_ranks_than_experts_and_uneven(tmp_path: Path) -> None:
     """6 experts on 4 ranks (two own 2, two own 1), and 2 experts on 4 ranks (two own none):
     both train as one process does."""
@@ -151,6 +156,7 @@ def test_ep_more_ranks_than_experts_and_uneven(tmp_path: Path) -> None:
         assert_same_adapter(one, many)
 
 
+@pytest.mark.multiprocess
 def test_ep_on_a_model_without_moe_layers(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -181,6 +187,7 @@ def _dispatch_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
+    from esft_rs.distributed import exit_process, leave_process_group
     from esft_rs.training.expert_parallel import Dispatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -198,20 +205,17 @@ def _dispatch_worker(rank: int, world: int, port: int, out: str) -> None:
     y = Dispatch((0, 0, 1), rank, world, torch.device("cpu"))(x, ids, mix, compute)
     y.square().sum().backward()
     torch.save({"x_grad": x.grad, "w_grad": weights.grad, "y": y.detach()}, f"{out}{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
+    exit_process(0)
 
 
+@pytest.mark.multiprocess
 def test_a_rank_whose_experts_get_no_token(tmp_path: Path) -> None:
     """Rank 1 owns expert 2 and no token is routed to it: both ranks' forward and backward
     complete (rank 1's all-to-alls send and receive nothing) and give one process's
     outputs and gradients."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_dispatch_worker, args=(2, port, str(tmp_path / "r")), nprocs=2)
+    torch.multiprocessing.spawn(_dispatch_worker, args=(2, free_port(), str(tmp_path / "r")),
+                                nprocs=2)
     weights = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
     w_grad = torch.zeros_like(weights)
     ids = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [0, 1]])
@@ -231,6 +235,7 @@ def test_a_rank_whose_experts_get_no_token(tmp_path: Path) -> None:
     torch.testing.assert_close(owner0[:2], w_grad[:2])  # the owner holds every rank's share
 
 
+@pytest.mark.multiprocess
 def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -> None:
     """The default under torchrun: the plan's choice for this host (CPU: its memory shared by
     the ranks), said in one line and recorded in train_config.yaml."""

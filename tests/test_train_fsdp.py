@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import esft_rs
+from conftest import free_port
 from esft_rs.expert_config import ExpertConfig
 from train_fakes import (
     FakeMoE,
     checkpoint_state,
     constant_routes,
-    ddp_worker,
+    ddp_rank,
     fsdp_grads_worker,
     plus_chat,
     stop_after_2,
@@ -37,10 +37,8 @@ HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
 
 
 def spawn(world: int, args: tuple, kwargs: dict) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_worker, args=(world, port, args, kwargs), nprocs=world)
+    port = free_port()
+    torch.multiprocessing.spawn(ddp_rank, args=(world, port, args, kwargs), nprocs=world)
 
 
 def train(root: Path, out: Path, world: int, **kw: object) -> Path:
@@ -79,6 +77,7 @@ def adam_state(out: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {k: torch.as_tensor(v) for k, v in s.items()} for name, s in state.items()}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
 def test_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path,
                                                 parallelism: str) -> None:
@@ -110,6 +109,7 @@ def test_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path,
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: int) -> None:
     one = train(builtin, tmp_path / "one", 1)
@@ -132,6 +132,7 @@ def test_fsdp_equals_one_process_builtin(builtin: Path, tmp_path: Path, world: i
         assert per_rank[0][key] / world <= per_rank[1][key] <= per_rank[0][key] / world + 2 * row
 
 
+@pytest.mark.multiprocess
 def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Path) -> None:
     """Resumed on 2 ranks: the losses of the uninterrupted run, exactly. The same
     checkpoint resumed in 1 process (the same global batch): equal within float tolerance."""
@@ -152,6 +153,7 @@ def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Pat
     assert state["world"] == 1
 
 
+@pytest.mark.multiprocess
 def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
     """Rank 1's tokens reach none of the trained experts: its backward still passes every
     layer with rank 0's (FSDP gathers layer by layer), and the gradients are one process's."""
@@ -161,9 +163,7 @@ def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
     missed = {layer: min(set(range(4)) - used) for layer, used in
               constant_routes(FakeMoE(), 5).items()}
     experts = {layer: [e] for layer, e in missed.items()}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "grads.pt"
     torch.multiprocessing.spawn(fsdp_grads_worker, args=(2, port, experts, str(out)), nprocs=2)
     model = FakeMoE()
@@ -178,6 +178,7 @@ def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("family", "world"), [("qwen3_moe", 2), ("mixtral", 2),
                                               ("deepseek_v2", 2), ("qwen3_moe", 4)])
 def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import esft_rs
-from conftest import run_cli
+from conftest import free_port, run_cli
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
 from test_train_config import OFFICIAL_BASE
-from train_fakes import ddp_worker, plus_chat
+from train_fakes import ddp_rank, plus_chat
 
 EXPERTS = {"experts": {"1": [0, 5], "2": [3], "3": [7, 8, 9]},
            "shared_experts": False, "non_expert_modules": False}
@@ -95,6 +94,7 @@ def test_gradient_checkpointing_changes_nothing(files: dict[str, Path], tmp_path
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None:
     """Same global batch (4 sequences x 2 micro-steps) on 1 process and on 2 (gloo, DDP;
     FSDP: test_train_fsdp.py)."""
@@ -103,12 +103,10 @@ def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None
               learning_rate=1e-3, device="cpu")
     args = (files["base"], files["data"])
     one = esft_rs.train(*args, tmp_path / "one", per_device_batch_size=4, progress=False, **kw)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     two = tmp_path / "two"
     torch.multiprocessing.spawn(
-        ddp_worker, args=(2, port, (*args, two), dict(per_device_batch_size=2, **kw)), nprocs=2)
+        ddp_rank, args=(2, port, (*args, two), dict(per_device_batch_size=2, **kw)), nprocs=2)
     a, b = load_file(one.adapter), load_file(two / "adapter.safetensors")
     assert set(a) == set(b) == expert_tensors(EXPERTS)
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

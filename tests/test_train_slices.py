@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from conftest import free_port
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.api import enable_checkpointing
 from esft_rs.training.freeze import FusedSlices, freeze
@@ -248,16 +249,13 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
     exit_process(0)
 
 
+@pytest.mark.multiprocess
 def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
     """FSDP2 wraps the re-parametrised experts as they are: the slices are sharded like
     any parameter, ``Trainable.param`` follows them, and gradients equal the reference."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_fsdp_rank, args=(2, port), nprocs=2, join=True)
 
 

@@ -163,6 +163,15 @@ def ddp_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> N
     esft_rs.train(*args, progress=False, **kwargs)
 
 
+def ddp_rank(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
+    """``ddp_worker`` as a whole spawned process: it exits past the interpreter's teardown
+    (``exit_process``), where gloo may abort a rank."""
+    from esft_rs.distributed import exit_process
+
+    ddp_worker(rank, world, port, args, kwargs)
+    exit_process(0)
+
+
 def saved_bytes(model: nn.Module, step: Callable[[], None]) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``step`` runs
     (a forward and backward), other than the model's own parameters and buffers.

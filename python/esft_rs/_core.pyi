@@ -5,21 +5,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, final
 
+import numpy as np
+import numpy.typing as npt
+
 from esft_rs.expert_config import ExpertConfig
 
 __all__ = [
     "ADAPTER_KEYS",
+    "DTYPE_BITS",
     "MAX_EXPERTS",
     "STAGING_MARK",
     "AdapterInfo",
     "AdapterSummary",
     "Extracted",
     "FP8Info",
+    "FileReader",
     "Inspection",
     "MergeReport",
     "MoEInfo",
     "MoELayer",
     "Replacement",
+    "SafetensorsWriter",
     "SplitReport",
     "Staging",
     "TensorInfo",
@@ -337,3 +343,24 @@ class Staging:
     def discard(self) -> None: ...
 
 def commit_together(items: list[tuple[Staging, bool, list[str]]]) -> None: ...
+
+# --- checkpoint bytes: rows read by offset, files written one tensor at a time ---
+DTYPE_BITS: dict[str, int]
+
+@final
+class FileReader:
+    def __new__(cls, path: str | os.PathLike[str]) -> FileReader: ...
+    def read_into(self, offset: int, out: npt.NDArray[np.uint8]) -> int: ...
+    def close(self) -> None: ...
+
+@final
+class SafetensorsWriter:
+    def __new__(
+        cls,
+        target: str | os.PathLike[str],
+        tensors: list[tuple[str, str, list[int]]],
+        metadata: list[tuple[str, str]] = ...,
+    ) -> SafetensorsWriter: ...
+    def write(self, name: str, dtype_name: str, data: npt.NDArray[np.uint8]) -> None: ...
+    def commit(self, overwrite: bool) -> None: ...
+    def discard(self) -> None: ...

@@ -24,6 +24,8 @@ from esft_rs.expert_config import ExpertConfig
 if TYPE_CHECKING:
     import torch
 
+    from esft_rs.tensor_stream import Layout
+
 ADAPTER_KEYS: dict[str, str] = dict(_core.ADAPTER_KEYS)
 KEY_EXPERT_CONFIG = ADAPTER_KEYS["expert_config"]
 KEY_BASE_FINGERPRINT = ADAPTER_KEYS["base_fingerprint"]
@@ -75,14 +77,14 @@ def save_adapter(
     checkpoint. The file is written under a temporary name and renamed into place
     (``esft_rs.outputs``), so ``path`` never holds a partial adapter.
     """
-    from esft_rs.outputs import save_tensors
+    from esft_rs.tensor_stream import write_tensors
 
     tensors = _tensor_dict(tensors)
     expert_config = _expert_config(expert_config)
     if base_fingerprint is None and base is not None:
         base_fingerprint = fingerprint(base)
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
-    return save_tensors(tensors, path, metadata)
+    return write_tensors(path, tensors, metadata)
 
 
 def stream_adapter(
@@ -90,15 +92,17 @@ def stream_adapter(
     path: str | os.PathLike[str],
     expert_config: ExpertConfig,
     *,
+    layout: Layout,
     base_fingerprint: str | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """``save_adapter`` of (name, tensor) pairs that arrive one at a time, none of them
-    kept once written (``esft_rs.tensor_stream``): a trainer's gathered tensors."""
+    kept once written (``esft_rs.tensor_stream``): a trainer's gathered tensors.
+    ``layout``: (name, dtype, shape) of every tensor, known before the first arrives."""
     from esft_rs.tensor_stream import tensor_stream
 
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
-    with tensor_stream(path, metadata) as out:
+    with tensor_stream(path, layout, metadata) as out:
         for name, tensor in tensors:
             out.add(name, tensor)
             del tensor  # before the next one is made

@@ -179,13 +179,32 @@ def process_group(device: torch.device) -> Iterator[Dist]:
 
 
 def leave_process_group() -> None:
-    """Destroy the process group once every rank has reached this point.
+    """Destroy the process group once every rank is done with it, rank 0 last.
 
     A rank that tears gloo down while a peer is still in its last collective aborts the
     peer ("terminate called without an active exception"): seen in 1 of 3 profile runs
-    at 3 ranks on 2 CPUs, 1 in 40 with the barrier."""
+    at 3 ranks on 2 CPUs, and still in about 1 of 40 with a barrier first, since a rank
+    leaves a barrier while a peer may still be finishing it. And rank 0 hosts the
+    rendezvous store (a TCPStore), so a peer still waiting on it when rank 0 leaves is
+    left talking to a closed server. So, through the store (not gloo):
+
+    1. after the barrier every rank checks in and waits for all: everyone is out of it;
+    2. every other rank destroys its group, then acknowledges (its last use of the store);
+    3. rank 0 waits for every acknowledgement and only then destroys its group, and
+       with it the store: no peer can still be waiting on it.
+    """
     dist.barrier()
-    dist.destroy_process_group()
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    leave = (store.add("esft_rs/leaving", 1) - 1) // world  # this leave's number, on all ranks
+    store.set(f"esft_rs/out/{leave}/{rank}", "1")
+    store.wait([f"esft_rs/out/{leave}/{r}" for r in range(world)])
+    if rank != 0:
+        dist.destroy_process_group()
+        store.set(f"esft_rs/left/{leave}/{rank}", "1")
+    else:
+        store.wait([f"esft_rs/left/{leave}/{r}" for r in range(1, world)])
+        dist.destroy_process_group()
     _left_group.append(True)
 
 

@@ -128,24 +128,6 @@ def _write_failure(e: BaseException, staging: str) -> str | None:
     return None
 
 
-def save_tensors(
-    tensors: Mapping[str, Any], target: PathLike, metadata: Mapping[str, str] | None = None,
-    *, overwrite: bool = True,
-) -> Path:
-    """Write torch tensors or numpy arrays as one safetensors file, whole or not at all."""
-    with staged(target, overwrite=overwrite) as tmp:
-        if all(type(t).__module__ == "numpy" for t in tensors.values()):
-            from safetensors.numpy import save_file
-
-            save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                      metadata=dict(metadata or {}))
-    return Path(target)
-
-
 def write_file(target: PathLike, data: str | bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` (text as UTF-8) to ``target``, whole or not at all."""
     with staged(target, overwrite=overwrite) as tmp:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esft_rs.dtypes import itemsize
 from esft_rs.errors import InvalidFileError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.inputs import load_json
@@ -50,9 +51,8 @@ from esft_rs.naming import classify
 from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
-#: safetensors dtype -> bytes per element in memory (F8_E4M3 is dequantised to bf16).
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 2, "I64": 8, "I32": 4,
-               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: block-FP8 tensors are dequantised to bf16 in memory (2 bytes per element)
+DEQUANTISED = {"F8_E4M3": 2}
 #: tensors a checkpoint holds that are no trainable parameters in memory
 NOT_PARAMETERS = ("weight_scale_inv", "e_score_correction_bias")
 #: the built-in model keeps every expert as its own tensors
@@ -177,7 +177,7 @@ def plan(
     tensors = _in_memory(((n, t.dtype, t.shape) for n, t in params.items()), resolved,
                          fuse=not builtin)
     compute = 4 if device == "cpu" and all(
-        DTYPE_BYTES.get(t.dtype, 4) == 4 for t in params.values()) else 2
+        memory_bytes(t.dtype) == 4 for t in params.values()) else 2
     activations = activation_estimate(
         config, _trained_parts(tensors), tokens=seq_length * per_device_batch_size,
         compute_bytes=compute, checkpointing=gradient_checkpointing)
@@ -355,6 +355,11 @@ def _config(root: Path) -> dict[str, Any]:
     return raw
 
 
+def memory_bytes(dtype: str) -> int:
+    """Bytes per element in memory of a tensor of safetensors ``dtype``."""
+    return DEQUANTISED.get(dtype) or itemsize(dtype)
+
+
 def _in_memory(
     tensors: Iterable[tuple[str, str, tuple[int, ...]]], experts: ExpertConfig, *, fuse: bool
 ) -> list[_Tensor]:
@@ -365,7 +370,7 @@ def _in_memory(
     for name, dtype, shape in tensors:
         numel = math.prod(shape)
         rows = shape[0] if shape else 1
-        size = DTYPE_BYTES.get(dtype, 4)
+        size = memory_bytes(dtype)
         role = classify(name)
         plan = tensor_plan(name, experts)
         if fuse and role.kind == "routed_expert":

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
+from esft_rs.dtypes import FLOAT
 from esft_rs.errors import InvalidFileError
 from esft_rs.inspection import inspect
 from esft_rs.models.config import CONFIG_NAME, ModelConfig
 from esft_rs.models.reference import ReferenceMoE, skeleton
-from esft_rs.models.rows import DTYPES
 
 WEIGHTS_NAME = "model.safetensors"
-FLOAT_DTYPES = {k: DTYPES[k] for k in ("F32", "BF16", "F16")}  # the built-in model's
 
 
 def save_model(
@@ -30,7 +29,8 @@ def save_model(
     existing one is replaced only with ``overwrite``, and only if it holds a
     checkpoint, so no file of an earlier model (an index, shards) stays beside the new.
     """
-    from esft_rs.outputs import save_tensors, staged
+    from esft_rs.outputs import staged
+    from esft_rs.tensor_stream import write_tensors
 
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +38,7 @@ def save_model(
     dtype = next(iter(tensors.values())).dtype
     cfg = model.config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     with staged(out, directory=True, overwrite=overwrite) as tmp:
-        save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"})
+        write_tensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
         cfg.save(tmp)
     return out
 
@@ -95,7 +95,7 @@ def _check(root: Path, found: dict, expected: dict[str, tuple[int, ...]]) -> Non
                 f"{where}: {name} has shape {list(t.shape)}, config.json implies"
                 f" {list(expected[name])}"
             )
-        elif t.dtype not in FLOAT_DTYPES:
+        elif t.dtype not in FLOAT:
             problems.append(f"{where}: {name} has dtype {t.dtype}, not a float type")
     if problems:
         more = f" (and {len(problems) - 3} more problems)" if len(problems) > 3 else ""

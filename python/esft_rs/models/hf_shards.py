@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from esft_rs.dtypes import FLOAT, to_torch
 from esft_rs.errors import InvalidFileError
-from esft_rs.models.checkpoint import FLOAT_DTYPES
 from esft_rs.training.expert_parallel import rows_of
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ def _disk_dtype(root: Path) -> torch.dtype:
     in config.json, as transformers decides)."""
     from esft_rs import inspect
 
-    found = (FLOAT_DTYPES[t.dtype] for t in inspect(root).tensors.values()
-             if t.dtype in FLOAT_DTYPES)
+    found = (to_torch(t.dtype) for t in inspect(root).tensors.values() if t.dtype in FLOAT)
     return next(found, torch.float32)
 
 

@@ -76,6 +76,7 @@ def train(
     from esft_rs.training import expert_parallel, sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
+        checkpoint_layout,
         checkpoint_shapes,
         checkpoint_tensors,
         freeze,
@@ -125,6 +126,7 @@ def train(
         _check_data(net, tensors, train_idx, data)
         trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
+        adapter_layout = checkpoint_layout(net, trainables, on_disk)  # before any sharding
         if base is not None:
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
@@ -175,7 +177,7 @@ def train(
                    if place.main else iter(()))
         try:
             if place.main:
-                write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(),
+                write_outputs(out, weights, adapter_layout, resolved, fingerprint, cfg.to_dict(),
                               fit.metrics())
         finally:
             collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in

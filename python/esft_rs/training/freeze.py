@@ -30,8 +30,8 @@ from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
 
-__all__ = ["Trainable", "checkpoint_shapes", "checkpoint_tensors", "freeze", "moe_layout",
-           "resolve_experts", "tensor_plan", "whole_tensor"]
+__all__ = ["Trainable", "checkpoint_layout", "checkpoint_shapes", "checkpoint_tensors", "freeze",
+           "moe_layout", "resolve_experts", "tensor_plan", "whole_tensor"]
 
 
 @dataclass
@@ -79,16 +79,29 @@ def checkpoint_shapes(
 
 
 def checkpoint_tensors(
-    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str] = ()
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str] = (),
+    *, meta: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The trained values under the base checkpoint's names, in its dtypes: what the
-    adapter holds (see ``_on_disk``)."""
+    adapter holds (see ``_on_disk``). ``meta``: their names, dtypes and shapes only, on
+    the meta device (no memory, nothing written into a fused tensor)."""
     out = {}
     for t in trainables:
-        stored = _on_disk(model, t, on_disk, meta=False)
-        out.update(t.current() if stored is None
+        stored = _on_disk(model, t, on_disk, meta=meta)
+        value = torch.empty(t.param.shape, dtype=t.param.dtype, device="meta") if meta \
+            else None
+        out.update(t.current(value) if stored is None
                    else {n: v.to(t.dtype).contiguous() for n, v in stored.items()})
     return out
+
+
+def checkpoint_layout(
+    model: torch.nn.Module, trainables: list[Trainable], on_disk: Collection[str] = ()
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each tensor the adapter will hold, known before any is
+    gathered (the adapter's header is written first)."""
+    return [(n, v.dtype, tuple(v.shape))
+            for n, v in checkpoint_tensors(model, trainables, on_disk, meta=True).items()]
 
 
 def _on_disk(

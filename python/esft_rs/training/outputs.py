@@ -17,6 +17,8 @@ from esft_rs.expert_config import ExpertConfig
 if TYPE_CHECKING:
     import torch
 
+    from esft_rs.tensor_stream import Layout
+
 ADAPTER = "adapter.safetensors"
 # With expert_cfg.json beside the adapter, OUT_DIR also reads as an official adapter folder.
 EXPERT_CFG = "expert_cfg.json"
@@ -26,14 +28,16 @@ CONFIG = "train_config.yaml"
 def write_outputs(
     out_dir: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Layout,
     experts: ExpertConfig,
     base_fingerprint: str | None,
     config: dict[str, Any],
     metrics: dict[str, Any],
 ) -> Path:
     """Write ``expert_cfg.json``, ``train_config.yaml`` and, last, the adapter (whose
-    presence marks a finished run) from (name, tensor) pairs taken one at a time; each
-    file appears whole (``esft_rs.outputs``)."""
+    presence marks a finished run) from (name, tensor) pairs taken one at a time, of the
+    ``layout`` (name, dtype, shape) declared before; each file appears whole
+    (``esft_rs.outputs``)."""
     import yaml
 
     from esft_rs.adapter import stream_adapter
@@ -42,7 +46,7 @@ def write_outputs(
     experts.save(out_dir / EXPERT_CFG)
     write_file(out_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
     return stream_adapter(
-        tensors, out_dir / ADAPTER, experts, base_fingerprint=base_fingerprint,
+        tensors, out_dir / ADAPTER, experts, layout=layout, base_fingerprint=base_fingerprint,
         extra_metadata={"esft.training_config": json.dumps(config),
                         "esft.metrics": json.dumps(metrics)},
     )

@@ -67,11 +67,11 @@ def for_inference(model: Path, parallelism: str, place: Dist, device: torch.devi
     if parallelism != "auto" or place.world == 1:
         return (parallelism if parallelism != "auto" else "ddp"), None
     from esft_rs import inspect
-    from esft_rs.plan import DTYPE_BYTES
+    from esft_rs.plan import memory_bytes
     from esft_rs.training.trained import moe_layout
 
     info = inspect(model)
-    weights = sum(math.prod(t.shape) * DTYPE_BYTES.get(t.dtype, 4)
+    weights = sum(math.prod(t.shape) * memory_bytes(t.dtype)
                   for t in info.tensors.values())
     size = f"the weights ({weights / 2**30:.2f} GiB)"
     budget = device_memory(device, place)

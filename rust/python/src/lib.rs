@@ -462,6 +462,111 @@ fn moe_layout(tensors: Vec<(String, Vec<u64>)>) -> BTreeMap<u32, u32> {
         .collect()
 }
 
+// --- checkpoint bytes: rows read by offset, files written one tensor at a time ---
+
+use esft_core::safetensors::{self as st, Dtype};
+use numpy::PyReadwriteArrayDyn;
+
+fn dtype(py: Python<'_>, name: &str) -> PyResult<Dtype> {
+    name.parse()
+        .map_err(|()| value_error(py, format!("{name:?} is not a safetensors dtype")))
+}
+
+fn closed(what: &str) -> PyErr {
+    PyRuntimeError::new_err(format!("{what} is closed"))
+}
+
+/// A file opened for positional reads (a checkpoint's rows, by offset), through no
+/// memory map; it stays open until `close`.
+#[pyclass(module = "esft_rs._core")]
+struct FileReader {
+    inner: Option<st::FileReader>,
+}
+
+#[pymethods]
+impl FileReader {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| st::FileReader::open(&path)).map_err(to_py)?;
+        Ok(FileReader { inner: Some(inner) })
+    }
+
+    /// Fills `out`, a writable C-contiguous uint8 numpy array (a torch tensor's
+    /// `.view(torch.uint8).numpy()`), with the file's bytes from `offset`, with the
+    /// GIL released; returns the bytes read.
+    fn read_into(&self, py: Python<'_>, offset: u64, mut out: PyReadwriteArrayDyn<'_, u8>) -> PyResult<u64> {
+        let reader = self.inner.as_ref().ok_or_else(|| closed("FileReader"))?;
+        let buf = out
+            .as_slice_mut()
+            .map_err(|_| value_error(py, "the buffer to read into must be C-contiguous"))?;
+        py.detach(|| reader.read_into(offset, buf)).map_err(to_py)
+    }
+
+    /// Closes the file.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+}
+
+/// A safetensors file written one tensor at a time: the header first, from every
+/// tensor's (name, dtype, shape); then `write` each tensor's bytes, in any order;
+/// `commit` puts the file in place once all are written (`discard`, or a collected
+/// writer, leaves nothing).
+#[pyclass(module = "esft_rs._core")]
+struct SafetensorsWriter {
+    inner: Option<st::StreamWriter>,
+}
+
+#[pymethods]
+impl SafetensorsWriter {
+    #[new]
+    #[pyo3(signature = (target, tensors, metadata=Vec::new()))]
+    fn new(
+        py: Python<'_>,
+        target: PathBuf,
+        tensors: Vec<(String, String, Vec<u64>)>,
+        metadata: Vec<(String, String)>,
+    ) -> PyResult<Self> {
+        let specs = tensors
+            .into_iter()
+            .map(|(name, d, shape)| Ok(st::TensorSpec { dtype: dtype(py, &d)?, name, shape }))
+            .collect::<PyResult<Vec<_>>>()?;
+        let inner = py
+            .detach(|| st::StreamWriter::create(&target, &specs, &metadata))
+            .map_err(to_py)?;
+        Ok(SafetensorsWriter { inner: Some(inner) })
+    }
+
+    /// Writes tensor `name`'s bytes (a C-contiguous uint8 numpy array: a torch
+    /// tensor's `.view(torch.uint8).numpy()`), declared with `dtype`; GIL released.
+    fn write(
+        &mut self,
+        py: Python<'_>,
+        name: &str,
+        dtype_name: &str,
+        data: PyReadonlyArrayDyn<'_, u8>,
+    ) -> PyResult<()> {
+        let d = dtype(py, dtype_name)?;
+        let writer = self.inner.as_mut().ok_or_else(|| closed("SafetensorsWriter"))?;
+        let bytes = data
+            .as_slice()
+            .map_err(|_| value_error(py, format!("{name}: the bytes must be C-contiguous")))?;
+        py.detach(|| writer.write(name, d, bytes)).map_err(to_py)
+    }
+
+    /// Puts the file in place; an existing one is replaced only with `overwrite`.
+    fn commit(&mut self, py: Python<'_>, overwrite: bool) -> PyResult<()> {
+        let writer = self.inner.take().ok_or_else(|| closed("SafetensorsWriter"))?;
+        py.detach(|| writer.finish(overwrite)).map_err(to_py)
+    }
+
+    /// Removes the unfinished file.
+    fn discard(&mut self, py: Python<'_>) {
+        let inner = self.inner.take();
+        py.detach(|| drop(inner));
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -510,5 +615,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Staging>()?;
     m.add_function(wrap_pyfunction!(commit_together, m)?)?;
     m.add("STAGING_MARK", staging::STAGING_MARK)?;
+    // --- checkpoint bytes ---
+    m.add_class::<FileReader>()?;
+    m.add_class::<SafetensorsWriter>()?;
+    m.add("DTYPE_BITS", Dtype::all().map(|(_, n, b)| (n, b)).collect::<BTreeMap<_, _>>())?;
     Ok(())
 }

@@ -3,7 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// In the order of the reference's `Dtype` enum, which `Ord` follows: the
+/// reference lays tensors out by dtype, widest first (`stream::layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[allow(non_camel_case_types)]
 pub enum Dtype {
     BOOL,
@@ -65,6 +67,11 @@ impl Dtype {
     pub fn bits(self) -> u64 {
         self.entry().2
     }
+
+    /// Every dtype with its name and size in bits.
+    pub fn all() -> impl Iterator<Item = (Dtype, &'static str, u64)> {
+        ALL.into_iter()
+    }
 }
 
 impl FromStr for Dtype {
@@ -91,5 +98,7 @@ mod tests {
             assert_eq!(d.name(), n);
         }
         assert!("F128".parse::<Dtype>().is_err());
+        // ALL is in declaration order, the reference's order
+        assert!(ALL.windows(2).all(|w| w[0].0 < w[1].0));
     }
 }

@@ -162,6 +162,27 @@ fn parse_tensor(name: String, value: Value) -> Result<TensorInfo, FormatError> {
     })
 }
 
+/// Bytes of a tensor of `dtype` and `shape`: refused when the size overflows or
+/// is not a whole number of bytes (sub-byte dtypes).
+pub fn tensor_nbytes(name: &str, dtype: Dtype, shape: &[u64]) -> Result<u64, FormatError> {
+    let bits = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(dtype.bits()))
+        .ok_or_else(|| FormatError::Overflow {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+        })?;
+    if bits % 8 != 0 {
+        return Err(FormatError::Misaligned {
+            name: name.to_string(),
+            dtype: dtype.to_string(),
+            shape: shape.to_vec(),
+        });
+    }
+    Ok(bits / 8)
+}
+
 /// Sorts tensors by offset and checks the reference invariants: sizes match
 /// dtype and shape, offsets are contiguous from 0, and the data section ends
 /// exactly where the last tensor does.
@@ -177,29 +198,13 @@ fn validate(tensors: &mut [TensorInfo], data_len: u64) -> Result<(), FormatError
                 expected,
             });
         }
-        let overflow = || FormatError::Overflow {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-        };
-        let bits = t
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .and_then(|n| n.checked_mul(t.dtype.bits()))
-            .ok_or_else(overflow)?;
-        if bits % 8 != 0 {
-            return Err(FormatError::Misaligned {
-                name: t.name.clone(),
-                dtype: t.dtype.to_string(),
-                shape: t.shape.clone(),
-            });
-        }
-        if bits / 8 != t.end - t.start {
+        let nbytes = tensor_nbytes(&t.name, t.dtype, &t.shape)?;
+        if nbytes != t.end - t.start {
             return Err(FormatError::SizeMismatch {
                 name: t.name.clone(),
                 dtype: t.dtype.to_string(),
                 shape: t.shape.clone(),
-                expected: bits / 8,
+                expected: nbytes,
                 actual: t.end - t.start,
             });
         }
