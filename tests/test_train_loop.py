@@ -103,15 +103,42 @@ def test_bad_data(tmp_path: Path) -> None:
     empty = {k: v[:0] for k, v in fake_data().items()}
     with pytest.raises(InvalidFileError, match="no training examples"):
         run(tmp_path / "a", data=empty)
-    with pytest.raises(EsftError, match=r"5 training sequences .* than one global batch of 8"):
+    with pytest.raises(EsftError, match=r"no rows left to train on after the 0\.5 validation"
+                       r" split of 1 packed row of 12 tokens: pass val_ratio=0"):
+        run(tmp_path / "b", data=fake_data(n=1), val_ratio=0.5)
+    assert not (tmp_path / "b").exists()
+
+
+def test_data_smaller_than_a_global_batch_is_cycled(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """5 training rows, global batch 8: each step takes the next 8 of the epochs' shuffles,
+    with a note, instead of a refusal."""
+    with caplog.at_level("WARNING", logger="esft_rs.training"):
         run(tmp_path / "b", data=fake_data(n=6), per_device_batch_size=4)
-    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    assert ("5 training sequences (after the 0.02 validation split) are fewer than one global"
+            " batch of 8" in caplog.text and "each step cycles through them, 1.6 epochs a step"
+            in caplog.text)
+    assert (tmp_path / "b" / "adapter.safetensors").exists()
+    assert [r["epoch"] for r in metrics(tmp_path / "b") if "loss" in r][-1] == 9.6
+
+
+def test_global_batches_cycle_a_small_split() -> None:
+    from esft_rs.training.batches import GlobalBatches
+
+    idx = torch.tensor([10, 11, 12, 13, 14])
+    batches = GlobalBatches(idx, 8, seed=3)
+    stream = torch.cat([batches(s) for s in range(5)])  # 40 = 8 epochs of 5
+    assert all(len(batches(s)) == 8 for s in range(5))
+    for e in range(8):
+        assert sorted(stream[5 * e : 5 * e + 5].tolist()) == idx.tolist()
+    assert batches.epoch(5) == 8
+    assert torch.equal(batches(2), GlobalBatches(idx, 8, seed=3)(2))  # a function of the step
 
 
 def test_refuses_earlier_run_and_foreign_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(out, steps=3)
-    with pytest.raises(EsftError, match="holds an earlier run; pass --resume"):
+    with pytest.raises(EsftError, match=r"holds an earlier run; pass resume=True"):
         run(out, steps=3)
     with pytest.raises(MismatchError, match=r"learning_rate=0\.01 there, 0\.02 here"):
         run(out, steps=3, resume=True, learning_rate=2e-2)

@@ -17,6 +17,25 @@ errors are raised as these classes (``rust/python/src/errors.rs``).
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
+
+#: Whether the user reaches esft-rs by the command line (set by ``esft_rs.cli.run``); an
+#: error that names the setting that fixes it spells it for the user (``option``).
+_FROM_CLI: ContextVar[bool] = ContextVar("esft_rs_from_cli", default=False)
+
+
+def from_cli() -> None:
+    """Name settings as command-line flags in messages from now on (the CLI's entry point)."""
+    _FROM_CLI.set(True)
+
+
+def option(key: str, value: object = None) -> str:
+    """How the user sets ``key`` (to ``value``): ``--val-ratio 0`` or ``--resume`` on the
+    command line, ``val_ratio=0`` or ``resume=True`` in Python."""
+    if _FROM_CLI.get():
+        flag = "--" + key.replace("_", "-")
+        return flag if value is None or value is True else f"{flag} {value}"
+    return f"{key}={value!r}" if value is not None else f"{key}="
 
 
 class EsftError(Exception):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError, option
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.config import TrainConfig, load_config
 from esft_rs.training.outputs import ADAPTER, write_outputs
@@ -106,11 +106,17 @@ def train(
         net = lazy if lazy is not None else _load_model(model)
         layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
         resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
+        notes = []  # shown once the data has passed its checks
+        if not isinstance(data, Mapping):
+            cfg, notes = _fit_context(cfg, net)
         tensors = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
-        _check_enough(len(train_idx), cfg, place.world)
+        notes += _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
+                               place.world)
         _check_data(net, tensors, train_idx, data)
+        for note in notes:
+            log.warning("%s", note)
         trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
         if base is not None:
@@ -203,7 +209,7 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
         return found
     if found is not None or (out / ADAPTER).exists():
         raise EsftError(
-            f"{out}: holds an earlier run; pass --resume to continue it,"
+            f"{out}: holds an earlier run; pass {option('resume', True)} to continue it,"
             " or choose another directory"
         )
     return None
@@ -278,17 +284,44 @@ def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
                         f"in the training split after packing into rows of {ids.shape[-1]}")
 
 
-def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
+def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, list[str]]:
+    """Rows no longer than the model's context (``max_position_embeddings``): a longer
+    ``seq_length`` is cut to it, with a note (returned)."""
+    from dataclasses import replace
+
+    from esft_rs.preflight import context_length
+
+    limit = context_length(net)
+    if limit is None or cfg.seq_length <= limit:
+        return cfg, []
+    return replace(cfg, seq_length=limit), [
+        f"rows are cut to the model's context of {limit} tokens (max_position_embeddings),"
+        f" not seq_length {cfg.seq_length} ({option('seq_length')})"]
+
+
+def _check_enough(n_train: int, rows: tuple[int, ...], cfg: TrainConfig, world: int
+                  ) -> list[str]:
+    """Some training rows after the validation split; fewer than one global batch are
+    cycled through (several epochs a step), with a note (returned)."""
     from esft_rs.training.loop import global_batch_size
 
-    need = global_batch_size(cfg, world)
-    if n_train < need:
+    if n_train == 0:
         raise EsftError(
-            f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split)"
-            f" are fewer than one global batch of {need} (per_device_batch_size"
-            f" {cfg.per_device_batch_size} x {world} processes x gradient_accumulation_steps"
-            f" {cfg.gradient_accumulation_steps})"
+            f"no rows left to train on after the {cfg.val_ratio:g} validation split of {rows[0]}"
+            f" packed row{'s' if rows[0] != 1 else ''} of {rows[-1]} tokens: pass"
+            f" {option('val_ratio', 0)} (no validation), lower {option('seq_length')}, or add"
+            " data"
         )
+    need = global_batch_size(cfg, world)
+    if n_train >= need:
+        return []
+    return [
+        f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split) are fewer"
+        f" than one global batch of {need} (per_device_batch_size {cfg.per_device_batch_size} x"
+        f" {world} process{'es' if world > 1 else ''} x gradient_accumulation_steps"
+        f" {cfg.gradient_accumulation_steps}): each step cycles through them,"
+        f" {need / n_train:.3g} epochs a step"
+    ]
 
 
 def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
