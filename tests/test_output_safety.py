@@ -62,7 +62,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "data.jsonl").write_text(plus_chat(6, 4))
     (root / "experts.json").write_text(json.dumps(EXPERTS))
     for args in (["profile", "model", "data.jsonl", "-o", "routing.safetensors", "--tokens", "64",
-                  "--seq-len", "64", "--device", "cpu"],
+                  "--seq-length", "64", "--device", "cpu"],
                  ["split", "model", "--experts", "experts.json", "-o", "adapter.safetensors"]):
         proc = cli(*args, cwd=root)
         assert proc.returncode == 0, proc.stderr
@@ -229,7 +229,7 @@ def test_interrupted_select(ws: Path, tmp_path: Path, sig: str, point: str) -> N
 @pytest.mark.parametrize("point", ["r.safetensors", "rec"])
 def test_interrupted_profile(ws: Path, tmp_path: Path, sig: str, point: str) -> None:
     args = ["profile", ws / "model", ws / "data.jsonl", "-o", "r.safetensors", "--records", "rec",
-            "--tokens", "64", "--seq-len", "64", "--device", "cpu"]
+            "--tokens", "64", "--seq-length", "64", "--device", "cpu"]
     interrupted(sig, point, *args, cwd=tmp_path)
     assert not (tmp_path / point).exists()
     if sig == "INT":

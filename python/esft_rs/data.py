@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError
 from esft_rs.inputs import json_problem, read_bytes
 from esft_rs.tokenizer import Tokenizer
+from esft_rs.training.config import DEFAULT_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ class TaskData:
         *,
         seq_length: int = 4096,
         random_concat_ratio: float = 0.2,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
     ) -> Packed:
         """Encode every conversation (``encode_conversation``) and pack them (module docstring)."""
         return pack(
@@ -263,7 +264,7 @@ def pack(
     *,
     seq_length: int = 4096,
     random_concat_ratio: float = 0.2,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     pad_id: int,
 ) -> Packed:
     """Pack (input_ids, labels) pairs into rows of ``seq_length`` (module docstring).

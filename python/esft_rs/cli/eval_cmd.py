@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
+from esft_rs.cli.params import device_option
 
 
 @click.command("eval")
@@ -19,8 +20,7 @@ from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
               help="Conversations per forward pass.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate only the first N conversations.")
-@click.option("--device", default="auto", show_default=True,
-              help="torch device (cpu, cuda, cuda:1, ...); auto: a GPU if there is one.")
+@device_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
 @click.option("--skip-bad", is_flag=True,

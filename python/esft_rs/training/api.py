@@ -43,7 +43,7 @@ class TrainResult:
 def train(
     model: PathLike | torch.nn.Module,
     data: PathLike | Mapping[str, torch.Tensor],
-    out_dir: PathLike,
+    output: PathLike,
     experts: PathLike | ExpertConfig | None = None,
     config: PathLike | TrainConfig | None = None,
     *,
@@ -52,12 +52,12 @@ def train(
     requantize_fp8: bool = False,
     base: PathLike | None = None,
     skip_bad: bool = False,
-    device: str | None = None,
+    device: str | None = "auto",
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train the selected experts of ``model`` on ``data``; write ``out_dir/adapter.safetensors``.
+    """Train the selected experts of ``model`` on ``data``; write ``output/adapter.safetensors``.
 
     ``model`` is a checkpoint directory or an in-memory model whose parameter
     names are checkpoint names (then ``base`` names its checkpoint, for the
@@ -86,7 +86,7 @@ def train(
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
 
-    out = Path(out_dir)
+    out = Path(output)
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
                                        base])
     check_kind(out, directory=True)
@@ -345,9 +345,9 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
             )
         if info.dtype == "F8_E4M3" and not fp8_ok:
             raise MismatchError(
-                f"{base}: stores {name} in block FP8 (F8_E4M3), so --save-merged must quantise"
-                " the trained weights: pass --requantize-fp8, or leave out --save-merged and"
-                " merge later"
+                f"{base}: stores {name} in block FP8 (F8_E4M3), so {option('save_merged')} must"
+                f" quantise the trained weights: pass {option('requantize_fp8', True)}, or leave"
+                f" out {option('save_merged')} and merge later"
             )
 
 
