@@ -40,10 +40,11 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
         )
 
 
-def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str | None = None
-            ) -> None:
+def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str | None = None,
+            task: str | None = None) -> None:
     """Writes the score heatmap of ``selection`` to ``path`` (``format``: png, pdf, svg...;
-    default: from the suffix)."""
+    default: from the suffix), the selected experts circled (a legend says so); ``task``
+    names the task in the title."""
     if format is None:
         check_plot_path(path)
     else:
@@ -64,7 +65,10 @@ def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str |
     ax.set_yticks(range(stats.num_layers), [str(x) for x in stats.layers], fontsize=6)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"{selection.score} scores, top-p {selection.top_p}")
+    title = f"{selection.score} scores, top-p {selection.top_p}"
+    ax.set_title(f"{task}: {title}" if task else title, loc="left", fontsize=9)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
+              borderaxespad=0.2)
     fig.colorbar(image, ax=ax, label=f"{selection.score} score")
     fig.tight_layout()
     save_figure(fig, path, format)

@@ -40,6 +40,10 @@ def demo_cmd(out: Path, quick: bool, seed: int, jobs: int | None) -> None:
         report = run(tmp, settings, final=out, jobs=jobs)
     echo = click.echo
     echo()
+    if report["smoke"]:
+        echo("SMOKE RUN (--quick): the figures below show that every step runs; they measure"
+             " nothing.")
+        echo()
     for line in [*method_table(report), "", *routing_table(report)]:
         echo(line)
     echo()
