@@ -81,6 +81,23 @@ def test_quickstart_on_a_short_context_model(tmp_path: Path) -> None:
         assert json.loads(f.metadata()["esft.training_config"])["seq_length"] == 64
 
 
+def test_cli_starter_config_by_name(files: dict[str, Path], tmp_path: Path) -> None:
+    """``-c small`` is the config shipped in the package, from a directory without configs/."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "esft_rs", "train", str(files["base"]), str(files["data"]), "-e",
+         str(files["experts"]), "-o", "run", "-c", "small", "--steps", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "adapter.safetensors", "pt") as f:
+        cfg = json.loads(f.metadata()["esft.training_config"])
+    assert (cfg["steps"], cfg["seq_length"], cfg["lr_scheduler"]) == (1, 512, "cosine")
+
+
 def test_merged_model_equals_trained_model(files: dict[str, Path], tmp_path: Path) -> None:
     result = esft_rs.train(
         files["base"], files["data"], tmp_path / "out", files["experts"], progress=False,

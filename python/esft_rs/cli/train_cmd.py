@@ -38,7 +38,9 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @output_option("Output directory: adapter.safetensors, metrics.jsonl, checkpoints.",
                name="out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("-c", "--config", type=click.Path(path_type=Path),
-              help="YAML training config; the official ESFT configs work unchanged.")
+              help="YAML training config: a file (the official ESFT configs work unchanged),"
+              " or a starter config shipped with esft-rs: base (the official values) or"
+              " small (a first run in minutes on a CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
 @click.option("--save-merged", type=click.Path(path_type=Path),
               help="Also write the full merged model here (Rust merge into MODEL).")

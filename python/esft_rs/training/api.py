@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError, option
 from esft_rs.expert_config import ExpertConfig
-from esft_rs.training.config import TrainConfig, load_config
+from esft_rs.training.config import TrainConfig, config_path, load_config
 from esft_rs.training.outputs import ADAPTER, write_outputs
 
 if TYPE_CHECKING:
@@ -87,6 +87,8 @@ def train(
         return x if isinstance(x, str | os.PathLike) else None
 
     out = Path(output)
+    if given(config) is not None:
+        config = config_path(given(config))  # type: ignore[arg-type]
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
                                        base])
     check_kind(out, directory=True)

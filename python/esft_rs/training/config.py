@@ -8,13 +8,15 @@ official base.yaml values, so an official config file means the same here.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 import os
 import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from esft_rs.errors import InvalidFileError
+from esft_rs.errors import EsftFileNotFoundError, InvalidFileError
 
 MODES = ("esft", "full", "random")
 SCHEDULERS = ("constant", "cosine")
@@ -179,11 +181,36 @@ def from_mapping(raw: object, origin: str) -> tuple[TrainConfig, list[str]]:
     return cfg, notes
 
 
+#: The starter configs shipped inside the package (``esft_rs/configs/NAME.yaml``; a clone's
+#: ``configs/`` links to them): ``-c small`` works for a pip-installed user too.
+STARTER_CONFIGS = ("base", "small")
+
+
+def starter_config(name: str) -> Path:
+    """The packaged file of starter config ``name`` (one of ``STARTER_CONFIGS``)."""
+    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+
+
+def config_path(config: str | os.PathLike[str]) -> Path:
+    """``config`` as a file: a path, or the name of a starter config (``base``, ``small``)
+    when no file of that name exists here."""
+    path = Path(config)
+    if not os.path.lexists(path) and os.fspath(config) in STARTER_CONFIGS:
+        return starter_config(os.fspath(config))
+    if not os.path.lexists(path):
+        raise EsftFileNotFoundError(
+            errno.ENOENT, "No such file or directory (nor a starter config: "
+            + ", ".join(STARTER_CONFIGS) + ")", os.fspath(config))
+    return path
+
+
 def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
-    """Read a YAML training config (an official ESFT one works unchanged)."""
+    """Read a YAML training config (an official ESFT one works unchanged): a file, or a
+    starter config shipped with esft-rs by name (``base``: the official values; ``small``: a
+    first run in minutes on a CPU)."""
     from esft_rs.inputs import load_yaml
 
-    return from_mapping(load_yaml(path), os.fspath(path))
+    return from_mapping(load_yaml(config_path(path)), os.fspath(path))
 
 
 # A value shown in an error: a YAML alias can make it a list of millions of items.
