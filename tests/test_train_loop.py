@@ -257,3 +257,27 @@ def test_checkpoint_gives_no_optimizer_state_to_tensors_not_yet_trained(tmp_path
     loaded = [fresh.state[p]["exp_avg_sq"] for g in fresh.param_groups for p in g["params"]
               if p in fresh.state]
     assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))
+
+
+def test_overwrite_replaces_an_earlier_run_only_when_it_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = load_file(run(out, steps=2).adapter)
+
+    def crash(done: int, record: dict) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):  # the earlier run comes back whole
+        run(out, steps=2, learning_rate=2e-2, overwrite=True, on_step=crash)
+    kept = load_file(out / "adapter.safetensors")
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    second = load_file(run(out, steps=2, learning_rate=2e-2, overwrite=True).adapter)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(esft_rs.EsftValueError,
+                       match=r"resume=True continues the run in .*, overwrite=True replaces it"):
+        run(out, steps=2, resume=True, overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EsftError, match=r"holds 'notes\.txt', which no run writes; not replaced"):
+        run(out, steps=2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -24,7 +24,9 @@ PathLike = str | os.PathLike[str]
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    from esft_rs.errors import spelled
+
+    warnings.warn(spelled(message), UserWarning, stacklevel=3)
 
 
 def merge(

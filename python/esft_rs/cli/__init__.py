@@ -55,8 +55,13 @@ def fail(message: str) -> None:
 
 
 def run() -> None:
-    """Entry point: run the CLI, turning bad input into one line and exit code 2."""
-    from_cli()
+    """Entry point: run the CLI, turning bad input into one line and exit code 2; messages
+    name the flags that fix a problem (``esft_rs.errors.option``)."""
+    with from_cli():
+        _run()
+
+
+def _run() -> None:
     for arg in sys.argv[1:]:
         # Bytes that are not UTF-8 arrive as lone surrogates, which no file format can hold.
         if describe_text_problem(arg) is not None:

@@ -42,6 +42,8 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
               " or a starter config shipped with esft-rs: base (the official values) or"
               " small (a first run in minutes on a CPU).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in --output (kept until the new run has finished).")
 @click.option("--save-merged", type=click.Path(path_type=Path),
               help="Also write the full merged model here (Rust merge into MODEL).")
 @click.option("--requantize-fp8", is_flag=True,
@@ -57,6 +59,7 @@ def train_cmd(
     out_dir: Path,
     config: Path | None,
     resume: bool,
+    overwrite: bool,
     save_merged: Path | None,
     requantize_fp8: bool,
     skip_bad: bool,
@@ -80,8 +83,9 @@ def train_cmd(
 
     from esft_rs.training.api import train
 
-    result = train(model, data, out_dir, experts, cfg, resume=resume, save_merged=save_merged,
-                   requantize_fp8=requantize_fp8, skip_bad=skip_bad, device=device, progress=main)
+    result = train(model, data, out_dir, experts, cfg, resume=resume, overwrite=overwrite,
+                   save_merged=save_merged, requantize_fp8=requantize_fp8, skip_bad=skip_bad,
+                   device=device, progress=main)
     if not main:
         return
     fit = result.fit

@@ -7,12 +7,13 @@ import hashlib
 import inspect
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esft_rs.errors import EsftError, InvalidFileError, MismatchError, option
+from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError, option
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.config import TrainConfig, config_path, load_config
 from esft_rs.training.outputs import ADAPTER, write_outputs
@@ -48,6 +49,7 @@ def train(
     config: PathLike | TrainConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     save_merged: PathLike | None = None,
     requantize_fp8: bool = False,
     base: PathLike | None = None,
@@ -64,7 +66,9 @@ def train(
     fingerprint and ``save_merged``; ``requantize_fp8`` lets that merge quantise
     trained tensors into a block-FP8 base). ``data`` is a chat JSONL file or packed
     tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
-    YAML file (official ESFT keys) or a ``TrainConfig``; ``overrides`` set keys.
+    YAML file (official ESFT keys), a starter config's name (``base``, ``small``) or a
+    ``TrainConfig``; ``overrides`` set keys. An earlier run in ``output`` is continued with
+    ``resume``, or replaced with ``overwrite`` (kept until the new run has finished).
     Under torchrun, every process calls this; rank 0 writes the outputs.
     """
     import torch
@@ -76,7 +80,6 @@ def train(
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_shapes,
-        checkpoint_tensors,
         freeze,
         moe_layout,
         resolve_experts,
@@ -101,7 +104,7 @@ def train(
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
-        resume_from = _check_out_dir(out, resume)
+        resume_from, replacing = _check_out_dir(out, resume, overwrite)
         lazy = None  # under FSDP the model is read shard by shard, after sharding
         if fsdp and not isinstance(model, torch.nn.Module):
             lazy = sharded_load.meta_model(model)
@@ -133,42 +136,80 @@ def train(
         identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
                     "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
-        created = place.main and not out.exists()
         if resume and (out / ADAPTER).exists():
             _refuse_finished(out, resume_from, identity)
+        aside = _set_aside(out) if place.main and replacing else None
+        created = place.main and not out.exists()
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
         place.barrier()
-        loop = Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
-                    place=place, identity=identity)
         try:
-            fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+            fit, adapter, merged = _fit_and_write(
+                Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
+                     place=place, identity=identity),
+                resume_from, progress, on_step, created, net, trainables, on_disk, place, fsdp,
+                resolved, fingerprint, cfg, base, save_merged, requantize_fp8)
         except BaseException:
-            if created:
-                _remove_if_nothing_to_resume(out)
+            if aside is not None:  # the earlier run comes back; the new one's files go
+                shutil.rmtree(out, ignore_errors=True)
+                aside.rename(out)
             raise
-        if fit.unchanged:
-            log.warning(
-                "%d trained tensors did not change (experts that no token reached?): %s",
-                len(fit.unchanged), ", ".join(fit.unchanged[:5]),
-            )
-        adapter = out / ADAPTER
-        merged = Path(save_merged) if save_merged is not None else None
-        # One trained tensor's worth at a time: under --mode full they are the model.
-        weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
-                   else (kv for t in trainables
-                         for kv in checkpoint_tensors(net, [t], on_disk).items())
-                   if place.main else iter(()))
-        try:
-            if place.main:
-                write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(),
-                              fit.metrics())
-        finally:
-            collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
-        if place.main and merged is not None:
-            _merge(base, adapter, merged, requantize_fp8)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
+
+
+def _fit_and_write(
+    loop: Any, resume_from: Path | None, progress: bool,
+    on_step: Callable[[int, dict[str, Any]], None] | None, created: bool, net: torch.nn.Module,
+    trainables: list[Trainable], on_disk: Mapping[str, TensorInfo], place: Any, fsdp: bool,
+    resolved: ExpertConfig, fingerprint: str | None, cfg: TrainConfig, base: PathLike | None,
+    save_merged: PathLike | None, requantize_fp8: bool,
+) -> tuple[FitResult, Path, Path | None]:
+    """Run the loop to its end and write OUT (and ``save_merged``)."""
+    from esft_rs.training import sharding
+    from esft_rs.training.freeze import checkpoint_tensors
+
+    out = loop.out_dir
+    try:
+        fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+    except BaseException:
+        if created:
+            _remove_if_nothing_to_resume(out)
+        raise
+    if fit.unchanged:
+        log.warning(
+            "%d trained tensors did not change (experts that no token reached?): %s",
+            len(fit.unchanged), ", ".join(fit.unchanged[:5]),
+        )
+    adapter = out / ADAPTER
+    merged = Path(save_merged) if save_merged is not None else None
+    # One trained tensor's worth at a time: under --mode full they are the model.
+    weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
+               else (kv for t in trainables
+                     for kv in checkpoint_tensors(net, [t], on_disk).items())
+               if place.main else iter(()))
+    try:
+        if place.main:
+            write_outputs(out, weights, resolved, fingerprint, cfg.to_dict(), fit.metrics())
+    finally:
+        collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
+    if place.main and merged is not None:
+        _merge(base, adapter, merged, requantize_fp8)
+    return fit, adapter, merged
+
+
+#: What a run writes into its directory: all that ``overwrite`` may replace.
+RUN_FILES = frozenset({ADAPTER, "expert_cfg.json", "train_config.yaml", "metrics.jsonl",
+                       "checkpoints", "tensorboard"})
+
+
+def _set_aside(out: Path) -> Path:
+    """The earlier run in ``out``, renamed to a hidden sibling until the new one finishes."""
+    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(aside)
+    return aside
 
 
 def _remove_if_nothing_to_resume(out: Path) -> None:
@@ -200,21 +241,32 @@ def _experts(experts: PathLike | ExpertConfig | None) -> tuple[ExpertConfig | No
     return ExpertConfig.load(experts), os.fspath(experts)
 
 
-def _check_out_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume from, whether an earlier run is to be replaced); an earlier
+    run is refused unless resumed or, with ``overwrite``, replaced (if it holds only what a
+    run writes)."""
     from esft_rs.training import checkpoint
 
+    if resume and overwrite:
+        raise EsftValueError(f"{option('resume', True)} continues the run in {out},"
+                             f" {option('overwrite', True)} replaces it: pass one of them")
     found = checkpoint.latest(out)
     if resume:
         if found is None and not (out / ADAPTER).exists():
             log.warning("%s: no checkpoint to resume from; starting at step 0", out)
-        return found
-    if found is not None or (out / ADAPTER).exists():
+        return found, False
+    if found is None and not (out / ADAPTER).exists():
+        return None, False
+    if not overwrite:
         raise EsftError(
             f"{out}: holds an earlier run; pass {option('resume', True)} to continue it,"
-            " or choose another directory"
+            f" {option('overwrite', True)} to replace it, or choose another directory"
         )
-    return None
+    others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    if others:
+        raise EsftError(f"{out}: holds {others[0]!r}, which no run writes; not replaced"
+                        " (choose another directory)")
+    return None, True
 
 
 def _refuse_finished(out: Path, last: Path | None, identity: dict[str, Any]) -> None:
