@@ -89,6 +89,9 @@ def eval_cmd(
             f" {result.label_tokens} answer tokens of {result.conversations} conversations")
     if result.exact_match is not None:
         line += f"; exact match {result.exact_match:.3f} ({result.correct}/{result.answered})"
+    if (unscored := result.conversations - result.answered) > 0:
+        line += (f"; {unscored} conversation{'s' if unscored > 1 else ''} not ending in an"
+                 " assistant reply to a user: in the loss, not in exact match")
     click.echo(line)
     if output is not None:
         figures = {**asdict(result), "perplexity": result.perplexity,
