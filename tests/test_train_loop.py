@@ -281,3 +281,12 @@ def test_overwrite_replaces_an_earlier_run_only_when_it_finishes(tmp_path: Path)
     with pytest.raises(EsftError, match=r"holds 'notes\.txt', which no run writes; not replaced"):
         run(out, steps=2, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_global_batch_note_under_torchrun() -> None:
+    from esft_rs.training.api import batch_note
+    from esft_rs.training.config import TrainConfig
+
+    cfg = TrainConfig(per_device_batch_size=2, gradient_accumulation_steps=4)
+    assert batch_note(cfg, 3, 512) == ("global batch 24 rows of 512 tokens a step = 3 processes"
+                                       " x per_device_batch_size 2 x gradient_accumulation_steps 4")

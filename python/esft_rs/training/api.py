@@ -120,6 +120,8 @@ def train(
         notes += _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
                                place.world)
         _check_data(net, tensors, train_idx, data)
+        if place.world > 1:
+            notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
         for note in notes:
             log.warning("%s", note)
         trainables = freeze(net, resolved)
@@ -351,6 +353,16 @@ def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, l
     return replace(cfg, seq_length=limit), [
         f"rows are cut to the model's context of {limit} tokens (max_position_embeddings),"
         f" not seq_length {cfg.seq_length} ({option('seq_length')})"]
+
+
+def batch_note(cfg: TrainConfig, world: int, row: int) -> str:
+    """The global batch of a run on ``world`` processes, as its parts multiply."""
+    from esft_rs.training.loop import global_batch_size
+
+    n = global_batch_size(cfg, world)
+    return (f"global batch {n} rows of {row} tokens a step = {world} processes x"
+            f" per_device_batch_size {cfg.per_device_batch_size} x gradient_accumulation_steps"
+            f" {cfg.gradient_accumulation_steps}")
 
 
 def _check_enough(n_train: int, rows: tuple[int, ...], cfg: TrainConfig, world: int
