@@ -75,6 +75,14 @@ def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str |
     plt.close(fig)
 
 
+def _marked(fmt: str | None) -> dict[str, Any]:
+    """The mark by which a later esft-rs run knows this plot as its own (``outputs``)."""
+    from esft_rs.outputs import PLOT_MARK
+
+    key = {"png": "Software", "pdf": "Creator", "svg": "Creator"}.get(fmt or "png")
+    return {"metadata": {key: PLOT_MARK.decode()}} if key else {}
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = None) -> None:
     """``fig.savefig`` into ``path`` (format from its suffix by default), whole or not at all."""
     from esft_rs.outputs import staged
@@ -82,4 +90,4 @@ def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = Non
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     fmt = format or suffix or None
     with staged(path) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, dpi=150, format=fmt)
+        fig.savefig(f, dpi=150, format=fmt, **_marked(fmt))

@@ -60,7 +60,7 @@ def eval_cmd(
 
     check_outputs([output], [model, *data])
     if output is not None:
-        check_target(output)
+        check_target(output, kind="eval")
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])

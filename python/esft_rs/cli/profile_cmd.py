@@ -85,7 +85,7 @@ def profile_cmd(
     from esft_rs.profiling import profile_model
 
     check_outputs([output, records], [model, *data])
-    check_target(output)
+    check_target(output, kind="routing")
     if records is not None and records.parent.is_dir():  # else made (with parents) at the end
         check_target(records)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)

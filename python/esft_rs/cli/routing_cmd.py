@@ -104,9 +104,9 @@ def select_cmd(
 
     _check_top_p(top_p)
     check_outputs([output, summary, plot], routing)
-    for path in (output, summary, plot):
+    for path, kind in ((output, "expert_config"), (summary, "summary"), (plot, "plot")):
         if path is not None:
-            check_target(path)
+            check_target(path, kind=kind)
     if plot is not None:
         from esft_rs.plot import MISSING, check_plot_path
 
