@@ -290,3 +290,18 @@ def test_global_batch_note_under_torchrun() -> None:
     cfg = TrainConfig(per_device_batch_size=2, gradient_accumulation_steps=4)
     assert batch_note(cfg, 3, 512) == ("global batch 24 rows of 512 tokens a step = 3 processes"
                                        " x per_device_batch_size 2 x gradient_accumulation_steps 4")
+
+
+def test_no_loss_over_zero_validation_tokens(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Held-out rows without answer tokens: no eval loss (it was 0.0 and kept as best)."""
+    from esft_rs.training.batches import split
+
+    data = fake_data()
+    _, val = split(len(data["input_ids"]), 0.02, 5934875)
+    data["labels"][val] = -100
+    with caplog.at_level("WARNING", logger="esft_rs.training"):
+        result = run(tmp_path / "out", data=data)
+    assert result.fit.eval_loss is None and result.fit.best_step is None
+    assert not any("eval_loss" in r for r in metrics(tmp_path / "out"))
+    assert caplog.text.count("the validation rows hold no answer tokens") == 1

@@ -173,6 +173,12 @@ BAD_FILES = {
                  '{"messages": [{"role": "bot", "content": "x"}]}\n',
     "one.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n',
     "nothing.jsonl": "\n",
+    # every assistant turn masked: only each example's BOS is labelled (official format),
+    # mid-row once packed, which the loss would count
+    "masked.jsonl": "".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                 {"role": "assistant", "content": "a", "mask": 1}]}) + "\n"
+        for i in range(120)),
 }
 
 
@@ -210,6 +216,7 @@ def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, args: list[str],
         (None, "empty.json", "empty.json: selects nothing to train"),
         ("bad.jsonl", None, "bad.jsonl:2: message 0 has unknown role"),
         ("nothing.jsonl", None, "nothing.jsonl: no conversations"),
+        ("masked.jsonl", None, "masked.jsonl: no answer tokens left in the training split"),
         ("one.jsonl", None, "no rows left to train on after the 0.02 validation split of 1"
                             " packed row of 1024 tokens: pass val_ratio=0 (no validation),"
                             " lower seq_length=, or add data"),

@@ -114,12 +114,12 @@ def train(
         notes = []  # shown once the data has passed its checks
         if not isinstance(data, Mapping):
             cfg, notes = _fit_context(cfg, net)
-        tensors = _load_data(data, base, cfg, skip_bad)
+        tensors, bos = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
         notes += _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
                                place.world)
-        _check_data(net, tensors, train_idx, data)
+        _check_data(net, tensors, train_idx, data, bos)
         if place.world > 1:
             notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
         for note in notes:
@@ -301,9 +301,9 @@ def _load_data(
     base: PathLike | None,
     cfg: TrainConfig,
     skip_bad: bool,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], int | None]:
     """Packed rows from chat data (``cfg.chat_template`` with the tokenizer of ``base``)
-    or as given."""
+    or as given, and the tokenizer's BOS id (None for rows given)."""
     import torch
 
     if isinstance(data, Mapping):
@@ -312,7 +312,7 @@ def _load_data(
             tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
         if not len(tensors["input_ids"]):
             raise InvalidFileError("data: no training examples")
-        return tensors
+        return tensors, None
     from esft_rs.data import read_task_data
     from esft_rs.tokenizer import load_tokenizer
 
@@ -321,22 +321,27 @@ def _load_data(
     task = read_task_data(data, skip_bad=skip_bad)
     if task.skipped:
         log.warning("skipped %d bad lines, the first: %s", len(task.skipped), task.skipped[0])
-    packed = task.pack(load_tokenizer(base, cfg.chat_template), seq_length=cfg.seq_length,
+    tokenizer = load_tokenizer(base, cfg.chat_template)
+    packed = task.pack(tokenizer, seq_length=cfg.seq_length,
                        random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
-    return packed._asdict()
+    return packed._asdict(), tokenizer.bos
 
 
 def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
-                train_idx: torch.Tensor, data: object) -> None:
+                train_idx: torch.Tensor, data: object, bos: int | None) -> None:
     """Packed rows against the model, before the first step: ids in its vocabulary, and
-    answer tokens to learn from in the training split."""
-    from esft_rs.data import loss_tokens
+    answer tokens to learn from in the training split: tokens the loss counts other than
+    the BOS that starts each example (the official format labels it, so a row of fully
+    masked conversations still held loss tokens, BOS mid-row, and "trained" on them)."""
+    from esft_rs.data import IGNORE_INDEX
     from esft_rs.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
     check_token_ids(int(ids.min()), int(ids.max()), net, origin)
-    check_answer_tokens(loss_tokens(tensors["labels"][train_idx]), origin,
+    counted = tensors["labels"][train_idx][:, 1:]  # as the loss counts them (shifted)
+    answers = (counted != IGNORE_INDEX) & (counted != bos if bos is not None else True)
+    check_answer_tokens(int(answers.sum()), origin,
                         f"in the training split after packing into rows of {ids.shape[-1]}")
 
 

@@ -191,6 +191,7 @@ class Loop:
         self.window = _empty_window()
         self.history: list[dict[str, Any]] = []
         self.grad_bytes = 0
+        self._warned_empty_eval = False
 
     # --- data -----------------------------------------------------------------------------
 
@@ -262,7 +263,13 @@ class Loop:
         if self.fsdp:
             sharding.reshard(self.model)
         self.model.train()
-        return loss / max(1.0, n)
+        if not n:  # no answer token among the held-out rows: there is no loss to report
+            if not self._warned_empty_eval:
+                log.warning("the validation rows hold no answer tokens: no eval loss, and the"
+                            " last weights are kept")
+                self._warned_empty_eval = True
+            return None
+        return loss / n
 
     def _keep_if_best(self, step: int, loss: float) -> None:
         if self.best_loss is None or loss < self.best_loss:
