@@ -113,7 +113,9 @@ def test_our_keys_and_yaml_float_strings(tmp_path: Path) -> None:
         ("gradient_checkpointing: 1\n", "gradient_checkpointing must be bool, got 1"),
         ("learning_rate: fast\n", "learning_rate must be float, got 'fast'"),
         ("steps: 0\n", "steps must be positive, got 0"),
-        ("adam_beta2: 1.5\n", "adam_beta2 must be in [0, 1], got 1.5"),
+        ("adam_beta2: 1.5\n", "adam_beta2 must be in [0, 1), got 1.5"),
+        ("adam_beta1: 1.0\n", "adam_beta1 must be in [0, 1), got 1.0"),  # torch refused it
+        ("adam_beta2: 1\n", "adam_beta2 must be in [0, 1), got 1.0"),
         ("val_ratio: 1\n", "val_ratio must be in [0, 1), got 1.0"),
         ("mode: lora\n", "mode must be one of esft, full, random, got 'lora'"),
         ("- steps\n", "expected a mapping of keys to values"),

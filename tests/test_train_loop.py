@@ -305,3 +305,32 @@ def test_no_loss_over_zero_validation_tokens(tmp_path: Path,
     assert result.fit.eval_loss is None and result.fit.best_step is None
     assert not any("eval_loss" in r for r in metrics(tmp_path / "out"))
     assert caplog.text.count("the validation rows hold no answer tokens") == 1
+
+
+@pytest.mark.parametrize("damage", ["state.json", "state-step", "dcp", "rng-0.pt",
+                                    "scheduler.pt"])
+def test_resume_on_a_damaged_checkpoint_is_one_line(tmp_path: Path, damage: str) -> None:
+    """Garbage state.json, a step beyond `steps`, a truncated .distcp, garbage rng or
+    scheduler files: one line naming the checkpoint, no traceback, nothing changed."""
+    out = tmp_path / "out"
+
+    def crash(done: int, record: dict) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(out, on_step=crash)
+    last = out / "checkpoints" / "step-3"
+    if damage == "state-step":
+        state = json.loads((last / "state.json").read_text())
+        (last / "state.json").write_text(json.dumps({**state, "step": 600}))
+    elif damage == "dcp":
+        shard = next((last / "dcp").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (last / damage).write_bytes(b"\x00garbage{")
+    with pytest.raises(InvalidFileError,
+                       match=r"step-3: damaged checkpoint, cannot resume \(") as e:
+        run(out, resume=True)
+    assert "\n" not in str(e.value) and "remove" in str(e.value)
+    assert not (out / "adapter.safetensors").exists()

@@ -274,12 +274,11 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path | Non
 def _refuse_finished(out: Path, last: Path | None, identity: dict[str, Any]) -> None:
     """``--resume`` of a run that wrote its adapter: nothing to do, and nothing is changed.
     A checkpoint made from other inputs is named as such first (the usual resume check)."""
-    import json
 
     from esft_rs.training import checkpoint
 
     if last is not None:
-        checkpoint.check_identity(last, json.loads((last / "state.json").read_text()), identity)
+        checkpoint.check_identity(last, checkpoint.read_state(last), identity)
     raise EsftError(
         f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
         " (choose another directory to train again)"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from esft_rs.distributed import Dist, from_rank0
-from esft_rs.errors import MismatchError
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.outputs import staged, write_file
 from esft_rs.training.freeze import Trainable
 
@@ -42,6 +42,36 @@ def latest(out_dir: Path) -> Path | None:
         if p.name[len(PREFIX):].isdigit() and (p / "state.json").is_file()
     ]
     return max(found)[1] if found else None
+
+
+def read_state(path: Path, steps: int | None = None) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, checked: a JSON object whose step is a whole
+    number in 1..``steps``. Anything else is a damaged checkpoint (``damaged``)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise damaged(path, e) from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise damaged(path, ValueError(f"state.json: step {step!r} is not a step number"))
+    if steps is not None and step > steps:
+        raise damaged(path, ValueError(f"state.json: step {step} is beyond the run's {steps}"
+                                       " steps"))
+    return state
+
+
+def damaged(path: Path, e: BaseException) -> EsftError:
+    """One line for a checkpoint that cannot be read: what failed, and what to do."""
+    if isinstance(e, EsftError):
+        return e
+    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, stack)}
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) and inner else e
+    text = " ".join(str(e).split())
+    why = f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+    return InvalidFileError(f"{path}: damaged checkpoint, cannot resume ({why}); remove"
+                            f" {path.parent} to train from the start", path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -132,7 +162,7 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
     if not diffs:
         return
     k = diffs[0]
-    if k == "config":
+    if k == "config" and isinstance(saved.get(k), dict):
         keys = [key for key in current[k] if saved[k].get(key) != current[k][key]]
         what = ", ".join(f"{key}={saved[k].get(key)!r} there, {current[k][key]!r} here"
                          for key in keys[:3])
@@ -160,12 +190,24 @@ def read(
     the checkpoint has them); returns its state. A rank the writing run did not have
     keeps its RNG state: training draws no random numbers after the data is split."""
     import torch.distributed.checkpoint as dcp
+
+    state = read_state(path)
+    try:
+        _read(path, model, trainables, optimizer, scheduler, best, place)
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated .distcp, a garbage
+        raise damaged(path, e) from None  # rng or scheduler file
+    return state
+
+
+def _read(path: Path, model: torch.nn.Module, trainables: list[Trainable],
+          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+          best: dict[str, torch.Tensor] | None, place: Dist) -> None:
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_optimizer_state_dict,
     )
 
-    state = json.loads((path / "state.json").read_text())
     loaded = _state_dict(model, trainables, optimizer, best)
     # get_optimizer_state_dict gives every parameter state to load into; one that had no
     # gradient yet had none when saved, and must have none again (AdamW counts its steps).
@@ -182,4 +224,3 @@ def read(
     rng = path / f"rng-{place.rank}.pt"
     if rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
-    return state

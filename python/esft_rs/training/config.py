@@ -112,9 +112,11 @@ class TrainConfig:
         for k in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"):
             if getattr(self, k) < 0:
                 out.append(f"{k} must not be negative, got {getattr(self, k)}")
-        for k in ("adam_beta1", "adam_beta2", "random_concat_ratio"):
-            if not 0 <= getattr(self, k) <= 1:
-                out.append(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        for k in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses 1.0
+            if not 0 <= getattr(self, k) < 1:
+                out.append(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if not 0 <= self.random_concat_ratio <= 1:
+            out.append(f"random_concat_ratio must be in [0, 1], got {self.random_concat_ratio}")
         if not 0 <= self.val_ratio < 1:
             out.append(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.mode not in MODES:

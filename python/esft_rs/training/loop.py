@@ -292,18 +292,25 @@ class Loop:
         )
 
     def restore(self, path: Path) -> int:
-        state = json.loads((path / "state.json").read_text())
+        state = checkpoint.read_state(path, self.cfg.steps)
         checkpoint.check_identity(path, state, self.identity)
-        if state["best_step"] is not None:
-            self._keep_if_best(state["best_step"], state["best_loss"])  # tensors to load into
+        try:
+            window = {k: type(v)(state["window"][k]) for k, v in _empty_window().items()}
+            best_step, best_loss = state["best_step"], state["best_loss"]
+            if best_step is not None:
+                best_step, best_loss = int(best_step), float(best_loss)
+        except (KeyError, TypeError, ValueError) as e:
+            raise checkpoint.damaged(path, e) from None
+        if best_step is not None:
+            self._keep_if_best(best_step, best_loss)  # tensors to load into
         checkpoint.read(
             path, model=self.model, trainables=self.trainables, optimizer=self.optimizer,
             scheduler=self.scheduler, best=self.best, place=self.place,
         )
         if self.fsdp:
             sharding.sync_fused_slices(self.model)
-        self.window = state["window"]
-        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+        self.window = window
+        self.best_loss, self.best_step = best_loss, best_step
         return int(state["step"])
 
     # --- the run ------------------------------------------------------------------------------
