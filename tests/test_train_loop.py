@@ -334,3 +334,20 @@ def test_resume_on_a_damaged_checkpoint_is_one_line(tmp_path: Path, damage: str)
         run(out, resume=True)
     assert "\n" not in str(e.value) and "remove" in str(e.value)
     assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_second_train_onto_a_run_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """Two trains onto one directory at once: the second is refused (both ran to the end and
+    the first's result was lost); the lock goes with the run."""
+    import os
+
+    from esft_rs.training.api import run_lock
+
+    out = tmp_path / "out"
+    with run_lock(out):
+        with pytest.raises(EsftError, match=rf"out: another train is writing to it now"
+                                            rf" \(process {os.getpid()}\)"):
+            run(out, steps=2)
+    assert not out.exists()
+    run(out, steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

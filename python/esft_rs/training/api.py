@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import inspect
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,7 +100,7 @@ def train(
         check_target(save_merged, overwrite=False)
     cfg = _config(config, overrides)
     dev = device_for(device)
-    with process_group(dev) as place:
+    with run_lock(out), process_group(dev) as place:
         fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         if not isinstance(model, torch.nn.Module):
             base = model
@@ -160,6 +161,40 @@ def train(
             shutil.rmtree(aside, ignore_errors=True)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Holds the run directory ``out`` for this run (the main process of a torchrun job):
+    a second ``train`` onto it meanwhile is refused, not left to overwrite the first's
+    checkpoints and adapter. The lock is a hidden file beside ``out``, gone after the run."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    import fcntl
+
+    lock = out.with_name(f".{out.name}.esft-lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a folder we cannot write: check_target has named it already
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another"
+            raise EsftError(f"{out}: another train is writing to it now (process {holder});"
+                            " wait for it, or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        os.close(fd)
 
 
 def _fit_and_write(
