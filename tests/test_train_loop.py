@@ -351,3 +351,16 @@ def test_a_second_train_onto_a_run_directory_in_use_is_refused(tmp_path: Path) -
     assert not out.exists()
     run(out, steps=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ctrl_c_while_the_loop_sets_up_leaves_no_run_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esft_rs.training import loop
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Loop, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -145,17 +145,19 @@ def train(
         created = place.main and not out.exists()
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
-        place.barrier()
         try:
+            place.barrier()
             fit, adapter, merged = _fit_and_write(
                 Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
                      place=place, identity=identity),
-                resume_from, progress, on_step, created, net, trainables, on_disk, place, fsdp,
+                resume_from, progress, on_step, net, trainables, on_disk, place, fsdp,
                 resolved, fingerprint, cfg, base, save_merged, requantize_fp8)
-        except BaseException:
+        except BaseException:  # Ctrl-C in Loop's set-up too
             if aside is not None:  # the earlier run comes back; the new one's files go
                 shutil.rmtree(out, ignore_errors=True)
                 aside.rename(out)
+            elif created:
+                _remove_if_nothing_to_resume(out)
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -199,7 +201,7 @@ def run_lock(out: Path) -> Iterator[None]:
 
 def _fit_and_write(
     loop: Any, resume_from: Path | None, progress: bool,
-    on_step: Callable[[int, dict[str, Any]], None] | None, created: bool, net: torch.nn.Module,
+    on_step: Callable[[int, dict[str, Any]], None] | None, net: torch.nn.Module,
     trainables: list[Trainable], on_disk: Mapping[str, TensorInfo], place: Any, fsdp: bool,
     resolved: ExpertConfig, fingerprint: str | None, cfg: TrainConfig, base: PathLike | None,
     save_merged: PathLike | None, requantize_fp8: bool,
@@ -209,12 +211,7 @@ def _fit_and_write(
     from esft_rs.training.freeze import checkpoint_tensors
 
     out = loop.out_dir
-    try:
-        fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
-    except BaseException:
-        if created:
-            _remove_if_nothing_to_resume(out)
-        raise
+    fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
     if fit.unchanged:
         log.warning(
             "%d trained tensors did not change (experts that no token reached?): %s",
@@ -250,13 +247,12 @@ def _set_aside(out: Path) -> Path:
 
 
 def _remove_if_nothing_to_resume(out: Path) -> None:
-    """A run directory this run created, failed before its first checkpoint: it holds
-    nothing to resume (only metrics), so it goes, and the run leaves nothing behind."""
-    import shutil
-
+    """A run directory this run created, failed before its first checkpoint (or stopped by
+    Ctrl-C while it set up): it holds nothing to resume and no adapter (only metrics), so it
+    goes, and the run leaves nothing behind."""
     from esft_rs.training import checkpoint
 
-    if checkpoint.latest(out) is None:
+    if checkpoint.latest(out) is None and not (out / ADAPTER).exists():
         shutil.rmtree(out, ignore_errors=True)
 
 
