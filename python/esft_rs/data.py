@@ -152,6 +152,7 @@ def _rows(path: Path) -> Iterator[tuple[str, bytes | object]]:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:  # header, truncation, corrupt stream
             raise InvalidFileError(f"{path}: not a valid gzip file ({e})", path) from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the file's byte-order mark; none mid-file
     for number, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             yield f"{path}:{number}", line
@@ -183,7 +184,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _parse_line(line: bytes) -> list[Message]:
-    obj, why = json_problem(line)
+    obj, why = json_problem(line, bom=False)
     if why is not None:
         raise EsftValueError(why)
     return _parse_messages(obj)
