@@ -384,3 +384,15 @@ def test_own_outputs_are_replaced_on_a_rerun(ws: Path, tmp_path: Path) -> None:
         proc = cli("eval", ws / "model", ws / "data.jsonl", "--device", "cpu", "-o",
                    tmp_path / "f.json")
         assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("length", [215, 240, 255])
+def test_output_names_up_to_the_file_name_limit(ws: Path, tmp_path: Path, length: int) -> None:
+    """A staging name holds at most 120 bytes of the output's name, so any name the file
+    system takes can be written (215-255 bytes failed with 'File name too long', naming
+    the hidden staging path)."""
+    name = "e" * (length - len(".json")) + ".json"
+    for _ in range(2):  # written, then replaced
+        proc = cli("select", ws / "routing.safetensors", "-o", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -60,14 +60,21 @@ def read_state(path: Path, steps: int | None = None) -> dict[str, Any]:
     return state
 
 
+def _first_failure(e: BaseException) -> BaseException:
+    """The error inside DCP's CheckpointException ({rank: (error, stack)}), else ``e``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            return inner[0]
+    return e
+
+
 def damaged(path: Path, e: BaseException) -> EsftError:
     """One line for a checkpoint that cannot be read: what failed, and what to do."""
     if isinstance(e, EsftError):
         return e
-    failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, stack)}
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        e = inner[0] if isinstance(inner, tuple) and inner else e
+    e = _first_failure(e)
     text = " ".join(str(e).split())
     why = f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
     return InvalidFileError(f"{path}: damaged checkpoint, cannot resume ({why}); remove"
@@ -139,8 +146,13 @@ def write(
         tmp = from_rank0(tmp)
         torch.save(rng_state(), tmp / f"rng-{place.rank}.pt")
         with _single_process_quiet():
-            dcp.save(_state_dict(model, trainables, optimizer, best), checkpoint_id=tmp / DCP,
-                     no_dist=place.world == 1)
+            try:
+                dcp.save(_state_dict(model, trainables, optimizer, best),
+                         checkpoint_id=tmp / DCP, no_dist=place.world == 1)
+            except dcp.api.CheckpointException as e:
+                # DCP wraps a failed write (a full disk, a file size limit) in a BaseException:
+                # raise what failed, which the staging turns into one line naming the output
+                raise _first_failure(e) from None
         if place.main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_file(tmp / "state.json", json.dumps({"step": step, **state}, indent=1))
