@@ -231,7 +231,8 @@ def test_a_full_disk_is_one_line_naming_the_output(ws: Path, tmp_path: Path,
     args = {
         "init-model": ["init-model", "-o", tmp_path / "m"],
         "profile-records": ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu",
-                             "--tokens", "64", "--seq-len", "32", "-o", tmp_path / "r.safetensors",
+                             "--tokens", "64", "--seq-length", "32", "-o",
+                             tmp_path / "r.safetensors",
                              "--records", tmp_path / "rec"],
         "train": ["train", ws / "base", ws / "task.jsonl", "-e", ws / "cfg.json", "-o",
                    tmp_path / "out", "--steps", "2", "--save-steps", "1", "--seq-length", "32",
@@ -318,7 +319,7 @@ def test_bad_devices_are_refused_in_one_line(ws: Path, tmp_path: Path, command: 
 def test_profile_outputs_commit_together_keeping_earlier_ones(ws: Path, tmp_path: Path, sig: str,
                                                               point: str) -> None:
     def profile(tokens: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        args = ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu", "--seq-len", "32",
+        args = ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu", "--seq-length", "32",
                 "--tokens", str(tokens), "-o", tmp_path / "r.safetensors",
                 "--records", tmp_path / "rec"]
         return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
@@ -440,7 +441,7 @@ def test_json_inputs_may_start_with_a_byte_order_mark(ws: Path, tmp_path: Path) 
     for args in (["plan", model, "-e", cfg],
                  ["split", model, "--experts", cfg, "-o", out / "a.safetensors"],  # Rust reads
                  ["merge", model, out / "a.safetensors", "-o", out / "merged"],
-                 ["profile", model, data, "--device", "cpu", "--tokens", "32", "--seq-len", "32",
+                 ["profile", model, data, "--device", "cpu", "--tokens", "32", "--seq-length", "32",
                   "-o", out / "r.safetensors"]):
         proc = run_cli(*args)
         assert proc.returncode == 0, (args[0], proc.stderr)
@@ -524,7 +525,7 @@ def test_a_tokenizer_json_that_is_not_a_file_is_named(ws: Path, tmp_path: Path, 
     else:
         (model / "tokenizer.json").symlink_to(tmp_path / "gone.json")
     proc = run_cli("profile", model, ws / "task.jsonl", "--device", "cpu", "--tokens", "32",
-                   "--seq-len", "32", "-o", tmp_path / "r.safetensors")
+                   "--seq-length", "32", "-o", tmp_path / "r.safetensors")
     one_error(proc, model / "tokenizer.json",
               "is a directory" if bad == "folder" else "No such file")
     assert not (tmp_path / "r.safetensors").exists()

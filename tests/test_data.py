@@ -210,3 +210,22 @@ def test_parsing_does_not_import_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_jsonl_is_strict_json(tmp_path: Path) -> None:
+    """NaN / Infinity and a byte-order mark inside the file are not JSON (docs/inputs.md);
+    a byte-order mark at the very start is the file's, and fine."""
+    from esft_rs.data import read_task_data
+    from esft_rs.errors import InvalidFileError
+
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
+    assert len(read_task_data(tmp_path / "bom.jsonl").conversations) == 1
+    for name, second, why in [
+        ("nan.jsonl", good[:-1] + ', "score": NaN}', "NaN is not JSON"),
+        ("inf.jsonl", good[:-1] + ', "score": -Infinity}', "-Infinity is not JSON"),
+        ("midbom.jsonl", "\ufeff" + good, "Unexpected UTF-8 BOM"),
+    ]:
+        (tmp_path / name).write_text(good + "\n" + second + "\n")
+        with pytest.raises(InvalidFileError, match=rf"{name}:2: not valid JSON \({why}"):
+            read_task_data(tmp_path / name)

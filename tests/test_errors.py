@@ -102,3 +102,21 @@ def test_python_file_errors_carry_the_path(tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
     assert info.value.path == str(tmp_path / "config.json")
     assert str(info.value) == f"{tmp_path / 'config.json'}: not a JSON object"
+
+
+def test_api_errors_name_the_keyword_the_cli_the_flag(tmp_path) -> None:
+    """The core's "pass --overwrite" reads "pass overwrite=True" from Python; the CLI keeps
+    its flags."""
+    from conftest import run_cli
+    from esft_rs.models import init_model, save_model
+
+    save_model(init_model("tiny"), tmp_path / "m")
+    with pytest.raises(esft_rs.EsftValueError, match=r"already exists \(pass overwrite=True"):
+        save_model(init_model("tiny"), tmp_path / "m")
+    (tmp_path / "e.json").write_text('{"experts": {"1": [0]}}')
+    esft_rs.split(tmp_path / "m", tmp_path / "a.safetensors", experts=tmp_path / "e.json")
+    with pytest.raises(esft_rs.EsftValueError, match=r"already exists \(pass overwrite=True"):
+        esft_rs.split(tmp_path / "m", tmp_path / "a.safetensors", experts=tmp_path / "e.json")
+    proc = run_cli("split", tmp_path / "m", "-o", tmp_path / "a.safetensors", "--experts",
+                   tmp_path / "e.json")
+    assert proc.returncode == 2 and "(pass --overwrite to replace it)" in proc.stderr

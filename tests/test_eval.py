@@ -211,3 +211,22 @@ def test_evaluate_on_a_sharded_model_in_a_torchrun_job(tmp_path: Path) -> None:
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got == {"conversations": 7, "label_tokens": one.label_tokens,
                        "loss": pytest.approx(one.loss, rel=1e-6), "answered": 7, "correct": 4}
+
+
+def test_cli_says_which_conversations_exact_match_leaves_out(tmp_path: Path) -> None:
+    """One of 4 conversations ends in a user turn (and a bad line is skipped): the line says
+    it is in the loss but not among the 3 exact match scores."""
+    from esft_rs.models import init_model, save_model
+
+    save_model(init_model("tiny"), tmp_path / "m")
+    turns = [[("user", "hi"), ("assistant", "yo")], [("user", "a"), ("assistant", "b")],
+             [("user", "c"), ("assistant", "d")],
+             [("user", "c"), ("assistant", "d"), ("user", "more?")]]
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n"
+        for conv in turns) + "not json\n")
+    proc = run_cli("eval", tmp_path / "m", tmp_path / "d.jsonl", "--skip-bad", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "of 4 conversations; exact match" in proc.stdout and "/3);" in proc.stdout
+    assert ("1 conversation not ending in an assistant reply to a user: in the loss, not in"
+            " exact match") in proc.stdout

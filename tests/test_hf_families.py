@@ -178,7 +178,7 @@ def test_split_then_merge_reproduces_the_trained_model(family: Path, tmp_path: P
 
 def test_profile_cli_on_a_transformers_directory(mixtral: Path, tmp_path: Path) -> None:
     proc = run_cli("profile", mixtral / "base", mixtral / "task.jsonl", "-o", tmp_path / "r.st",
-                   "--seq-len", "32", "--device", "cpu", check=True)
+                   "--seq-length", "32", "--device", "cpu", check=True)
     assert "3 MoE layers x 8 experts, top-2" in proc.stdout
     stats = esft_rs.RoutingStats.load(tmp_path / "r.st")
     assert stats.layers == [0, 1, 2]

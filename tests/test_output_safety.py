@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -62,7 +63,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "data.jsonl").write_text(plus_chat(6, 4))
     (root / "experts.json").write_text(json.dumps(EXPERTS))
     for args in (["profile", "model", "data.jsonl", "-o", "routing.safetensors", "--tokens", "64",
-                  "--seq-len", "64", "--device", "cpu"],
+                  "--seq-length", "64", "--device", "cpu"],
                  ["split", "model", "--experts", "experts.json", "-o", "adapter.safetensors"]):
         proc = cli(*args, cwd=root)
         assert proc.returncode == 0, proc.stderr
@@ -229,7 +230,7 @@ def test_interrupted_select(ws: Path, tmp_path: Path, sig: str, point: str) -> N
 @pytest.mark.parametrize("point", ["r.safetensors", "rec"])
 def test_interrupted_profile(ws: Path, tmp_path: Path, sig: str, point: str) -> None:
     args = ["profile", ws / "model", ws / "data.jsonl", "-o", "r.safetensors", "--records", "rec",
-            "--tokens", "64", "--seq-len", "64", "--device", "cpu"]
+            "--tokens", "64", "--seq-length", "64", "--device", "cpu"]
     interrupted(sig, point, *args, cwd=tmp_path)
     assert not (tmp_path / point).exists()
     if sig == "INT":
@@ -334,3 +335,64 @@ def test_staging_names_are_unique_per_run(tmp_path: Path) -> None:
     assert a.path != b.path and _core.STAGING_MARK in Path(a.path).name
     a.discard()
     b.discard()
+
+
+# Each command replaces only its own kind of output, recognised by content.
+FOREIGN_CASES = {
+    "eval-onto-adapter": (["eval", "model", "data.jsonl", "--device", "cpu", "-o"],
+                          "adapter.safetensors", "eval figures"),
+    "eval-onto-expert-config": (["eval", "model", "data.jsonl", "--device", "cpu", "-o"],
+                                "experts.json", "eval figures"),
+    "profile-onto-adapter": (["profile", "model", "data.jsonl", "--tokens", "64",
+                              "--seq-length", "64", "--device", "cpu", "-o"],
+                             "adapter.safetensors", "a routing-stats file"),
+    "select-onto-adapter": (["select", "routing.safetensors", "-o"], "adapter.safetensors",
+                            "an expert config"),
+    "select-onto-another-routing": (["select", "routing.safetensors", "-o"],
+                                    "other-task.safetensors", "an expert config"),
+    "select-summary-onto-adapter": (["select", "routing.safetensors", "-o", "e2.json",
+                                     "--summary"], "adapter.safetensors", "a summary.json"),
+    "select-plot-onto-a-png": (["select", "routing.safetensors", "-o", "e2.json", "--plot"],
+                               "mine.png", "a plot"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN_CASES))
+def test_a_command_replaces_only_its_own_kind_of_output(ws: Path, tmp_path: Path,
+                                                        case: str) -> None:
+    args, target, kind = FOREIGN_CASES[case]
+    here = tmp_path / "ws"
+    shutil.copytree(ws, here)
+    (here / "mine.png").write_bytes(b"\x89PNG\r\n\x1a\n a user's picture")
+    shutil.copy(here / "routing.safetensors", here / "other-task.safetensors")
+    before = snapshot(here)
+    proc = cli(*args, target, cwd=here)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"esft-rs: error: {target}: is not {kind}")
+    assert "not replaced" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert snapshot(here) == before
+
+
+def test_own_outputs_are_replaced_on_a_rerun(ws: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    args = ["select", ws / "routing.safetensors", "-o", tmp_path / "e.json", "--summary",
+            tmp_path / "s.json", "--plot", tmp_path / "h.png"]
+    for _ in range(2):
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stderr
+    for _ in range(2):
+        proc = cli("eval", ws / "model", ws / "data.jsonl", "--device", "cpu", "-o",
+                   tmp_path / "f.json")
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("length", [215, 240, 255])
+def test_output_names_up_to_the_file_name_limit(ws: Path, tmp_path: Path, length: int) -> None:
+    """A staging name holds at most 120 bytes of the output's name, so any name the file
+    system takes can be written (215-255 bytes failed with 'File name too long', naming
+    the hidden staging path)."""
+    name = "e" * (length - len(".json")) + ".json"
+    for _ in range(2):  # written, then replaced
+        proc = cli("select", ws / "routing.safetensors", "-o", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [name]

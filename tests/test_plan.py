@@ -5,6 +5,7 @@ it reads headers only (no torch) and says what to change when a run does not fit
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,9 +147,20 @@ def test_json_has_the_figures(models: dict[str, Path], tmp_path: Path) -> None:
 def test_says_whether_it_fits_and_what_to_change(models: dict[str, Path]) -> None:
     fits = run_cli("plan", models["builtin"], "--mode", "full", check=True).stdout
     assert "fits in 80.0 GiB per device" in fits
-    small = run_cli("plan", models["builtin"], "--mode", "full", "--gpu-memory", "8MiB",
-                    "--seq-length", "64", "--no-gradient-checkpointing", check=True).stdout
+    # trained of the whole model, not beside a frozen count that reads as the rest
+    counts = re.search(r"parameters trained: ([\d,]+) of ([\d,]+) \(100\.00%; the rest frozen\)",
+                       fits)
+    assert counts and counts[1] == counts[2]
+    proc = run_cli("plan", models["builtin"], "--mode", "full", "--gpu-memory", "8MiB",
+                   "--seq-length", "64", "--no-gradient-checkpointing")
+    assert proc.returncode == 3, proc.stderr  # its own exit code: not a failure, not bad input
+    small = proc.stdout
     assert "does NOT fit in 8.0 MiB" in small
+    # one unit for every figure, the advice's too
+    figures = re.findall(r"\d [KMGT]?i?B\b", small)
+    assert figures and all(f.endswith("MiB") for f in figures), small
+    assert run_cli("plan", models["builtin"], "--mode", "full", "--gpu-memory", "8MiB",
+                   "--json").returncode == 3
     # 15 MiB of fp32 weights, gradients and AdamW state: 4 ranks hold 3.8 MiB each
     assert "gradient checkpointing" in small and "use 4 or more ranks (--nproc 4)" in small
 

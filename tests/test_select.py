@@ -263,3 +263,27 @@ def test_select_does_not_import_torch(tmp_path):
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_routing_report_names_layers_without_tokens(tmp_path: Path) -> None:
+    """A layer no token reached: a warning naming it, and "-" where its figures would be,
+    not nan."""
+    import numpy as np
+
+    from esft_rs.routing import RoutingStats
+
+    counts = np.array([[6, 3, 2, 1], [0, 0, 0, 0]])
+    z = np.zeros((2, 4))
+    for name in ("a", "b"):
+        RoutingStats([1, 2], counts, counts * 0.1, np.array([6, 0]), 2, 1, z, z).save(
+            tmp_path / f"{name}.safetensors")
+    only_empty = np.zeros((1, 4), dtype=np.int64)
+    RoutingStats([1], only_empty, np.zeros((1, 4)), np.array([0]), 2, 1, np.zeros((1, 4)),
+                 np.zeros((1, 4))).save(tmp_path / "empty.safetensors")
+    proc = run_cli("routing-report", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "no tokens in layer 2; left out of the figures" in proc.stderr
+    assert "nan" not in proc.stdout
+    proc = run_cli("routing-report", tmp_path / "empty.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert "nan" not in proc.stdout and " -/-" in proc.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import esft_rs
 from esft_rs.errors import InvalidFileError
 from esft_rs.training import TrainConfig, load_config
 
@@ -58,6 +59,31 @@ def test_starter_configs(tmp_path: Path) -> None:
     assert not small.gradient_checkpointing and small.gradient_accumulation_steps == 1
 
 
+def test_starter_configs_ship_in_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    """``-c small`` names the packaged file, wherever esft-rs is run; a clone's configs/
+    holds the same files; a file of that name here wins; a wrong name says what exists."""
+    from esft_rs.training.config import STARTER_CONFIGS, config_path, starter_config
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    for name in STARTER_CONFIGS:
+        packaged = starter_config(name)
+        assert packaged.is_file() and packaged.parent.parent == Path(esft_rs.__file__).parent
+        assert load_config(name)[0] == load_config(root / "configs" / f"{name}.yaml")[0]
+        assert (root / "configs" / f"{name}.yaml").read_bytes() == packaged.read_bytes()
+    # the wheel carries them (maturin's include list)
+    tomllib = pytest.importorskip("tomllib")
+    includes = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["maturin"]["include"]
+    assert any(Path(f"python/esft_rs/configs/{n}.yaml").match(i["path"])
+               for n in STARTER_CONFIGS for i in includes)
+    write(tmp_path, "steps: 3\n").rename(tmp_path / "small")
+    assert config_path("small") == Path("small") and load_config("small")[0].steps == 3
+    with pytest.raises(esft_rs.EsftError, match=r"smal: No such file or directory \(nor a"
+                       r" starter config: base, small\)"):
+        load_config("smal")
+
+
 def test_official_base_yaml_loads_unchanged(tmp_path: Path) -> None:
     cfg, notes = load_config(write(tmp_path, OFFICIAL_BASE))
     # Our defaults are the official values, so the file changes nothing.
@@ -87,7 +113,9 @@ def test_our_keys_and_yaml_float_strings(tmp_path: Path) -> None:
         ("gradient_checkpointing: 1\n", "gradient_checkpointing must be bool, got 1"),
         ("learning_rate: fast\n", "learning_rate must be float, got 'fast'"),
         ("steps: 0\n", "steps must be positive, got 0"),
-        ("adam_beta2: 1.5\n", "adam_beta2 must be in [0, 1], got 1.5"),
+        ("adam_beta2: 1.5\n", "adam_beta2 must be in [0, 1), got 1.5"),
+        ("adam_beta1: 1.0\n", "adam_beta1 must be in [0, 1), got 1.0"),  # torch refused it
+        ("adam_beta2: 1\n", "adam_beta2 must be in [0, 1), got 1.0"),
         ("val_ratio: 1\n", "val_ratio must be in [0, 1), got 1.0"),
         ("mode: lora\n", "mode must be one of esft, full, random, got 'lora'"),
         ("- steps\n", "expected a mapping of keys to values"),

@@ -107,3 +107,50 @@ def test_stop_request_restores_the_handler() -> None:
     assert stop() and signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C: at once
     stop.close()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_checkpoint_over_a_file_size_limit_is_one_line(files: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """`ulimit -f` (or a full disk) while a checkpoint is written: one line naming the
+    checkpoint, exit 2, no traceback, and no partial checkpoint."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "esft_rs", "train", files["base"], files["data"], "-e",
+         files["experts"], "-o", out, "--steps", "2", "--save-steps", "1", "--seq-length", "64",
+         "--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--device",
+         "cpu", "--no-gradient-checkpointing"],
+        capture_output=True, text=True, timeout=600, env=ENV, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("esft-rs:")]
+    assert len(lines) == 1 and lines[0].startswith("esft-rs: error: "), proc.stderr[-2000:]
+    assert "checkpoints/step-1: could not be written" in lines[0], lines[0]
+    assert not out.exists() or not any((out / "checkpoints").glob("*"))
+
+
+def test_a_failed_distributed_checkpoint_write_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DCP wraps a failed write (ENOSPC) in a CheckpointException, a BaseException that
+    went past the staging's error handling as a traceback; it is the I/O error again."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise dcp.api.CheckpointException(
+            "save", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(esft_rs.EsftIOError, match=r"step-1: No space left on device") as e:
+        esft_rs.train(FakeMoE(), fake_data(), out, EXPERTS, progress=False, steps=2,
+                      per_device_batch_size=2, gradient_accumulation_steps=2, save_steps=1,
+                      gradient_checkpointing=False)
+    assert "\n" not in str(e.value)
+    assert not out.exists()

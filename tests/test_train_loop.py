@@ -103,15 +103,42 @@ def test_bad_data(tmp_path: Path) -> None:
     empty = {k: v[:0] for k, v in fake_data().items()}
     with pytest.raises(InvalidFileError, match="no training examples"):
         run(tmp_path / "a", data=empty)
-    with pytest.raises(EsftError, match=r"5 training sequences .* than one global batch of 8"):
+    with pytest.raises(EsftError, match=r"no rows left to train on after the 0\.5 validation"
+                       r" split of 1 packed row of 12 tokens: pass val_ratio=0"):
+        run(tmp_path / "b", data=fake_data(n=1), val_ratio=0.5)
+    assert not (tmp_path / "b").exists()
+
+
+def test_data_smaller_than_a_global_batch_is_cycled(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """5 training rows, global batch 8: each step takes the next 8 of the epochs' shuffles,
+    with a note, instead of a refusal."""
+    with caplog.at_level("WARNING", logger="esft_rs.training"):
         run(tmp_path / "b", data=fake_data(n=6), per_device_batch_size=4)
-    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    assert ("5 training sequences (after the 0.02 validation split) are fewer than one global"
+            " batch of 8" in caplog.text and "each step cycles through them, 1.6 epochs a step"
+            in caplog.text)
+    assert (tmp_path / "b" / "adapter.safetensors").exists()
+    assert [r["epoch"] for r in metrics(tmp_path / "b") if "loss" in r][-1] == 9.6
+
+
+def test_global_batches_cycle_a_small_split() -> None:
+    from esft_rs.training.batches import GlobalBatches
+
+    idx = torch.tensor([10, 11, 12, 13, 14])
+    batches = GlobalBatches(idx, 8, seed=3)
+    stream = torch.cat([batches(s) for s in range(5)])  # 40 = 8 epochs of 5
+    assert all(len(batches(s)) == 8 for s in range(5))
+    for e in range(8):
+        assert sorted(stream[5 * e : 5 * e + 5].tolist()) == idx.tolist()
+    assert batches.epoch(5) == 8
+    assert torch.equal(batches(2), GlobalBatches(idx, 8, seed=3)(2))  # a function of the step
 
 
 def test_refuses_earlier_run_and_foreign_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run(out, steps=3)
-    with pytest.raises(EsftError, match="holds an earlier run; pass --resume"):
+    with pytest.raises(EsftError, match=r"holds an earlier run; pass resume=True"):
         run(out, steps=3)
     with pytest.raises(MismatchError, match=r"learning_rate=0\.01 there, 0\.02 here"):
         run(out, steps=3, resume=True, learning_rate=2e-2)
@@ -230,3 +257,110 @@ def test_checkpoint_gives_no_optimizer_state_to_tensors_not_yet_trained(tmp_path
     loaded = [fresh.state[p]["exp_avg_sq"] for g in fresh.param_groups for p in g["params"]
               if p in fresh.state]
     assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))
+
+
+def test_overwrite_replaces_an_earlier_run_only_when_it_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = load_file(run(out, steps=2).adapter)
+
+    def crash(done: int, record: dict) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):  # the earlier run comes back whole
+        run(out, steps=2, learning_rate=2e-2, overwrite=True, on_step=crash)
+    kept = load_file(out / "adapter.safetensors")
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    second = load_file(run(out, steps=2, learning_rate=2e-2, overwrite=True).adapter)
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(esft_rs.EsftValueError,
+                       match=r"resume=True continues the run in .*, overwrite=True replaces it"):
+        run(out, steps=2, resume=True, overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EsftError, match=r"holds 'notes\.txt', which no run writes; not replaced"):
+        run(out, steps=2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_global_batch_note_under_torchrun() -> None:
+    from esft_rs.training.api import batch_note
+    from esft_rs.training.config import TrainConfig
+
+    cfg = TrainConfig(per_device_batch_size=2, gradient_accumulation_steps=4)
+    assert batch_note(cfg, 3, 512) == ("global batch 24 rows of 512 tokens a step = 3 processes"
+                                       " x per_device_batch_size 2 x gradient_accumulation_steps 4")
+
+
+def test_no_loss_over_zero_validation_tokens(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Held-out rows without answer tokens: no eval loss (it was 0.0 and kept as best)."""
+    from esft_rs.training.batches import split
+
+    data = fake_data()
+    _, val = split(len(data["input_ids"]), 0.02, 5934875)
+    data["labels"][val] = -100
+    with caplog.at_level("WARNING", logger="esft_rs.training"):
+        result = run(tmp_path / "out", data=data)
+    assert result.fit.eval_loss is None and result.fit.best_step is None
+    assert not any("eval_loss" in r for r in metrics(tmp_path / "out"))
+    assert caplog.text.count("the validation rows hold no answer tokens") == 1
+
+
+@pytest.mark.parametrize("damage", ["state.json", "state-step", "dcp", "rng-0.pt",
+                                    "scheduler.pt"])
+def test_resume_on_a_damaged_checkpoint_is_one_line(tmp_path: Path, damage: str) -> None:
+    """Garbage state.json, a step beyond `steps`, a truncated .distcp, garbage rng or
+    scheduler files: one line naming the checkpoint, no traceback, nothing changed."""
+    out = tmp_path / "out"
+
+    def crash(done: int, record: dict) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(out, on_step=crash)
+    last = out / "checkpoints" / "step-3"
+    if damage == "state-step":
+        state = json.loads((last / "state.json").read_text())
+        (last / "state.json").write_text(json.dumps({**state, "step": 600}))
+    elif damage == "dcp":
+        shard = next((last / "dcp").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (last / damage).write_bytes(b"\x00garbage{")
+    with pytest.raises(InvalidFileError,
+                       match=r"step-3: damaged checkpoint, cannot resume \(") as e:
+        run(out, resume=True)
+    assert "\n" not in str(e.value) and "remove" in str(e.value)
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_second_train_onto_a_run_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """Two trains onto one directory at once: the second is refused (both ran to the end and
+    the first's result was lost); the lock goes with the run."""
+    import os
+
+    from esft_rs.training.api import run_lock
+
+    out = tmp_path / "out"
+    with run_lock(out):
+        with pytest.raises(EsftError, match=rf"out: another train is writing to it now"
+                                            rf" \(process {os.getpid()}\)"):
+            run(out, steps=2)
+    assert not out.exists()
+    run(out, steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ctrl_c_while_the_loop_sets_up_leaves_no_run_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esft_rs.training import loop
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Loop, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

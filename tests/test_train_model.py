@@ -56,6 +56,47 @@ def test_cli_trains_and_writes_adapter(files: dict[str, Path], tmp_path: Path) -
     assert ExpertConfig.load(out / "expert_cfg.json") == ExpertConfig.parse(json.dumps(EXPERTS))
 
 
+def test_quickstart_on_a_short_context_model(tmp_path: Path) -> None:
+    """The README's train line with only --steps lowered, on a model whose context (64) is
+    shorter than the default row (4096) and data smaller than one global batch (16): rows
+    are cut to the context and the data cycled, each with a note, instead of a refusal."""
+    from esft_rs.models.config import PRESETS
+
+    base = save_model(init_model(PRESETS["tiny"].replace(max_position_embeddings=64)),
+                      tmp_path / "base")
+    (tmp_path / "task.jsonl").write_text(plus_chat(4, 4))
+    (tmp_path / "experts.json").write_text(json.dumps(EXPERTS))
+    out = tmp_path / "run"
+    proc = run_cli("train", base, tmp_path / "task.jsonl", "-e", tmp_path / "experts.json",
+                   "-o", out, "--steps", "1", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stderr
+    assert ("esft-rs: note: rows are cut to the model's context of 64 tokens"
+            " (max_position_embeddings), not seq_length 4096 (--seq-length)") in notes
+    assert "are fewer than one global batch of 16" in notes and "cycles through them" in notes
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["esft.training_config"])["seq_length"] == 64
+
+
+def test_cli_starter_config_by_name(files: dict[str, Path], tmp_path: Path) -> None:
+    """``-c small`` is the config shipped in the package, from a directory without configs/."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "esft_rs", "train", str(files["base"]), str(files["data"]), "-e",
+         str(files["experts"]), "-o", "run", "-c", "small", "--steps", "1", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "adapter.safetensors", "pt") as f:
+        cfg = json.loads(f.metadata()["esft.training_config"])
+    assert (cfg["steps"], cfg["seq_length"], cfg["lr_scheduler"]) == (1, 512, "cosine")
+
+
 def test_merged_model_equals_trained_model(files: dict[str, Path], tmp_path: Path) -> None:
     result = esft_rs.train(
         files["base"], files["data"], tmp_path / "out", files["experts"], progress=False,
@@ -130,6 +171,12 @@ BAD_FILES = {
                  '{"messages": [{"role": "bot", "content": "x"}]}\n',
     "one.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n',
     "nothing.jsonl": "\n",
+    # every assistant turn masked: only each example's BOS is labelled (official format),
+    # mid-row once packed, which the loss would count
+    "masked.jsonl": "".join(
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                 {"role": "assistant", "content": "a", "mask": 1}]}) + "\n"
+        for i in range(120)),
 }
 
 
@@ -167,8 +214,10 @@ def test_cli_bad_input(files: dict[str, Path], tmp_path: Path, args: list[str],
         (None, "empty.json", "empty.json: selects nothing to train"),
         ("bad.jsonl", None, "bad.jsonl:2: message 0 has unknown role"),
         ("nothing.jsonl", None, "nothing.jsonl: no conversations"),
-        ("one.jsonl", None, "0 training sequences (after the 0.02 validation split) are fewer"
-                            " than one global batch of 16"),
+        ("masked.jsonl", None, "masked.jsonl: no answer tokens left in the training split"),
+        ("one.jsonl", None, "no rows left to train on after the 0.02 validation split of 1"
+                            " packed row of 1024 tokens: pass val_ratio=0 (no validation),"
+                            " lower seq_length=, or add data"),
     ],
 )
 def test_bad_input(files: dict[str, Path], tmp_path: Path, data: str | None,

@@ -113,8 +113,8 @@ def qwen3_chat(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("qwen3chat")
     base = tokenizer_dir(root / "base", CHATML_GENERATION, bos=None)
     vocab = load_tokenizer(base).vocab_size
-    build("qwen3_moe", vocab_size=vocab, bos_token_id=None, eos_token_id=2,
-          pad_token_id=0).save_pretrained(base)
+    build("qwen3_moe", vocab_size=vocab, bos_token_id=None, eos_token_id=2, pad_token_id=0,
+          max_position_embeddings=512).save_pretrained(base)
     rows = [{"messages": [{"role": "system", "content": "Reverse the word."},
                           {"role": "user", "content": w},
                           {"role": "assistant", "content": w[::-1]}]} for w in WORDS]
@@ -167,10 +167,10 @@ def test_profile_and_eval_cli_use_the_template(qwen3_chat, tmp_path):
 
     base = qwen3_chat / "base"
     data = qwen3_chat / "task.jsonl"
-    run_cli("profile", base, data, "-o", tmp_path / "r.safetensors", "--seq-len", "128",
+    run_cli("profile", base, data, "-o", tmp_path / "r.safetensors", "--seq-length", "128",
             "--device", "cpu", check=True)
     stats = esft_rs.RoutingStats.load(tmp_path / "r.safetensors")
-    packed = read_task_data(data).pack(load_tokenizer(base), seq_length=128, seed=0)
+    packed = read_task_data(data).pack(load_tokenizer(base), seq_length=128)  # the same seed
     assert int(stats.tokens[0]) == int(packed.attention_mask.sum())
     proc = run_cli("profile", base, data, "-o", tmp_path / "o.safetensors", "--chat-template",
                    "official")

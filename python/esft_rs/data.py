@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError
 from esft_rs.inputs import json_problem, read_bytes
 from esft_rs.tokenizer import Tokenizer
+from esft_rs.training.config import DEFAULT_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ class TaskData:
         *,
         seq_length: int = 4096,
         random_concat_ratio: float = 0.2,
-        seed: int = 0,
+        seed: int = DEFAULT_SEED,
     ) -> Packed:
         """Encode every conversation (``encode_conversation``) and pack them (module docstring)."""
         return pack(
@@ -151,6 +152,7 @@ def _rows(path: Path) -> Iterator[tuple[str, bytes | object]]:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:  # header, truncation, corrupt stream
             raise InvalidFileError(f"{path}: not a valid gzip file ({e})", path) from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the file's byte-order mark; none mid-file
     for number, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             yield f"{path}:{number}", line
@@ -182,7 +184,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _parse_line(line: bytes) -> list[Message]:
-    obj, why = json_problem(line)
+    obj, why = json_problem(line, bom=False)
     if why is not None:
         raise EsftValueError(why)
     return _parse_messages(obj)
@@ -263,7 +265,7 @@ def pack(
     *,
     seq_length: int = 4096,
     random_concat_ratio: float = 0.2,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     pad_id: int,
 ) -> Packed:
     """Pack (input_ids, labels) pairs into rows of ``seq_length`` (module docstring).

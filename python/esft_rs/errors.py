@@ -17,12 +17,63 @@ errors are raised as these classes (``rust/python/src/errors.rs``).
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+#: Whether the user reaches esft-rs by the command line (set by ``esft_rs.cli.run``); an
+#: error that names the setting that fixes it spells it for the user (``option``).
+_FROM_CLI: ContextVar[bool] = ContextVar("esft_rs_from_cli", default=False)
+
+
+@contextmanager
+def from_cli() -> Iterator[None]:
+    """Within the block, messages name settings as command-line flags (the CLI's entry point)."""
+    token = _FROM_CLI.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CLI.reset(token)
+
+
+def option(key: str, value: object = None) -> str:
+    """How the user sets ``key`` (to ``value``): ``--val-ratio 0`` or ``--resume`` on the
+    command line, ``val_ratio=0`` or ``resume=True`` in Python."""
+    if _FROM_CLI.get():
+        flag = "--" + key.replace("_", "-")
+        return flag if value is None or value is True else f"{flag} {value}"
+    return f"{key}={value!r}" if value is not None else f"{key}="
+
+
+# Flags the shared messages (many from the Rust core) name, as the Python API spells them.
+_API_SPELLING = [
+    (re.compile(r"--on-conflict first or last"), 'on_conflict="first" or "last"'),
+    (re.compile(r"--(overwrite|force|resume|requantize-fp8|shared-experts|non-expert-modules)"
+                r"\b(?!-)"), lambda m: m[1].replace("-", "_") + "=True"),
+    (re.compile(r"--(experts|base)\b(?!-)"), lambda m: m[1] + "="),
+]
+
+
+def spelled(message: str) -> str:
+    """``message`` with the flags it names spelled as keyword arguments (``--overwrite`` ->
+    ``overwrite=True``), unless the user came by the command line."""
+    if _FROM_CLI.get():
+        return message
+    for pattern, repl in _API_SPELLING:
+        message = pattern.sub(repl, message)  # type: ignore[arg-type]
+    return message
 
 
 class EsftError(Exception):
     """Base class of all esft-rs errors."""
 
     path: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str):  # a message (not an OSError's errno)
+            args = (spelled(args[0]), *args[1:])
+        super().__init__(*args)
 
 
 class EsftValueError(EsftError, ValueError):

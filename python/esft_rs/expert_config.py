@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from esft_rs import _core
-from esft_rs.errors import InvalidFileError
+from esft_rs.errors import EsftValueError, InvalidFileError
 from esft_rs.inputs import describe_text_problem, read_text
 
 
@@ -18,6 +18,15 @@ class ExpertConfig:
     experts: dict[int, list[int]] = field(default_factory=dict)
     shared_experts: bool = False
     non_expert_modules: bool = False
+
+    def __post_init__(self) -> None:
+        """The checks a parsed file gets (``_core.parse_expert_config``), for a config built
+        in Python: an expert listed twice in a layer is refused."""
+        for layer, ids in self.experts.items():
+            if len(set(ids)) != len(ids):
+                twice = next(e for i, e in enumerate(ids) if e in ids[:i])
+                raise EsftValueError(f"expert config: layer {layer}: expert {twice} listed"
+                                     " twice")
 
     @classmethod
     def parse(cls, text: str, origin: str | os.PathLike[str] = "<expert config>") -> ExpertConfig:

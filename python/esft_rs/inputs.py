@@ -78,16 +78,19 @@ def describe_text_problem(text: str) -> str | None:
     return None
 
 
-def json_problem(text: str | bytes) -> tuple[Any, str | None]:
-    """(value, None) for strict JSON; (None, why) otherwise. ``why`` has no file name."""
+def json_problem(text: str | bytes, *, bom: bool = True) -> tuple[Any, str | None]:
+    """(value, None) for strict JSON; (None, why) otherwise. ``why`` has no file name.
+    ``bom``: a byte-order mark may start the text (a file's start; not a JSONL line's).
+    NaN and Infinity, which Python's json reads, are not JSON and are refused."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             return None, f"not valid UTF-8 (byte {e.start})"
-    text = without_bom(text)  # a JSONL file's first line holds the file's
+    if bom:
+        text = without_bom(text)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
     except _Duplicate as e:
@@ -99,6 +102,10 @@ def json_problem(text: str | bytes) -> tuple[Any, str | None]:
     if _SURROGATE_ESCAPE.search(text) and (why := _unencodable(value)) is not None:
         return None, why
     return value, None
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def parse_json(text: str | bytes, origin: str | os.PathLike[str]) -> Any:

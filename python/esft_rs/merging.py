@@ -24,13 +24,15 @@ PathLike = str | os.PathLike[str]
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
+    from esft_rs.errors import spelled
+
+    warnings.warn(spelled(message), UserWarning, stacklevel=3)
 
 
 def merge(
     base: PathLike,
     adapters: PathLike | Sequence[PathLike],
-    out: PathLike | None = None,
+    output: PathLike | None = None,
     *,
     on_conflict: Literal["error", "first", "last"] = "error",
     force: bool = False,
@@ -42,7 +44,7 @@ def merge(
 ) -> MergeReport:
     """Merge adapters into ``base`` (a .safetensors file or a checkpoint directory).
 
-    ``out`` mirrors ``base`` (same shards, header bytes and tensor order; other
+    ``output`` mirrors ``base`` (same shards, header bytes and tensor order; other
     files of a directory copied); by default a new sibling ``BASE-merged``.
     Every adapter tensor must replace a base tensor of the same name, dtype and
     shape, or one expert's slice of a fused tensor. Adapters touching the same
@@ -62,7 +64,7 @@ def merge(
     return _core.merge(
         os.fspath(base),
         [os.fspath(p) for p in paths],
-        os.fspath(out) if out is not None else None,
+        os.fspath(output) if output is not None else None,
         on_conflict,
         force,
         dry_run,
@@ -75,7 +77,7 @@ def merge(
 
 def split(
     model: PathLike,
-    out: PathLike,
+    output: PathLike,
     *,
     experts: PathLike | None = None,
     base: PathLike | None = None,
@@ -86,7 +88,7 @@ def split(
     progress: ProgressFn | None = None,
     on_warning: WarningFn | None = None,
 ) -> SplitReport:
-    """Extract expert weights of ``model`` into an adapter file ``out``.
+    """Extract expert weights of ``model`` into an adapter file ``output``.
 
     With ``experts`` (an expert config file): exactly the configured experts'
     tensors, plus shared experts / non-expert modules when the config says so.
@@ -94,11 +96,11 @@ def split(
     bytes differ from ``base``, and the derived expert config; differing shared
     experts / non-expert tensors are included only with ``shared_experts`` /
     ``non_expert_modules``. With ``base``, the adapter records its fingerprint,
-    and ``merge(base, out)`` reproduces ``model``'s extracted tensors exactly.
+    and ``merge(base, output)`` reproduces ``model``'s extracted tensors exactly.
     """
     return _core.split(
         os.fspath(model),
-        os.fspath(out),
+        os.fspath(output),
         os.fspath(experts) if experts is not None else None,
         os.fspath(base) if base is not None else None,
         shared_experts,

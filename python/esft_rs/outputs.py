@@ -45,13 +45,16 @@ def check_kind(target: PathLike, *, directory: bool) -> None:
 
 
 def check_target(
-    target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = (), models: bool = False
+    target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = (), models: bool = False,
+    kind: str | None = None,
 ) -> None:
     """Refuse an existing ``target`` unless ``overwrite`` and esft-rs could have written it.
 
     ``overwrite=True`` is what commands without an ``--overwrite`` flag use: they
     replace their own earlier output, never a file of another kind, and never a model
     (a checkpoint directory, or a file in one) unless ``models`` (an explicit flag) says so.
+    ``kind`` (one of ``KINDS``): the existing file must be that kind of output, recognised
+    by its content (an adapter is not a routing file, a hand-written JSON not eval figures).
     """
     _core.check_output_target(os.fspath(target), overwrite, list(keep))
     if models or not os.path.lexists(target):
@@ -63,6 +66,49 @@ def check_target(
     if _is_checkpoint(path.parent) and _MODEL_FILE.fullmatch(path.name):
         raise EsftError(f"{path}: is part of the model checkpoint {path.parent};"
                         " not replaced (choose another output)")
+    if kind is not None and path.is_file() and not _is_kind(path, kind):
+        raise EsftError(f"{path}: is not {KINDS[kind]} written by esft-rs; not replaced (remove"
+                        " it or choose another output)")
+
+
+#: The outputs a command recognises as its own earlier ones, by content.
+KINDS = {
+    "routing": "a routing-stats file",
+    "expert_config": "an expert config",
+    "summary": "a summary.json of scores",
+    "eval": "eval figures (JSON)",
+    "plot": "a plot",
+}
+
+#: What esft-rs writes into the plots it saves (``esft_rs.plot.save_figure``).
+PLOT_MARK = b"esft-rs"
+
+
+def _is_kind(path: Path, kind: str) -> bool:
+    from esft_rs.inputs import load_json
+
+    try:
+        if kind == "routing":
+            from esft_rs.routing import RoutingStats
+
+            RoutingStats.load(path)
+            return True
+        if kind == "expert_config":
+            from esft_rs.expert_config import ExpertConfig
+
+            ExpertConfig.load(path)
+            return True
+        if kind == "plot":
+            with open(path, "rb") as f:
+                return PLOT_MARK in f.read(1 << 25)  # a PDF says it in its trailer
+        data = load_json(path)
+    except (EsftError, OSError, ValueError):
+        return False
+    if kind == "summary":
+        return isinstance(data, dict) and set(data) == {"token_scores", "gate_scores"}
+    if kind == "eval":
+        return isinstance(data, dict) and {"conversations", "label_tokens", "loss"} <= set(data)
+    raise ValueError(f"unknown output kind {kind!r}")
 
 
 # The files that make a checkpoint directory a model (weights, index, config, tokenizer).

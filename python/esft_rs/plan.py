@@ -50,6 +50,7 @@ from esft_rs.inputs import load_json
 from esft_rs.naming import classify
 from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
+from esft_rs.units import byte_unit, human_bytes
 
 #: block-FP8 tensors are dequantised to bf16 in memory (2 bytes per element)
 DEQUANTISED = {"F8_E4M3": 2}
@@ -108,7 +109,8 @@ class MemoryPlan:
     gradient_checkpointing: bool
     device: str
     trained_params: int  # all ranks together, as the run reports it
-    frozen_params: int
+    frozen_params: int  # of the tensors not wholly trained (a fused tensor's trained rows too)
+    total_params: int  # the model's
     frozen_bytes: int  # the rest: per rank
     master_bytes: int
     grad_bytes: int
@@ -217,7 +219,8 @@ def plan(
         model=str(root), mode=mode, nproc=nproc, parallelism=chosen, seq_length=seq_length,
         per_device_batch_size=per_device_batch_size,
         gradient_checkpointing=gradient_checkpointing, device=device,
-        trained_params=trained, frozen_params=frozen_params, frozen_bytes=f.frozen,
+        trained_params=trained, frozen_params=frozen_params,
+        total_params=sum(t.rows * t.row for t in tensors), frozen_bytes=f.frozen,
         master_bytes=f.masters, grad_bytes=f.masters, optimizer_bytes=f.optimizer,
         gather_bytes=f.gather, activation_bytes=activations, total_bytes=total,
         adapter_bytes=adapter, gpu_memory=gpu_memory, fits=fits, comm_bytes=f.comm,
@@ -496,7 +499,7 @@ def _advice(total: int, budget: int, weights: int, activations: int, nproc: int,
     rest = total - weights
     if activations >= over or rest >= budget:
         out.append(f"shorten the sequences or the per-device batch (activations take"
-                   f" {activations / 2**30:.2f} GiB)")
+                   f" {human_bytes(activations, byte_unit(budget))})")
     if rest < budget:
         now = nproc if sharded else 1
         need = max(now, 2)

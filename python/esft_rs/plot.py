@@ -40,10 +40,11 @@ def check_plot_path(path: str | os.PathLike[str]) -> None:
         )
 
 
-def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str | None = None
-            ) -> None:
+def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str | None = None,
+            task: str | None = None) -> None:
     """Writes the score heatmap of ``selection`` to ``path`` (``format``: png, pdf, svg...;
-    default: from the suffix)."""
+    default: from the suffix), the selected experts circled (a legend says so); ``task``
+    names the task in the title."""
     if format is None:
         check_plot_path(path)
     else:
@@ -64,11 +65,22 @@ def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str |
     ax.set_yticks(range(stats.num_layers), [str(x) for x in stats.layers], fontsize=6)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"{selection.score} scores, top-p {selection.top_p}")
+    title = f"{selection.score} scores, top-p {selection.top_p}"
+    ax.set_title(f"{task}: {title}" if task else title, loc="left", fontsize=9)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
+              borderaxespad=0.2)
     fig.colorbar(image, ax=ax, label=f"{selection.score} score")
     fig.tight_layout()
     save_figure(fig, path, format)
     plt.close(fig)
+
+
+def _marked(fmt: str | None) -> dict[str, Any]:
+    """The mark by which a later esft-rs run knows this plot as its own (``outputs``)."""
+    from esft_rs.outputs import PLOT_MARK
+
+    key = {"png": "Software", "pdf": "Creator", "svg": "Creator"}.get(fmt or "png")
+    return {"metadata": {key: PLOT_MARK.decode()}} if key else {}
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = None) -> None:
@@ -78,4 +90,4 @@ def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = Non
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     fmt = format or suffix or None
     with staged(path) as tmp, open(tmp, "wb") as f:
-        fig.savefig(f, dpi=150, format=fmt)
+        fig.savefig(f, dpi=150, format=fmt, **_marked(fmt))

@@ -202,6 +202,7 @@ def aggregate(
     NaN / negative / infinite weights, mismatched shapes, an unparsable log line
     (file:line), inputs disagreeing on layers, experts or top-K.
     """
+    _check_counting_args(num_experts, layers, lengths)
     if isinstance(hist, list | tuple) and not hist:
         raise EsftValueError("nothing to aggregate")
     if _is_source(hist) or (
@@ -219,6 +220,34 @@ def aggregate(
         ids, w, num_experts, lens, None if layers is None else [int(x) for x in layers]
     )
     return RoutingStats._from_dict(d)
+
+
+#: The most routed experts per layer esft-rs counts (the core's MAX_EXPERTS, the CLI's
+#: --num-experts bound).
+MAX_EXPERTS = 1 << 20
+
+
+def _check_counting_args(num_experts: object, layers: Sequence[int] | None,
+                         lengths: Sequence[int] | np.ndarray | None) -> None:
+    """``aggregate``'s numbers, as ValueErrors before the core sees them (an out-of-range
+    integer was an OverflowError there, and repeated layers went through)."""
+    if num_experts is not None and (isinstance(num_experts, bool)
+                                    or not isinstance(num_experts, int | np.integer)
+                                    or not 1 <= num_experts <= MAX_EXPERTS):
+        raise EsftValueError(f"num_experts must be between 1 and {MAX_EXPERTS},"
+                             f" got {num_experts!r}")
+    if layers is not None:
+        seen: set[int] = set()
+        for x in layers:
+            if not 0 <= int(x) < 2**31:
+                raise EsftValueError(f"layers must be layer numbers in 0..{2**31 - 1}, got {x}")
+            if int(x) in seen:
+                raise EsftValueError(f"layers names layer {int(x)} twice")
+            seen.add(int(x))
+    if lengths is not None:
+        bad = [int(n) for n in np.asarray(lengths).ravel() if not 0 <= int(n) < 2**63]
+        if bad:
+            raise EsftValueError(f"lengths must be token counts (>= 0), got {bad[0]}")
 
 
 def _is_source(x: object) -> bool:

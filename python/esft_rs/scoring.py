@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-from esft_rs.errors import EsftValueError
+from esft_rs.errors import EsftValueError, InvalidFileError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +51,7 @@ def scores(
         raise EsftValueError(f"average must be one of {AVERAGES}, got {average!r}")
     import numpy as np  # here, so that the CLI's option parsing does not load numpy
 
+    _check_stats(stats, score, average)
     with np.errstate(divide="ignore", invalid="ignore"):
         if average == "samples":
             total = stats.sample_token_sum if score == "token" else stats.sample_gate_sum
@@ -61,6 +62,25 @@ def scores(
             out = stats.gate_sum / stats.tokens[:, None].astype(np.float64)
     out[stats.tokens == 0] = np.nan
     return out if decimals is None else round_scores(out, decimals)
+
+
+def _check_stats(stats: RoutingStats, score: Score, average: Average) -> None:
+    """Statistics the scores can be computed from: gate sums finite, non-negative and
+    present for gate scores; samples counted for per-sample averages."""
+    import numpy as np
+
+    if score == "gate":
+        sums = [stats.gate_sum] + ([stats.sample_gate_sum] if average == "samples" else [])
+        if any(not np.isfinite(g).all() or (g < 0).any() for g in sums):
+            raise InvalidFileError("routing statistics: the gate sums hold NaN, infinite or"
+                                   " negative values; gate scores cannot be computed")
+        if not stats.gate_sum.any() and stats.counts.any():
+            raise EsftValueError("routing statistics hold no routing weights (every gate sum"
+                                 " is 0): select by token score instead")
+    if average == "samples" and stats.num_samples < 1 and stats.tokens.any():
+        raise InvalidFileError(f"routing statistics: {stats.num_samples} samples for"
+                               f" {int(stats.tokens.max())} tokens; per-sample averages"
+                               " cannot be computed (average over tokens instead)")
 
 
 def round_scores(values: np.ndarray, decimals: int) -> np.ndarray:

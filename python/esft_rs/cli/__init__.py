@@ -21,7 +21,7 @@ from esft_rs.cli.plan_cmd import plan_cmd
 from esft_rs.cli.profile_cmd import profile_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.cli.train_cmd import train_cmd
-from esft_rs.errors import EsftError
+from esft_rs.errors import EsftError, from_cli
 from esft_rs.inputs import describe_text_problem
 
 
@@ -55,7 +55,13 @@ def fail(message: str) -> None:
 
 
 def run() -> None:
-    """Entry point: run the CLI, turning bad input into one line and exit code 2."""
+    """Entry point: run the CLI, turning bad input into one line and exit code 2; messages
+    name the flags that fix a problem (``esft_rs.errors.option``)."""
+    with from_cli():
+        _run()
+
+
+def _run() -> None:
     for arg in sys.argv[1:]:
         # Bytes that are not UTF-8 arrive as lone surrogates, which no file format can hold.
         if describe_text_problem(arg) is not None:

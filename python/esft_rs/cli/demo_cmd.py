@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from esft_rs.cli.params import SEED
+from esft_rs.cli.params import SEED, output_option
 
 
 @click.command("demo")
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=Path("demo-out"),
-              show_default=True, help="Directory for report.json, report.md, plots and runs.")
+@output_option("Directory for report.json, report.md, plots and runs.", name="out",
+               type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
 @click.option("--quick", is_flag=True, help="A smaller run (tiny model, fewer steps): < 1 minute.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None,
@@ -40,6 +40,10 @@ def demo_cmd(out: Path, quick: bool, seed: int, jobs: int | None) -> None:
         report = run(tmp, settings, final=out, jobs=jobs)
     echo = click.echo
     echo()
+    if report["smoke"]:
+        echo("SMOKE RUN (--quick): the figures below show that every step runs; they measure"
+             " nothing.")
+        echo()
     for line in [*method_table(report), "", *routing_table(report)]:
         echo(line)
     echo()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
+from esft_rs.cli.params import device_option
 
 
 @click.command("eval")
@@ -19,8 +20,7 @@ from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
               help="Conversations per forward pass.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Evaluate only the first N conversations.")
-@click.option("--device", default="auto", show_default=True,
-              help="torch device (cpu, cuda, cuda:1, ...); auto: a GPU if there is one.")
+@device_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
 @click.option("--skip-bad", is_flag=True,
@@ -60,7 +60,7 @@ def eval_cmd(
 
     check_outputs([output], [model, *data])
     if output is not None:
-        check_target(output)
+        check_target(output, kind="eval")
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])
@@ -89,6 +89,9 @@ def eval_cmd(
             f" {result.label_tokens} answer tokens of {result.conversations} conversations")
     if result.exact_match is not None:
         line += f"; exact match {result.exact_match:.3f} ({result.correct}/{result.answered})"
+    if (unscored := result.conversations - result.answered) > 0:
+        line += (f"; {unscored} conversation{'s' if unscored > 1 else ''} not ending in an"
+                 " assistant reply to a user: in the loss, not in exact match")
     click.echo(line)
     if output is not None:
         figures = {**asdict(result), "perplexity": result.perplexity,

@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 from esft_rs.ranges import id_ranges
+from esft_rs.units import byte_unit, human_bytes
 
-__all__ = ["human_bytes", "id_ranges"]
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+__all__ = ["byte_unit", "human_bytes", "id_ranges"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.fmt import human_bytes, id_ranges
+from esft_rs.cli.params import output_option
 from esft_rs.cli.progress import StageBars
 from esft_rs.merging import Extracted, Replacement, merge, split
 
@@ -54,10 +55,8 @@ def _experts_phrase(entries: Iterable[Replacement | Extracted]) -> str:
 @click.command("merge")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--out", type=click.Path(path_type=Path),
-    help="Output file or directory (default: a new sibling BASE-merged).",
-)
+@output_option("Output file or directory (default: a new sibling BASE-merged).", name="out",
+               type=click.Path(path_type=Path))
 @click.option(
     "--on-conflict", type=click.Choice(["error", "first", "last"]), default="error",
     show_default=True, help="When two adapters replace the same tensor: fail, or which one wins.",
@@ -73,7 +72,7 @@ def _experts_phrase(entries: Iterable[Replacement | Extracted]) -> str:
     "rewriting their weight_scale_inv (default: refuse them).",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be replaced; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def merge_cmd(
     base: Path,
@@ -89,7 +88,7 @@ def merge_cmd(
     """Merge ADAPTERS into BASE, streaming, in constant memory.
 
     BASE is a .safetensors file or a checkpoint directory (sharded with an
-    index, or a single file); OUT mirrors it, with the model's other files
+    index, or a single file); the --output mirrors it, with the model's other files
     copied. An ADAPTER is an esft-rs adapter file, a plain safetensors file of
     tensors named as in BASE, or an official ESFT adapter folder
     (expert_cfg.json + safetensors).
@@ -121,10 +120,8 @@ def merge_cmd(
 
 @click.command("split")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "-o", "--out", type=click.Path(path_type=Path), required=True,
-    help="Adapter file to write (.safetensors).",
-)
+@output_option("Adapter file to write (.safetensors).", name="out", required=True,
+               type=click.Path(path_type=Path))
 @click.option(
     "--experts", type=click.Path(path_type=Path),
     help="Expert config (JSON) selecting the experts to extract.",
@@ -142,7 +139,7 @@ def merge_cmd(
     help="With --base: include differing non-expert tensors (attention, router, embeddings...).",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be extracted; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the --output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def split_cmd(
     model: Path,

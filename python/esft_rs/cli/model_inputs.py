@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 
 def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--chat-template``, as the training config's ``chat_template`` key."""
+    from esft_rs.cli.params import CHAT_TEMPLATE_METAVAR
     from esft_rs.training.config import TrainConfig, option_fields
 
     text = next(h for name, _, _, h, _ in option_fields() if name == "chat_template")
     return click.option("--chat-template", default=TrainConfig.chat_template, show_default=True,
-                        metavar="auto|model|official|PATH", help=text)(f)
+                        metavar=CHAT_TEMPLATE_METAVAR, help=text)(f)
 
 
 def parallelism_option(f: Callable[..., Any]) -> Callable[..., Any]:

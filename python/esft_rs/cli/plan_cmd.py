@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
-from esft_rs.cli.fmt import human_bytes
+from esft_rs.cli.fmt import byte_unit, human_bytes
 from esft_rs.training.config import MAX_SEQ_LENGTH
+
+#: plan's exit code when the run does not fit (0: it fits; 2: bad input).
+DOES_NOT_FIT = 3
 
 
 @click.command("plan")
@@ -41,10 +44,13 @@ from esft_rs.training.config import MAX_SEQ_LENGTH
 def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, parallelism: str,
              seq_length: int, per_device_batch_size: int,
              gradient_accumulation_steps: int, gpu_memory: str, gradient_checkpointing: bool,
-             fsdp_prefetch: bool, device: str, as_json: bool) -> None:
+             fsdp_prefetch: bool, device: str, as_json: bool) -> int:
     """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
     master weights, gradients, AdamW state and activations; whether it fits, and what
-    to change if not. Reads config.json and the safetensors headers only."""
+    to change if not. Reads config.json and the safetensors headers only.
+
+    Exit code: 0 when it fits, 3 when it does not (the figures are printed either way),
+    2 on bad input."""
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.plan import parse_size, plan
 
@@ -62,14 +68,16 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
                   device=device, origin=str(experts_path or "expert config"))
     if as_json:
         click.echo(json.dumps(result.to_dict()))
-        return
+        return 0 if result.fits else DOES_NOT_FIT
     echo = click.echo
     ranks = f"{nproc} ranks ({result.parallelism})" if nproc > 1 else "1 rank"
     echo(f"{result.model}: {result.mode} on {ranks},"
          f" {per_device_batch_size} x {seq_length} tokens per device,"
          f" checkpointing {'on' if gradient_checkpointing else 'off'}")
-    echo(f"trained parameters: {result.trained_params:,}"
-         f" (frozen: {result.frozen_params:,}); adapter {human_bytes(result.adapter_bytes)}")
+    total = result.total_params
+    echo(f"parameters trained: {result.trained_params:,} of {total:,}"
+         f" ({result.trained_params / max(1, total):.2%}; the rest frozen);"
+         f" adapter {human_bytes(result.adapter_bytes)}")
     rows = [("frozen weights", result.frozen_bytes),
             ("fp32 master weights", result.master_bytes),
             ("fp32 gradients", result.grad_bytes),
@@ -78,18 +86,20 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
         rows.append(("gathered layers", result.gather_bytes))
     rows += [("activations (estimate)", result.activation_bytes),
              ("total per rank", result.total_bytes)]
+    unit = byte_unit(max(result.total_bytes, budget))  # one unit for every figure
     for label, n in rows:
-        echo(f"  {label:<24}{human_bytes(n):>12}")
+        echo(f"  {label:<24}{human_bytes(n, unit):>12}")
     if result.comm_bytes:
         echo(f"  {'sent + received per step':<24}{human_bytes(result.comm_bytes):>12}")
     verdict = "fits" if result.fits else "does NOT fit"
-    echo(f"{verdict} in {human_bytes(budget)} per device")
+    echo(f"{verdict} in {human_bytes(budget, unit)} per device")
     if result.options:
         echo(f"{'parallelism':<14}{'per rank':>12}{'moved per step':>16}")
         for how, o in result.options.items():
             mark = ("fits" if o["fits"] else "does not fit") + \
                 (" (chosen)" if how == result.parallelism else "")
-            echo(f"  {how:<12}{human_bytes(o['total_bytes']):>12}"
+            echo(f"  {how:<12}{human_bytes(o['total_bytes'], unit):>12}"
                  f"{human_bytes(o['comm_bytes']):>16}  {mark}")
     for line in result.advice:
         echo(f"  - {line}")
+    return 0 if result.fits else DOES_NOT_FIT

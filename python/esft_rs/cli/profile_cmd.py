@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
-from esft_rs.cli.params import SEED
+from esft_rs.cli.params import SEED, device_option, output_option, seq_length_option
 from esft_rs.errors import EsftError
+from esft_rs.training.config import DEFAULT_SEED
 
 if TYPE_CHECKING:
     from esft_rs.distributed import Dist
@@ -29,25 +30,19 @@ DEFAULT_SEQ_LEN = 4096
 @click.argument(
     "data", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-    help="Routing-stats file to write (safetensors).",
-)
+@output_option("Routing-stats file to write (safetensors).", required=True,
+               type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--tokens", type=click.IntRange(min=1), default=DEFAULT_TOKENS, show_default=True,
     help="Real tokens to profile: packed rows are taken in order until they hold this many.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Packed rows per forward pass.")
-@click.option(
-    "--seq-len", type=click.IntRange(min=2), default=None,
-    help=f"Packed row length [default: {DEFAULT_SEQ_LEN}, or the model's"
-    " max_position_embeddings if smaller].",
+@seq_length_option(
+    f"Packed row length [default: {DEFAULT_SEQ_LEN}, or the model's max_position_embeddings if"
+    " smaller].", type=click.IntRange(min=2), default=None,
 )
-@click.option(
-    "--device", default="auto", show_default=True,
-    help="torch device (cpu, cuda, cuda:1, ...); auto: this rank's GPU if there is one, else cpu.",
-)
+@device_option
 @click.option(
     "--records", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Also write every real token's top-K ids and weights (layer_<L>_ids.npy /"
@@ -55,8 +50,8 @@ DEFAULT_SEQ_LEN = 4096
 )
 @click.option("--skip-bad", is_flag=True, help="Skip bad JSONL lines (listed on stderr).")
 @parallelism_option
-@click.option("--seed", type=SEED, default=0, show_default=True,
-              help="Packing seed (random concatenation, as in training).")
+@click.option("--seed", type=SEED, default=DEFAULT_SEED, show_default=True,
+              help="Packing seed (random concatenation), as train's.")
 @chat_template_option
 def profile_cmd(
     model: Path,
@@ -64,7 +59,7 @@ def profile_cmd(
     output: Path,
     tokens: int,
     batch_size: int,
-    seq_len: int | None,
+    seq_length: int | None,
     device: str,
     records: Path | None,
     skip_bad: bool,
@@ -90,7 +85,7 @@ def profile_cmd(
     from esft_rs.profiling import profile_model
 
     check_outputs([output, records], [model, *data])
-    check_target(output)
+    check_target(output, kind="routing")
     if records is not None and records.parent.is_dir():  # else made (with parents) at the end
         check_target(records)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
@@ -99,14 +94,14 @@ def profile_cmd(
         t0 = time.perf_counter()
         moe = as_moe_model(load(model, place, dev, parallelism))
         limit = context_length(moe)
-        if seq_len is None:
-            seq_len = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-        elif limit is not None and seq_len > limit:
+        if seq_length is None:
+            seq_length = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+        elif limit is not None and seq_length > limit:
             raise click.BadParameter(
-                f"{seq_len} exceeds the model's max_position_embeddings ({limit})",
-                param_hint="'--seq-len'",
+                f"{seq_length} exceeds the model's max_position_embeddings ({limit})",
+                param_hint="'--seq-length'",
             )
-        packed = task.pack(tokenizer, seq_length=seq_len, seed=seed)
+        packed = task.pack(tokenizer, seq_length=seq_length, seed=seed)
         ids, mask = packed.input_ids, packed.attention_mask
         check_token_ids(int(ids.min()), int(ids.max()), moe, ",".join(map(str, data)))
         real = mask.sum(dim=1)
@@ -126,7 +121,7 @@ def profile_cmd(
             "model": str(model),
             "data": ",".join(map(str, data)),
             "tokens": str(int(real.sum())),
-            "seq_len": str(seq_len),
+            "seq_len": str(seq_length),
             "seed": str(seed),
             **_fingerprint(model),
         }
@@ -145,7 +140,7 @@ def profile_cmd(
         note = f" (all the data holds; --tokens {tokens})" if available < tokens else ""
         click.echo(
             f"wrote {output}: {metadata['tokens']} tokens{note} in {stats.num_samples} rows of"
-            f" {seq_len}, {stats.num_layers} MoE layers x {stats.num_experts} experts, top-"
+            f" {seq_length}, {stats.num_layers} MoE layers x {stats.num_experts} experts, top-"
             f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
             f" {time.perf_counter() - t0:.1f} s"
         )

@@ -104,9 +104,9 @@ def select_cmd(
 
     _check_top_p(top_p)
     check_outputs([output, summary, plot], routing)
-    for path in (output, summary, plot):
+    for path, kind in ((output, "expert_config"), (summary, "summary"), (plot, "plot")):
         if path is not None:
-            check_target(path)
+            check_target(path, kind=kind)
     if plot is not None:
         from esft_rs.plot import MISSING, check_plot_path
 
@@ -194,6 +194,13 @@ def routing_report_cmd(
         for name, path in zip(names, routing, strict=True)
     ]
     check_same_model([t.selection.stats for t in tasks], [str(p) for p in routing])
+    for t, path in zip(tasks, routing, strict=True):
+        st = t.selection.stats
+        if empty := [int(layer) for layer, n in zip(st.layers, st.tokens, strict=True) if not n]:
+            from esft_rs.ranges import id_ranges
+
+            click.echo(f"warning: {path}: no tokens in layer{'s' if len(empty) > 1 else ''}"
+                       f" {id_ranges(empty)}; left out of the figures (shown as -)", err=True)
     _print_concentration(tasks)
     click.echo()
     _print_overlap(tasks)
@@ -227,7 +234,7 @@ def _print_concentration(tasks: list[TaskSummary]) -> None:
             a, b = t.cover[lo].get(layer), t.cover[hi].get(layer)
             cells.append("-" if a is None else f"{a}/{b}")
         echo(f"{layer:>5}" + "".join(f" {c:>{width}}" for c in cells))
-    means = [f"{t.mean_cover(lo):.1f}/{t.mean_cover(hi):.1f}" for t in tasks]
+    means = [f"{_f(t.mean_cover(lo), 1)}/{_f(t.mean_cover(hi), 1)}" for t in tasks]
     echo(f"{'mean':>5}" + "".join(f" {m:>{width}}" for m in means))
 
 
@@ -247,9 +254,14 @@ def _print_overlap(tasks: list[TaskSummary]) -> None:
         for b in tasks:
             e = a.selection.stats.num_experts
             j, c = jaccard(a.selection, b.selection), chance_jaccard(a.selection, b.selection, e)
-            cells.append(f"{j:.2f}" if a is b else f"{j:.2f} ({c:.2f})")
+            cells.append(_f(j, 2) if a is b else f"{_f(j, 2)} ({_f(c, 2)})")
         echo(f"{a.name:>{width}}" + "".join(f" {c:>{width}}" for c in cells))
     echo(
         "selected per layer (mean): "
-        + ", ".join(f"{t.name} {t.mean_selected:.1f}" for t in tasks)
+        + ", ".join(f"{t.name} {_f(t.mean_selected, 1)}" for t in tasks)
     )
+
+
+def _f(x: float, digits: int) -> str:
+    """A figure, or - where there is none (NaN: no layer had tokens)."""
+    return "-" if x != x else f"{x:.{digits}f}"

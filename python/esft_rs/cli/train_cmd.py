@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from esft_rs.cli.params import CHAT_TEMPLATE_METAVAR, device_option, option, output_option
 from esft_rs.training.config import TrainConfig, load_config, option_fields
 
 
@@ -24,7 +25,8 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
             f = click.option(decl, name, default=None, help=help_text)(f)
         else:
             t = click.Choice(choices) if choices else kind
-            f = click.option(flag, name, type=t, default=None, help=help_text)(f)
+            metavar = CHAT_TEMPLATE_METAVAR if name == "chat_template" else None
+            f = option(flag, name, type=t, default=None, metavar=metavar, help=help_text)(f)
     return f
 
 
@@ -33,18 +35,22 @@ def config_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-e", "--experts", type=click.Path(path_type=Path),
               help="Expert config JSON (official ESFT format); not needed with --mode full.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output directory: adapter.safetensors, metrics.jsonl, checkpoints.")
+@output_option("Output directory: adapter.safetensors, metrics.jsonl, checkpoints.",
+               name="out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("-c", "--config", type=click.Path(path_type=Path),
-              help="YAML training config; the official ESFT configs work unchanged.")
-@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+              help="YAML training config: a file (the official ESFT configs work unchanged),"
+              " or a starter config shipped with esft-rs: base (the official values) or"
+              " small (a first run in minutes on a CPU).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier run in --output (kept until the new run has finished).")
 @click.option("--save-merged", type=click.Path(path_type=Path),
               help="Also write the full merged model here (Rust merge into MODEL).")
 @click.option("--requantize-fp8", is_flag=True,
               help="With --save-merged into a block-FP8 base (DeepSeek-V3): quantise the"
               " trained weights with block scales.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed JSONL lines instead of failing.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda if available].")
+@device_option
 @config_options
 def train_cmd(
     model: Path,
@@ -53,18 +59,20 @@ def train_cmd(
     out_dir: Path,
     config: Path | None,
     resume: bool,
+    overwrite: bool,
     save_merged: Path | None,
     requantize_fp8: bool,
     skip_bad: bool,
-    device: str | None,
+    device: str,
     **overrides: Any,
 ) -> None:
     """Train only the selected experts of MODEL on DATA; write an adapter.
 
     MODEL is a checkpoint directory; DATA is chat data in the official ESFT format
     (.jsonl, .jsonl.gz or .parquet), encoded as --chat-template says. Every key of
-    the YAML config is also a flag below (flags win). Runs under torchrun for data
-    parallelism (gloo on CPU, nccl on GPU).
+    the YAML config is also a flag below (flags win). Under torchrun the processes
+    share each global batch, and the model is spread over them as --parallelism says
+    (gloo on CPU, nccl on GPU).
     """
     main = os.environ.get("RANK", "0") == "0"
     _route_notes(main)
@@ -75,8 +83,9 @@ def train_cmd(
 
     from esft_rs.training.api import train
 
-    result = train(model, data, out_dir, experts, cfg, resume=resume, save_merged=save_merged,
-                   requantize_fp8=requantize_fp8, skip_bad=skip_bad, device=device, progress=main)
+    result = train(model, data, out_dir, experts, cfg, resume=resume, overwrite=overwrite,
+                   save_merged=save_merged, requantize_fp8=requantize_fp8, skip_bad=skip_bad,
+                   device=device, progress=main)
     if not main:
         return
     fit = result.fit

@@ -14,6 +14,9 @@ from esft_rs.selection import Selection, select
 
 LABELS = {"fft": "FFT", "esft_token": "ESFT-Token", "esft_gate": "ESFT-Gate",
           "random": "Random experts"}
+#: Marker and size per method in accuracy-vs-share.png: coinciding points stay apart.
+MARKERS = {"fft": ("s", 7), "esft_token": ("o", 12), "esft_gate": ("^", 7),
+           "random": ("x", 7)}
 
 
 def routing_figures(stats: dict[str, RoutingStats], top_p: float) -> dict[str, Any]:
@@ -73,8 +76,17 @@ def verdict(holds: bool | None) -> str:
     return {True: "holds", False: "does NOT hold", None: "not measurable"}[holds]
 
 
+#: What a smoke run (``--quick``) says in place of the claims.
+SMOKE_NOTE = ("Smoke run (--quick): every step ran, on a model and data far too small to measure"
+              " anything; the figures are not results and no claim is judged. Run without"
+              " --quick for the measured report.")
+
+
 def claim_lines(report: dict[str, Any]) -> list[str]:
-    """One line per claim: the verdict on the means, in how many runs it held, the figures."""
+    """One line per claim: the verdict on the means, in how many runs it held, the figures
+    (a smoke run: the note that it judges none)."""
+    if report.get("smoke"):
+        return [SMOKE_NOTE]
     lines = []
     for claim, v in report["claims"].items():
         runs = f", held in {v['held_in']} of {v['runs']} runs" if "runs" in v else ""
@@ -157,17 +169,24 @@ def write_report(report: dict[str, Any], stats: dict[str, RoutingStats],
                  selections: dict[str, Selection], out: Path) -> None:
     from esft_rs.outputs import write_file
 
-    report["claims"] = judge(report)
+    smoke = bool(report["settings"].get("smoke"))
+    report["smoke"] = smoke
+    report["claims"] = {} if smoke else judge(report)
     plots = _plots(report, selections, out)
     report["plots"] = plots
     write_file(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    lines = ["# esft-rs demo report", "", f"Downstream task: `{report['finetune_task']}`.", ""]
+    lines = ["# esft-rs demo report", ""]
+    if smoke:
+        lines += [f"**{SMOKE_NOTE}**", ""]
+    lines += [f"Downstream task: `{report['finetune_task']}`.", ""]
     lines += [*method_table(report), "", "General tasks, exact match:", "",
               *forgetting_table(report), "", "## Routing", "", *routing_table(report)]
-    lines += ["", "## The paper's claims, measured here", "",
-              "Judged on the means; a difference counts when it exceeds two standard errors "
-              "(test-split sampling and the seeds' spread), and an overlap when it exceeds the "
-              "95th percentile of random sets of the same sizes.", "", *claim_lines(report)]
+    lines += ["", "## The paper's claims, measured here", ""]
+    if not smoke:
+        lines += ["Judged on the means; a difference counts when it exceeds two standard errors "
+                  "(test-split sampling and the seeds' spread), and an overlap when it exceeds"
+                  " the 95th percentile of random sets of the same sizes.", ""]
+    lines += claim_lines(report)
     lines += ["", "Learning rates (validation exact match / loss per rate, first seed; the "
               "best exact match, ties to the lower loss):", ""]
     for name, t in report["learning_rates"].items():
@@ -195,17 +214,23 @@ def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) 
     import matplotlib.pyplot as plt
 
     paths = [out / "routing-heatmap.png", out / "accuracy-vs-share.png"]
-    heatmap(selections["token"], paths[0])
+    heatmap(selections["token"], paths[0], task=f"task {report['finetune_task']}")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, (name, m) in enumerate(report["methods"].items()):
-        share = m["trainable_params"] / m["total_params"]
-        ax.scatter(share, m["downstream_acc"], label=LABELS[name])
-        # Methods often share a point's height: labels alternate above and below it.
-        ax.annotate(LABELS[name], (share, m["downstream_acc"]), fontsize=7,
-                    xytext=(4, 6 if i % 2 else -10), textcoords="offset points")
+    # ESFT-Token and random experts train the same share, and methods often reach the same
+    # accuracy: points may coincide, so each has its own marker and size (the larger ones
+    # hollow) and a legend names them; no text labels beside the points, which overlapped.
+    for name, m in report["methods"].items():
+        marker, size = MARKERS.get(name, ("o", 6))
+        ax.plot(m["trainable_params"] / m["total_params"], m["downstream_acc"], marker,
+                markersize=size, mfc="none", mew=1.5, linestyle="none", label=LABELS[name])
     ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("share of parameters trained")
     ax.set_ylabel("downstream exact match")
+    ax.set_title(f"task {report['finetune_task']}" + (" (smoke run: no measurement)"
+                                                      if report.get("smoke") else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     save_figure(fig, paths[1])
     plt.close(fig)

@@ -40,6 +40,9 @@ DEMO_MODEL = ModelConfig(
 class Settings:
     model: ModelConfig = DEMO_MODEL
     seed: int = 0
+    # A smoke run (--quick): every step runs, on a model and data too small to measure
+    # anything, so its report judges no claim.
+    smoke: bool = False
     batch_size: int = 64  # items (one per row) per optimizer step
     pretrain_steps: int = 800
     pretrain_lr: float = 1e-2
@@ -80,8 +83,9 @@ class Settings:
 
 FULL = Settings()
 QUICK = replace(
-    FULL, model=replace(DEMO_MODEL, hidden_size=32, intermediate_size=64, n_routed_experts=16,
-                        num_experts_per_tok=4),
+    FULL, smoke=True,
+    model=replace(DEMO_MODEL, hidden_size=32, intermediate_size=64, n_routed_experts=16,
+                  num_experts_per_tok=4),
     batch_size=16, pretrain_steps=30, pretrain_items=100, finetune_steps=8, finetune_items=100,
     val_items=20, test_items=20, general_test_items=5, profile_items=20, seeds=3,
     learning_rates={"fft": (1e-3,), "esft_token": (1e-2,), "esft_gate": (1e-2,),

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esft_rs.errors import EsftError, InvalidFileError, MismatchError
+from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError, option
 from esft_rs.expert_config import ExpertConfig
-from esft_rs.training.config import TrainConfig, load_config
+from esft_rs.training.config import TrainConfig, config_path, load_config
 from esft_rs.training.outputs import ADAPTER, write_outputs
 
 if TYPE_CHECKING:
     import torch
 
     from esft_rs.inspection import TensorInfo
+    from esft_rs.tensor_stream import Layout
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.loop import FitResult
 
@@ -44,28 +47,31 @@ class TrainResult:
 def train(
     model: PathLike | torch.nn.Module,
     data: PathLike | Mapping[str, torch.Tensor],
-    out_dir: PathLike,
+    output: PathLike,
     experts: PathLike | ExpertConfig | None = None,
     config: PathLike | TrainConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     save_merged: PathLike | None = None,
     requantize_fp8: bool = False,
     base: PathLike | None = None,
     skip_bad: bool = False,
-    device: str | None = None,
+    device: str | None = "auto",
     progress: bool = True,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train the selected experts of ``model`` on ``data``; write ``out_dir/adapter.safetensors``.
+    """Train the selected experts of ``model`` on ``data``; write ``output/adapter.safetensors``.
 
     ``model`` is a checkpoint directory or an in-memory model whose parameter
     names are checkpoint names (then ``base`` names its checkpoint, for the
     fingerprint and ``save_merged``; ``requantize_fp8`` lets that merge quantise
     trained tensors into a block-FP8 base). ``data`` is a chat JSONL file or packed
     tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
-    YAML file (official ESFT keys) or a ``TrainConfig``; ``overrides`` set keys.
+    YAML file (official ESFT keys), a starter config's name (``base``, ``small``) or a
+    ``TrainConfig``; ``overrides`` set keys. An earlier run in ``output`` is continued with
+    ``resume``, or replaced with ``overwrite`` (kept until the new run has finished).
     Under torchrun, every process calls this; rank 0 writes the outputs.
     """
     import torch
@@ -78,7 +84,6 @@ def train(
     from esft_rs.training.freeze import (
         checkpoint_layout,
         checkpoint_shapes,
-        checkpoint_tensors,
         freeze,
         moe_layout,
         resolve_experts,
@@ -89,7 +94,9 @@ def train(
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
 
-    out = Path(out_dir)
+    out = Path(output)
+    if given(config) is not None:
+        config = config_path(given(config))  # type: ignore[arg-type]
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
                                        base])
     check_kind(out, directory=True)
@@ -97,7 +104,7 @@ def train(
         check_target(save_merged, overwrite=False)
     cfg = _config(config, overrides)
     dev = device_for(device)
-    with process_group(dev) as place:
+    with run_lock(out), process_group(dev) as place:
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
@@ -107,7 +114,7 @@ def train(
             cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
         fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
-        resume_from = _check_out_dir(out, resume)
+        resume_from, replacing = _check_out_dir(out, resume, overwrite)
         lazy = None  # under FSDP and EP the model is read shard by shard, after sharding
         if (fsdp or ep) and not isinstance(model, torch.nn.Module):
             lazy = sharded_load.meta_model(model)
@@ -119,14 +126,24 @@ def train(
             expert_parallel.check_model(net, base if base is not None else type(net).__name__)
             placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
             expert_parallel.localize(net, placement, place.rank)
-        tensors = _load_data(data, base, cfg, skip_bad)
+        notes = []  # shown once the data has passed its checks
+        if not isinstance(data, Mapping):
+            cfg, notes = _fit_context(cfg, net)
+        tensors, bos = _load_data(data, base, cfg, skip_bad)
         fingerprint = fingerprint_of(base) if base is not None else None
         train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
-        _check_enough(len(train_idx), cfg, place.world)
-        _check_data(net, tensors, train_idx, data)
+        notes += _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
+                               place.world)
+        _check_data(net, tensors, train_idx, data, bos)
+        if place.world > 1:
+            notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
+        for note in notes:
+            log.warning("%s", note)
         trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
-        adapter_layout = checkpoint_layout(net, trainables, on_disk)  # before any sharding
+        # before any sharding; under EP, of every rank's experts
+        adapter_layout = (expert_parallel.adapter_layout(net, trainables, on_disk, place, dev)
+                          if ep else checkpoint_layout(net, trainables, on_disk))
         if base is not None:
             _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
                                 fp8_ok=save_merged is None or requantize_fp8)
@@ -142,9 +159,10 @@ def train(
         identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
                     "data": _digest(tensors), "experts": resolved.to_json(),
                     "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
-        created = place.main and not out.exists()
         if resume and (out / ADAPTER).exists():
             _refuse_finished(out, resume_from, identity)
+        aside = _set_aside(out) if place.main and replacing else None
+        created = place.main and not out.exists()
         if place.main:
             out.mkdir(parents=True, exist_ok=True)
             if placement is not None:
@@ -152,49 +170,119 @@ def train(
 
                 write_file(out / expert_parallel.PLACEMENT,
                            json.dumps(placement.describe(resolved.experts), indent=1) + "\n")
-        place.barrier()
-        loop = Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
-                    place=place, identity=identity)
         try:
-            fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
-        except BaseException:
-            if created:
+            place.barrier()
+            fit, adapter, merged = _fit_and_write(
+                Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
+                     place=place, identity=identity),
+                resume_from, progress, on_step, net, trainables, on_disk, adapter_layout, place,
+                dev, resolved, fingerprint, cfg, base, save_merged, requantize_fp8)
+        except BaseException:  # Ctrl-C in Loop's set-up too
+            if aside is not None:  # the earlier run comes back; the new one's files go
+                shutil.rmtree(out, ignore_errors=True)
+                aside.rename(out)
+            elif created:
                 _remove_if_nothing_to_resume(out)
             raise
-        if fit.unchanged:
-            log.warning(
-                "%d trained tensors did not change (experts that no token reached?): %s",
-                len(fit.unchanged), ", ".join(fit.unchanged[:5]),
-            )
-        adapter = out / ADAPTER
-        merged = Path(save_merged) if save_merged is not None else None
-        # One trained tensor's worth at a time: under --mode full they are the model.
-        weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if fsdp
-                   else expert_parallel.adapter_tensors(net, trainables, on_disk, place, dev)
-                   if ep
-                   else (kv for t in trainables
-                         for kv in checkpoint_tensors(net, [t], on_disk).items())
-                   if place.main else iter(()))
-        try:
-            if place.main:
-                write_outputs(out, weights, adapter_layout, resolved, fingerprint, cfg.to_dict(),
-                              fit.metrics())
-        finally:
-            collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
-        if place.main and merged is not None:
-            _merge(base, adapter, merged, requantize_fp8)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         place.barrier()
         return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
 
 
-def _remove_if_nothing_to_resume(out: Path) -> None:
-    """A run directory this run created, failed before its first checkpoint: it holds
-    nothing to resume (only metrics), so it goes, and the run leaves nothing behind."""
-    import shutil
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Holds the run directory ``out`` for this run (the main process of a torchrun job):
+    a second ``train`` onto it meanwhile is refused, not left to overwrite the first's
+    checkpoints and adapter. The lock is a hidden file beside ``out``, gone after the run."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    import fcntl
 
+    lock = out.with_name(f".{out.name}.esft-lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a folder we cannot write: check_target has named it already
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another"
+            raise EsftError(f"{out}: another train is writing to it now (process {holder});"
+                            " wait for it, or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        os.close(fd)
+
+
+def _fit_and_write(
+    loop: Any, resume_from: Path | None, progress: bool,
+    on_step: Callable[[int, dict[str, Any]], None] | None, net: torch.nn.Module,
+    trainables: list[Trainable], on_disk: Mapping[str, TensorInfo], layout: Layout,
+    place: Any, dev: torch.device, resolved: ExpertConfig, fingerprint: str | None,
+    cfg: TrainConfig, base: PathLike | None, save_merged: PathLike | None,
+    requantize_fp8: bool,
+) -> tuple[FitResult, Path, Path | None]:
+    """Run the loop to its end and write OUT (and ``save_merged``); ``layout``: the adapter's
+    tensors (name, dtype, shape), known before the first is gathered."""
+    from esft_rs.training import expert_parallel, sharding
+    from esft_rs.training.freeze import checkpoint_tensors
+
+    out = loop.out_dir
+    fit = loop.fit(resume_from=resume_from, progress=progress, on_step=on_step)
+    if fit.unchanged:
+        log.warning(
+            "%d trained tensors did not change (experts that no token reached?): %s",
+            len(fit.unchanged), ", ".join(fit.unchanged[:5]),
+        )
+    adapter = out / ADAPTER
+    merged = Path(save_merged) if save_merged is not None else None
+    # One trained tensor's worth at a time: under --mode full they are the model.
+    weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if loop.fsdp
+               else expert_parallel.adapter_tensors(net, trainables, on_disk, place, dev)
+               if loop.ep
+               else (kv for t in trainables
+                     for kv in checkpoint_tensors(net, [t], on_disk).items())
+               if place.main else iter(()))
+    try:
+        if place.main:
+            write_outputs(out, weights, layout, resolved, fingerprint, cfg.to_dict(),
+                          fit.metrics())
+    finally:
+        collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
+    if place.main and merged is not None:
+        _merge(base, adapter, merged, requantize_fp8)
+    return fit, adapter, merged
+
+
+#: What a run writes into its directory: all that ``overwrite`` may replace.
+RUN_FILES = frozenset({ADAPTER, "expert_cfg.json", "train_config.yaml", "metrics.jsonl",
+                       "checkpoints", "tensorboard", "placement.json"})
+
+
+def _set_aside(out: Path) -> Path:
+    """The earlier run in ``out``, renamed to a hidden sibling until the new one finishes."""
+    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(aside)
+    return aside
+
+
+def _remove_if_nothing_to_resume(out: Path) -> None:
+    """A run directory this run created, failed before its first checkpoint (or stopped by
+    Ctrl-C while it set up): it holds nothing to resume and no adapter (only metrics), so it
+    goes, and the run leaves nothing behind."""
     from esft_rs.training import checkpoint
 
-    if checkpoint.latest(out) is None:
+    if checkpoint.latest(out) is None and not (out / ADAPTER).exists():
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -216,32 +304,42 @@ def _experts(experts: PathLike | ExpertConfig | None) -> tuple[ExpertConfig | No
     return ExpertConfig.load(experts), os.fspath(experts)
 
 
-def _check_out_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """(the checkpoint to resume from, whether an earlier run is to be replaced); an earlier
+    run is refused unless resumed or, with ``overwrite``, replaced (if it holds only what a
+    run writes)."""
     from esft_rs.training import checkpoint
 
+    if resume and overwrite:
+        raise EsftValueError(f"{option('resume', True)} continues the run in {out},"
+                             f" {option('overwrite', True)} replaces it: pass one of them")
     found = checkpoint.latest(out)
     if resume:
         if found is None and not (out / ADAPTER).exists():
             log.warning("%s: no checkpoint to resume from; starting at step 0", out)
-        return found
-    if found is not None or (out / ADAPTER).exists():
+        return found, False
+    if found is None and not (out / ADAPTER).exists():
+        return None, False
+    if not overwrite:
         raise EsftError(
-            f"{out}: holds an earlier run; pass --resume to continue it,"
-            " or choose another directory"
+            f"{out}: holds an earlier run; pass {option('resume', True)} to continue it,"
+            f" {option('overwrite', True)} to replace it, or choose another directory"
         )
-    return None
+    others = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    if others:
+        raise EsftError(f"{out}: holds {others[0]!r}, which no run writes; not replaced"
+                        " (choose another directory)")
+    return None, True
 
 
 def _refuse_finished(out: Path, last: Path | None, identity: dict[str, Any]) -> None:
     """``--resume`` of a run that wrote its adapter: nothing to do, and nothing is changed.
     A checkpoint made from other inputs is named as such first (the usual resume check)."""
-    import json
 
     from esft_rs.training import checkpoint
 
     if last is not None:
-        checkpoint.check_identity(last, json.loads((last / "state.json").read_text()), identity)
+        checkpoint.check_identity(last, checkpoint.read_state(last), identity)
     raise EsftError(
         f"{out}: the run is already finished ({ADAPTER} is written); nothing to resume"
         " (choose another directory to train again)"
@@ -263,9 +361,9 @@ def _load_data(
     base: PathLike | None,
     cfg: TrainConfig,
     skip_bad: bool,
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], int | None]:
     """Packed rows from chat data (``cfg.chat_template`` with the tokenizer of ``base``)
-    or as given."""
+    or as given, and the tokenizer's BOS id (None for rows given)."""
     import torch
 
     if isinstance(data, Mapping):
@@ -274,7 +372,7 @@ def _load_data(
             tensors["attention_mask"] = torch.ones_like(tensors["input_ids"])
         if not len(tensors["input_ids"]):
             raise InvalidFileError("data: no training examples")
-        return tensors
+        return tensors, None
     from esft_rs.data import read_task_data
     from esft_rs.tokenizer import load_tokenizer
 
@@ -283,36 +381,78 @@ def _load_data(
     task = read_task_data(data, skip_bad=skip_bad)
     if task.skipped:
         log.warning("skipped %d bad lines, the first: %s", len(task.skipped), task.skipped[0])
-    packed = task.pack(load_tokenizer(base, cfg.chat_template), seq_length=cfg.seq_length,
+    tokenizer = load_tokenizer(base, cfg.chat_template)
+    packed = task.pack(tokenizer, seq_length=cfg.seq_length,
                        random_concat_ratio=cfg.random_concat_ratio, seed=cfg.seed)
-    return packed._asdict()
+    return packed._asdict(), tokenizer.bos
 
 
 def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
-                train_idx: torch.Tensor, data: object) -> None:
+                train_idx: torch.Tensor, data: object, bos: int | None) -> None:
     """Packed rows against the model, before the first step: ids in its vocabulary, and
-    answer tokens to learn from in the training split."""
-    from esft_rs.data import loss_tokens
+    answer tokens to learn from in the training split: tokens the loss counts other than
+    the BOS that starts each example (the official format labels it, so a row of fully
+    masked conversations still held loss tokens, BOS mid-row, and "trained" on them)."""
+    from esft_rs.data import IGNORE_INDEX
     from esft_rs.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
     check_token_ids(int(ids.min()), int(ids.max()), net, origin)
-    check_answer_tokens(loss_tokens(tensors["labels"][train_idx]), origin,
+    counted = tensors["labels"][train_idx][:, 1:]  # as the loss counts them (shifted)
+    answers = (counted != IGNORE_INDEX) & (counted != bos if bos is not None else True)
+    check_answer_tokens(int(answers.sum()), origin,
                         f"in the training split after packing into rows of {ids.shape[-1]}")
 
 
-def _check_enough(n_train: int, cfg: TrainConfig, world: int) -> None:
+def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, list[str]]:
+    """Rows no longer than the model's context (``max_position_embeddings``): a longer
+    ``seq_length`` is cut to it, with a note (returned)."""
+    from dataclasses import replace
+
+    from esft_rs.preflight import context_length
+
+    limit = context_length(net)
+    if limit is None or cfg.seq_length <= limit:
+        return cfg, []
+    return replace(cfg, seq_length=limit), [
+        f"rows are cut to the model's context of {limit} tokens (max_position_embeddings),"
+        f" not seq_length {cfg.seq_length} ({option('seq_length')})"]
+
+
+def batch_note(cfg: TrainConfig, world: int, row: int) -> str:
+    """The global batch of a run on ``world`` processes, as its parts multiply."""
     from esft_rs.training.loop import global_batch_size
 
-    need = global_batch_size(cfg, world)
-    if n_train < need:
+    n = global_batch_size(cfg, world)
+    return (f"global batch {n} rows of {row} tokens a step = {world} processes x"
+            f" per_device_batch_size {cfg.per_device_batch_size} x gradient_accumulation_steps"
+            f" {cfg.gradient_accumulation_steps}")
+
+
+def _check_enough(n_train: int, rows: tuple[int, ...], cfg: TrainConfig, world: int
+                  ) -> list[str]:
+    """Some training rows after the validation split; fewer than one global batch are
+    cycled through (several epochs a step), with a note (returned)."""
+    from esft_rs.training.loop import global_batch_size
+
+    if n_train == 0:
         raise EsftError(
-            f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split)"
-            f" are fewer than one global batch of {need} (per_device_batch_size"
-            f" {cfg.per_device_batch_size} x {world} processes x gradient_accumulation_steps"
-            f" {cfg.gradient_accumulation_steps})"
+            f"no rows left to train on after the {cfg.val_ratio:g} validation split of {rows[0]}"
+            f" packed row{'s' if rows[0] != 1 else ''} of {rows[-1]} tokens: pass"
+            f" {option('val_ratio', 0)} (no validation), lower {option('seq_length')}, or add"
+            " data"
         )
+    need = global_batch_size(cfg, world)
+    if n_train >= need:
+        return []
+    return [
+        f"{n_train} training sequences (after the {cfg.val_ratio:g} validation split) are fewer"
+        f" than one global batch of {need} (per_device_batch_size {cfg.per_device_batch_size} x"
+        f" {world} process{'es' if world > 1 else ''} x gradient_accumulation_steps"
+        f" {cfg.gradient_accumulation_steps}): each step cycles through them,"
+        f" {need / n_train:.3g} epochs a step"
+    ]
 
 
 def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
@@ -336,9 +476,9 @@ def _check_against_base(base: PathLike, known: Mapping[str, TensorInfo],
             )
         if info.dtype == "F8_E4M3" and not fp8_ok:
             raise MismatchError(
-                f"{base}: stores {name} in block FP8 (F8_E4M3), so --save-merged must quantise"
-                " the trained weights: pass --requantize-fp8, or leave out --save-merged and"
-                " merge later"
+                f"{base}: stores {name} in block FP8 (F8_E4M3), so {option('save_merged')} must"
+                f" quantise the trained weights: pass {option('requantize_fp8', True)}, or leave"
+                f" out {option('save_merged')} and merge later"
             )
 
 

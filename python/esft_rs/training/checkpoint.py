@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from esft_rs.distributed import Dist, from_rank0
-from esft_rs.errors import MismatchError
+from esft_rs.errors import EsftError, InvalidFileError, MismatchError
 from esft_rs.outputs import staged, write_file
 from esft_rs.training.freeze import Trainable
 
@@ -42,6 +42,43 @@ def latest(out_dir: Path) -> Path | None:
         if p.name[len(PREFIX):].isdigit() and (p / "state.json").is_file()
     ]
     return max(found)[1] if found else None
+
+
+def read_state(path: Path, steps: int | None = None) -> dict[str, Any]:
+    """The checkpoint's ``state.json``, checked: a JSON object whose step is a whole
+    number in 1..``steps``. Anything else is a damaged checkpoint (``damaged``)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise damaged(path, e) from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise damaged(path, ValueError(f"state.json: step {step!r} is not a step number"))
+    if steps is not None and step > steps:
+        raise damaged(path, ValueError(f"state.json: step {step} is beyond the run's {steps}"
+                                       " steps"))
+    return state
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The error inside DCP's CheckpointException ({rank: (error, stack)}), else ``e``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            return inner[0]
+    return e
+
+
+def damaged(path: Path, e: BaseException) -> EsftError:
+    """One line for a checkpoint that cannot be read: what failed, and what to do."""
+    if isinstance(e, EsftError):
+        return e
+    e = _first_failure(e)
+    text = " ".join(str(e).split())
+    why = f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
+    return InvalidFileError(f"{path}: damaged checkpoint, cannot resume ({why}); remove"
+                            f" {path.parent} to train from the start", path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,8 +150,13 @@ def write(
         tmp = from_rank0(tmp)
         torch.save(rng_state(), tmp / f"rng-{place.rank}.pt")
         with _single_process_quiet():
-            dcp.save(_state_dict(model, trainables, optimizer, best), checkpoint_id=tmp / DCP,
-                     no_dist=place.world == 1)
+            try:
+                dcp.save(_state_dict(model, trainables, optimizer, best),
+                         checkpoint_id=tmp / DCP, no_dist=place.world == 1)
+            except dcp.api.CheckpointException as e:
+                # DCP wraps a failed write (a full disk, a file size limit) in a BaseException:
+                # raise what failed, which the staging turns into one line naming the output
+                raise _first_failure(e) from None
         if place.main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             write_file(tmp / "state.json", json.dumps({"step": step, **state}, indent=1))
@@ -136,7 +178,7 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
     if not diffs:
         return
     k = diffs[0]
-    if k == "config":
+    if k == "config" and isinstance(saved.get(k), dict):
         keys = [key for key in current[k] if saved[k].get(key) != current[k][key]]
         what = ", ".join(f"{key}={saved[k].get(key)!r} there, {current[k][key]!r} here"
                          for key in keys[:3])
@@ -163,17 +205,22 @@ def read(
     """Restore a checkpoint in place (``best``: tensors to load the best weights into, when
     the checkpoint has them); returns its state. A rank the writing run did not have
     keeps its RNG state: training draws no random numbers after the data is split."""
+    import torch.distributed.checkpoint as dcp
+
     from esft_rs.training import expert_parallel
 
-    state = json.loads((path / "state.json").read_text())
-    if expert_parallel.placement_of(model) is not None:
-        _read_ep(path, trainables, optimizer, best, place)
-    else:
-        _read_dcp(path, model, trainables, optimizer, best, place)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = path / f"rng-{place.rank}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=True))
+    state = read_state(path)
+    try:
+        if expert_parallel.placement_of(model) is not None:
+            _read_ep(path, trainables, optimizer, best, place)
+        else:
+            _read_dcp(path, model, trainables, optimizer, best, place)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = path / f"rng-{place.rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=True))
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated .distcp, a garbage
+        raise damaged(path, e) from None  # rng or scheduler file
     return state
 
 

@@ -8,13 +8,15 @@ official base.yaml values, so an official config file means the same here.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 import os
 import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from esft_rs.errors import InvalidFileError
+from esft_rs.errors import EsftFileNotFoundError, InvalidFileError
 
 MODES = ("esft", "full", "random")
 SCHEDULERS = ("constant", "cosine")
@@ -27,6 +29,9 @@ IGNORED_KEYS = {
     "ep_size": "with parallelism: ep the experts are spread over all ranks (the official"
                " expert-parallel group size is the world size)",
 }
+
+#: The seed of data order and packing, in train and profile alike (the official base.yaml's).
+DEFAULT_SEED = 5934875
 
 #: Largest seed: torch's generators take 64-bit seeds.
 MAX_SEED = 2**63 - 1
@@ -51,7 +56,7 @@ def _opt(default: Any, text: str) -> Any:
 class TrainConfig:
     """Everything that shapes a training run (see ``configs/base.yaml`` of the official code)."""
 
-    seed: int = _opt(5934875, "Seed of data order, validation split, random-mode experts.")
+    seed: int = _opt(DEFAULT_SEED, "Seed of data order, validation split, random-mode experts.")
     seq_length: int = _opt(4096, "Tokens per packed training sequence.")
     per_device_batch_size: int = _opt(1, "Sequences per process per micro-step.")
     steps: int = _opt(500, "Optimizer steps.")
@@ -112,9 +117,11 @@ class TrainConfig:
         for k in ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm"):
             if getattr(self, k) < 0:
                 out.append(f"{k} must not be negative, got {getattr(self, k)}")
-        for k in ("adam_beta1", "adam_beta2", "random_concat_ratio"):
-            if not 0 <= getattr(self, k) <= 1:
-                out.append(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        for k in ("adam_beta1", "adam_beta2"):  # torch's AdamW refuses 1.0
+            if not 0 <= getattr(self, k) < 1:
+                out.append(f"{k} must be in [0, 1), got {getattr(self, k)}")
+        if not 0 <= self.random_concat_ratio <= 1:
+            out.append(f"random_concat_ratio must be in [0, 1], got {self.random_concat_ratio}")
         if not 0 <= self.val_ratio < 1:
             out.append(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.mode not in MODES:
@@ -181,11 +188,36 @@ def from_mapping(raw: object, origin: str) -> tuple[TrainConfig, list[str]]:
     return cfg, notes
 
 
+#: The starter configs shipped inside the package (``esft_rs/configs/NAME.yaml``; a clone's
+#: ``configs/`` links to them): ``-c small`` works for a pip-installed user too.
+STARTER_CONFIGS = ("base", "small")
+
+
+def starter_config(name: str) -> Path:
+    """The packaged file of starter config ``name`` (one of ``STARTER_CONFIGS``)."""
+    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+
+
+def config_path(config: str | os.PathLike[str]) -> Path:
+    """``config`` as a file: a path, or the name of a starter config (``base``, ``small``)
+    when no file of that name exists here."""
+    path = Path(config)
+    if not os.path.lexists(path) and os.fspath(config) in STARTER_CONFIGS:
+        return starter_config(os.fspath(config))
+    if not os.path.lexists(path):
+        raise EsftFileNotFoundError(
+            errno.ENOENT, "No such file or directory (nor a starter config: "
+            + ", ".join(STARTER_CONFIGS) + ")", os.fspath(config))
+    return path
+
+
 def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
-    """Read a YAML training config (an official ESFT one works unchanged)."""
+    """Read a YAML training config (an official ESFT one works unchanged): a file, or a
+    starter config shipped with esft-rs by name (``base``: the official values; ``small``: a
+    first run in minutes on a CPU)."""
     from esft_rs.inputs import load_yaml
 
-    return from_mapping(load_yaml(path), os.fspath(path))
+    return from_mapping(load_yaml(config_path(path)), os.fspath(path))
 
 
 # A value shown in an error: a YAML alias can make it a list of millions of items.

@@ -319,14 +319,23 @@ def clip_grad_norm(model: torch.nn.Module, trainables: list[Any], max_norm: floa
 
 # --- the adapter and checkpoints --------------------------------------------------------------
 
+def adapter_layout(model: torch.nn.Module, trainables: list[Any], on_disk: Any, place: Dist,
+                   device: torch.device) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor ``adapter_tensors`` will yield, on rank 0 (the
+    adapter's header is written before the first arrives); every rank must call."""
+    return [(n, v.dtype, tuple(v.shape))
+            for n, v in adapter_tensors(model, trainables, on_disk, place, device, meta=True)]
+
+
 def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
-                    place: Dist, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+                    place: Dist, device: torch.device, *, meta: bool = False
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """What the adapter holds, in one process's order and naming, whatever the placement:
     rank 0 receives each remote expert's trained tensor from its owner, one at a time.
-    Every rank must exhaust it."""
+    Every rank must exhaust it. ``meta``: shapes and dtypes only, nothing sent."""
     import torch.distributed as dist
 
-    from esft_rs.training.freeze import Trainable
+    from esft_rs.training.freeze import Trainable, checkpoint_tensors
     from esft_rs.training.sharding import _checkpoint_tensors, _reverted_slices
 
     mine = [(t.name, t.experts, is_local(model, t), _dtype_name(t.dtype),
@@ -343,12 +352,16 @@ def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
         held = [(r, m) for r, ranked in enumerate(every) for m in ranked if m[0] == name]
         if not held[0][1][2]:  # replicated: rank 0 has it
             if place.main:
-                yield from _checkpoint_tensors(model, by_name[name], by_name[name].param.detach(),
-                                               on_disk).items()
+                t = by_name[name]
+                yield from (checkpoint_tensors(model, [t], on_disk, meta=True) if meta else
+                            _checkpoint_tensors(model, t, t.param.detach(), on_disk)).items()
             continue
         parts: list[tuple[tuple[int, ...] | None, torch.Tensor]] = []
         for r, (_, experts, _, _, held_dtype, shape) in held:
-            if r == place.rank and place.main:
+            if meta:
+                parts.append((experts, torch.empty(shape, dtype=getattr(torch, held_dtype),
+                                                   device="meta")))
+            elif r == place.rank and place.main:
                 parts.append((experts, by_name[name].param.detach()))
             elif r == place.rank:
                 dist.send(by_name[name].param.detach().contiguous(), dst=0)
@@ -363,7 +376,8 @@ def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
             yield name, parts[0][1].to(dtype).contiguous()
             continue
         experts = [e for ids, _ in parts for e in ids or ()]
-        value = torch.cat([v for _, v in parts])[torch.tensor(experts).argsort()]
+        value = torch.cat([v for _, v in parts])
+        value = value[torch.tensor(experts).argsort().to(value.device)]
         t = Trainable(name, torch.nn.Module(), "slices", dtype, tuple(sorted(experts)))
         yield from _reverted_slices(model, t, value).items()
 

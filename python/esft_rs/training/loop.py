@@ -195,6 +195,7 @@ class Loop:
         self.window = _empty_window()
         self.history: list[dict[str, Any]] = []
         self.grad_bytes = 0
+        self._warned_empty_eval = False
 
     # --- data -----------------------------------------------------------------------------
 
@@ -281,7 +282,13 @@ class Loop:
         if self.fsdp:
             sharding.reshard(self.model)
         self.model.train()
-        return loss / max(1.0, n)
+        if not n:  # no answer token among the held-out rows: there is no loss to report
+            if not self._warned_empty_eval:
+                log.warning("the validation rows hold no answer tokens: no eval loss, and the"
+                            " last weights are kept")
+                self._warned_empty_eval = True
+            return None
+        return loss / n
 
     def _keep_if_best(self, step: int, loss: float) -> None:
         if self.best_loss is None or loss < self.best_loss:
@@ -304,18 +311,25 @@ class Loop:
         )
 
     def restore(self, path: Path) -> int:
-        state = json.loads((path / "state.json").read_text())
+        state = checkpoint.read_state(path, self.cfg.steps)
         checkpoint.check_identity(path, state, self.identity)
-        if state["best_step"] is not None:
-            self._keep_if_best(state["best_step"], state["best_loss"])  # tensors to load into
+        try:
+            window = {k: type(v)(state["window"][k]) for k, v in _empty_window().items()}
+            best_step, best_loss = state["best_step"], state["best_loss"]
+            if best_step is not None:
+                best_step, best_loss = int(best_step), float(best_loss)
+        except (KeyError, TypeError, ValueError) as e:
+            raise checkpoint.damaged(path, e) from None
+        if best_step is not None:
+            self._keep_if_best(best_step, best_loss)  # tensors to load into
         checkpoint.read(
             path, model=self.model, trainables=self.trainables, optimizer=self.optimizer,
             scheduler=self.scheduler, best=self.best, place=self.place,
         )
         if self.fsdp:
             sharding.sync_fused_slices(self.model)
-        self.window = state["window"]
-        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+        self.window = window
+        self.best_loss, self.best_step = best_loss, best_step
         return int(state["step"])
 
     # --- the run ------------------------------------------------------------------------------

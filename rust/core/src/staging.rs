@@ -307,8 +307,31 @@ fn host() -> String {
     }
 }
 
+/// Most bytes of an output's name that go into its staging names: with the mark, a host
+/// name (at most 64 bytes), a pid and a nonce, a staging name stays within the 255 bytes
+/// a file name may have, so that any name an output may have can be staged.
+const STAGED_NAME_BYTES: usize = 120;
+
+/// `name` as it appears in its staging names: whole when short; else its first bytes (at a
+/// character boundary) and a hash of the whole, so that two long names stay apart.
+fn staging_stem(name: &str) -> String {
+    if name.len() <= STAGED_NAME_BYTES {
+        return name.to_string();
+    }
+    let mut end = STAGED_NAME_BYTES - 17;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    // FNV-1a: stable across runs and builds, as clear_stale needs.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}~{hash:016x}", &name[..end])
+}
+
 /// A staging name for `NAME` beside it, unique to this process and call.
 fn staging_name(parent: &Path, name: &str) -> PathBuf {
+    let name = staging_stem(name);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -327,7 +350,7 @@ fn clear_stale(parent: &Path, name: &str) {
     if !Path::new("/proc/self").exists() {
         return; // no way to tell a dead process from a live one here
     }
-    let prefix = format!(".{name}{STAGING_MARK}");
+    let prefix = format!(".{}{STAGING_MARK}", staging_stem(name));
     let me = host();
     let Ok(entries) = fs::read_dir(parent) else {
         return;
@@ -615,6 +638,21 @@ impl Drop for Staged {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn long_output_names_can_be_staged() {
+        let d = tempfile::tempdir().unwrap();
+        for len in [200, 215, 240, 255] {
+            let target = d.path().join("x".repeat(len));
+            let s = Staged::new(&target, false).unwrap();
+            fs::write(s.path(), b"1").unwrap();
+            s.commit(false, &[]).unwrap();
+            assert_eq!(fs::read(&target).unwrap(), b"1");
+        }
+        let (a, b) = ("a".repeat(200) + "1", "a".repeat(200) + "2");
+        assert_ne!(staging_stem(&a), staging_stem(&b));
+        assert!(staging_stem(&"é".repeat(100)).len() <= STAGED_NAME_BYTES);
+    }
+
     use super::*;
 
     fn names(d: &Path) -> Vec<String> {
