@@ -198,8 +198,6 @@ def run_lock(out: Path) -> Iterator[None]:
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    import fcntl
-
     lock = out.with_name(f".{out.name}.esft-lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -207,14 +205,16 @@ def run_lock(out: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another"
+        if not _try_lock(fd):
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "another"
+            except OSError:  # Windows: the holder's locked byte cannot be read
+                holder = "another"
             raise EsftError(f"{out}: another train is writing to it now (process {holder});"
                             " wait for it, or choose another directory") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, str(os.getpid()).encode())
         try:
             yield
         finally:
@@ -222,6 +222,26 @@ def run_lock(out: Path) -> Iterator[None]:
                 os.unlink(lock)
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive lock on open file ``fd`` without waiting: flock where there is one,
+    msvcrt's byte lock on Windows; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _fit_and_write(
