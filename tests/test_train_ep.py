@@ -254,7 +254,7 @@ def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "esft_rs", "train", str(builtin / "base"), str(builtin / "task.jsonl"),
-         "-e", str(builtin / "experts.json"), "--out", str(tmp_path / "run"), *flags],
+         "-e", str(builtin / "experts.json"), "-o", str(tmp_path / "run"), *flags],
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     notes = [line for line in r.stderr.splitlines() if "parallelism auto:" in line]
