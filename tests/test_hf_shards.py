@@ -185,7 +185,7 @@ def test_cli_under_torchrun_refuses_in_one_line(cases: dict[str, tuple[Path, Pat
     port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "esft_rs", "profile", str(bad), str(data), "-o",
-         str(tmp_path / "r.safetensors")],
+         str(tmp_path / "r.safetensors"), "--parallelism", "fsdp"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
              "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD)})

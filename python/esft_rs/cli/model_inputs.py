@@ -50,14 +50,16 @@ def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> to
     from esft_rs.training.sharded_load import load_expert_parallel, load_sharded
     from esft_rs.training.sharding import uses_fsdp
 
-    parallelism, why = for_inference(model, parallelism, place, device)
-    if why is not None and place.main:
-        click.echo(f"esft-rs: note: parallelism auto: {parallelism} ({why})", err=True)
+    parallelism, note = for_inference(model, parallelism, place, device)
     if uses_fsdp(parallelism, place.world):
-        return load_sharded(model, place, device)
-    if uses_ep(parallelism, place.world):
-        return load_expert_parallel(model, place, device)
-    return load_model(model, device=device).requires_grad_(False).eval()
+        net = load_sharded(model, place, device)
+    elif uses_ep(parallelism, place.world):
+        net = load_expert_parallel(model, place, device)
+    else:
+        net = load_model(model, device=device).requires_grad_(False).eval()
+    if note is not None and place.main:  # once the model has loaded: no note before an error
+        click.echo(f"esft-rs: note: {note}", err=True)
+    return net
 
 
 def task_inputs(

@@ -108,10 +108,10 @@ def train(
         if not isinstance(model, torch.nn.Module):
             base = model
         expert_cfg, origin = _experts(experts)
-        if cfg.parallelism == "auto":
-            chosen = for_training(base if not isinstance(model, torch.nn.Module) else None,
-                                  expert_cfg, cfg, place, dev)
-            cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
+        chosen, auto_note = for_training(
+            base if not isinstance(model, torch.nn.Module) else None, expert_cfg, cfg, place,
+            dev)
+        cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
         fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
         ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
         resume_from, replacing = _check_out_dir(out, resume, overwrite)
@@ -137,6 +137,8 @@ def train(
         _check_data(net, tensors, train_idx, data, bos)
         if place.world > 1:
             notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
+        if auto_note is not None and place.main:
+            notes.append(auto_note)
         for note in notes:
             log.warning("%s", note)
         trainables = freeze(net, resolved)

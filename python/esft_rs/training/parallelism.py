@@ -1,10 +1,9 @@
-"""``parallelism: auto``: the parallelism a torchrun job uses, decided once on rank 0 from
-the checkpoint's headers (``esft_rs.plan``) and the memory of one device, and said in one
-line."""
+"""``parallelism: auto``: the parallelism a torchrun job uses, decided from the checkpoint's
+headers (``esft_rs.plan``) and the memory of one device (every rank decides alike), and
+said in one line once the inputs have passed their checks."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from pathlib import Path
@@ -17,9 +16,6 @@ if TYPE_CHECKING:
 
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.training.config import TrainConfig
-
-log = logging.getLogger("esft_rs.training")
-
 
 def device_memory(device: torch.device, place: Dist) -> int | None:
     """Memory one rank may use: its GPU's, or on CPU the host's physical memory shared by
@@ -37,13 +33,14 @@ def device_memory(device: torch.device, place: Dist) -> int | None:
 
 
 def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | None,
-                 cfg: TrainConfig, place: Dist, device: torch.device) -> str:
+                 cfg: TrainConfig, place: Dist, device: torch.device) -> tuple[str, str | None]:
     """``cfg.parallelism``, with ``auto`` resolved: of fsdp, ep and ddp, the one that fits
-    and moves the fewest bytes per step (an in-memory model: fsdp)."""
+    and moves the fewest bytes per step (an in-memory model: fsdp); and the note that says
+    so (None when nothing was chosen), for the caller to show once its inputs are checked."""
     if cfg.parallelism != "auto" or place.world == 1:
-        return cfg.parallelism if cfg.parallelism != "auto" else "fsdp"
+        return (cfg.parallelism if cfg.parallelism != "auto" else "fsdp"), None
     if model is None:
-        return _say(place, "fsdp", "an in-memory model has no checkpoint to plan from")
+        return "fsdp", _note("fsdp", "an in-memory model has no checkpoint to plan from")
     from esft_rs.errors import EsftError
     from esft_rs.plan import plan
 
@@ -55,15 +52,17 @@ def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | N
                       fsdp_prefetch=cfg.fsdp_prefetch, gpu_memory=device_memory(device, place),
                       device=device.type)
     except EsftError as e:  # the run itself names what is wrong with its inputs
-        return _say(place, "fsdp", f"no plan: {e}")
-    return _say(place, result.parallelism, _trade(result.options, result.parallelism))
+        return "fsdp", _note("fsdp", f"no plan: {e}")
+    return result.parallelism, _note(result.parallelism,
+                                     _trade(result.options, result.parallelism))
 
 
 def for_inference(model: Path, parallelism: str, place: Dist, device: torch.device
                   ) -> tuple[str, str | None]:
-    """``parallelism`` for profile and eval, with ``auto`` resolved, and why (None when
-    nothing was chosen): a copy per rank (ddp, nothing moves) when the weights fit a device,
-    else the experts spread (ep) when the model has MoE layers, else fsdp."""
+    """``parallelism`` for profile and eval, with ``auto`` resolved, and the note that says
+    why (None when nothing was chosen): a copy per rank (ddp, nothing moves) when the
+    weights fit a device, else the experts spread (ep) when the model has MoE layers, else
+    fsdp."""
     if parallelism != "auto" or place.world == 1:
         return (parallelism if parallelism != "auto" else "ddp"), None
     from esft_rs import inspect
@@ -76,10 +75,12 @@ def for_inference(model: Path, parallelism: str, place: Dist, device: torch.devi
     size = f"the weights ({weights / 2**30:.2f} GiB)"
     budget = device_memory(device, place)
     if budget is None or weights <= 0.9 * budget:
-        return "ddp", f"{size} fit one device: nothing moves"
+        return "ddp", _note("ddp", f"{size} fit one device: nothing moves")
     if moe_layout((n, t.shape) for n, t in info.tensors.items()):
-        return "ep", f"{size} do not fit one device; the experts are spread, tokens move"
-    return "fsdp", f"{size} do not fit one device and there are no experts to spread"
+        return "ep", _note("ep", f"{size} do not fit one device; the experts are spread,"
+                                 " tokens move")
+    return "fsdp", _note("fsdp", f"{size} do not fit one device and there are no experts to"
+                                 " spread")
 
 
 def _trade(options: dict[str, dict], chosen: str) -> str:
@@ -95,7 +96,5 @@ def _trade(options: dict[str, dict], chosen: str) -> str:
            f" ({others})"
 
 
-def _say(place: Dist, choice: str, why: str) -> str:
-    if place.main:
-        log.warning("parallelism auto: %s (%s)", choice, why)
-    return choice
+def _note(choice: str, why: str) -> str:
+    return f"parallelism auto: {choice} ({why})"
