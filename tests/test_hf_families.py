@@ -288,7 +288,7 @@ def test_fp8_deepseek_v3_trains_and_merges_by_requantising(
     FP8 slots only with --requantize-fp8, which is checked before training starts."""
     root = make_family(tmp_path_factory, "deepseek_v3")
     base = fp8_copy(root / "base", tmp_path / "fp8")
-    with pytest.raises(esft_rs.MismatchError, match="pass --requantize-fp8"):
+    with pytest.raises(esft_rs.MismatchError, match="pass requantize_fp8=True"):
         esft_rs.train(base, root / "task.jsonl", tmp_path / "refused", root / "experts.json",
                       progress=False, save_merged=tmp_path / "never", **TRAIN)
     assert not (tmp_path / "refused").exists() and not (tmp_path / "never").exists()
