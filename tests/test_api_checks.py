@@ -46,3 +46,14 @@ def test_per_sample_average_needs_samples() -> None:
 def test_expert_listed_twice_is_refused() -> None:
     with pytest.raises(esft_rs.EsftValueError, match="layer 1: expert 0 listed twice"):
         ExpertConfig({1: [0, 2, 0]})
+
+
+@pytest.mark.parametrize(("source", "why"), [
+    ("{% for i in range(200000) %}x{% endfor %}", "OverflowError: Range too big"),
+    ("{{ 1 // 0 }}", "ZeroDivisionError"),
+])
+def test_a_failing_chat_template_is_one_error(source: str, why: str) -> None:
+    from esft_rs.chat_template import render
+
+    with pytest.raises(esft_rs.MismatchError, match=rf"^chat template: {why}"):
+        render(source, [{"role": "user", "content": "a"}], {})

@@ -84,7 +84,9 @@ def test_config_floats_must_be_finite(ws: Path, tmp_path: Path, key: str, value:
     # json writes NaN and Infinity, and Python's json reads them back: a model that
     # computes NaN (profile wrote stats, eval a NaN loss, train crashed in backward).
     model = model_with(ws, tmp_path, **{key: value})
-    with pytest.raises(InvalidFileError, match=f"config.json: {key} must be"):
+    # refused as JSON now (NaN and Infinity are not JSON), before the key's own check
+    with pytest.raises(InvalidFileError, match=rf"config.json: (not valid JSON \(-?(NaN|Infinity)"
+                                               rf" is not a JSON number\)|{key} must be)"):
         load_model(model)
 
 

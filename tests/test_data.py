@@ -222,8 +222,8 @@ def test_jsonl_is_strict_json(tmp_path: Path) -> None:
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")
     assert len(read_task_data(tmp_path / "bom.jsonl").conversations) == 1
     for name, second, why in [
-        ("nan.jsonl", good[:-1] + ', "score": NaN}', "NaN is not JSON"),
-        ("inf.jsonl", good[:-1] + ', "score": -Infinity}', "-Infinity is not JSON"),
+        ("nan.jsonl", good[:-1] + ', "score": NaN}', "NaN is not a JSON number"),
+        ("inf.jsonl", good[:-1] + ', "score": -Infinity}', "-Infinity is not a JSON number"),
         ("midbom.jsonl", "\ufeff" + good, "Unexpected UTF-8 BOM"),
     ]:
         (tmp_path / name).write_text(good + "\n" + second + "\n")

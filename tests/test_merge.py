@@ -284,7 +284,7 @@ def test_conflicts(tmp_path: Path) -> None:
         {slice_name: base_t[fused][2] + 5}, tmp_path / "b.safetensors", config_for({1: [2]}),
         base=base,
     )
-    with pytest.raises(esft_rs.MismatchError, match="--on-conflict first or last"):
+    with pytest.raises(esft_rs.MismatchError, match='on_conflict="first" or "last"'):
         esft_rs.merge(base, [a, b], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     for policy, winner in [("first", 1), ("last", 5)]:
@@ -320,7 +320,7 @@ def test_fingerprint_refusal_and_force(tmp_path: Path) -> None:
         config_for(CHOSEN), base=base,
     )
     before = tree_digest(other)
-    with pytest.raises(esft_rs.MismatchError, match=r"trained from a different base.*--force"):
+    with pytest.raises(esft_rs.MismatchError, match=r"trained from a different base.*force=True"):
         esft_rs.merge(other, ad, tmp_path / "out")
     assert not (tmp_path / "out").exists() and tree_digest(other) == before
     proc = run_cli("merge", other, ad, "-o", tmp_path / "out")
@@ -427,7 +427,7 @@ def test_output_errors(tmp_path: Path, sharded_ckpt: Path) -> None:
         with pytest.raises(esft_rs.EsftError, match=message):
             esft_rs.merge(sharded_ckpt, ad, out, overwrite=True)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(esft_rs.EsftError, match=r"already exists \(pass --overwrite"):
+    with pytest.raises(esft_rs.EsftError, match=r"already exists \(pass overwrite=True"):
         esft_rs.merge(sharded_ckpt, ad, tmp_path / "taken")
     with pytest.raises(FileNotFoundError, match="nope"):
         esft_rs.merge(tmp_path / "nope", ad, tmp_path / "x")

@@ -133,7 +133,7 @@ def test_by_config(tmp_path: Path, shape: MoEShape) -> None:
 def test_by_config_non_expert_modules_without_base(tmp_path: Path, single_ckpt: Path) -> None:
     cfg = ExpertConfig({1: [1]}, non_expert_modules=True)
     cfg.save(tmp_path / "cfg.json")
-    with pytest.warns(UserWarning, match="no --base given"):
+    with pytest.warns(UserWarning, match="no base= given"):
         report = esft_rs.split(single_ckpt, tmp_path / "a.safetensors",
                                experts=tmp_path / "cfg.json")
     names = {t.tensor for t in report.tensors}

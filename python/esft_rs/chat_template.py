@@ -159,8 +159,9 @@ def render(
 ) -> tuple[str, list[Span]]:
     """The rendered text and the ``{% generation %}`` spans in it.
 
-    A template error (``raise_exception`` included, e.g. roles that do not alternate)
-    is a ``MismatchError`` with the template's message.
+    A template error (``raise_exception`` included, e.g. roles that do not alternate),
+    or an error of the template's own code (a range beyond the sandbox's limit, a division
+    by zero), is a ``MismatchError`` with the template's message.
     """
     template = compile_template(source)
     tag = template.environment.extensions[_GenerationTag.identifier]
@@ -175,6 +176,10 @@ def render(
                 emitted.append(piece)
     except jinja2.TemplateError as e:
         raise MismatchError(f"chat template: {e.message or type(e).__name__}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+            RecursionError) as e:  # the template's own code failed (the sandbox's range limit)
+        why = " ".join(str(e).split())[:200]
+        raise MismatchError(f"chat template: {type(e).__name__}: {why}") from None
     return "".join(emitted), list(spans)
 
 

@@ -48,6 +48,7 @@ def option(key: str, value: object = None) -> str:
 
 # Flags the shared messages (many from the Rust core) name, as the Python API spells them.
 _API_SPELLING = [
+    (re.compile(r" \(Python: [^)]*\)"), ""),  # a message that spelled both says it once
     (re.compile(r"--on-conflict first or last"), 'on_conflict="first" or "last"'),
     (re.compile(r"--(overwrite|force|resume|requantize-fp8|shared-experts|non-expert-modules)"
                 r"\b(?!-)"), lambda m: m[1].replace("-", "_") + "=True"),

@@ -95,6 +95,8 @@ def json_problem(text: str | bytes, *, bom: bool = True) -> tuple[Any, str | Non
         return None, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
     except _Duplicate as e:
         return None, f"duplicate key {e.args[0]!r}"
+    except _Constant as e:
+        return None, f"not valid JSON ({e.args[0]} is not a JSON number)"
     except RecursionError:
         return None, f"nested more than {MAX_DEPTH} levels deep"
     if (why := _depth_problem(value)) is not None:
@@ -104,8 +106,12 @@ def json_problem(text: str | bytes, *, bom: bool = True) -> tuple[Any, str | Non
     return value, None
 
 
+class _Constant(Exception):
+    pass
+
+
 def _no_constant(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+    raise _Constant(name)
 
 
 def parse_json(text: str | bytes, origin: str | os.PathLike[str]) -> Any:
