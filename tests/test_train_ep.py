@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import BUILTIN_EXPERTS, free_port
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
-from test_train_fsdp import HF_EXPERTS, adam_state, assert_same_adapter, train
+from test_train_fsdp import adam_state, assert_same_adapter, hf_run, train
 from train_fakes import plus_chat, stop_after_2
 
 
@@ -125,13 +125,7 @@ def test_ep_resume_on_another_world_size(builtin: Path, tmp_path: Path) -> None:
 def test_ep_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:
     """Fused experts (transformers keeps [E, ...] tensors): each rank holds its experts'
     rows; DeepSeek-V2 adds a dense first layer and shared experts (replicated)."""
-    pytest.importorskip("transformers")
-    from hf_tiny import save
-
-    root = tmp_path / family
-    save(family, root / "base")
-    (root / "task.jsonl").write_text(plus_chat(10, 4))
-    HF_EXPERTS.save(root / "experts.json")
+    root = hf_run(tmp_path, family)
     one = train(root, tmp_path / "one", 1)
     many = train(root, tmp_path / "many", world, parallelism="ep")
     assert_same_adapter(one, many)

@@ -178,10 +178,9 @@ def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(("family", "world"), [("qwen3_moe", 2), ("mixtral", 2),
-                                              ("deepseek_v2", 2), ("qwen3_moe", 4)])
-def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:
+def hf_run(tmp_path: Path, family: str) -> Path:
+    """A tiny transformers ``family`` checkpoint, task data and ``HF_EXPERTS`` (skipped
+    without transformers)."""
     pytest.importorskip("transformers")
     from hf_tiny import save
 
@@ -189,6 +188,14 @@ def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> 
     save(family, root / "base")
     (root / "task.jsonl").write_text(plus_chat(10, 4))
     HF_EXPERTS.save(root / "experts.json")
+    return root
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("family", "world"), [("qwen3_moe", 2), ("mixtral", 2),
+                                              ("deepseek_v2", 2), ("qwen3_moe", 4)])
+def test_fsdp_equals_one_process_hf(tmp_path: Path, family: str, world: int) -> None:
+    root = hf_run(tmp_path, family)
     one = train(root, tmp_path / "one", 1)
     two = train(root, tmp_path / "two", world, save_merged=tmp_path / "merged")
     assert_same_adapter(one, two)
