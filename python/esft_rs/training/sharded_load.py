@@ -84,12 +84,11 @@ def load_expert_parallel(
     experts (``expert_parallel``; for profiling and evaluation) and the rest whole: each
     rank reads only its experts' bytes."""
     from esft_rs.training import expert_parallel
+    from esft_rs.training.trained import moe_layout
 
     model = meta_model(directory)
     expert_parallel.check_model(model, directory)
-    layout = {layer: len(block.experts) if isinstance(block.experts, torch.nn.ModuleList)
-              else int(block.experts.num_experts)
-              for layer, block in expert_parallel.moe_blocks(model).items()}
+    layout = moe_layout((n, tuple(p.shape)) for n, p in model.named_parameters())
     placement = expert_parallel.place_experts(layout, {}, place.world)
     expert_parallel.localize(model, placement, place.rank)
     model.requires_grad_(False)
