@@ -27,9 +27,12 @@ and the ratios, tokens per second (global batch tokens / median step) and the by
 rank 0 sent plus received per step at the collectives against the plan's ``comm_bytes``
 (not under DDP, whose reducer's all-reduce runs in C++); per-rank weight bytes against
 total / N, step time against 1 process and against full's at the same world size, peak
-RSS above an idle process against the plan's total (the plan counts training tensors
-only: weights, gradients, AdamW state, FSDP's gathered layer and activations; RSS adds
-allocator slack and gloo's buffers); then EP against FSDP: bytes moved, tokens per second.
+RSS above an idle process, then less the torch runtime, against the plan's total (the
+plan counts training tensors only: weights, gradients, AdamW state, FSDP's gathered
+layer and activations). The runtime is what the same one-process run on a 0.5 MiB model
+peaks at above an idle process and its own plan: torch's kernels paged in, autograd's
+and the allocator's state, whatever the model's size (~160 MiB here); then EP against FSDP: bytes
+moved, tokens per second.
 With ``--phases`` each rank also samples its anonymous and file-backed memory
 (``memtrace``): their peaks above an idle process's, and a table of them per phase
 (model built, sharded, filled from the checkpoint; forward, backward, optimizer step).
@@ -81,11 +84,11 @@ def config(gb: float) -> object:
     )
 
 
-def make_inputs(root: Path, gb: float, experts: int) -> dict[str, Path]:
+def make_inputs(root: Path, gb: float, experts: int, cfg: object = None) -> dict[str, Path]:
     from esft_rs.expert_config import ExpertConfig
     from esft_rs.models import init_model, save_model
 
-    cfg = config(gb)
+    cfg = cfg or config(gb)
     save_model(init_model(cfg, seed=0), root / "base")
     rng = random.Random(0)  # varied bytes, so that the routers spread tokens over all experts
 
@@ -313,6 +316,20 @@ def idle_rss_mb() -> float:
                                 text=True, check=True).stdout)
 
 
+def runtime_mb(root: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """Peak RSS of the same one-process run on the built-in ``tiny`` model (0.5 MiB),
+    and that RSS above an idle process and above its plan: what running torch's training
+    (kernels paged in, autograd and allocator state) costs whatever the model's size."""
+    from esft_rs.models.config import PRESETS
+
+    tiny = PRESETS["tiny"]
+    inputs = make_inputs(root / "runtime", 0, min(args.experts, tiny.n_routed_experts), tiny)
+    out = root / "out-runtime"
+    rss = run(inputs, 1, "fsdp", "esft", args, out)[0]["rss_mb"]
+    clean(out)
+    return rss, rss - predicted(inputs, "esft", 1, "fsdp", args).total_bytes / 2**20
+
+
 def idle_status_mb() -> dict[str, float]:
     """``RssAnon`` and ``RssFile`` of such a process (MiB)."""
     code = ("import json, torch, esft_rs.training.api; from memtrace import status;"
@@ -378,14 +395,19 @@ def main() -> None:
     idle_split = idle_status_mb()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        tiny_rss, warm = runtime_mb(root, args)  # before the large model raises our peak
         inputs = make_inputs(root, args.gb, args.experts)
         total_mb = sum(f.stat().st_size for f in inputs["base"].glob("*.safetensors")) / mib
+        runtime = warm - idle
         print(f"model: {total_mb:.0f} MiB fp32; idle process (torch imported): {idle:.0f} MiB"
-              f" RSS; global batch {args.batch} x {args.seq} tokens, micro-batch up to"
+              f" RSS; the torch runtime of a training process: {runtime:.0f} MiB more (the"
+              f" same run on a 0.5 MiB model peaks at {tiny_rss:.0f} MiB, plan aside);"
+              f" global batch {args.batch} x {args.seq} tokens, micro-batch up to"
               f" {args.micro_batch}; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print("bytes per rank (rank 0), MiB, measured / planned (ratio)")
         print(f"{'setting':<17} {'frozen':>17} {'trained':>19} {'grads':>19} {'AdamW':>19} "
-              f"{'x total/N':>9} {'RSS-idle':>8} {'plan tot':>8} {'step s':>7} {'x 1 proc':>8} "
+              f"{'x total/N':>9} {'RSS-idle':>8} {'-runtime':>8} {'plan tot':>8} {'RSS/plan':>8}"
+              f" {'step s':>7} {'x 1 proc':>8} "
               f"{'x full':>6} {'tok/s':>7} {'moved MiB/step':>19} {'AG MiB':>7} {'RS MiB':>7}"
               f" {'floor s':>7}", flush=True)
 
@@ -430,7 +452,9 @@ def main() -> None:
                           f"{pair(r0['grad_mb'], plan.grad_bytes):>19} "
                           f"{pair(r0['optimizer_mb'], plan.optimizer_bytes):>19} "
                           f"{weights / (total_mb / world):>9.2f} {rss:>8.0f} "
-                          f"{plan.total_bytes / mib:>8.0f} {step:>7.2f} {step / one:>8.2f} "
+                          f"{rss - runtime:>8.0f} {plan.total_bytes / mib:>8.0f} "
+                          f"{(rss - runtime) / (plan.total_bytes / mib):>8.2f} "
+                          f"{step:>7.2f} {step / one:>8.2f} "
                           f"{vs_full} {r0['tokens_s']:>7.0f} {moved:>19} {fsdp_io}",
                           flush=True)
                     if args.phases:
