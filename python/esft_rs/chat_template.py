@@ -279,16 +279,15 @@ def template_of(tokenizer_config: object) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def encode(tokenizer: Any, source: str, messages: Sequence[Any]) -> tuple[list[int], list[int]]:
+def encode(tokenizer: Any, source: str, messages: Sequence[Any],
+           ignore_index: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of ``esft_rs.data.Message``s rendered with ``source``.
 
     ``tokenizer`` is an ``esft_rs.tokenizer.HFTokenizer``. The ids are those of
     transformers' ``apply_chat_template(messages, tokenize=True)``; labels are the ids
-    of assistant tokens (module docstring) and -100 elsewhere, and of none of a turn
-    with ``mask``.
+    of assistant tokens (module docstring) and ``ignore_index`` elsewhere, and of none
+    of a turn with ``mask``.
     """
-    from esft_rs.data import IGNORE_INDEX
-
     plain = [{"role": m.role, "content": m.content} for m in messages]
     text, spans = assistant_spans(source, plain, tokenizer.special_tokens)
     if any(owner < 0 for owner, _ in spans) and any(m.mask for m in messages):
@@ -298,7 +297,7 @@ def encode(tokenizer: Any, source: str, messages: Sequence[Any]) -> tuple[list[i
         )
     encoding = tokenizer.encoding(text)
     ids = list(encoding.ids)
-    labels = [IGNORE_INDEX] * len(ids)
+    labels = [ignore_index] * len(ids)
     for owner, span in spans:
         tokens = spans_to_tokens(encoding.char_to_token, len(ids), span)
         if tokens is None:  # past the end (transformers stops here too)

@@ -233,7 +233,7 @@ def encode_conversation(
         return format_conversation(conv, tokenizer)
     from esft_rs.chat_template import encode
 
-    return encode(tokenizer, template, conv)
+    return encode(tokenizer, template, conv, IGNORE_INDEX)
 
 
 def format_conversation(

@@ -164,7 +164,7 @@ def plan(
 ) -> MemoryPlan:
     """The memory per rank of training ``model`` (a checkpoint directory) as configured
     (the largest rank's), and the bytes a rank communicates per optimizer step."""
-    from esft_rs import inspect
+    from esft_rs.inspection import inspect
 
     if parallelism not in (*PARALLELISMS, "auto"):
         raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"

@@ -275,7 +275,7 @@ class FineTune:
         return result, time.perf_counter() - t
 
     def measure(self, name: str, result: Any, seconds: float) -> dict[str, Any]:
-        from esft_rs import inspect
+        from esft_rs.inspection import inspect
 
         model = result.model.eval()
         adapter = inspect(result.adapter)

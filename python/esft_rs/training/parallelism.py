@@ -65,7 +65,7 @@ def for_inference(model: Path, parallelism: str, place: Dist, device: torch.devi
     fsdp."""
     if parallelism != "auto" or place.world == 1:
         return (parallelism if parallelism != "auto" else "ddp"), None
-    from esft_rs import inspect
+    from esft_rs.inspection import inspect
     from esft_rs.plan import memory_bytes
     from esft_rs.training.trained import moe_layout
 
