@@ -36,7 +36,7 @@ test: setup
 	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff check python tests benches docs
 	@$(MAKE) --no-print-directory test-hf-floor
 	$(PY) -m pytest  # last, so that its summary closes the output
 
@@ -74,7 +74,7 @@ demo: setup
 
 # docs/cli.md and docs/api.md are generated from the code (tests/test_docs.py checks them).
 docs: setup
-	$(PY) -m esft_rs.docs docs
+	$(PY) docs/generate.py docs
 
 # Shows that a release wheel installs into a clean virtualenv and runs.
 wheel-check: setup
