@@ -112,81 +112,29 @@ impl Pick<'_> {
     }
 }
 
+/// What is extracted, how it was chosen, and what was left out.
+struct Selection<'a> {
+    /// "experts" (by config) or "diff" (by difference with the base).
+    mode: &'static str,
+    picks: Vec<Pick<'a>>,
+    config: ExpertConfig,
+    excluded: Vec<String>,
+    compared: u64,
+}
+
 pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Result<SplitReport> {
     let ckpt = Checkpoint::open(model)?;
     let base = opts.base.as_deref().map(Checkpoint::open).transpose()?;
-    let mut inputs: Vec<&Path> = vec![model];
-    inputs.extend(opts.base.as_deref());
-    inputs.extend(opts.experts.as_deref());
-    staging::check_paths(&[out], &inputs)?;
-    if !opts.dry_run {
-        staging::check_target(out, opts.overwrite, &[])?;
-        staging::check_kind(out, false)?;
-    }
+    check_output(model, out, opts)?;
+    let Selection {
+        mode,
+        picks,
+        config,
+        excluded,
+        compared,
+    } = select(&ckpt, base.as_ref(), model, opts, ctl)?;
     let mut warnings = Vec::new();
-    let layout = Layout::of(&ckpt);
-
-    let (mode, picks, config, excluded, compared) = match (&opts.experts, &base) {
-        (Some(_), _) if opts.shared_experts || opts.non_expert_modules => {
-            return Err(Error::Usage(
-                "--shared-experts / --non-expert-modules apply to --base without --experts; \
-                 with --experts the expert config says what to include"
-                    .into(),
-            ))
-        }
-        (Some(cfg_path), _) => {
-            let cfg = ExpertConfig::load(cfg_path)?;
-            layout.check_config(&cfg, cfg_path, model)?;
-            let picks = by_config(&ckpt, &cfg);
-            if let Some(b) = &base {
-                check_in_base(&picks, b)?;
-            }
-            ("experts", picks, cfg, Vec::new(), 0)
-        }
-        (None, Some(b)) => {
-            let Diff { picks, config: cfg, excluded, compared } = by_diff(&ckpt, b, &layout, opts, ctl)?;
-            if picks.is_empty() {
-                let mut msg = format!(
-                    "{}: no routed-expert tensor differs from {}",
-                    model.display(),
-                    b.path.display()
-                );
-                if !excluded.is_empty() {
-                    msg += &format!(
-                        "; {} other tensors differ (pass --shared-experts / --non-expert-modules to extract them)",
-                        excluded.len()
-                    );
-                }
-                return Err(Error::Mismatch(msg));
-            }
-            ("diff", picks, cfg, excluded, compared)
-        }
-        (None, None) => {
-            return Err(Error::Usage(
-                "split needs an expert config (--experts) or a base (--base)".into(),
-            ))
-        }
-    };
-    if picks.is_empty() {
-        return Err(Error::Mismatch(format!(
-            "{}: the expert config selects no tensor of {}",
-            opts.experts.as_deref().unwrap_or(model).display(),
-            model.display()
-        )));
-    }
-    if !excluded.is_empty() {
-        let shown: Vec<&str> = excluded.iter().take(3).map(String::as_str).collect();
-        let more = if excluded.len() > 3 {
-            format!(" and {} more", excluded.len() - 3)
-        } else {
-            String::new()
-        };
-        let msg = format!(
-            "{} non-routed tensors differ from the base but are not extracted ({}{more}); \
-             pass --shared-experts / --non-expert-modules to include them",
-            excluded.len(),
-            shown.join(", ")
-        );
+    if let Some(msg) = excluded_warning(&excluded) {
         ctl.warn(msg.clone());
         warnings.push(msg);
     }
@@ -199,26 +147,7 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
             None
         }
     };
-
-    let tensors: Vec<Extracted> = picks
-        .iter()
-        .map(|p| {
-            let role = naming::classify(&p.tensor.name);
-            let expert = match (p.unit, role) {
-                (Some(e), _) | (None, Role::RoutedExpert { expert: e, .. }) => Some(e),
-                _ => None,
-            };
-            Extracted {
-                tensor: p.name(),
-                source: p.tensor.name.clone(),
-                file: ckpt.shards[p.shard].name.clone(),
-                kind: role.kind(),
-                layer: role.layer(),
-                expert,
-                bytes: p.extent().1,
-            }
-        })
-        .collect();
+    let tensors = extracted(&ckpt, &picks);
     let report = SplitReport {
         model: model.display().to_string(),
         out: out.display().to_string(),
@@ -239,13 +168,146 @@ pub fn split(model: &Path, out: &Path, opts: &SplitOptions, ctl: &Control) -> Re
     Ok(report)
 }
 
+/// The output may not be or lie inside an input, nor replace what split could not have written.
+fn check_output(model: &Path, out: &Path, opts: &SplitOptions) -> Result<()> {
+    let mut inputs: Vec<&Path> = vec![model];
+    inputs.extend(opts.base.as_deref());
+    inputs.extend(opts.experts.as_deref());
+    staging::check_paths(&[out], &inputs)?;
+    if !opts.dry_run {
+        staging::check_target(out, opts.overwrite, &[])?;
+        staging::check_kind(out, false)?;
+    }
+    Ok(())
+}
+
+/// The tensors to extract: those the expert config names, or those that differ from the base.
+fn select<'a>(
+    ckpt: &'a Checkpoint,
+    base: Option<&Checkpoint>,
+    model: &Path,
+    opts: &SplitOptions,
+    ctl: &Control,
+) -> Result<Selection<'a>> {
+    let layout = Layout::of(ckpt);
+    let selection = match (&opts.experts, base) {
+        (Some(_), _) if opts.shared_experts || opts.non_expert_modules => {
+            return Err(Error::Usage(
+                "--shared-experts / --non-expert-modules apply to --base without --experts; \
+                 with --experts the expert config says what to include"
+                    .into(),
+            ))
+        }
+        (Some(cfg_path), _) => {
+            let config = ExpertConfig::load(cfg_path)?;
+            layout.check_config(&config, cfg_path, model)?;
+            let picks = by_config(ckpt, &config);
+            if let Some(b) = base {
+                check_in_base(&picks, b)?;
+            }
+            Selection {
+                mode: "experts",
+                picks,
+                config,
+                excluded: Vec::new(),
+                compared: 0,
+            }
+        }
+        (None, Some(b)) => {
+            let Diff {
+                picks,
+                config,
+                excluded,
+                compared,
+            } = by_diff(ckpt, b, &layout, opts, ctl)?;
+            if picks.is_empty() {
+                let mut msg = format!(
+                    "{}: no routed-expert tensor differs from {}",
+                    model.display(),
+                    b.path.display()
+                );
+                if !excluded.is_empty() {
+                    msg += &format!(
+                        "; {} other tensors differ (pass --shared-experts / --non-expert-modules to extract them)",
+                        excluded.len()
+                    );
+                }
+                return Err(Error::Mismatch(msg));
+            }
+            Selection {
+                mode: "diff",
+                picks,
+                config,
+                excluded,
+                compared,
+            }
+        }
+        (None, None) => {
+            return Err(Error::Usage(
+                "split needs an expert config (--experts) or a base (--base)".into(),
+            ))
+        }
+    };
+    if selection.picks.is_empty() {
+        return Err(Error::Mismatch(format!(
+            "{}: the expert config selects no tensor of {}",
+            opts.experts.as_deref().unwrap_or(model).display(),
+            model.display()
+        )));
+    }
+    Ok(selection)
+}
+
+/// The warning for differing tensors that were left out, naming the first three.
+fn excluded_warning(excluded: &[String]) -> Option<String> {
+    if excluded.is_empty() {
+        return None;
+    }
+    let shown: Vec<&str> = excluded.iter().take(3).map(String::as_str).collect();
+    let more = if excluded.len() > 3 {
+        format!(" and {} more", excluded.len() - 3)
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{} non-routed tensors differ from the base but are not extracted ({}{more}); \
+         pass --shared-experts / --non-expert-modules to include them",
+        excluded.len(),
+        shown.join(", ")
+    ))
+}
+
+/// The report's line for each picked tensor.
+fn extracted(ckpt: &Checkpoint, picks: &[Pick]) -> Vec<Extracted> {
+    picks
+        .iter()
+        .map(|p| {
+            let role = naming::classify(&p.tensor.name);
+            let expert = match (p.unit, role) {
+                (Some(e), _) | (None, Role::RoutedExpert { expert: e, .. }) => Some(e),
+                _ => None,
+            };
+            Extracted {
+                tensor: p.name(),
+                source: p.tensor.name.clone(),
+                file: ckpt.shards[p.shard].name.clone(),
+                kind: role.kind(),
+                layer: role.layer(),
+                expert,
+                bytes: p.extent().1,
+            }
+        })
+        .collect()
+}
+
 /// Which routed experts a model has, per MoE layer (`naming::moe_layout`).
 struct Layout(BTreeMap<u32, LayerExperts>);
 
 impl Layout {
     fn of(ckpt: &Checkpoint) -> Self {
         Layout(naming::moe_layout(
-            ckpt.tensors().map(|(_, t)| (t.name.as_str(), t.shape.as_slice())),
+            ckpt.tensors()
+                .map(|(_, t)| (t.name.as_str(), t.shape.as_slice())),
         ))
     }
 
@@ -331,7 +393,13 @@ fn check_in_base(picks: &[Pick], base: &Checkpoint) -> Result<()> {
     let index: HashMap<&str, &TensorInfo> =
         base.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
     for p in picks {
-        same_in_base(index.get(p.tensor.name.as_str()).copied(), p.tensor, &p.file.path, base, "")?;
+        same_in_base(
+            index.get(p.tensor.name.as_str()).copied(),
+            p.tensor,
+            &p.file.path,
+            base,
+            "",
+        )?;
     }
     Ok(())
 }
@@ -392,6 +460,12 @@ struct Diff<'a> {
     compared: u64,
 }
 
+/// The base's tensors by name, with the file that holds each.
+type BaseIndex<'b> = HashMap<&'b str, (&'b SafetensorsFile, &'b TensorInfo)>;
+
+/// A differing tensor of the model (shard, file, tensor) and its differing units.
+type Differing<'a> = (usize, &'a SafetensorsFile, &'a TensorInfo, Vec<u32>);
+
 fn by_diff<'a>(
     ckpt: &'a Checkpoint,
     base: &Checkpoint,
@@ -399,46 +473,69 @@ fn by_diff<'a>(
     opts: &SplitOptions,
     ctl: &Control,
 ) -> Result<Diff<'a>> {
-    let index: HashMap<&str, (&SafetensorsFile, &TensorInfo)> = base
+    let index: BaseIndex = base
         .tensors()
         .map(|(s, t)| (t.name.as_str(), (&s.file, t)))
         .collect();
+    check_same_tensors(ckpt, base, &index)?;
+    let units = units_of(ckpt);
+    let differs = compare(&units, &index, ctl)?;
+    pair_fp8(&units, &differs);
+    let mut diff = classify(differing(&units, &differs), layout, opts);
+    diff.compared = units.iter().map(|u| u.len).sum();
+    Ok(diff)
+}
+
+/// The model must hold exactly the base's tensors, each with its dtype and shape.
+fn check_same_tensors(ckpt: &Checkpoint, base: &Checkpoint, index: &BaseIndex) -> Result<()> {
     for (_, t) in ckpt.tensors() {
         let found = index.get(t.name.as_str()).map(|(_, b)| *b);
-        same_in_base(found, t, &ckpt.path, base, "; not fine-tuned from this base")?;
+        same_in_base(
+            found,
+            t,
+            &ckpt.path,
+            base,
+            "; not fine-tuned from this base",
+        )?;
     }
-    let model_count = ckpt.tensors().count();
-    if model_count != index.len() {
-        let names: HashSet<&str> = ckpt.tensors().map(|(_, t)| t.name.as_str()).collect();
-        let missing = index
-            .keys()
-            .find(|n| !names.contains(*n))
-            .copied()
-            .unwrap_or_default();
-        return Err(Error::Mismatch(format!(
-            "{}: tensor {missing:?} of the base {} is missing",
-            ckpt.path.display(),
-            base.path.display()
-        )));
+    if ckpt.tensors().count() == index.len() {
+        return Ok(());
     }
+    let names: HashSet<&str> = ckpt.tensors().map(|(_, t)| t.name.as_str()).collect();
+    let missing = index
+        .keys()
+        .find(|n| !names.contains(*n))
+        .copied()
+        .unwrap_or_default();
+    Err(Error::Mismatch(format!(
+        "{}: tensor {missing:?} of the base {} is missing",
+        ckpt.path.display(),
+        base.path.display()
+    )))
+}
 
-    // Units (whole tensors, or expert slices of fused tensors), then work items of bounded size.
-    let mut units: Vec<Unit> = Vec::new();
+/// The compared units of the model: whole tensors, or expert slices of fused tensors.
+fn units_of(ckpt: &Checkpoint) -> Vec<Unit<'_>> {
+    let mut units = Vec::new();
     for (si, shard) in ckpt.shards.iter().enumerate() {
         for t in &shard.file.header.tensors {
             let (n, len) = expert_units(t);
-            for u in 0..n {
-                units.push(Unit {
-                    shard: si,
-                    file: &shard.file,
-                    tensor: t,
-                    unit: u,
-                    offset: u64::from(u) * len,
-                    len,
-                });
-            }
+            units.extend((0..n).map(|u| Unit {
+                shard: si,
+                file: &shard.file,
+                tensor: t,
+                unit: u,
+                offset: u64::from(u) * len,
+                len,
+            }));
         }
     }
+    units
+}
+
+/// Which units differ from the base: compared in parallel, in work items of at most
+/// `COMPARE_CHUNK` bytes; a unit stops being read once one item finds a difference.
+fn compare(units: &[Unit], index: &BaseIndex, ctl: &Control) -> Result<Vec<AtomicBool>> {
     let differs: Vec<AtomicBool> = units.iter().map(|_| AtomicBool::new(false)).collect();
     let mut items = Vec::new();
     for (ui, &Unit { len, .. }) in units.iter().enumerate() {
@@ -449,12 +546,16 @@ fn by_diff<'a>(
             off += n;
         }
     }
-    let total: u64 = units.iter().map(|u| u.len).sum();
-    ctl.stage("compare", total);
+    ctl.stage("compare", units.iter().map(|u| u.len).sum());
     items.par_iter().try_for_each_init(
         || (vec![0u8; COMPARE_BUF], vec![0u8; COMPARE_BUF]),
         |(a, b), &(ui, off, n)| {
-            let Unit { file, tensor: t, offset: unit_off, .. } = units[ui];
+            let Unit {
+                file,
+                tensor: t,
+                offset: unit_off,
+                ..
+            } = units[ui];
             if !differs[ui].load(Ordering::Relaxed) {
                 let (bfile, bt) = index[t.name.as_str()];
                 let (ma, mb) = (
@@ -478,9 +579,12 @@ fn by_diff<'a>(
             ctl.advance(n)
         },
     )?;
+    Ok(differs)
+}
 
-    // A block-FP8 weight and its scale tensor are only meaningful together: if
-    // either differs, both are extracted.
+/// A block-FP8 weight and its scale tensor are only meaningful together: if either
+/// differs, both are extracted.
+fn pair_fp8(units: &[Unit], differs: &[AtomicBool]) {
     let whole: HashMap<&str, usize> = units
         .iter()
         .enumerate()
@@ -502,10 +606,22 @@ fn by_diff<'a>(
             differs[c].store(true, Ordering::Relaxed);
         }
     }
+}
 
-    // Group differing units back by tensor, in model order.
-    let mut by_tensor: Vec<(usize, &SafetensorsFile, &TensorInfo, Vec<u32>)> = Vec::new();
-    for (ui, &Unit { shard: si, file, tensor: t, unit: u, .. }) in units.iter().enumerate() {
+/// The differing units grouped back by tensor, in model order.
+fn differing<'a>(units: &[Unit<'a>], differs: &[AtomicBool]) -> Vec<Differing<'a>> {
+    let mut by_tensor: Vec<Differing> = Vec::new();
+    for (
+        ui,
+        &Unit {
+            shard: si,
+            file,
+            tensor: t,
+            unit: u,
+            ..
+        },
+    ) in units.iter().enumerate()
+    {
         if !differs[ui].load(Ordering::Relaxed) {
             continue;
         }
@@ -514,15 +630,19 @@ fn by_diff<'a>(
             _ => by_tensor.push((si, file, t, vec![u])),
         }
     }
+    by_tensor
+}
+
+/// What to extract of the differing tensors, the expert config that amounts to, and
+/// what is left out (shared experts, non-expert modules without the options asking
+/// for them). `compared` is left for the caller.
+fn classify<'a>(differing: Vec<Differing<'a>>, layout: &Layout, opts: &SplitOptions) -> Diff<'a> {
     let mut picks = Vec::new();
     let mut excluded = Vec::new();
-    let mut experts: BTreeMap<u32, BTreeSet<u32>> = layout
-        .0
-        .keys()
-        .map(|&l| (l, BTreeSet::new()))
-        .collect();
+    let mut experts: BTreeMap<u32, BTreeSet<u32>> =
+        layout.0.keys().map(|&l| (l, BTreeSet::new())).collect();
     let (mut shared, mut non_expert) = (false, false);
-    for (si, file, t, diff_units) in by_tensor {
+    for (si, file, t, diff_units) in differing {
         let pick = |unit| Pick {
             file,
             shard: si,
@@ -564,12 +684,12 @@ fn by_diff<'a>(
         shared_experts: shared,
         non_expert_modules: non_expert,
     };
-    Ok(Diff {
+    Diff {
         picks,
         config,
         excluded,
-        compared: total,
-    })
+        compared: 0,
+    }
 }
 
 /// Writes the adapter: header, then each picked range copied from the model.
@@ -633,8 +753,8 @@ mod tests {
     use super::*;
     use std::fs;
 
-    use crate::test_support::write_st;
     use crate::merge::{merge, MergeOptions, OnConflict};
+    use crate::test_support::write_st;
 
     #[test]
     fn diff_round_trip_and_fingerprint() {
