@@ -531,3 +531,53 @@ def test_a_tokenizer_json_that_is_not_a_file_is_named(ws: Path, tmp_path: Path, 
     one_error(proc, model / "tokenizer.json",
               "is a directory" if bad == "folder" else "No such file")
     assert not (tmp_path / "r.safetensors").exists()
+
+
+def unprivileged_workspace(ws: Path) -> Path:
+    """A copy of the workspace that an unprivileged user reads, with a read-only folder
+    ``ro`` in it (the caller removes it)."""
+    root = Path(tempfile.mkdtemp())
+    root.chmod(0o755)
+    for name in ("task.jsonl", "cfg.json"):
+        shutil.copy(ws / name, root)
+    shutil.copytree(ws / "base", root / "base")
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (root / "ro").mkdir(mode=0o555)
+    (root / "ro").chmod(0o555)
+    return root
+
+
+TRAIN_SHORT = ["--steps", "2", "--seq-length", "32", "--per-device-batch-size", "1",
+               "--gradient-accumulation-steps", "1", "--val-ratio", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("out", ["ro", "ro/run"])
+def test_train_into_a_read_only_folder_is_refused_before_any_work(ws: Path, out: str) -> None:
+    # was: trained every step, then failed writing the first checkpoint or the adapter
+    prefix = as_unprivileged()
+    root = unprivileged_workspace(ws)
+    try:
+        proc = subprocess.run(
+            [*prefix, *CLI, "train", "base", "task.jsonl", "-e", "cfg.json", "-o", out,
+             *TRAIN_SHORT], capture_output=True, text=True, timeout=300, cwd=root)
+        assert proc.stdout == ""
+        line = one_error(proc, f"{out}: cannot be written")
+        assert "Permission denied" in line and "staging" not in line
+        assert list((root / "ro").iterdir()) == []
+        # the Python API raises a ValueError subclass, before any work too
+        script = ("import esft_rs, sys\n"
+                  "from esft_rs.errors import EsftValueError\n"
+                  "try:\n"
+                  f"    esft_rs.train('base', 'task.jsonl', {out!r}, 'cfg.json', steps=2,"
+                  " seq_length=32, per_device_batch_size=1, gradient_accumulation_steps=1,"
+                  " val_ratio=0.0, device='cpu', progress=False)\n"
+                  "except EsftValueError as e:\n"
+                  "    print(e)\n")
+        proc = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True,
+                              text=True, timeout=300, cwd=root)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"{out}: cannot be written"), proc.stdout
+    finally:
+        (root / "ro").chmod(0o755)
+        shutil.rmtree(root)

@@ -373,3 +373,20 @@ def test_heatmap_has_a_legend_and_names_the_task(tmp_path: Path) -> None:
     ax = figures[0].axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["selected"]
     assert ax.get_title(loc="left").startswith("task shift: token scores")
+
+
+def test_a_failed_run_leaves_no_staging_folder(tmp_path: Path) -> None:
+    """A run that fails (a full disk) fails the demo; the others stop before its staging
+    folder is removed, so none of them writes into it again (one was left behind)."""
+    import errno
+    import time
+
+    from demo_fakes import DiskFullFineTune
+    from esft_rs.demo.runs import fine_tune
+    from esft_rs.outputs import staged
+
+    with pytest.raises(OSError) as info, staged(tmp_path / "demo-out", directory=True) as tmp:
+        fine_tune(DiskFullFineTune(tmp / "runs"), [0, 1], jobs=2, progress=False)
+    assert info.value.errno == errno.ENOSPC
+    time.sleep(3)  # longer than a late run takes to write
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -304,3 +305,20 @@ def test_resume_of_a_finished_run_changes_nothing(world: dict[str, Path], tmp_pa
                     "--resume", *QUICK], str(out), out)
     assert "already finished" in line
     assert digest(out) == before
+
+
+@pytest.mark.parametrize("name", ["model.safetensors.index.json", "other.safetensors.index.json",
+                                  "b.safetensors"])
+def test_special_files_in_a_checkpoint_are_refused(world: dict[str, Path], tmp_path: Path,
+                                                   name: str) -> None:
+    # was: a pipe named as an index or a shard was skipped, and the rest loaded as the model
+    model = tmp_path / "m"
+    shutil.copytree(world["base"], model)
+    if name == "b.safetensors":  # shards found by listing the folder (no index)
+        (model / "model.safetensors").rename(model / "a.safetensors")
+    os.mkfifo(model / name)
+    with pytest.raises(InvalidFileError, match="is a named pipe, not a regular file") as info:
+        esft_rs.inspect(model)
+    assert info.value.path == str(model / name)
+    refused(["split", model, "--experts", world["experts"], "-o", tmp_path / "a.safetensors"],
+            f"{model / name}: is a named pipe", tmp_path, tmp_path / "a.safetensors")

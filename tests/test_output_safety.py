@@ -354,6 +354,10 @@ FOREIGN_CASES = {
                                      "--summary"], "adapter.safetensors", "a summary.json"),
     "select-plot-onto-a-png": (["select", "routing.safetensors", "-o", "e2.json", "--plot"],
                                "mine.png", "a plot"),
+    # --overwrite replaces an adapter only, not any safetensors file
+    "split-overwrite-onto-routing": (["split", "model", "--experts", "experts.json",
+                                      "--overwrite", "-o"], "other-task.safetensors",
+                                     "an adapter"),
 }
 
 

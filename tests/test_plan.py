@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,22 @@ def test_says_whether_it_fits_and_what_to_change(models: dict[str, Path]) -> Non
                    "--json").returncode == 3
     # 15 MiB of fp32 weights, gradients and AdamW state: 4 ranks hold 3.8 MiB each
     assert "gradient checkpointing" in small and "use 4 or more ranks (--nproc 4)" in small
+
+
+def test_rows_longer_than_the_context_are_cut_as_train_cuts_them(models: dict[str, Path]
+                                                                  ) -> None:
+    # was: planned 4096-token rows for the tiny model (context 1024), with no word
+    proc = run_cli("plan", models["builtin"], "--mode", "full", "--seq-length", "4096",
+                   check=True)
+    assert proc.stderr == ("esft-rs: note: rows are cut to the model's context of 1024 tokens"
+                           " (max_position_embeddings), not seq_length 4096 (--seq-length)\n")
+    assert "1 x 1024 tokens per device" in proc.stdout
+    cut = plan(models["builtin"], mode="full", seq_length=4096)
+    assert cut == replace(plan(models["builtin"], mode="full", seq_length=1024),
+                          notes=cut.notes)
+    assert cut.notes == ["rows are cut to the model's context of 1024 tokens"
+                         " (max_position_embeddings), not seq_length 4096 (seq_length=)"]
+    assert plan(models["builtin"], mode="full", seq_length=1024).notes == []
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -246,6 +246,10 @@ def test_split_output_checks(tmp_path: Path, single_ckpt: Path) -> None:
     with pytest.raises(esft_rs.EsftError, match="holds a text file of 4 bytes"):
         esft_rs.split(ft, tmp_path / "taken.safetensors", base=single_ckpt, overwrite=True)
     assert (tmp_path / "taken.safetensors").read_bytes() == b"keep"  # not ours: kept
+    # a safetensors file that is not an adapter (a model's weights) is not replaced either
     (tmp_path / "taken.safetensors").write_bytes((ft / "model.safetensors").read_bytes())
-    esft_rs.split(ft, tmp_path / "taken.safetensors", base=single_ckpt, overwrite=True)
-    assert read_adapter(tmp_path / "taken.safetensors").kind == "esft"
+    with pytest.raises(esft_rs.EsftError, match="is not an adapter written by esft-rs"):
+        esft_rs.split(ft, tmp_path / "taken.safetensors", base=single_ckpt, overwrite=True)
+    esft_rs.split(ft, tmp_path / "adapter.safetensors", base=single_ckpt)
+    esft_rs.split(ft, tmp_path / "adapter.safetensors", base=single_ckpt, overwrite=True)
+    assert read_adapter(tmp_path / "adapter.safetensors").kind == "esft"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,18 @@ def test_bad_tokenizer_files(tmp_path: Path) -> None:
     (d / "tokenizer.json").write_text('{"model": 3}')
     with pytest.raises(InvalidFileError, match=r"tokenizer\.json: not a valid tokenizer\.json"):
         load_tokenizer(d)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json",
+                                  "chat_template.jinja"])
+def test_tokenizer_files_that_are_pipes_are_named(tmp_path: Path, name: str) -> None:
+    # was: a chat_template.jinja pipe was passed over (tokenizer_config.json's template used)
+    d = hf_dir(tmp_path, {"bos_token": "<s>", "eos_token": "</s>"})
+    (d / name).unlink(missing_ok=True)
+    os.mkfifo(d / name)
+    with pytest.raises(InvalidFileError, match="is a named pipe, not a regular file") as info:
+        load_tokenizer(d)
+    assert info.value.path == str(d / name)
 
 
 def test_load_tokenizer_for_builtin_model(tmp_path: Path) -> None:

@@ -97,7 +97,12 @@ def split(
     experts / non-expert tensors are included only with ``shared_experts`` /
     ``non_expert_modules``. With ``base``, the adapter records its fingerprint,
     and ``merge(base, output)`` reproduces ``model``'s extracted tensors exactly.
+    ``overwrite`` replaces an adapter, never another kind of file.
     """
+    if overwrite and not dry_run:
+        from esft_rs.outputs import check_target
+
+        check_target(output, kind="adapter")
     return _core.split(
         os.fspath(model),
         os.fspath(output),

@@ -9,6 +9,8 @@ with ``merge`` and ``split``; see ``docs/outputs.md`` for the guarantees.
 - ``check_target(path, overwrite=...)``: refuses an existing output unless it may
   be replaced: with ``overwrite`` and only if esft-rs could have written it.
 - ``check_kind(path, directory=...)``: refuses a file where a directory belongs, or back.
+- ``check_writable(folder)``: refuses an output directory this process cannot write in
+  (read-only, another user's, a read-only mount), found by writing, before any work.
 - ``staged(path)``: write under a hidden name unique to the run, beside ``path``;
   on success the result takes its final name in one rename (a directory is
   swapped with the old one in one step); on any error or Ctrl-C nothing appears.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from esft_rs import _core
-from esft_rs.errors import EsftError, EsftIOError
+from esft_rs.errors import EsftError, EsftIOError, EsftValueError
 
 PathLike = str | os.PathLike[str]
 
@@ -42,6 +44,29 @@ def check_outputs(outputs: Iterable[PathLike | None], inputs: Iterable[PathLike 
 def check_kind(target: PathLike, *, directory: bool) -> None:
     """Refuse an existing ``target`` that is a file where the output is a directory, or back."""
     _core.check_output_kind(os.fspath(target), directory)
+
+
+def check_writable(folder: PathLike) -> None:
+    """Refuse output directory ``folder`` (or, until it exists, the nearest folder above it
+    that does) when no file can be created in it: a long job then fails at once, not when
+    it first writes. A probe file is created and removed, as permission bits, ACLs and
+    read-only mounts all decide (``os.access`` misses some)."""
+    import tempfile
+
+    target = Path(folder)
+    where = target
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    if not where.is_dir():
+        return  # a file in the way: check_kind names it
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=f".probe{_core.STAGING_MARK}")
+    except OSError as e:
+        inside = "" if where == target else f" in {where}"
+        raise EsftValueError(f"{target}: cannot be written ({e.strerror or e}{inside});"
+                             " choose another directory", target) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_target(
@@ -78,6 +103,7 @@ KINDS = {
     "summary": "a summary.json of scores",
     "eval": "eval figures (JSON)",
     "plot": "a plot",
+    "adapter": "an adapter",
 }
 
 #: What esft-rs writes into the plots it saves (``esft_rs.plot.save_figure``).
@@ -98,6 +124,10 @@ def _is_kind(path: Path, kind: str) -> bool:
 
             ExpertConfig.load(path)
             return True
+        if kind == "adapter":
+            from esft_rs.adapter import read_adapter
+
+            return read_adapter(path).kind == "esft"  # metadata esft-rs writes
         if kind == "plot":
             with open(path, "rb") as f:
                 return PLOT_MARK in f.read(1 << 25)  # a PDF says it in its trailer

@@ -126,6 +126,7 @@ class MemoryPlan:
     # with more than one rank: every parallelism's total_bytes, comm_bytes and fits
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was changed, as train changes it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,14 +164,19 @@ def plan(
     origin: str = "expert config",
 ) -> MemoryPlan:
     """The memory per rank of training ``model`` (a checkpoint directory) as configured
-    (the largest rank's), and the bytes a rank communicates per optimizer step."""
+    (the largest rank's), and the bytes a rank communicates per optimizer step. Rows longer
+    than the model's context are cut to it, as train cuts them (``notes`` says so)."""
     from esft_rs.inspection import inspect
+    from esft_rs.preflight import fit_to_context
 
     if parallelism not in (*PARALLELISMS, "auto"):
         raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"
                          f" not {parallelism!r}")
     root = Path(model)
     config = _config(root)
+    context = config.get("max_position_embeddings")
+    seq_length, note = fit_to_context(
+        seq_length, context if type(context) is int and context > 0 else None)
     info = inspect(root)
     params = {n: t for n, t in info.tensors.items() if not n.endswith(NOT_PARAMETERS)}
     layout = moe_layout((n, t.shape) for n, t in params.items())
@@ -225,7 +231,7 @@ def plan(
         gather_bytes=f.gather, activation_bytes=activations, total_bytes=total,
         adapter_bytes=adapter, gpu_memory=gpu_memory, fits=fits, comm_bytes=f.comm,
         gradient_accumulation_steps=gradient_accumulation_steps, options=options,
-        advice=advice,
+        advice=advice, notes=[] if note is None else [note],
     )
 
 

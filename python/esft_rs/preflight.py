@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from esft_rs.errors import InvalidFileError, MismatchError
+from esft_rs.errors import InvalidFileError, MismatchError, option
 
 
 def vocab_size(model: Any) -> int | None:
@@ -28,6 +28,16 @@ def context_length(model: Any) -> int | None:
     """The model's ``max_position_embeddings``, when its config says."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return value if isinstance(value, int) else None
+
+
+def fit_to_context(seq_length: int, context: int | None) -> tuple[int, str | None]:
+    """The row length to use: ``seq_length``, or the model's ``context`` (its
+    ``max_position_embeddings``) when shorter, with a note saying so (train's and plan's rule)."""
+    if context is None or seq_length <= context:
+        return seq_length, None
+    return context, (f"rows are cut to the model's context of {context} tokens"
+                     f" (max_position_embeddings), not seq_length {seq_length}"
+                     f" ({option('seq_length')})")
 
 
 def check_token_ids(lowest: int, highest: int, model: Any, origin: str | os.PathLike[str]) -> None:

@@ -180,7 +180,7 @@ def _model_template(root: Path, tok_cfg: dict[str, Any]) -> str | None:
     else ``tokenizer_config.json``'s ``chat_template``."""
     from esft_rs.chat_template import read_template, template_of
 
-    if (root / "chat_template.jinja").is_file():
+    if os.path.lexists(root / "chat_template.jinja"):  # a pipe or folder is named, not skipped
         return read_template(root / "chat_template.jinja")
     return template_of(tok_cfg)
 

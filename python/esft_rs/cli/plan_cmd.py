@@ -66,6 +66,9 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
                   gradient_checkpointing=gradient_checkpointing,
                   fsdp_prefetch=fsdp_prefetch, gpu_memory=budget,
                   device=device, origin=str(experts_path or "expert config"))
+    for note in result.notes:
+        click.echo(f"esft-rs: note: {note}", err=True)
+    seq_length = result.seq_length
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return 0 if result.fits else DOES_NOT_FIT

@@ -31,6 +31,7 @@ SWEEP_ORDER = ("fft", "esft_gate", "esft_token", "random")
 
 _FT: FineTune | None = None  # the worker's runner, set once when the worker starts
 _EVENTS: Any = None  # a queue of finished runs' phases, for the progress bars
+_STOP: Any = None  # set when the demo has failed: start no further run
 
 
 def default_jobs() -> int:
@@ -54,8 +55,9 @@ def fine_tune(ft: FineTune, seeds: list[int], jobs: int, progress: bool
     tuning: dict[str, dict[str, Any]] = {}
     measured: dict[tuple[str, int], dict[str, Any]] = {}
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs torch
-    events = ctx.Queue()
-    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start, initargs=(ft, events))
+    events, stop = ctx.Queue(), ctx.Event()
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start,
+                               initargs=(ft, events, stop))
     try:
         pending: dict[Future[Any], Callable[[Any], None]] = {}
 
@@ -81,7 +83,10 @@ def fine_tune(ft: FineTune, seeds: list[int], jobs: int, progress: bool
                 pending.pop(future)(future.result())
         _drain(events, bars)
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        # The runs still going write into the demo's output, which the caller removes
+        # next: they stop at their next run and are waited for, so none writes after it.
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         for bar in bars.values():
@@ -100,12 +105,20 @@ def _drain(events: Any, bars: dict[str, Any]) -> None:
             return
 
 
-def _start(ft: FineTune, events: Any) -> None:
+def _start(ft: FineTune, events: Any, stop: Any) -> None:
     import torch
 
     torch.set_num_threads(1)  # as the parent: figures do not depend on the core count
-    global _FT, _EVENTS
-    _FT, _EVENTS = ft, events
+    global _FT, _EVENTS, _STOP
+    _FT, _EVENTS, _STOP = ft, events, stop
+
+
+def _train(name: str, lr: float, seed: int) -> tuple[Any, float]:
+    """One run, unless the demo has failed meanwhile."""
+    assert _FT is not None
+    if _STOP.is_set():
+        raise RuntimeError("the demo failed; run not started")
+    return _FT.train(name, lr, seed)
 
 
 def _sweep(name: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -118,7 +131,7 @@ def _sweep(name: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     validation: dict[float, tuple[float, float]] = {}
     kept: tuple[Any, float] | None = None
     for lr in sorted(ft.s.learning_rates[name]):
-        result, seconds = ft.train(name, lr, seed)
+        result, seconds = _train(name, lr, seed)
         ev = evaluate_items(result.model.eval(), ft.tok, ft.data.downstream_val)
         validation[lr] = (ev.exact_match or 0.0, ev.loss)
         if choose_rate(validation) == lr:
@@ -133,6 +146,6 @@ def _sweep(name: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _seed_run(name: str, lr: float, seed: int) -> dict[str, Any]:
     assert _FT is not None
-    figures = _FT.measure(name, *_FT.train(name, lr, seed))
+    figures = _FT.measure(name, *_train(name, lr, seed))
     _EVENTS.put("seed")
     return figures

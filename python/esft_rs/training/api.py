@@ -78,7 +78,7 @@ def train(
 
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
-    from esft_rs.outputs import check_kind, check_outputs, check_target
+    from esft_rs.outputs import check_kind, check_outputs, check_target, check_writable
     from esft_rs.training import expert_parallel, sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
@@ -100,6 +100,10 @@ def train(
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
                                        base])
     check_kind(out, directory=True)
+    if os.environ.get("RANK", "0") == "0":  # the process that writes the run
+        check_writable(out)
+        if overwrite and out.is_dir():  # the earlier run is set aside beside it
+            check_writable(out.parent.resolve())
     if save_merged is not None:
         check_target(save_merged, overwrite=False)
     cfg = _config(config, overrides)
@@ -203,7 +207,7 @@ def run_lock(out: Path) -> Iterator[None]:
     lock = out.with_name(f".{out.name}.esft-lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a folder we cannot write: check_target has named it already
+    except OSError:  # the parent is read-only (check_writable has vetted the run directory)
         yield
         return
     try:
@@ -428,18 +432,14 @@ def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
 
 
 def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, list[str]]:
-    """Rows no longer than the model's context (``max_position_embeddings``): a longer
-    ``seq_length`` is cut to it, with a note (returned)."""
+    """Rows no longer than the model's context (``preflight.fit_to_context``), and the note
+    that says so (returned)."""
     from dataclasses import replace
 
-    from esft_rs.preflight import context_length
+    from esft_rs.preflight import context_length, fit_to_context
 
-    limit = context_length(net)
-    if limit is None or cfg.seq_length <= limit:
-        return cfg, []
-    return replace(cfg, seq_length=limit), [
-        f"rows are cut to the model's context of {limit} tokens (max_position_embeddings),"
-        f" not seq_length {cfg.seq_length} ({option('seq_length')})"]
+    seq_length, note = fit_to_context(cfg.seq_length, context_length(net))
+    return replace(cfg, seq_length=seq_length), [] if note is None else [note]
 
 
 def batch_note(cfg: TrainConfig, world: int, row: int) -> str:

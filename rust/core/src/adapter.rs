@@ -61,7 +61,7 @@ impl Adapter {
             .is_dir();
         let (kind, ckpt, dir_config) = if is_dir {
             let cfg_path = path.join(OFFICIAL_CONFIG);
-            if !cfg_path.is_file() {
+            if !crate::error::present(&cfg_path) {
                 return Err(Error::invalid(
                     path,
                     format!(

@@ -120,6 +120,13 @@ impl Error {
     }
 }
 
+/// Whether something other than a directory is at `path` (a dangling link too): an
+/// input looked up by name (an index, a shard, a config) is then opened with `open_input`,
+/// so a pipe or device by that name is refused in one line naming it, not skipped.
+pub fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok() && !path.is_dir()
+}
+
 /// Opens an input for reading, after checking with `stat` that it is a regular
 /// file: a named pipe would block the open until a writer comes, and a device
 /// or socket is never what a user meant.

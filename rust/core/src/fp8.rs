@@ -74,7 +74,7 @@ pub fn block_size(path: &Path) -> Result<BlockSize> {
     } else {
         None
     };
-    match config.filter(|c| c.is_file()) {
+    match config.filter(|c| crate::error::present(c)) {
         Some(c) => block_size_from_config(&c),
         None => Ok(BlockSize {
             block: DEFAULT_BLOCK,

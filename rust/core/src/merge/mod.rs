@@ -375,6 +375,8 @@ fn other_files(ckpt: &Checkpoint, warn: &mut impl FnMut(String)) -> Result<Vec<(
             ));
         } else if path.is_file() {
             out.push((name, path));
+        } else {
+            warn(format!("{}: not a regular file, not copied", path.display()));
         }
     }
     Ok(out)

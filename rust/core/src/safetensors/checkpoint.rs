@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::file::SafetensorsFile;
-use crate::error::{read_input_text, Error, Result};
+use crate::error::{present, read_input_text, Error, Result};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -61,7 +61,7 @@ impl Checkpoint {
             return Self::open_indexed(path, &index_path);
         }
         let single = path.join(SINGLE_NAME);
-        let names = if single.is_file() {
+        let names = if present(&single) {
             vec![SINGLE_NAME.to_string()]
         } else {
             list_safetensors(path)?
@@ -150,7 +150,7 @@ impl Checkpoint {
 
 fn find_index(dir: &Path) -> Result<Option<PathBuf>> {
     let preferred = dir.join(INDEX_NAME);
-    if preferred.is_file() {
+    if present(&preferred) {
         return Ok(Some(preferred));
     }
     let mut found: Vec<PathBuf> = read_dir_names(dir)?
@@ -174,11 +174,12 @@ fn list_safetensors(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The names of the entries of `dir` that are not directories.
 fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        if entry.path().is_file() {
+        if present(&entry.path()) {
             names.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
