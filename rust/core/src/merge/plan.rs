@@ -244,7 +244,7 @@ fn lora_target(
         (key, 0)
     } else if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&pair.module)) {
         let Some(key) = find(&parent) else {
-            return Err(nomap(format!("it has no {weight:?}, nor the fused tensor {parent:?}")));
+            return Err(nomap(format!("it has no tensor {weight:?}")));
         };
         let bt = base_tensor(key);
         let (n, _) = expert_units(bt);

@@ -1,0 +1,161 @@
+"""Merging LoRA adapters (ESFT-LoRA files, PEFT directories) in the Rust core:
+W + s*B@A against torch's reference, byte-exactness elsewhere, keys that do not map."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import esft_rs
+from conftest import run_cli
+from esft_rs.adapter import ADAPTER_KEYS, save_adapter
+from esft_rs.errors import MismatchError
+
+EXPERT = "model.layers.1.mlp.experts.{}.gate_proj.weight"
+FUSED = "model.layers.2.mlp.experts.gate_up_proj"
+OUT, IN, R, ALPHA = 64, 48, 4, 6.0
+
+
+def write_base(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {EXPERT.format(e): torch.randn(OUT, IN, generator=g).to(dtype) for e in range(4)}
+    tensors[FUSED] = torch.randn(4, OUT, IN, generator=g).to(dtype)
+    tensors["model.norm.weight"] = torch.ones(IN, dtype=dtype)
+    tensors[EXPERT.format(0)][0, 0] = -0.0  # a negative zero stays one where nothing changes
+    save_file(tensors, path, metadata={"format": "pt"})
+    return tensors
+
+
+def lora_pairs() -> dict[str, torch.Tensor]:
+    """Pairs for expert 1 (a per-expert weight), expert 2's slice of the fused tensor, and
+    an all-zero pair for expert 0 (as exports write for experts a task left alone)."""
+    g = torch.Generator().manual_seed(1)
+    pairs = {}
+    for module in ("model.layers.1.mlp.experts.1.gate_proj",
+                   "model.layers.2.mlp.experts.2.gate_up_proj"):
+        pairs[module + ".lora_A.weight"] = torch.randn(R, IN, generator=g) * 0.3
+        pairs[module + ".lora_B.weight"] = torch.randn(OUT, R, generator=g) * 0.3
+    pairs["model.layers.1.mlp.experts.0.gate_proj.lora_A.weight"] = torch.zeros(R, IN)
+    pairs["model.layers.1.mlp.experts.0.gate_proj.lora_B.weight"] = torch.zeros(OUT, R)
+    return pairs
+
+
+def write_esft_lora(path: Path, base: Path) -> Path:
+    config = {"experts": {"1": [0, 1], "2": [2]}, "shared_experts": False,
+              "non_expert_modules": False}
+    lora = json.dumps({"rank": R, "alpha": ALPHA, "targets": ["gate_proj", "gate_up_proj"]})
+    return save_adapter(lora_pairs(), path, config, base=base,
+                        extra_metadata={ADAPTER_KEYS["lora"]: lora})
+
+
+def reference(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (w.float() + ALPHA / R * (b.float() @ a.float())).to(w.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_merge_equals_torch_within_one_unit(tmp_path: Path, dtype: torch.dtype) -> None:
+    base = tmp_path / "base.safetensors"
+    before = write_base(base, dtype)
+    adapter = write_esft_lora(tmp_path / "lora.safetensors", base)
+    report = esft_rs.merge(base, adapter, tmp_path / "merged.safetensors")
+    assert {(r.tensor, r.expert) for r in report.replaced} == {
+        (EXPERT.format(1), 1), (FUSED, 2)}
+    after = load_file(tmp_path / "merged.safetensors")
+    pairs = lora_pairs()
+    want = {EXPERT.format(1): reference(before[EXPERT.format(1)],
+                                        pairs[EXPERT.format(1)[:-7] + ".lora_A.weight"],
+                                        pairs[EXPERT.format(1)[:-7] + ".lora_B.weight"])}
+    fused = before[FUSED].clone()
+    fused[2] = reference(fused[2], pairs["model.layers.2.mlp.experts.2.gate_up_proj.lora_A.weight"],
+                         pairs["model.layers.2.mlp.experts.2.gate_up_proj.lora_B.weight"])
+    want[FUSED] = fused
+    for name, ref in want.items():
+        got = after[name]
+        if dtype == torch.float32:
+            # f32 sums in another order than torch's matmul: a few units of the last place.
+            torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-6)
+            continue
+        # One rounding of the f32 result, as torch: equal bits but where the f32 sums'
+        # order moves a value across a rounding boundary, then one unit apart.
+        bits = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+        assert int(bits.max()) <= 1, name
+        assert float((bits == 0).float().mean()) >= 0.999, name
+    # Everything else keeps its bytes: other experts, the zero pair's expert (its -0.0
+    # too), the fused tensor's other slices, the header.
+    for name, t in before.items():
+        if name == FUSED:
+            assert torch.equal(after[name][[0, 1, 3]].view(torch.uint8),
+                               t[[0, 1, 3]].view(torch.uint8))
+        elif name != EXPERT.format(1):
+            assert torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
+    raw_base, raw_out = base.read_bytes(), (tmp_path / "merged.safetensors").read_bytes()
+    head = 8 + int.from_bytes(raw_base[:8], "little")
+    assert len(raw_out) == len(raw_base) and raw_out[:head] == raw_base[:head]
+
+
+def peft_dir(path: Path, tensors: dict[str, torch.Tensor], r: int = R,
+             alpha: float = ALPHA) -> Path:
+    path.mkdir()
+    prefix = ADAPTER_KEYS["peft_prefix"]
+    save_file({prefix + k: v for k, v in tensors.items()},
+              path / ADAPTER_KEYS["peft_weights"])
+    (path / ADAPTER_KEYS["peft_config"]).write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["gate_proj"]}))
+    return path
+
+
+def test_peft_directory_merges_as_the_esft_lora_file(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    esft_rs.merge(base, write_esft_lora(tmp_path / "lora.safetensors", base),
+                  tmp_path / "a.safetensors")
+    esft_rs.merge(base, peft_dir(tmp_path / "peft", lora_pairs()), tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_peft_key_that_does_not_map_is_one_line(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    pairs = lora_pairs()
+    bad = "model.layers.1.mlp.experts.7.gate_proj"  # the base has experts 0-3
+    pairs[bad + ".lora_A.weight"] = torch.ones(R, IN)
+    pairs[bad + ".lora_B.weight"] = torch.ones(OUT, R)
+    adapter = peft_dir(tmp_path / "peft", pairs)
+    key = f"base_model.model.{bad}.lora_A.weight"
+    pattern = f'key "{re.escape(key)}" does not map onto the base .*: it has no tensor'
+    with pytest.raises(MismatchError, match=pattern):
+        esft_rs.merge(base, adapter, tmp_path / "out.safetensors")
+    proc = run_cli("merge", base, adapter, "-o", tmp_path / "out.safetensors")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(("config", "why"), [
+    ({"r": 4, "lora_alpha": 8, "use_dora": True}, "use_dora"),
+    ({"r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj"]}, "target_parameters"),
+    ({"lora_alpha": 8}, '"r"'),
+])
+def test_peft_configs_merge_cannot_reproduce_are_refused(tmp_path: Path, config: dict,
+                                                         why: str) -> None:
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    adapter = peft_dir(tmp_path / "peft", lora_pairs())
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(esft_rs.InvalidFileError, match=why):
+        esft_rs.merge(base, adapter, tmp_path / "out.safetensors")
+
+
+def test_unpaired_lora_tensor_is_refused(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    pairs = lora_pairs()
+    del pairs["model.layers.1.mlp.experts.1.gate_proj.lora_B.weight"]
+    with pytest.raises(esft_rs.InvalidFileError, match=r"lora_A\.weight without"):
+        esft_rs.merge(base, peft_dir(tmp_path / "peft", pairs), tmp_path / "out.safetensors")
