@@ -124,10 +124,11 @@ def export(
     with Rows(base_root, base_info.tensors) as base_rows, \
             Rows(adapter_p.parent, adapter_info.tensors) as rows:
         plan = _Plan(base_info.tensors, base_rows, rows, adapter_p)
+        names = list(adapter_info.tensors)  # as stored: esft-rs adapters use checkpoint names
         if lora is not None:
-            tensors, report = plan.from_lora(lora, info.tensors, rank)
+            tensors, report = plan.from_lora(lora, names, rank)
         else:
-            tensors, report = plan.from_full(info.tensors, rank)
+            tensors, report = plan.from_full(names, rank)
     zero = plan.zero_pairs(tensors, report["rank"])
     tensors.update(zero)
     if info.expert_config is not None:
