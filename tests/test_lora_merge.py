@@ -159,3 +159,47 @@ def test_unpaired_lora_tensor_is_refused(tmp_path: Path) -> None:
     del pairs["model.layers.1.mlp.experts.1.gate_proj.lora_B.weight"]
     with pytest.raises(esft_rs.InvalidFileError, match=r"lora_A\.weight without"):
         esft_rs.merge(base, peft_dir(tmp_path / "peft", pairs), tmp_path / "out.safetensors")
+
+
+def test_lora_merge_into_a_sharded_base_keeps_every_other_byte(sharded_ckpt: Path,
+                                                               tmp_path: Path) -> None:
+    """Pairs on experts in different shards: each lands in its own shard at the base's
+    offsets; the shards, the index and the other files are the base's, byte for byte."""
+    from esft_rs import inspect
+
+    info = inspect(sharded_ckpt)
+    names = sorted(n for n in info.tensors if ".experts." in n and "shared" not in n
+                   and n.endswith(".weight"))
+    picked = [names[0], names[-1]]
+    assert len({info.tensors[n].file for n in picked}) == 2
+    g = torch.Generator().manual_seed(5)
+    pairs, want = {}, {}
+    for name in picked:
+        out_dim, in_dim = info.tensors[name].shape
+        a, b = torch.randn(2, in_dim, generator=g), torch.randn(out_dim, 2, generator=g)
+        module = name.removesuffix(".weight")
+        pairs[module + ".lora_A.weight"], pairs[module + ".lora_B.weight"] = a, b
+        want[name] = (a, b)
+    layers = {str(int(n.split(".")[2])): [int(n.split(".")[5])] for n in picked}
+    lora = json.dumps({"rank": 2, "alpha": 2.0, "targets": ["gate_proj", "up_proj", "down_proj"]})
+    adapter = save_adapter(pairs, tmp_path / "lora.safetensors",
+                           {"experts": layers, "shared_experts": False,
+                            "non_expert_modules": False},
+                           base=sharded_ckpt, extra_metadata={ADAPTER_KEYS["lora"]: lora})
+    out = tmp_path / "merged"
+    esft_rs.merge(sharded_ckpt, adapter, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in sharded_ckpt.iterdir())
+    for path in sharded_ckpt.iterdir():
+        if not path.name.endswith(".safetensors"):
+            assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+            continue
+        before, after = load_file(path), load_file(out / path.name)
+        raw_base, raw_out = path.read_bytes(), (out / path.name).read_bytes()
+        head = 8 + int.from_bytes(raw_base[:8], "little")
+        assert len(raw_out) == len(raw_base) and raw_out[:head] == raw_base[:head]
+        for name, t in before.items():
+            if name in want:
+                a, b = want[name]
+                torch.testing.assert_close(after[name], t + b @ a, rtol=2e-6, atol=1e-5)
+            else:
+                assert torch.equal(after[name], t), name
