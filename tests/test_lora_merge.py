@@ -208,3 +208,12 @@ def test_lora_merge_into_a_sharded_base_keeps_every_other_byte(sharded_ckpt: Pat
                 torch.testing.assert_close(after[name], t + b @ a, rtol=2e-6, atol=1e-5)
             else:
                 assert torch.equal(after[name], t), name
+
+
+def test_read_adapter_of_a_lora_adapter(tmp_path: Path) -> None:
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    lora = esft_rs.read_adapter(write_esft_lora(tmp_path / "lora.safetensors", base))
+    assert lora.kind == "lora" and list(lora.tensors) == sorted(lora_pairs())
+    peft = esft_rs.read_adapter(peft_dir(tmp_path / "peft", lora_pairs()))
+    assert peft.kind == "peft" and list(peft.tensors) == sorted(lora_pairs())

@@ -51,6 +51,8 @@ pub struct Adapter {
     plain: Vec<(usize, usize, String)>,
     /// LoRA pairs (ESFT-LoRA and PEFT adapters), all-zero pairs left out.
     pub lora: Vec<LoraPair>,
+    /// Every tensor's checkpoint name (legacy names mapped, PEFT's prefix removed), in file order.
+    all_names: Vec<String>,
 }
 
 /// One adapter tensor: its name in the base's naming, and where it is stored.
@@ -152,6 +154,7 @@ impl Adapter {
             };
             entries.push((si, ti, name));
         }
+        let all_names = entries.iter().map(|(_, _, n)| n.clone()).collect();
         let split = lora::split(&weights, &ckpt, scale, entries)?;
         Ok(Adapter {
             path: path.to_path_buf(),
@@ -162,6 +165,7 @@ impl Adapter {
             ckpt,
             plain: split.plain,
             lora: split.pairs,
+            all_names,
         })
     }
 
@@ -289,7 +293,8 @@ pub struct AdapterInfo {
     pub expert_config: Option<String>,
     pub base_fingerprint: Option<String>,
     pub metadata: Vec<(String, String)>,
-    /// Checkpoint names (legacy names mapped), in file order.
+    /// Checkpoint names (legacy names mapped, PEFT's `base_model.model.` removed), in
+    /// file order; LoRA pairs as stored (`M.lora_A.weight`, `M.lora_B.weight`).
     pub tensors: Vec<String>,
     pub total_bytes: u64,
 }
@@ -302,7 +307,7 @@ pub fn info(path: &Path) -> Result<AdapterInfo> {
         expert_config: a.expert_config.as_ref().map(ExpertConfig::to_json),
         base_fingerprint: a.fingerprint.clone(),
         metadata: a.metadata.clone(),
-        tensors: a.names().map(str::to_string).collect(),
+        tensors: a.all_names.clone(),
         total_bytes: a.ckpt.total_bytes(),
     })
 }
