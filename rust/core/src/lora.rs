@@ -56,10 +56,15 @@ pub fn esft_scale(path: &Path, text: &str) -> Result<f32> {
     let bad = |why: &str| Error::invalid(path, format!("{KEY_LORA} in __metadata__: {why}"));
     let v: Value = serde_json::from_str(text).map_err(|e| bad(&format!("not JSON ({e})")))?;
     let rank = v.get("rank").and_then(Value::as_u64).filter(|&r| r > 0);
-    let alpha = v.get("alpha").and_then(Value::as_f64).filter(|a| a.is_finite());
+    let alpha = v
+        .get("alpha")
+        .and_then(Value::as_f64)
+        .filter(|a| a.is_finite());
     match (rank, alpha) {
         (Some(r), Some(a)) => Ok((a / r as f64) as f32),
-        _ => Err(bad("needs \"rank\" (a positive integer) and \"alpha\" (a number)")),
+        _ => Err(bad(
+            "needs \"rank\" (a positive integer) and \"alpha\" (a number)",
+        )),
     }
 }
 
@@ -70,8 +75,14 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(config, format!("not JSON: {e}")))?;
     let bad = |why: String| Error::invalid(config, why);
-    if let Some(t) = v.get("peft_type").and_then(Value::as_str).filter(|t| *t != "LORA") {
-        return Err(bad(format!("peft_type is {t:?}; merge takes LoRA adapters only")));
+    if let Some(t) = v
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .filter(|t| *t != "LORA")
+    {
+        return Err(bad(format!(
+            "peft_type is {t:?}; merge takes LoRA adapters only"
+        )));
     }
     let set = |key: &str| match v.get(key) {
         None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -79,17 +90,33 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
         Some(Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
     };
-    for key in ["use_dora", "rank_pattern", "alpha_pattern", "target_parameters", "lora_bias"] {
+    for key in [
+        "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "target_parameters",
+        "lora_bias",
+    ] {
         if set(key) {
-            return Err(bad(format!("{key} is set; merge takes plain LoRA on linear weights only")));
+            return Err(bad(format!(
+                "{key} is set; merge takes plain LoRA on linear weights only"
+            )));
         }
     }
     let r = v.get("r").and_then(Value::as_u64).filter(|&r| r > 0);
-    let alpha = v.get("lora_alpha").and_then(Value::as_f64).filter(|a| a.is_finite());
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(Value::as_f64)
+        .filter(|a| a.is_finite());
     let (Some(r), Some(alpha)) = (r, alpha) else {
-        return Err(bad("needs \"r\" (a positive integer) and \"lora_alpha\" (a number)".into()));
+        return Err(bad(
+            "needs \"r\" (a positive integer) and \"lora_alpha\" (a number)".into(),
+        ));
     };
-    let rs = v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let rs = v
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let denom = if rs { (r as f64).sqrt() } else { r as f64 };
     Ok((alpha / denom) as f32)
 }
@@ -108,7 +135,9 @@ pub fn split(
     let mut halves: std::collections::BTreeMap<String, [Option<(usize, usize)>; 2]> =
         Default::default();
     for (si, ti, name) in entries {
-        let half = [SUFFIX_A, SUFFIX_B].iter().position(|suf| name.ends_with(suf));
+        let half = [SUFFIX_A, SUFFIX_B]
+            .iter()
+            .position(|suf| name.ends_with(suf));
         match (half, scale) {
             (Some(h), Some(_)) => {
                 let module = name[..name.len() - SUFFIX_A.len()].to_string();
@@ -120,7 +149,11 @@ pub fn split(
     let tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
     for (module, [a, b]) in halves {
         let (Some(a), Some(b)) = (a, b) else {
-            let (has, lacks) = if a.is_some() { (SUFFIX_A, SUFFIX_B) } else { (SUFFIX_B, SUFFIX_A) };
+            let (has, lacks) = if a.is_some() {
+                (SUFFIX_A, SUFFIX_B)
+            } else {
+                (SUFFIX_B, SUFFIX_A)
+            };
             return Err(Error::invalid(
                 path,
                 format!("holds {module}{has} without {module}{lacks}"),
@@ -128,7 +161,11 @@ pub fn split(
         };
         let (ta, tb) = (tensor(a), tensor(b));
         let float = |t: &TensorInfo| matches!(t.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16);
-        if !float(ta) || !float(tb) || ta.shape.len() != 2 || tb.shape.len() != 2 || ta.shape[0] != tb.shape[1]
+        if !float(ta)
+            || !float(tb)
+            || ta.shape.len() != 2
+            || tb.shape.len() != 2
+            || ta.shape[0] != tb.shape[1]
         {
             return Err(Error::invalid(
                 path,
@@ -184,8 +221,12 @@ pub fn decode(src: &[u8], dtype: Dtype, out: &mut Vec<f32>) {
 pub fn encode(src: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     out.clear();
     match dtype {
-        Dtype::BF16 => src.iter().for_each(|&x| out.extend(bf16::from_f32(x).to_le_bytes())),
-        Dtype::F16 => src.iter().for_each(|&x| out.extend(f16::from_f32(x).to_le_bytes())),
+        Dtype::BF16 => src
+            .iter()
+            .for_each(|&x| out.extend(bf16::from_f32(x).to_le_bytes())),
+        Dtype::F16 => src
+            .iter()
+            .for_each(|&x| out.extend(f16::from_f32(x).to_le_bytes())),
         _ => src.iter().for_each(|&x| out.extend(x.to_le_bytes())),
     }
 }
@@ -231,13 +272,23 @@ mod tests {
     #[test]
     fn scale_from_metadata_and_config() {
         let p = Path::new("x");
-        assert_eq!(esft_scale(p, r#"{"rank": 4, "alpha": 8, "targets": []}"#).unwrap(), 2.0);
+        assert_eq!(
+            esft_scale(p, r#"{"rank": 4, "alpha": 8, "targets": []}"#).unwrap(),
+            2.0
+        );
         assert!(esft_scale(p, r#"{"rank": 0, "alpha": 8}"#).is_err());
         let d = tempfile::tempdir().unwrap();
         let cfg = d.path().join(PEFT_CONFIG);
-        std::fs::write(&cfg, r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": true}"#).unwrap();
+        std::fs::write(
+            &cfg,
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": true}"#,
+        )
+        .unwrap();
         assert_eq!(peft_scale(&cfg).unwrap(), 8.0);
         std::fs::write(&cfg, r#"{"r": 4, "lora_alpha": 16, "use_dora": true}"#).unwrap();
-        assert!(peft_scale(&cfg).unwrap_err().to_string().contains("use_dora"));
+        assert!(peft_scale(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("use_dora"));
     }
 }

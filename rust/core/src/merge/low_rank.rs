@@ -75,7 +75,13 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
     items.par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
         |(raw, w, a, b, out), blk| {
-            let Block { key: (si, ti), unit, job: j, row0, rows } = *blk;
+            let Block {
+                key: (si, ti),
+                unit,
+                job: j,
+                row0,
+                rows,
+            } = *blk;
             let l = &job.loras[j];
             let adapter = &job.adapters[l.adapter];
             let pair = &adapter.lora[l.pair];
@@ -87,7 +93,11 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
             // W's rows, then A whole and B's rows, all as f32.
             read(raw, base, off, rows * l.cols * esize)?;
             lora::decode(raw, t.dtype, w);
-            let read_part = |raw: &mut Vec<u8>, out: &mut Vec<f32>, (s, i): (usize, usize), skip: u64, len: u64| {
+            let read_part = |raw: &mut Vec<u8>,
+                             out: &mut Vec<f32>,
+                             (s, i): (usize, usize),
+                             skip: u64,
+                             len: u64| {
                 let f = &adapter.ckpt.shards[s].file;
                 let ti = &f.header.tensors[i];
                 let es = ti.dtype.bits() / 8;
@@ -107,7 +117,12 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
     )
 }
 
-fn read(buf: &mut Vec<u8>, f: &crate::safetensors::SafetensorsFile, off: u64, len: u64) -> Result<()> {
+fn read(
+    buf: &mut Vec<u8>,
+    f: &crate::safetensors::SafetensorsFile,
+    off: u64,
+    len: u64,
+) -> Result<()> {
     buf.resize(len as usize, 0);
     copy::read_exact_at(f.file(), buf, off).map_err(|e| Error::io(&f.path, e))
 }
