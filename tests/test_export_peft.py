@@ -91,8 +91,7 @@ def test_peft_loads_the_export_as_esft_rs_merges_it(family: tuple[str, Path],
 
     # PEFT: the export loaded onto the transformers model of the base.
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    with pytest.warns(RuntimeWarning):  # PEFT converting per-expert keys to fused experts
-        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(model, tmp_path / "peft")
     torch.testing.assert_close(logits_of(peft_model), logits_of(ours), rtol=0, atol=2e-6)
     assert not torch.equal(logits_of(ours), logits_of(load_model(base)))
 
@@ -151,3 +150,44 @@ def test_export_refusals(family: tuple[str, Path], tmp_path: Path) -> None:
     assert "lie inside the input" in one_line_exit_2("export", base, adapter,
                                                      "-o", base / "peft")
     assert not out.exists() and not (base / "peft").exists()
+
+
+def peft_saved(base: Path, out: Path, **config: object) -> tuple[Path, torch.Tensor,
+                                                                   dict[str, torch.Tensor]]:
+    """A PEFT adapter as another tool writes it (``get_peft_model``, non-zero B, then
+    ``save_pretrained``), with PEFT's logits and its ``merge_and_unload`` state."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(6)
+    peft_model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config))
+    peft_model.save_pretrained(out)
+    logits = logits_of(peft_model)
+    return out, logits, peft_model.merge_and_unload().state_dict()
+
+
+def test_merge_takes_a_peft_adapter_from_another_tool(family: tuple[str, Path],
+                                                      tmp_path: Path) -> None:
+    """LoRA on attention (nn.Linear modules): every key maps onto the checkpoint; esft-rs
+    merge gives PEFT's logits and PEFT's merged tensors."""
+    _, base = family
+    adapter, logits, merged = peft_saved(base, tmp_path / "peft",
+                                         target_modules=["q_proj", "o_proj"])
+    report = esft_rs.merge(base, adapter, tmp_path / "merged")
+    assert {r.tensor.rsplit(".", 2)[-2] for r in report.replaced} == {"q_proj", "o_proj"}
+    torch.testing.assert_close(logits_of(load_model(tmp_path / "merged")), logits,
+                               rtol=0, atol=2e-6)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_peft_adapter_on_fused_expert_parameters_is_refused_in_one_line(
+        family: tuple[str, Path], tmp_path: Path) -> None:
+    """PEFT's "all-linear" on a transformers 5 MoE targets the fused expert parameters
+    (target_parameters): refused by name, nothing written."""
+    _, base = family
+    adapter, _, _ = peft_saved(base, tmp_path / "peft", target_modules="all-linear")
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    line = one_line_exit_2("merge", base, adapter, "-o", tmp_path / "merged")
+    assert "target_parameters is set" in line
+    assert not (tmp_path / "merged").exists()

@@ -90,13 +90,15 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
         Some(Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
     };
-    for key in [
-        "use_dora",
-        "rank_pattern",
-        "alpha_pattern",
-        "target_parameters",
-        "lora_bias",
-    ] {
+    if set("target_parameters") {
+        return Err(bad(
+            "target_parameters is set: LoRA on fused 3-D expert parameters (what PEFT writes \
+             for the experts of transformers 5 MoE models), which merge does not map onto a \
+             checkpoint yet"
+                .into(),
+        ));
+    }
+    for key in ["use_dora", "rank_pattern", "alpha_pattern", "lora_bias"] {
         if set(key) {
             return Err(bad(format!(
                 "{key} is set; merge takes plain LoRA on linear weights only"
