@@ -388,7 +388,7 @@ ERRORS = {
     "empty": (esft_rs.InvalidFileError, "holds no tensors"),
     "malformed": (esft_rs.InvalidFileError, "not valid JSON"),
     "bad_metadata_config": (esft_rs.InvalidFileError, "esft.expert_config in __metadata__"),
-    "folder_without_cfg": (esft_rs.InvalidFileError, "no expert_cfg.json"),
+    "folder_without_cfg": (esft_rs.InvalidFileError, "neither expert_cfg.json"),
     "folder_bad_cfg": (esft_rs.InvalidFileError, "expert_cfg.json: layer 1"),
     "duplicate_names": (esft_rs.InvalidFileError, "both name"),
 }

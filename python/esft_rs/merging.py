@@ -57,6 +57,10 @@ def merge(
     per-block scales (scale_inv = amax / 448, round to nearest even), bit for
     bit as torch's ``(x.float() / scale_inv).to(torch.float8_e4m3fn)``, and
     both the weight and its ``weight_scale_inv`` are rewritten.
+    LoRA adapters (an ESFT-LoRA file, or a PEFT adapter directory such as ``export``
+    writes) change each target as ``W + scale * B @ A``, summed in float32 and rounded
+    once to W's dtype (nearest even): torch's ``(W.float() + s * (B.float() @
+    A.float())).to(W.dtype)`` up to the order of the float32 sums (docs/serving.md).
     Raises ``MismatchError``/``InvalidFileError``/``EsftValueError``/``EsftIOError``
     (all ``EsftError``); nothing is written then.
     """

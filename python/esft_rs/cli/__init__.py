@@ -14,6 +14,7 @@ import click
 from esft_rs import __version__
 from esft_rs.cli.demo_cmd import demo_cmd
 from esft_rs.cli.eval_cmd import eval_cmd
+from esft_rs.cli.export_cmd import export_cmd
 from esft_rs.cli.inspect_cmd import inspect_cmd
 from esft_rs.cli.merge_cmd import merge_cmd, split_cmd
 from esft_rs.cli.model_cmd import init_model_cmd
@@ -43,6 +44,7 @@ main.add_command(select_cmd)
 main.add_command(routing_report_cmd)
 main.add_command(merge_cmd)
 main.add_command(split_cmd)
+main.add_command(export_cmd)
 main.add_command(profile_cmd)
 main.add_command(eval_cmd)
 main.add_command(plan_cmd)

@@ -89,9 +89,11 @@ def merge_cmd(
 
     BASE is a .safetensors file or a checkpoint directory (sharded with an
     index, or a single file); the --output mirrors it, with the model's other files
-    copied. An ADAPTER is an esft-rs adapter file, a plain safetensors file of
-    tensors named as in BASE, or an official ESFT adapter folder
-    (expert_cfg.json + safetensors).
+    copied. An ADAPTER is an esft-rs adapter file (full-weight or ESFT-LoRA), a plain
+    safetensors file of tensors named as in BASE, an official ESFT adapter folder
+    (expert_cfg.json + safetensors), or a PEFT LoRA adapter directory
+    (adapter_config.json + adapter_model.safetensors). LoRA pairs are merged as
+    W + scale * B @ A, summed in float32 and rounded once to W's dtype.
     """
     with StageBars() as bars:
         report = merge(

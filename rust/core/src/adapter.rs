@@ -1,7 +1,11 @@
-//! Adapters: the tensors that replace base tensors in a merge. Three kinds load:
+//! Adapters: the tensors that replace base tensors in a merge. Five kinds load:
 //! - ours: one safetensors file whose `__metadata__` holds the expert config
 //!   (`esft.expert_config`) and the base fingerprint (`esft.base_fingerprint`),
 //!   plus free-form `esft.*` keys (training config, metrics) that merge ignores;
+//! - ESFT-LoRA: ours, with `esft.lora` in `__metadata__` and LoRA pairs in
+//!   place of the trained expert tensors (`lora`);
+//! - PEFT LoRA directories: `adapter_config.json` plus `adapter_model.safetensors`
+//!   (names prefixed `base_model.model.`; its `__metadata__` may carry our keys);
 //! - plain: any safetensors file of tensors named as in the base;
 //! - official ESFT adapter folders: `expert_cfg.json` plus safetensors, whose
 //!   legacy tensor names (`layers.L...`, relative to `model.`) are mapped to
@@ -14,6 +18,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::expert_config::ExpertConfig;
+use crate::lora::{self, LoraPair};
 use crate::naming::{self, Role};
 use crate::safetensors::{Checkpoint, SafetensorsFile, TensorInfo};
 
@@ -30,6 +35,8 @@ pub enum AdapterKind {
     Esft,
     Plain,
     Official,
+    Lora,
+    Peft,
 }
 
 pub struct Adapter {
@@ -40,8 +47,12 @@ pub struct Adapter {
     pub fingerprint: Option<String>,
     /// `__metadata__` of the (first) file, in file order.
     pub metadata: Vec<(String, String)>,
-    /// Checkpoint names of the tensors, in `ckpt.tensors()` order.
-    names: Vec<String>,
+    /// (shard, index, checkpoint name) of the tensors that replace base tensors whole.
+    plain: Vec<(usize, usize, String)>,
+    /// LoRA pairs (ESFT-LoRA and PEFT adapters), all-zero pairs left out.
+    pub lora: Vec<LoraPair>,
+    /// Every tensor's checkpoint name (legacy names mapped, PEFT's prefix removed), in file order.
+    all_names: Vec<String>,
 }
 
 /// One adapter tensor: its name in the base's naming, and where it is stored.
@@ -59,13 +70,19 @@ impl Adapter {
         let is_dir = std::fs::metadata(path)
             .map_err(|e| Error::io(path, e))?
             .is_dir();
-        let (kind, ckpt, dir_config) = if is_dir {
+        let peft_config = path.join(lora::PEFT_CONFIG);
+        let (kind, ckpt, dir_config) = if is_dir && peft_config.is_file() {
+            let weights = path.join(lora::PEFT_WEIGHTS);
+            (AdapterKind::Peft, Checkpoint::open(&weights)?, None)
+        } else if is_dir {
             let cfg_path = path.join(OFFICIAL_CONFIG);
             if !crate::error::present(&cfg_path) {
                 return Err(Error::invalid(
                     path,
                     format!(
-                        "directory has no {OFFICIAL_CONFIG}, so it is not an ESFT adapter folder"
+                        "directory has neither {OFFICIAL_CONFIG} (an official ESFT adapter folder) \
+                         nor {} (a PEFT adapter)",
+                        lora::PEFT_CONFIG
                     ),
                 ));
             }
@@ -98,16 +115,47 @@ impl Adapter {
             None => None,
         };
         let fingerprint = get(KEY_BASE_FINGERPRINT);
-        let kind = if kind == AdapterKind::Plain && (file_config.is_some() || fingerprint.is_some())
-        {
-            AdapterKind::Esft
-        } else {
-            kind
+        let esft_lora = get(lora::KEY_LORA);
+        let kind = match kind {
+            AdapterKind::Plain if esft_lora.is_some() => AdapterKind::Lora,
+            AdapterKind::Plain if file_config.is_some() || fingerprint.is_some() => AdapterKind::Esft,
+            k => k,
         };
         if ckpt.tensors().next().is_none() {
             return Err(Error::invalid(path, "adapter holds no tensors"));
         }
         let names = checkpoint_names(path, &ckpt, kind == AdapterKind::Official)?;
+        let scale = match kind {
+            AdapterKind::Lora => Some(lora::esft_scale(path, esft_lora.as_deref().unwrap_or_default())?),
+            AdapterKind::Peft => Some(lora::peft_scale(&peft_config)?),
+            _ => None,
+        };
+        let weights = if kind == AdapterKind::Peft {
+            path.join(lora::PEFT_WEIGHTS)
+        } else {
+            path.to_path_buf()
+        };
+        let positions = ckpt.shards.iter().enumerate().flat_map(|(si, s)| {
+            (0..s.file.header.tensors.len()).map(move |ti| (si, ti))
+        });
+        let mut entries = Vec::with_capacity(names.len());
+        for ((si, ti), name) in positions.zip(names) {
+            let name = match kind {
+                AdapterKind::Peft => match name.strip_prefix(lora::PEFT_PREFIX) {
+                    Some(n) => n.to_string(),
+                    None => {
+                        return Err(Error::invalid(
+                            &weights,
+                            format!("key {name:?} does not start with {:?}, as PEFT's keys do", lora::PEFT_PREFIX),
+                        ))
+                    }
+                },
+                _ => name,
+            };
+            entries.push((si, ti, name));
+        }
+        let all_names = entries.iter().map(|(_, _, n)| n.clone()).collect();
+        let split = lora::split(&weights, &ckpt, scale, entries)?;
         Ok(Adapter {
             path: path.to_path_buf(),
             kind,
@@ -115,8 +163,21 @@ impl Adapter {
             fingerprint,
             metadata,
             ckpt,
-            names,
+            plain: split.plain,
+            lora: split.pairs,
+            all_names,
         })
+    }
+
+    /// Checkpoint names of what the adapter changes: plain tensors, then LoRA modules.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        let plain = self.plain.iter().map(|(_, _, n)| n.as_str());
+        plain.chain(self.lora.iter().map(|p| p.module.as_str()))
+    }
+
+    /// The stored name of the tensor at (shard, index).
+    pub fn stored_name(&self, (si, ti): (usize, usize)) -> &str {
+        &self.ckpt.shards[si].file.header.tensors[ti].name
     }
 
     /// The first tensor that the adapter's own expert config does not select, with
@@ -124,7 +185,7 @@ impl Adapter {
     /// frozen. `None` when every tensor fits, or when there is no config to check.
     pub fn outside_config(&self) -> Option<String> {
         let cfg = self.expert_config.as_ref()?;
-        self.names.iter().find_map(|name| {
+        self.names().find_map(|name| {
             let why = match naming::classify(name) {
                 Role::RoutedExpert { layer, expert } => {
                     let listed = cfg.experts.get(&layer).is_some_and(|ids| ids.contains(&expert));
@@ -145,25 +206,19 @@ impl Adapter {
         })
     }
 
-    /// Tensors in file order, named as in checkpoints (legacy names mapped).
+    /// Tensors that replace base tensors whole, in file order, named as in
+    /// checkpoints (legacy names mapped); LoRA pairs are in `lora`.
     pub fn tensors(&self) -> impl Iterator<Item = AdapterTensor<'_>> {
-        let positions = self.ckpt.shards.iter().enumerate().flat_map(|(si, s)| {
-            s.file
-                .header
-                .tensors
-                .iter()
-                .enumerate()
-                .map(move |(ti, t)| (si, ti, &s.file, t))
-        });
-        positions
-            .zip(&self.names)
-            .map(|((shard, index, file, info), name)| AdapterTensor {
+        self.plain.iter().map(|&(shard, index, ref name)| {
+            let file = &self.ckpt.shards[shard].file;
+            AdapterTensor {
                 name: name.clone(),
                 file,
-                info,
+                info: &file.header.tensors[index],
                 shard,
                 index,
-            })
+            }
+        })
     }
 }
 
@@ -238,7 +293,8 @@ pub struct AdapterInfo {
     pub expert_config: Option<String>,
     pub base_fingerprint: Option<String>,
     pub metadata: Vec<(String, String)>,
-    /// Checkpoint names (legacy names mapped), in file order.
+    /// Checkpoint names (legacy names mapped, PEFT's `base_model.model.` removed), in
+    /// file order; LoRA pairs as stored (`M.lora_A.weight`, `M.lora_B.weight`).
     pub tensors: Vec<String>,
     pub total_bytes: u64,
 }
@@ -251,7 +307,7 @@ pub fn info(path: &Path) -> Result<AdapterInfo> {
         expert_config: a.expert_config.as_ref().map(ExpertConfig::to_json),
         base_fingerprint: a.fingerprint.clone(),
         metadata: a.metadata.clone(),
-        tensors: a.names.clone(),
+        tensors: a.all_names.clone(),
         total_bytes: a.ckpt.total_bytes(),
     })
 }

@@ -25,6 +25,7 @@ pub mod expert_config;
 pub mod fingerprint;
 pub mod fp8;
 pub mod inspect;
+pub mod lora;
 pub mod merge;
 pub mod naming;
 pub mod routing;

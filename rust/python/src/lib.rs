@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use errors::{to_py, value_error};
 use esft_core::expert_config::ExpertConfig;
 use esft_core::progress::Control;
-use esft_core::{adapter, inspect, merge, naming, split, staging};
+use esft_core::{adapter, inspect, lora, merge, naming, split, staging};
 
 /// Inspects a safetensors file, checkpoint directory or adapter, from headers alone.
 #[pyfunction]
@@ -594,6 +594,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("base_fingerprint", adapter::KEY_BASE_FINGERPRINT),
         ("prefix", adapter::KEY_PREFIX),
         ("official_config", adapter::OFFICIAL_CONFIG),
+        ("lora", lora::KEY_LORA),
+        ("peft_config", lora::PEFT_CONFIG),
+        ("peft_weights", lora::PEFT_WEIGHTS),
+        ("peft_prefix", lora::PEFT_PREFIX),
+        ("lora_a", lora::SUFFIX_A),
+        ("lora_b", lora::SUFFIX_B),
     ];
     m.add("ADAPTER_KEYS", keys.into_iter().collect::<BTreeMap<_, _>>())?;
     m.add_function(wrap_pyfunction!(py_merge, m)?)?;

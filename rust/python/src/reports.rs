@@ -39,6 +39,8 @@ fn kind(k: AdapterKind) -> &'static str {
         AdapterKind::Esft => "esft",
         AdapterKind::Plain => "plain",
         AdapterKind::Official => "official",
+        AdapterKind::Lora => "lora",
+        AdapterKind::Peft => "peft",
     }
 }
 

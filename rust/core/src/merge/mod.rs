@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+mod low_rank;
 mod plan;
 mod requant;
 mod write;
@@ -193,7 +194,7 @@ pub fn merge(
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
-    let (painted, requants) = plan(&ckpt, &adapters, opts)?;
+    let (painted, requants, loras) = plan(&ckpt, &adapters, opts)?;
     warnings.extend(outside_configs(&adapters, opts.force)?);
     let replaced = describe(&ckpt, &adapters, &painted);
     let others = if is_dir {
@@ -228,6 +229,7 @@ pub fn merge(
                     adapters: &adapters,
                     painted: &painted,
                     requants: &requants,
+                    loras: &loras,
                 };
                 write(&job, &staged, is_dir, &others, ctl)
             },
@@ -300,7 +302,8 @@ fn missing_fingerprints(ckpt: &Checkpoint, adapters: &[Adapter]) -> Vec<String> 
             let what = match a.kind {
                 AdapterKind::Official => "official ESFT adapter folder",
                 AdapterKind::Plain => "plain safetensors file",
-                AdapterKind::Esft => "adapter written without a base",
+                AdapterKind::Esft | AdapterKind::Lora => "adapter written without a base",
+                AdapterKind::Peft => "PEFT adapter directory",
             };
             format!(
                 "{}: no base fingerprint ({what}), so it cannot be checked that it was trained from {}",

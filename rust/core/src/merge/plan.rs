@@ -4,15 +4,17 @@
 //! names mapped) or to one expert's slice of a fused base tensor, checked for
 //! dtype and shape, and painted unit by unit (a whole tensor, or an expert
 //! slice) under the conflict policy. A tensor aimed at a block-FP8 slot goes
-//! through `super::requant`.
+//! through `super::requant`; a LoRA pair becomes a `LoraJob` (`super::low_rank`).
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::low_rank::LoraJob;
 use super::requant::{self, is_fp8_slot, requant_slot, Requant};
 use super::{MergeOptions, OnConflict, Replacement};
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::fp8;
+use crate::lora;
 use crate::naming::{self, Role};
 use crate::safetensors::{expert_units, Checkpoint, Dtype};
 
@@ -29,6 +31,8 @@ pub(super) struct Source {
     /// Index of the `Requant` that computes this unit (an FP8 weight or its
     /// scale tensor) instead of copying it.
     pub(super) requant: Option<usize>,
+    /// Index of the `LoraJob` that computes this unit (base + low-rank change).
+    pub(super) lora: Option<usize>,
 }
 
 /// The plan: for each base tensor (shard, index) that changes, the source of
@@ -39,7 +43,7 @@ pub(super) fn plan(
     ckpt: &Checkpoint,
     adapters: &[Adapter],
     opts: &MergeOptions,
-) -> Result<(Painted, Vec<Requant>)> {
+) -> Result<(Painted, Vec<Requant>, Vec<LoraJob>)> {
     let on_conflict = opts.on_conflict;
     let block = if ckpt.tensors().any(|(_, t)| t.dtype == Dtype::F8_E4M3) {
         Some(fp8::block_size(&ckpt.path)?)
@@ -47,6 +51,7 @@ pub(super) fn plan(
         None
     };
     let mut requants: Vec<Requant> = Vec::new();
+    let mut loras: Vec<LoraJob> = Vec::new();
     let mut index: HashMap<&str, (usize, usize)> = HashMap::new();
     for (si, s) in ckpt.shards.iter().enumerate() {
         for (ti, t) in s.file.header.tensors.iter().enumerate() {
@@ -135,48 +140,143 @@ pub(super) fn plan(
                 targets.push((requants[q].scale, vec![(0, src_off)]));
             }
             for (key, units) in targets {
-                let slots = painted.entry(key).or_default();
-                for (unit, offset) in units {
-                    let src = Source {
-                        adapter: ai,
-                        shard,
-                        tensor,
-                        offset,
-                        requant,
-                    };
-                    match slots.get(&unit) {
-                        None => {
-                            slots.insert(unit, src);
-                        }
-                        Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
-                            let prev_a = &adapters[prev.adapter];
-                            let prev_name = &prev_a.ckpt.shards[prev.shard].file.header.tensors
-                                [prev.tensor]
-                                .name;
-                            let hint = if prev.adapter == ai {
-                                ""
-                            } else {
-                                "; pass --on-conflict first or last to choose"
-                            };
-                            return Err(Error::Mismatch(format!(
-                            "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
-                            a.path.display(),
-                            at.info.name,
-                            base_tensor(key).name,
-                            prev_name,
-                            prev_a.path.display(),
-                        )));
-                        }
-                        Some(_) if on_conflict == OnConflict::Last => {
-                            slots.insert(unit, src);
-                        }
-                        Some(_) => {}
-                    }
-                }
+                let src = Source { adapter: ai, shard, tensor, offset: 0, requant, lora: None };
+                paint(&mut painted, ckpt, adapters, on_conflict, key, units, src)?;
             }
         }
+        for (pi, pair) in a.lora.iter().enumerate() {
+            let (key, unit, job) = lora_target(ckpt, &index, (ai, pi), a)?;
+            let src = Source {
+                adapter: ai,
+                shard: pair.a.0,
+                tensor: pair.a.1,
+                offset: 0,
+                requant: None,
+                lora: Some(loras.len()),
+            };
+            loras.push(job);
+            paint(&mut painted, ckpt, adapters, on_conflict, key, vec![(unit, 0)], src)?;
+        }
     }
-    requant::settle(painted, requants, ckpt, adapters)
+    let (painted, requants) = requant::settle(painted, requants, ckpt, adapters)?;
+    Ok((painted, requants, loras))
+}
+
+/// Paints `units` ((unit, source offset)) of base tensor `key` with `src`,
+/// under the conflict policy.
+fn paint(
+    painted: &mut Painted,
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    on_conflict: OnConflict,
+    key: (usize, usize),
+    units: Vec<(u32, u64)>,
+    src: Source,
+) -> Result<()> {
+    let ai = src.adapter;
+    let a = &adapters[ai];
+    let slots = painted.entry(key).or_default();
+    for (unit, offset) in units {
+        let src = Source { offset, ..src };
+        match slots.get(&unit) {
+            None => {
+                slots.insert(unit, src);
+            }
+            Some(prev) if prev.adapter == ai || on_conflict == OnConflict::Error => {
+                let prev_a = &adapters[prev.adapter];
+                let hint = if prev.adapter == ai {
+                    ""
+                } else {
+                    "; pass --on-conflict first or last to choose"
+                };
+                return Err(Error::Mismatch(format!(
+                    "{}: tensor {:?} replaces the same bytes of {:?} as {:?} from {}{hint}",
+                    a.path.display(),
+                    a.stored_name((src.shard, src.tensor)),
+                    ckpt.shards[key.0].file.header.tensors[key.1].name,
+                    prev_a.stored_name((prev.shard, prev.tensor)),
+                    prev_a.path.display(),
+                )));
+            }
+            Some(_) if on_conflict == OnConflict::Last => {
+                slots.insert(unit, src);
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The base tensor and unit that LoRA pair `pi` of adapter `ai` changes:
+/// `module.weight` (or `module`) whole, or expert E's slice of a fused tensor;
+/// shapes and dtype checked.
+fn lora_target(
+    ckpt: &Checkpoint,
+    index: &HashMap<&str, (usize, usize)>,
+    (ai, pi): (usize, usize),
+    a: &Adapter,
+) -> Result<((usize, usize), u32, LoraJob)> {
+    let pair = &a.lora[pi];
+    let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
+    let tensor = |(si, ti): (usize, usize)| &a.ckpt.shards[si].file.header.tensors[ti];
+    let (ta, tb) = (tensor(pair.a), tensor(pair.b));
+    let want = [tb.shape[0], ta.shape[1]];
+    let nomap = |why: String| {
+        Error::Mismatch(format!(
+            "{}: key {:?} does not map onto the base {}: {why}",
+            a.path.display(),
+            ta.name,
+            ckpt.path.display()
+        ))
+    };
+    let weight = format!("{}.weight", pair.module);
+    let find = |n: &str| {
+        index
+            .get(n)
+            .or_else(|| index.get(naming::canonical(n).as_ref()))
+            .copied()
+    };
+    let (key, unit) = if let Some(key) = find(&weight).or_else(|| find(&pair.module)) {
+        let bt = base_tensor(key);
+        if bt.shape != want {
+            return Err(nomap(format!("{:?} is {:?} but B @ A is {want:?}", bt.name, bt.shape)));
+        }
+        (key, 0)
+    } else if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&pair.module)) {
+        let Some(key) = find(&parent) else {
+            return Err(nomap(format!("it has no tensor {weight:?}")));
+        };
+        let bt = base_tensor(key);
+        let (n, _) = expert_units(bt);
+        let e_total = bt.shape.first().copied().unwrap_or(0);
+        if u64::from(e) >= e_total || u64::from(n) != e_total || bt.shape[1..] != want {
+            return Err(nomap(format!(
+                "expert {e}'s slice of {parent:?} {:?} is not {want:?}",
+                bt.shape
+            )));
+        }
+        (key, e)
+    } else {
+        return Err(nomap(format!("it has no tensor {weight:?}")));
+    };
+    let bt = base_tensor(key);
+    if !lora::mergeable(bt.dtype) {
+        return Err(Error::Mismatch(format!(
+            "{}: LoRA pair {:?} changes {:?}, which is {}; LoRA merges into F32, BF16 or F16 \
+             weights only (dequantise the base first)",
+            a.path.display(),
+            pair.module,
+            bt.name,
+            bt.dtype
+        )));
+    }
+    let job = LoraJob {
+        adapter: ai,
+        pair: pi,
+        rows: want[0],
+        cols: want[1],
+    };
+    Ok((key, unit, job))
 }
 
 /// One report entry per replaced tensor, or per expert slice when a fused

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use super::low_rank::{self, LoraJob};
 use super::plan::Painted;
 use super::requant::{requantize, Requant};
 use crate::adapter::Adapter;
@@ -30,6 +31,7 @@ pub(super) struct Job<'a> {
     pub(super) adapters: &'a [Adapter],
     pub(super) painted: &'a Painted,
     pub(super) requants: &'a [Requant],
+    pub(super) loras: &'a [LoraJob],
 }
 
 pub(super) fn write(
@@ -74,7 +76,10 @@ pub(super) fn write(
         .sum();
     ctl.stage(
         "merge",
-        ranges.iter().map(|(_, r)| r.len).sum::<u64>() + requant_bytes + other_bytes,
+        ranges.iter().map(|(_, r)| r.len).sum::<u64>()
+            + requant_bytes
+            + low_rank::bytes(job)
+            + other_bytes,
     );
     ranges.par_iter().try_for_each(|&((si, from), r)| {
         let src: &SafetensorsFile = match from {
@@ -86,6 +91,7 @@ pub(super) fn write(
         ctl.advance(r.len)
     })?;
     requantize(job, &outputs, ctl)?;
+    low_rank::apply(job, &outputs, ctl)?;
     if let Some(index) = &ckpt.index {
         let name = index
             .path
@@ -137,8 +143,8 @@ fn shard_ranges(
         for u in 0..units {
             let dst = start + u64::from(u) * len;
             let (k, r) = match slots.get(&u) {
-                // Written by `requantize`.
-                Some(src) if src.requant.is_some() => continue,
+                // Written by `requantize` or `low_rank::apply`.
+                Some(src) if src.requant.is_some() || src.lora.is_some() => continue,
                 Some(src) => (
                     (si, Src::Adapter(src.adapter, src.shard)),
                     Range {
