@@ -400,7 +400,7 @@ def _lora(tensors: Iterable[tuple[str, str, tuple[int, ...]]], experts: ExpertCo
     if unknown:
         raise InvalidFileError(f"--lora-targets: the selected experts have no projection"
                                f" {unknown[0]!r} (they have: {', '.join(sorted(found))})")
-    for proj, n, (out, inp), size in chosen:
+    for proj, n, (out, inp), _ in chosen:
         if targets and proj not in targets:
             continue
         params += n * rank * (out + inp)

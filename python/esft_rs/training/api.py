@@ -71,8 +71,9 @@ def train(
     tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
     YAML file (official ESFT keys), a starter config's name (``base``, ``small``) or a
     ``TrainConfig``; ``overrides`` set keys (ESFT-LoRA: ``lora_rank``, ``lora_alpha``,
-    ``lora_targets`` as a list or a comma-separated string). An earlier run in ``output`` is continued with
-    ``resume``, or replaced with ``overwrite`` (kept until the new run has finished).
+    ``lora_targets`` as a list or a comma-separated string). An earlier run in ``output``
+    is continued with ``resume``, or replaced with ``overwrite`` (kept until the new run
+    has finished).
     Under torchrun, every process calls this; rank 0 writes the outputs.
     """
     import torch
@@ -129,6 +130,10 @@ def train(
             expert_parallel.check_model(net, base if base is not None else type(net).__name__)
             placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
             expert_parallel.localize(net, placement, place.rank)
+        spec, extra = lora.LoraSpec.of(cfg), {}
+        if spec is not None:  # before the data: a target the model lacks is named first
+            trainables, targets = lora.attach(net, resolved, spec, cfg.seed)
+            extra = lora.metadata(spec, targets)
         notes = []  # shown once the data has passed its checks
         if not isinstance(data, Mapping):
             cfg, notes = _fit_context(cfg, net)
@@ -144,12 +149,8 @@ def train(
             notes.append(auto_note)
         for note in notes:
             log.warning("%s", note)
-        spec = lora.LoraSpec.of(cfg)
-        if spec is not None:
-            trainables, targets = lora.attach(net, resolved, spec, cfg.seed)
-            extra = lora.metadata(spec, targets)
-        else:
-            trainables, extra = freeze(net, resolved), {}
+        if spec is None:
+            trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
         # before any sharding; under EP, of every rank's experts
         adapter_layout = (expert_parallel.adapter_layout(net, trainables, on_disk, place, dev)
