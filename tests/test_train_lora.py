@@ -172,12 +172,14 @@ def test_lora_bad_flags(builtin: Path, tmp_path: Path) -> None:
          " only"),
         (["--lora-rank", "4", "--mode", "full"], "not mode full"),
         (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha must be positive"),
+        (["--lora-rank", "4", "--save-merged", tmp_path / "merged"],
+         "--save-merged: not with ESFT-LoRA (--lora-rank); merge the adapter after the run"),
     ]:
         r = run_cli("train", *args, *common, *extra)
         assert r.returncode == 2, (extra, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert not (tmp_path / "out").exists()
+        assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
     with pytest.raises(EsftError, match="parallelism='ep'"):
         esft_rs.train(*args, tmp_path / "out", builtin / "experts.json", lora_rank=4,
                       parallelism="ep", device="cpu")

@@ -4,7 +4,7 @@ Every targeted projection W [out, in] of a selected expert (named as the checkpo
 stores it) reads as ``(W.float() + alpha / r * B @ A).to(W.dtype)``, with A [r, in]
 initialised as PEFT does (Kaiming-uniform, a = sqrt(5)) and B [out, r] at zero: step 0
 is the base model, and the forward uses, bit for bit, the weights a merge of the
-adapter gives (the format's rule, ``docs/formats.md``).
+adapter gives (the format's rule, ``docs/guide.md#esft-lora``).
 
 How: a parametrization. A per-expert ``nn.Linear`` weight gets ``LoraDelta``; a fused
 ``[E, out, in]`` tensor (transformers v5 ``experts.gate_up_proj``/``down_proj``) gets
@@ -48,7 +48,7 @@ from esft_rs.training.freeze import (
 if TYPE_CHECKING:
     from esft_rs.training.config import TrainConfig
 
-#: the adapter's ``__metadata__`` key that marks a LoRA adapter (``docs/formats.md``)
+#: the adapter's ``__metadata__`` key that marks a LoRA adapter (``docs/guide.md#esft-lora``)
 KEY = "esft.lora"
 
 
