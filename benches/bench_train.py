@@ -12,7 +12,12 @@ process running the steps, bytes autograd saves for backward in one forward,
 optimizer-state bytes and trainable parameters. Targets: ESFT step time
 <= 0.6x full; ESFT optimizer bytes == full's x the trainable share.
 
-    python benches/bench_train.py [--rounds 9] [--batch 4] [--seq 512] [--experts 6] [--threads N]
+ESFT-LoRA (``lora``: rank ``--lora-rank`` factors on the same experts'
+projections, ``esft_rs.training.lora``) runs in the same rounds; its step time and
+AdamW bytes are printed against ESFT's.
+
+    python benches/bench_train.py [--rounds 9] [--batch 4] [--seq 512] [--experts 6]
+        [--lora-rank 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ from esft_rs import profile
 from esft_rs.distributed import Dist
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.models import init_model
+from esft_rs.training import lora
 from esft_rs.training.api import _prepare
 from esft_rs.training.batches import split
 from esft_rs.training.config import TrainConfig
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
 from esft_rs.training.loop import Loop, loss_sum, optimizer_state_bytes
 
-MODES = ("esft", "full")
+MODES = ("esft", "full", "lora")
 
 
 def bench_data(n: int, seq: int) -> dict[str, torch.Tensor]:
@@ -65,13 +71,18 @@ def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, ExpertConfig
 
 
 def make_loop(mode: str, base: torch.nn.Module, data: dict, experts: ExpertConfig,
-              batch: int) -> Loop:
+              batch: int, rank: int) -> Loop:
     """The loop ``esft_rs.train`` would run, minus files: same freezing, placement, optimizer."""
     model = copy.deepcopy(base)
+    lora_rank = rank if mode == "lora" else 0
     cfg = TrainConfig(per_device_batch_size=batch, gradient_accumulation_steps=1,
-                      gradient_checkpointing=False, val_ratio=0.0, mode=mode)
+                      gradient_checkpointing=False, val_ratio=0.0,
+                      mode="esft" if mode == "lora" else mode, lora_rank=lora_rank)
     layout = moe_layout((n, tuple(p.shape)) for n, p in model.named_parameters())
-    trainables = freeze(model, resolve_experts(layout, experts, mode, cfg.seed))
+    resolved = resolve_experts(layout, experts, cfg.mode, cfg.seed)
+    spec = lora.LoraSpec.of(cfg)
+    trainables = (lora.attach(model, resolved, spec, cfg.seed)[0] if spec is not None
+                  else freeze(model, resolved))
     _prepare(model, trainables, torch.device("cpu"), cfg)
     train_idx, val_idx = split(len(data["input_ids"]), cfg.val_ratio, cfg.seed)
     return Loop(model, trainables, data, train_idx, val_idx, cfg, Path(tempfile.gettempdir()),
@@ -119,7 +130,7 @@ def rss_kib(field: str) -> int:
 def child(args: argparse.Namespace) -> None:
     """Peak RSS of one mode in a fresh process: its set-up, then 3 steps."""
     model, data, experts = setup(args)
-    loop = make_loop(args.child, model, data, experts, args.batch)
+    loop = make_loop(args.child, model, data, experts, args.batch, args.lora_rank)
     before = rss_kib("VmRSS")
     for step in range(3):
         loop.step(step)
@@ -132,27 +143,33 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--experts", type=int, default=6, help="trained experts per MoE layer (of 64)")
+    p.add_argument("--lora-rank", type=int, default=8, help="ESFT-LoRA's rank")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="what to run besides esft (lora: ESFT-LoRA against ESFT only)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.modes = ["esft", *[m for m in args.modes if m != "esft"]]  # the reference
     if args.child:
         return child(args)
 
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--experts",
-              str(args.experts), "--threads", str(args.threads)]
+              str(args.experts), "--threads", str(args.threads), "--lora-rank",
+              str(args.lora_rank)]
     memory = {  # first, while this process is small
         m: json.loads(subprocess.run([sys.executable, __file__, "--child", m, *common],
                                      capture_output=True, text=True, check=True).stdout)
-        for m in MODES
+        for m in args.modes
     }
     model, data, experts = setup(args)
-    loops = {m: make_loop(m, model, data, experts, args.batch) for m in MODES}
+    loops = {m: make_loop(m, model, data, experts, args.batch, args.lora_rank)
+             for m in args.modes}
     for step in range(3):  # warm-up: optimizer state, the CPU kernels' per-shape set-up
         for loop in loops.values():
             loop.step(step)
-    wall: dict[str, list[float]] = {m: [] for m in MODES}
-    cpu: dict[str, list[float]] = {m: [] for m in MODES}
-    split_s: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
+    wall: dict[str, list[float]] = {m: [] for m in args.modes}
+    cpu: dict[str, list[float]] = {m: [] for m in args.modes}
+    split_s: dict[str, list[tuple[float, float, float]]] = {m: [] for m in args.modes}
     for r in range(args.rounds):
         for m, loop in loops.items():
             t, c = time.perf_counter(), time.process_time()
@@ -184,15 +201,25 @@ def main() -> None:
         print(f"{m:6}{r['wall']:8.3f}{r['cpu']:8.3f}{r['fwd']:7.3f}{r['bwd']:7.3f}{r['opt']:7.3f}"
               f"{r['peak_mib']:10.0f}{r['grow_mib']:8.0f}{r['saved_mib']:10.1f}"
               f"{r['optim']:14,}{r['params']:12,}")
-    e, f = rows["esft"], rows["full"]
-    for what in ("wall", "cpu"):
-        ratio = e[what] / f[what]
-        verdict = "met" if ratio <= 0.6 else "MISSED"
-        print(f"step time esft/full ({what}): {ratio:.2f}x (target <= 0.60: {verdict})")
-    share = e["params"] / f["params"]
-    extra = e["optim"] - f["optim"] * share
-    print(f"optimizer bytes esft/full: {e['optim'] / f['optim']:.4f}, trainable share"
-          f" {share:.4f} (difference: {extra:+,.0f} bytes, one 4-byte step count per tensor)")
+    e = rows["esft"]
+    if "full" in rows:
+        f = rows["full"]
+        for what in ("wall", "cpu"):
+            ratio = e[what] / f[what]
+            verdict = "met" if ratio <= 0.6 else "MISSED"
+            print(f"step time esft/full ({what}): {ratio:.2f}x (target <= 0.60: {verdict})")
+        share = e["params"] / f["params"]
+        extra = e["optim"] - f["optim"] * share
+        print(f"optimizer bytes esft/full: {e['optim'] / f['optim']:.4f}, trainable share"
+              f" {share:.4f} (difference: {extra:+,.0f} bytes, one 4-byte step count per"
+              " tensor)")
+    if "lora" not in rows:
+        return
+    lo = rows["lora"]
+    print(f"ESFT-LoRA rank {args.lora_rank} against ESFT: step time {lo['wall'] / e['wall']:.2f}x"
+          f" (wall), {lo['cpu'] / e['cpu']:.2f}x (cpu); AdamW bytes"
+          f" {lo['optim'] / e['optim']:.4f}x ({lo['optim']:,} against {e['optim']:,});"
+          f" trained parameters {lo['params'] / e['params']:.4f}x")
 
 
 if __name__ == "__main__":

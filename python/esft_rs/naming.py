@@ -38,6 +38,12 @@ def fused_slice_parent(name: str) -> tuple[str, int] | None:
     return _core.fused_slice_parent(name)
 
 
+def projection(name: str) -> str:
+    """The projection an expert tensor is, as the checkpoint names it: ``gate_proj`` of
+    ``...experts.3.gate_proj.weight``, ``w1`` (Mixtral), ``gate_up_proj`` of a fused one."""
+    return name.removesuffix(".weight").rsplit(".", 1)[-1]
+
+
 def moe_layout(shapes: Iterable[tuple[str, Sequence[int]]]) -> dict[int, int]:
     """MoE layer -> number of routed experts, from tensor names (and fused tensors' dim 0).
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from esft_rs.dtypes import itemsize
 from esft_rs.errors import InvalidFileError
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.inputs import load_json
-from esft_rs.naming import classify
+from esft_rs.naming import classify, projection
 from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 from esft_rs.units import byte_unit, human_bytes
@@ -162,16 +162,22 @@ def plan(
     gpu_memory: int | None = None,
     device: str = "cuda",
     origin: str = "expert config",
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = (),
 ) -> MemoryPlan:
     """The memory per rank of training ``model`` (a checkpoint directory) as configured
     (the largest rank's), and the bytes a rank communicates per optimizer step. Rows longer
-    than the model's context are cut to it, as train cuts them (``notes`` says so)."""
+    than the model's context are cut to it, as train cuts them (``notes`` says so).
+    ``lora_rank``: ESFT-LoRA of that rank on ``lora_targets`` (empty: every projection)."""
     from esft_rs.inspection import inspect
     from esft_rs.preflight import fit_to_context
 
     if parallelism not in (*PARALLELISMS, "auto"):
         raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"
                          f" not {parallelism!r}")
+    if lora_rank and parallelism not in ("ddp", "auto"):
+        raise ValueError(f"parallelism {parallelism}: ESFT-LoRA trains under ddp (or auto)"
+                         " only")
     root = Path(model)
     config = _config(root)
     context = config.get("max_position_embeddings")
@@ -182,6 +188,12 @@ def plan(
     layout = moe_layout((n, t.shape) for n, t in params.items())
     resolved = resolve_experts(layout, experts, mode, 0, origin)
     builtin = config.get("model_type") == BUILTIN_MODEL_TYPE
+    lora = None
+    if lora_rank:
+        lora = _lora(((n, t.dtype, t.shape) for n, t in params.items()), resolved, lora_rank,
+                     lora_targets, fuse=not builtin)
+        resolved = ExpertConfig({}, resolved.shared_experts, resolved.non_expert_modules)
+        parallelism = "ddp"
     tensors = _in_memory(((n, t.dtype, t.shape) for n, t in params.items()), resolved,
                          fuse=not builtin)
     compute = 4 if device == "cpu" and all(
@@ -193,6 +205,8 @@ def plan(
                        gradient_accumulation_steps, compute, gradient_checkpointing)
 
     def figures(how: str) -> _Figures:
+        if lora is not None:
+            return lora.figures(tensors, traffic if nproc > 1 else None)
         if nproc > 1 and how == "fsdp":
             return _sharded(tensors, nproc, compute, fsdp_prefetch, traffic)
         if nproc > 1 and how == "ep":
@@ -202,7 +216,7 @@ def plan(
 
     options: dict[str, dict[str, Any]] = {}
     if nproc > 1:
-        for how in PARALLELISMS:
+        for how in PARALLELISMS if lora is None else ("ddp",):
             f = figures(how)
             total = f.total(activations)
             options[how] = {"total_bytes": total, "comm_bytes": f.comm,
@@ -214,6 +228,9 @@ def plan(
     frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
     total = f.total(activations)
     adapter = sum(t.trained_rows * t.row * t.nbytes for t in tensors)
+    if lora is not None:
+        trained += lora.params
+        adapter += lora.params * MASTER  # the factors are stored in fp32
     fits = None if gpu_memory is None else total <= gpu_memory
     advice = [] if gpu_memory is None or fits else _advice(
         total, gpu_memory, f.frozen + 2 * f.masters + f.optimizer, activations, nproc,
@@ -347,6 +364,56 @@ def _expert_parallel(tensors: list[_Tensor], placement: Placement,
             best = f
     assert best is not None
     return best
+
+
+@dataclass
+class _Lora:
+    """ESFT-LoRA's factors: ``params`` elements in ``tensors`` fp32 tensors (the per-expert
+    count; fused in memory they are fewer, stacked, which changes only AdamW's step
+    counts), and ``copy`` bytes: the frozen copy of the selected experts' fused rows."""
+
+    params: int
+    tensors: int
+    copy: int
+
+    def figures(self, tensors: list[_Tensor], traffic: _Traffic | None) -> _Figures:
+        """DDP (or one process): the model whole and frozen (but what the expert config
+        trains in full), the factors, their gradients and AdamW state whole on each rank."""
+        f = _whole(tensors, traffic)
+        masters = self.params * MASTER
+        comm = f.comm + (traffic.all_reduce(masters) if traffic is not None else 0)
+        return _Figures(f.frozen + self.copy, f.masters + masters,
+                        f.optimizer + self.params * ADAM + STEP * self.tensors, 0, comm)
+
+
+def _lora(tensors: Iterable[tuple[str, str, tuple[int, ...]]], experts: ExpertConfig,
+          rank: int, targets: Sequence[str], *, fuse: bool) -> _Lora:
+    """The factors of the selected experts' ``targets`` (checkpoint projection names;
+    empty: all): A [rank, in] and B [out, rank] per [out, in] tensor. Raises
+    ``InvalidFileError`` for a target the experts do not have."""
+    params = count = copy = 0
+    found: set[str] = set()
+    chosen = []
+    for name, dtype, shape in tensors:
+        role = classify(name)
+        ids = experts.experts.get(role.layer, ()) if role.layer is not None else ()
+        if role.kind == "routed_expert" and role.expert in ids and len(shape) == 2:
+            chosen.append((projection(name), 1, shape, memory_bytes(dtype)))
+        elif role.kind == "fused_experts" and ids and len(shape) == 3:
+            chosen.append((projection(name), len(ids), shape[1:], memory_bytes(dtype)))
+        found |= {c[0] for c in chosen[-1:]}
+    unknown = [t for t in targets if t not in found]
+    if unknown:
+        raise InvalidFileError(f"--lora-targets: the selected experts have no projection"
+                               f" {unknown[0]!r} (they have: {', '.join(sorted(found))})")
+    for proj, n, (out, inp), _ in chosen:
+        if targets and proj not in targets:
+            continue
+        params += n * rank * (out + inp)
+        count += 2
+    if fuse:  # LoraSlices keeps the selected rows of both fused tensors
+        copy = sum(n * math.prod(shape) * size for _, n, shape, size in chosen)
+    return _Lora(params, count, copy)
 
 
 def _config(root: Path) -> dict[str, Any]:

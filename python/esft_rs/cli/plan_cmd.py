@@ -40,11 +40,18 @@ DOES_NOT_FIT = 3
               help="As train's fsdp_prefetch: two gathered layers at a time, or one.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
               show_default=True, help="cuda computes in bf16, cpu in the checkpoint's dtype.")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="As in 'esft-rs train': ESFT-LoRA of this rank on the selected experts"
+              " (0: ESFT, full weights).")
+@click.option("--lora-targets", default="", metavar="NAMES",
+              help="As in 'esft-rs train': the projections to adapt, comma-separated; all"
+              " when empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, parallelism: str,
              seq_length: int, per_device_batch_size: int,
              gradient_accumulation_steps: int, gpu_memory: str, gradient_checkpointing: bool,
-             fsdp_prefetch: bool, device: str, as_json: bool) -> int:
+             fsdp_prefetch: bool, device: str, lora_rank: int, lora_targets: str,
+             as_json: bool) -> int:
     """Memory per rank of training MODEL (a checkpoint directory): frozen weights, fp32
     master weights, gradients, AdamW state and activations; whether it fits, and what
     to change if not. Reads config.json and the safetensors headers only.
@@ -59,13 +66,20 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--gpu-memory") from None
     experts = ExpertConfig.load(experts_path) if experts_path is not None else None
+    if lora_rank and parallelism in ("fsdp", "ep"):
+        raise click.BadParameter(f"{parallelism}: ESFT-LoRA (--lora-rank) trains under ddp"
+                                 " (or auto) only", param_hint="--parallelism")
+    if lora_targets and not lora_rank:
+        raise click.BadParameter("needs --lora-rank", param_hint="--lora-targets")
     result = plan(model, experts, mode, nproc=nproc, parallelism=parallelism,
                   seq_length=seq_length,
                   per_device_batch_size=per_device_batch_size,
                   gradient_accumulation_steps=gradient_accumulation_steps,
                   gradient_checkpointing=gradient_checkpointing,
                   fsdp_prefetch=fsdp_prefetch, gpu_memory=budget,
-                  device=device, origin=str(experts_path or "expert config"))
+                  device=device, origin=str(experts_path or "expert config"),
+                  lora_rank=lora_rank,
+                  lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()])
     for note in result.notes:
         click.echo(f"esft-rs: note: {note}", err=True)
     seq_length = result.seq_length
@@ -74,7 +88,8 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
         return 0 if result.fits else DOES_NOT_FIT
     echo = click.echo
     ranks = f"{nproc} ranks ({result.parallelism})" if nproc > 1 else "1 rank"
-    echo(f"{result.model}: {result.mode} on {ranks},"
+    mode = f"{result.mode} LoRA rank {lora_rank}" if lora_rank else result.mode
+    echo(f"{result.model}: {mode} on {ranks},"
          f" {per_device_batch_size} x {seq_length} tokens per device,"
          f" checkpointing {'on' if gradient_checkpointing else 'off'}")
     total = result.total_params

@@ -70,8 +70,10 @@ def train(
     trained tensors into a block-FP8 base). ``data`` is a chat JSONL file or packed
     tensors (``input_ids``, ``labels`` [, ``attention_mask``]). ``config`` is a
     YAML file (official ESFT keys), a starter config's name (``base``, ``small``) or a
-    ``TrainConfig``; ``overrides`` set keys. An earlier run in ``output`` is continued with
-    ``resume``, or replaced with ``overwrite`` (kept until the new run has finished).
+    ``TrainConfig``; ``overrides`` set keys (ESFT-LoRA: ``lora_rank``, ``lora_alpha``,
+    ``lora_targets`` as a list or a comma-separated string). An earlier run in ``output``
+    is continued with ``resume``, or replaced with ``overwrite`` (kept until the new run
+    has finished).
     Under torchrun, every process calls this; rank 0 writes the outputs.
     """
     import torch
@@ -79,7 +81,7 @@ def train(
     from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
     from esft_rs.outputs import check_kind, check_outputs, check_target, check_writable
-    from esft_rs.training import expert_parallel, sharded_load, sharding
+    from esft_rs.training import expert_parallel, lora, sharded_load, sharding
     from esft_rs.training.batches import split
     from esft_rs.training.freeze import (
         checkpoint_layout,
@@ -106,7 +108,12 @@ def train(
             check_writable(out.parent.resolve())
     if save_merged is not None:
         check_target(save_merged, overwrite=False)
+    if isinstance(overrides.get("lora_targets"), list | tuple):  # Python: a list of names
+        overrides["lora_targets"] = ",".join(overrides["lora_targets"])
     cfg = _config(config, overrides)
+    if cfg.lora_rank and save_merged is not None:  # the streaming merge takes full weights
+        raise EsftValueError(f"{option('save_merged')}: not with ESFT-LoRA"
+                             f" ({option('lora_rank')}); merge the adapter after the run")
     dev = device_for(device)
     with run_lock(out), process_group(dev) as place:
         if not isinstance(model, torch.nn.Module):
@@ -130,6 +137,10 @@ def train(
             expert_parallel.check_model(net, base if base is not None else type(net).__name__)
             placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
             expert_parallel.localize(net, placement, place.rank)
+        spec, extra = lora.LoraSpec.of(cfg), {}
+        if spec is not None:  # before the data: a target the model lacks is named first
+            trainables, targets = lora.attach(net, resolved, spec, cfg.seed)
+            extra = lora.metadata(spec, targets)
         notes = []  # shown once the data has passed its checks
         if not isinstance(data, Mapping):
             cfg, notes = _fit_context(cfg, net)
@@ -145,13 +156,17 @@ def train(
             notes.append(auto_note)
         for note in notes:
             log.warning("%s", note)
-        trainables = freeze(net, resolved)
+        if spec is None:
+            trainables = freeze(net, resolved)
         on_disk = _base_tensors(base) if base is not None else {}
         # before any sharding; under EP, of every rank's experts
         adapter_layout = (expert_parallel.adapter_layout(net, trainables, on_disk, place, dev)
-                          if ep else checkpoint_layout(net, trainables, on_disk))
+                          if ep else lora.layout(net, trainables, on_disk) if spec
+                          else checkpoint_layout(net, trainables, on_disk))
         if base is not None:
-            _check_against_base(base, on_disk, checkpoint_shapes(net, trainables, on_disk),
+            shapes = (lora.base_shapes(net, trainables, on_disk) if spec
+                      else checkpoint_shapes(net, trainables, on_disk))
+            _check_against_base(base, on_disk, shapes,
                                 fp8_ok=save_merged is None or requantize_fp8)
         _prepare(net, trainables, dev, cfg, move=not fsdp and lazy is None)  # else read or
         # moved shard by shard
@@ -182,7 +197,7 @@ def train(
                 Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
                      place=place, identity=identity),
                 resume_from, progress, on_step, net, trainables, on_disk, adapter_layout, place,
-                dev, resolved, fingerprint, cfg, base, save_merged, requantize_fp8)
+                dev, resolved, fingerprint, cfg, base, save_merged, requantize_fp8, extra)
         except BaseException:  # Ctrl-C in Loop's set-up too
             if aside is not None:  # the earlier run comes back; the new one's files go
                 shutil.rmtree(out, ignore_errors=True)
@@ -256,11 +271,12 @@ def _fit_and_write(
     trainables: list[Trainable], on_disk: Mapping[str, TensorInfo], layout: Layout,
     place: Any, dev: torch.device, resolved: ExpertConfig, fingerprint: str | None,
     cfg: TrainConfig, base: PathLike | None, save_merged: PathLike | None,
-    requantize_fp8: bool,
+    requantize_fp8: bool, extra: dict[str, str],
 ) -> tuple[FitResult, Path, Path | None]:
     """Run the loop to its end and write OUT (and ``save_merged``); ``layout``: the adapter's
-    tensors (name, dtype, shape), known before the first is gathered."""
-    from esft_rs.training import expert_parallel, sharding
+    tensors (name, dtype, shape), known before the first is gathered; ``extra``: metadata
+    (ESFT-LoRA's ``esft.lora``)."""
+    from esft_rs.training import expert_parallel, lora, sharding
     from esft_rs.training.freeze import checkpoint_tensors
 
     out = loop.out_dir
@@ -276,13 +292,14 @@ def _fit_and_write(
     weights = (sharding.adapter_tensors(net, trainables, on_disk, place) if loop.fsdp
                else expert_parallel.adapter_tensors(net, trainables, on_disk, place, dev)
                if loop.ep
+               else lora.tensors(net, trainables, on_disk) if extra
                else (kv for t in trainables
                      for kv in checkpoint_tensors(net, [t], on_disk).items())
                if place.main else iter(()))
     try:
         if place.main:
             write_outputs(out, weights, layout, resolved, fingerprint, cfg.to_dict(),
-                          fit.metrics())
+                          fit.metrics(), extra)
     finally:
         collections.deque(weights, maxlen=0)  # the gathers the other ranks wait in
     if place.main and merged is not None:

@@ -79,6 +79,15 @@ class TrainConfig:
     # Ours.
     mode: str = _opt("esft", "esft: the configured experts; full: everything; "
                              "random: as many experts per layer as configured, chosen by seed.")
+    lora_rank: int = _opt(
+        0, "ESFT-LoRA: train rank-R adapters (B @ A) on the selected experts' projections"
+        " instead of their full weights (0: ESFT, full weights).")
+    lora_alpha: float = _opt(
+        8.0, "ESFT-LoRA scale numerator: the update is lora_alpha / lora_rank * B @ A"
+        " (PEFT's convention and default).")
+    lora_targets: str = _opt(
+        "", "ESFT-LoRA: the experts' projections to adapt, comma-separated, as the checkpoint"
+        " names them (e.g. gate_proj,up_proj,down_proj; Mixtral w1,w2,w3); empty: all.")
     lr_scheduler: str = _opt("constant", "Learning-rate schedule after warm-up.")
     val_ratio: float = _opt(0.02, "Share of packed sequences held out for validation.")
     parallelism: str = _opt("auto", "Under torchrun: fsdp shards weights, gradients and optimizer"
@@ -126,6 +135,15 @@ class TrainConfig:
             out.append(f"val_ratio must be in [0, 1), got {self.val_ratio}")
         if self.mode not in MODES:
             out.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.lora_rank < 0:
+            out.append(f"lora_rank must not be negative, got {self.lora_rank}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            out.append(f"lora_alpha must be positive, got {self.lora_alpha:g}")
+        if not self.lora_rank and self.lora_targets:
+            out.append("lora_targets needs lora_rank (ESFT-LoRA)")
+        if self.lora_rank and self.mode == "full":
+            out.append("lora_rank trains the selected experts (mode esft or random), not"
+                       " mode full")
         if self.lr_scheduler not in SCHEDULERS:
             out.append(
                 f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, got {self.lr_scheduler!r}"

@@ -154,11 +154,11 @@ def freeze(model: torch.nn.Module, experts: ExpertConfig) -> list[Trainable]:
     if not out and placement_of(model) is None:  # under EP, other ranks may train
         raise MismatchError("the expert config selects no tensor of this model to train")
     for module in sliced.values():
-        _split_weight_grads(module)
+        split_weight_grads(module)
     return out
 
 
-def _split_weight_grads(module: torch.nn.Module) -> None:
+def split_weight_grads(module: torch.nn.Module) -> None:
     """Give ``module``'s backward weight gradients for its trained slices only
     (``esft_rs.training.slice_grads``) when it is fused experts the split knows;
     otherwise its slices take their rows of the whole fused tensor's gradient."""

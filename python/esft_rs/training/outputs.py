@@ -33,11 +33,12 @@ def write_outputs(
     base_fingerprint: str | None,
     config: dict[str, Any],
     metrics: dict[str, Any],
+    extra: dict[str, str] | None = None,
 ) -> Path:
     """Write ``expert_cfg.json``, ``train_config.yaml`` and, last, the adapter (whose
     presence marks a finished run) from (name, tensor) pairs taken one at a time, of the
-    ``layout`` (name, dtype, shape) declared before; each file appears whole
-    (``esft_rs.outputs``)."""
+    ``layout`` (name, dtype, shape) declared before; ``extra``: more ``esft.*`` metadata
+    (ESFT-LoRA's ``esft.lora``); each file appears whole (``esft_rs.outputs``)."""
     import yaml
 
     from esft_rs.adapter import stream_adapter
@@ -48,5 +49,5 @@ def write_outputs(
     return stream_adapter(
         tensors, out_dir / ADAPTER, experts, layout=layout, base_fingerprint=base_fingerprint,
         extra_metadata={"esft.training_config": json.dumps(config),
-                        "esft.metrics": json.dumps(metrics)},
+                        "esft.metrics": json.dumps(metrics), **(extra or {})},
     )

@@ -37,6 +37,8 @@ def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | N
     """``cfg.parallelism``, with ``auto`` resolved: of fsdp, ep and ddp, the one that fits
     and moves the fewest bytes per step (an in-memory model: fsdp); and the note that says
     so (None when nothing was chosen), for the caller to show once its inputs are checked."""
+    if cfg.lora_rank:
+        return lora_parallelism(cfg, place)
     if cfg.parallelism != "auto" or place.world == 1:
         return (cfg.parallelism if cfg.parallelism != "auto" else "fsdp"), None
     if model is None:
@@ -55,6 +57,21 @@ def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | N
         return "fsdp", _note("fsdp", f"no plan: {e}")
     return result.parallelism, _note(result.parallelism,
                                      _trade(result.options, result.parallelism))
+
+
+def lora_parallelism(cfg: TrainConfig, place: Dist) -> tuple[str, str | None]:
+    """ESFT-LoRA trains under ddp: its factors are small, so every rank holds them and their
+    AdamW state whole and all-reduces their gradients; the frozen model is replicated."""
+    from esft_rs.errors import EsftValueError, option
+
+    if cfg.parallelism in ("fsdp", "ep"):
+        raise EsftValueError(
+            f"{option('parallelism', cfg.parallelism)}: ESFT-LoRA ({option('lora_rank')})"
+            f" trains under {option('parallelism', 'ddp')} (or auto) only")
+    if cfg.parallelism == "auto" and place.world > 1:
+        return "ddp", _note("ddp", "ESFT-LoRA: the adapters are replicated, their gradients"
+                                   " all-reduced")
+    return "ddp", None
 
 
 def for_inference(model: Path, parallelism: str, place: Dist, device: torch.device
