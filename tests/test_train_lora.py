@@ -119,6 +119,13 @@ def test_lora_run(builtin: Path, tmp_path: Path, family: str) -> None:
     torch.testing.assert_close(logits(merged, ids), logits(trained.model, ids),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(merged, ids), want, atol=1e-4)
+    # the Rust merge of the run's adapter, and of its PEFT export, give the same model
+    esft_rs.merge(root / "base", adapter, tmp_path / "rust-merged")
+    esft_rs.export(root / "base", adapter, tmp_path / "peft")
+    esft_rs.merge(root / "base", tmp_path / "peft", tmp_path / "peft-merged")
+    for other in ("rust-merged", "peft-merged"):
+        torch.testing.assert_close(logits(load_model(tmp_path / other), ids),
+                                   logits(merged, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_targets_and_mixtral_names(tmp_path: Path) -> None:
