@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from esft_rs import _core
 from esft_rs._core import AdapterInfo
 from esft_rs.expert_config import ExpertConfig
+from esft_rs.outputs import Kind, read_by
 
 if TYPE_CHECKING:
     import torch
@@ -141,3 +142,12 @@ def _expert_config(value: object) -> ExpertConfig:
         "expert_config must be an ExpertConfig, an expert-config JSON path or its dict"
         f" ({{'experts': {{'<layer>': [ids]}}, ...}}), got {type(value).__name__}"
     )
+
+
+def _ours(path: Path) -> None:
+    if read_adapter(path).kind != "esft":  # the metadata esft-rs writes
+        raise ValueError(f"{path}: not an esft-rs adapter")
+
+
+#: An adapter as an output (``esft_rs.outputs.check_target``).
+OUTPUT_KIND = Kind("an adapter", read_by(_ours))

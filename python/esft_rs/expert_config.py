@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from esft_rs import _core
 from esft_rs.errors import EsftValueError, InvalidFileError
 from esft_rs.inputs import describe_text_problem, read_text
+from esft_rs.outputs import Kind, read_by, write_file
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,12 @@ class ExpertConfig:
         return _core.dump_expert_config(self.experts, self.shared_experts, self.non_expert_modules)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from esft_rs.outputs import write_file
-
         write_file(path, self.to_json() + "\n")
 
     @property
     def num_experts(self) -> int:
         return sum(len(v) for v in self.experts.values())
+
+
+#: An expert config as an output (``esft_rs.outputs.check_target``).
+OUTPUT_KIND = Kind("an expert config", read_by(ExpertConfig.load))

@@ -104,9 +104,12 @@ def split(
     ``overwrite`` replaces an adapter, never another kind of file.
     """
     if overwrite and not dry_run:
-        from esft_rs.outputs import check_target
+        from esft_rs.adapter import OUTPUT_KIND as ADAPTER
+        from esft_rs.outputs import check_outputs, check_target
 
-        check_target(output, kind="adapter")
+        # the guard first: an output that is or holds an input is refused as such
+        check_outputs([output], [p for p in (model, experts, base) if p is not None])
+        check_target(output, kind=ADAPTER)
     return _core.split(
         os.fspath(model),
         os.fspath(output),

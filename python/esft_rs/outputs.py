@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +72,14 @@ def check_writable(folder: PathLike) -> None:
 
 def check_target(
     target: PathLike, *, overwrite: bool = True, keep: Iterable[str] = (), models: bool = False,
-    kind: str | None = None,
+    kind: Kind | None = None,
 ) -> None:
     """Refuse an existing ``target`` unless ``overwrite`` and esft-rs could have written it.
 
     ``overwrite=True`` is what commands without an ``--overwrite`` flag use: they
     replace their own earlier output, never a file of another kind, and never a model
     (a checkpoint directory, or a file in one) unless ``models`` (an explicit flag) says so.
-    ``kind`` (one of ``KINDS``): the existing file must be that kind of output, recognised
+    ``kind``: the existing file must be that kind of output (``Kind``), recognised
     by its content (an adapter is not a routing file, a hand-written JSON not eval figures).
     """
     _core.check_output_target(os.fspath(target), overwrite, list(keep))
@@ -91,54 +92,59 @@ def check_target(
     if _is_checkpoint(path.parent) and _MODEL_FILE.fullmatch(path.name):
         raise EsftError(f"{path}: is part of the model checkpoint {path.parent};"
                         " not replaced (choose another output)")
-    if kind is not None and path.is_file() and not _is_kind(path, kind):
-        raise EsftError(f"{path}: is not {KINDS[kind]} written by esft-rs; not replaced (remove"
+    if kind is not None and path.is_file() and not kind.recognises(path):
+        raise EsftError(f"{path}: is not {kind.what} written by esft-rs; not replaced (remove"
                         " it or choose another output)")
 
 
-#: The outputs a command recognises as its own earlier ones, by content.
-KINDS = {
-    "routing": "a routing-stats file",
-    "expert_config": "an expert config",
-    "summary": "a summary.json of scores",
-    "eval": "eval figures (JSON)",
-    "plot": "a plot",
-    "adapter": "an adapter",
-}
+@dataclass(frozen=True)
+class Kind:
+    """An output that a command recognises as its own earlier one by content: ``what`` it
+    is (for the refusal) and ``recognises(path)``, false for any other file. Each format
+    defines its kind where the format lives (``routing``, ``expert_config``, ``adapter``),
+    so that this module imports none of them."""
+
+    what: str
+    recognises: Callable[[Path], bool]
+
+
+def read_by(load: Callable[[Path], object]) -> Callable[[Path], bool]:
+    """A ``Kind.recognises`` that holds where ``load`` reads the file without error."""
+    def recognises(path: Path) -> bool:
+        try:
+            load(path)
+        except (EsftError, OSError, ValueError):
+            return False
+        return True
+    return recognises
+
+
+def _json_keys(exact: set[str] | None = None, least: set[str] = frozenset()) -> Callable[
+        [Path], bool]:
+    def recognises(path: Path) -> bool:
+        from esft_rs.inputs import load_json
+
+        try:
+            data = load_json(path)
+        except (EsftError, OSError, ValueError):
+            return False
+        return isinstance(data, dict) and (set(data) == exact if exact else least <= set(data))
+    return recognises
+
+
+def _plot(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return PLOT_MARK in f.read(1 << 25)  # a PDF says it in its trailer
+    except OSError:
+        return False
+
 
 #: What esft-rs writes into the plots it saves (``esft_rs.plot.save_figure``).
 PLOT_MARK = b"esft-rs"
-
-
-def _is_kind(path: Path, kind: str) -> bool:
-    from esft_rs.inputs import load_json
-
-    try:
-        if kind == "routing":
-            from esft_rs.routing import RoutingStats
-
-            RoutingStats.load(path)
-            return True
-        if kind == "expert_config":
-            from esft_rs.expert_config import ExpertConfig
-
-            ExpertConfig.load(path)
-            return True
-        if kind == "adapter":
-            from esft_rs.adapter import read_adapter
-
-            return read_adapter(path).kind == "esft"  # metadata esft-rs writes
-        if kind == "plot":
-            with open(path, "rb") as f:
-                return PLOT_MARK in f.read(1 << 25)  # a PDF says it in its trailer
-        data = load_json(path)
-    except (EsftError, OSError, ValueError):
-        return False
-    if kind == "summary":
-        return isinstance(data, dict) and set(data) == {"token_scores", "gate_scores"}
-    if kind == "eval":
-        return isinstance(data, dict) and {"conversations", "label_tokens", "loss"} <= set(data)
-    raise ValueError(f"unknown output kind {kind!r}")
+SUMMARY = Kind("a summary.json of scores", _json_keys(exact={"token_scores", "gate_scores"}))
+EVAL = Kind("eval figures (JSON)", _json_keys(least={"conversations", "label_tokens", "loss"}))
+PLOT = Kind("a plot", _plot)
 
 
 # The files that make a checkpoint directory a model (weights, index, config, tokenizer).

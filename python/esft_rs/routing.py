@@ -16,6 +16,7 @@ import numpy as np
 
 from esft_rs import _core, scoring
 from esft_rs.errors import EsftValueError, MismatchError
+from esft_rs.outputs import Kind, read_by
 from esft_rs.scoring import OFFICIAL_TOP_K
 
 #: What ``aggregate`` sums: stats objects, routing-stats files, official log folders.
@@ -271,3 +272,7 @@ def load_source(
     if path.is_dir():
         return RoutingStats.from_official_logs(path, top_k, num_experts)
     return RoutingStats.load(path)
+
+
+#: A routing-stats file as an output (``esft_rs.outputs.check_target``).
+OUTPUT_KIND = Kind("a routing-stats file", read_by(RoutingStats.load))

@@ -55,12 +55,12 @@ def eval_cmd(
     from esft_rs.cli.model_inputs import load, task_inputs
     from esft_rs.distributed import process_group
     from esft_rs.evaluation import evaluate
-    from esft_rs.outputs import check_outputs, check_target, write_file
+    from esft_rs.outputs import EVAL, check_outputs, check_target, write_file
     from esft_rs.preflight import context_length
 
     check_outputs([output], [model, *data])
     if output is not None:
-        check_target(output, kind="eval")
+        check_target(output, kind=EVAL)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
     if limit is not None:
         task = replace(task, conversations=task.conversations[:limit], sources=task.sources[:limit])

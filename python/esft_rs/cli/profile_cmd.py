@@ -83,9 +83,10 @@ def profile_cmd(
     from esft_rs.outputs import check_outputs, check_target
     from esft_rs.preflight import check_token_ids, context_length
     from esft_rs.profiling import profile_model
+    from esft_rs.routing import OUTPUT_KIND as ROUTING
 
     check_outputs([output, records], [model, *data])
-    check_target(output, kind="routing")
+    check_target(output, kind=ROUTING)
     if records is not None and records.parent.is_dir():  # else made (with parents) at the end
         check_target(records)
     dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)

@@ -99,12 +99,13 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
-    from esft_rs.outputs import check_outputs, check_target, staged_together
+    from esft_rs.expert_config import OUTPUT_KIND as EXPERT_CONFIG
+    from esft_rs.outputs import PLOT, SUMMARY, check_outputs, check_target, staged_together
     from esft_rs.selection import select, summary_json
 
     _check_top_p(top_p)
     check_outputs([output, summary, plot], routing)
-    for path, kind in ((output, "expert_config"), (summary, "summary"), (plot, "plot")):
+    for path, kind in ((output, EXPERT_CONFIG), (summary, SUMMARY), (plot, PLOT)):
         if path is not None:
             check_target(path, kind=kind)
     if plot is not None:
