@@ -22,7 +22,7 @@ from esft_rs.merging import MergeReport, SplitReport, merge, split
 
 if TYPE_CHECKING:
     from esft_rs.evaluation import EvalResult, evaluate
-    from esft_rs.export import ExportReport, export
+    from esft_rs.exporting import ExportReport, export
     from esft_rs.profiling import profile
     from esft_rs.routing import RoutingStats, aggregate
     from esft_rs.selection import select_experts
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "EvalResult": "esft_rs.evaluation",
     "evaluate": "esft_rs.evaluation",
-    "ExportReport": "esft_rs.export",
-    "export": "esft_rs.export",
+    "ExportReport": "esft_rs.exporting",
+    "export": "esft_rs.exporting",
     "profile": "esft_rs.profiling",
     "RoutingStats": "esft_rs.routing",
     "aggregate": "esft_rs.routing",

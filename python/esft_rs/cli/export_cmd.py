@@ -28,7 +28,7 @@ def export_cmd(base: Path, adapter: Path, out: Path, rank: int | None, overwrite
     factored by a truncated SVD at --rank; the relative error of each tensor is in
     export_report.json, the worst ones and the overall error are printed.
     """
-    from esft_rs.export import REPORT_NAME, export
+    from esft_rs.exporting import REPORT_NAME, export
 
     report = export(base, adapter, out, rank=rank, overwrite=overwrite)
     if as_json:
