@@ -144,7 +144,7 @@ def test_peft_key_that_does_not_map_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("config", "why"), [
     ({"r": 4, "lora_alpha": 8, "use_dora": True}, "use_dora"),
-    ({"r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj"]}, "target_parameters"),
+    ({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 8}}, 'rank_pattern key "q_proj"'),
     ({"lora_alpha": 8}, '"r"'),
 ])
 def test_peft_configs_merge_cannot_reproduce_are_refused(tmp_path: Path, config: dict,
