@@ -11,7 +11,9 @@
 //! - ESFT-LoRA (one safetensors file): `__metadata__` key `esft.lora` =
 //!   `{"rank": r, "alpha": a, ...}`, scale `a / r`, names as in the checkpoint.
 //! - PEFT (a directory): `adapter_config.json` (`r`, `lora_alpha`, `use_rslora`)
-//!   and `adapter_model.safetensors`, names prefixed `base_model.model.`.
+//!   and `adapter_model.safetensors`, names prefixed `base_model.model.`. A pair on a
+//!   fused expert parameter (`target_parameters`: `M.experts[.base_layer]`) is cut
+//!   into one pair per expert (`unstack`), named `M.experts.E.PARAM`.
 //!
 //! A pair whose A or B is all zeros changes nothing and is dropped when the
 //! adapter is opened (exports hold such pairs for the experts a task left
