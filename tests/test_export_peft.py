@@ -181,13 +181,21 @@ def test_merge_takes_a_peft_adapter_from_another_tool(family: tuple[str, Path],
         torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_peft_adapter_on_fused_expert_parameters_is_refused_in_one_line(
-        family: tuple[str, Path], tmp_path: Path) -> None:
-    """PEFT's "all-linear" on a transformers 5 MoE targets the fused expert parameters
-    (target_parameters): refused by name, nothing written."""
+def test_merge_takes_peft_lora_on_fused_expert_parameters(family: tuple[str, Path],
+                                                          tmp_path: Path) -> None:
+    """PEFT's "all-linear" on a transformers 5 MoE targets the experts' fused parameters
+    itself (target_parameters, gate_up_proj at rank 2r through rank_pattern): each expert's
+    part lands in its per-expert weights (gate rows, then up rows), with PEFT's logits and
+    its merge_and_unload tensors."""
     _, base = family
-    adapter, _, _ = peft_saved(base, tmp_path / "peft", target_modules="all-linear")
-    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
-    line = one_line_exit_2("merge", base, adapter, "-o", tmp_path / "merged")
-    assert "target_parameters is set" in line
-    assert not (tmp_path / "merged").exists()
+    adapter, logits, merged = peft_saved(base, tmp_path / "peft", target_modules="all-linear")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {"gate_up_proj", "down_proj"} <= set(config["target_parameters"])
+    report = esft_rs.merge(base, adapter, tmp_path / "merged")
+    assert sum(r.kind == "routed_expert" for r in report.replaced) == 3 * 8 * (
+        2 if "deepseek" in str(base) else 3)
+    torch.testing.assert_close(logits_of(load_model(tmp_path / "merged")), logits,
+                               rtol=0, atol=2e-6)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    for key, value in ours.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6, msg=key)

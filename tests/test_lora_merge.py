@@ -144,7 +144,7 @@ def test_peft_key_that_does_not_map_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("config", "why"), [
     ({"r": 4, "lora_alpha": 8, "use_dora": True}, "use_dora"),
-    ({"r": 4, "lora_alpha": 8, "target_parameters": ["gate_up_proj"]}, "target_parameters"),
+    ({"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 8}}, 'rank_pattern key "q_proj"'),
     ({"lora_alpha": 8}, '"r"'),
 ])
 def test_peft_configs_merge_cannot_reproduce_are_refused(tmp_path: Path, config: dict,
@@ -217,3 +217,17 @@ def test_read_adapter_of_a_lora_adapter(tmp_path: Path) -> None:
     assert lora.kind == "lora" and list(lora.tensors) == sorted(lora_pairs())
     peft = esft_rs.read_adapter(peft_dir(tmp_path / "peft", lora_pairs()))
     assert peft.kind == "peft" and list(peft.tensors) == sorted(lora_pairs())
+
+
+def test_export_stays_the_function_once_its_module_is_imported(tmp_path: Path) -> None:
+    """The lazy ``esft_rs.export`` once was a module attribute that importing the module of
+    the same name replaced: the second call found a module."""
+    import esft_rs.exporting
+
+    base = tmp_path / "base.safetensors"
+    write_base(base, torch.bfloat16)
+    adapter = write_esft_lora(tmp_path / "lora.safetensors", base)
+    for _ in range(2):
+        with pytest.raises(esft_rs.EsftValueError, match=r"^rank=0: must be a positive"):
+            esft_rs.export(base, adapter, tmp_path / "out", rank=0)
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ from esft_rs.adapter import (
     fingerprint,
     read_adapter,
 )
-from esft_rs.errors import EsftValueError, MismatchError, spelled
+from esft_rs.errors import EsftValueError, MismatchError, option
 from esft_rs.inspection import inspect
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def export(
     base_p, adapter_p, out = Path(base), Path(adapter), Path(output)
     check_outputs([out], [base_p, adapter_p])
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise EsftValueError(spelled(f"--rank {rank!r}: must be a positive integer"))
+        raise EsftValueError(f"{option('rank', rank)}: must be a positive integer")
     info = read_adapter(adapter_p)
     if info.kind not in ("esft", "lora", "plain"):
         what = "a PEFT adapter" if info.kind == "peft" else "an official ESFT adapter folder"
@@ -176,9 +176,9 @@ class _Plan:
         spec = json.loads(text)
         r, alpha = int(spec["rank"]), float(spec["alpha"])
         if rank is not None and rank != r:
-            raise EsftValueError(spelled(
-                f"--rank {rank}: {self.adapter} is an ESFT-LoRA adapter of rank {r}, exported"
-                " exactly; leave --rank out"))
+            raise EsftValueError(
+                f"{option('rank', rank)}: {self.adapter} is an ESFT-LoRA adapter of rank {r},"
+                " exported exactly at its own rank")
         tensors: dict[str, torch.Tensor] = {}
         rows: list[TensorExport] = []
         full = [n for n in names if not n.endswith((LORA_A, LORA_B))]
@@ -214,9 +214,9 @@ class _Plan:
                     f"{self.adapter}: tensor {name!r} is {d.dim()}-D; a LoRA adapter carries"
                     " changes of 2-D weights only", self.adapter)
             if rank is not None and rank > min(d.shape):
-                raise EsftValueError(spelled(
-                    f"--rank {rank}: above the smallest dimension ({min(d.shape)}) of {name!r}"
-                    f" {list(d.shape)}"))
+                raise EsftValueError(
+                    f"{option('rank', rank)}: above the smallest dimension ({min(d.shape)}) of"
+                    f" {name!r} {list(d.shape)}")
         exact = {n: int(torch.linalg.matrix_rank(d)) for n, d in deltas.items()}
         r = rank if rank is not None else max([*exact.values(), 1])
         tensors: dict[str, torch.Tensor] = {}

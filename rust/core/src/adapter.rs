@@ -125,9 +125,12 @@ impl Adapter {
             return Err(Error::invalid(path, "adapter holds no tensors"));
         }
         let names = checkpoint_names(path, &ckpt, kind == AdapterKind::Official)?;
-        let scale = match kind {
-            AdapterKind::Lora => Some(lora::esft_scale(path, esft_lora.as_deref().unwrap_or_default())?),
-            AdapterKind::Peft => Some(lora::peft_scale(&peft_config)?),
+        let config = match kind {
+            AdapterKind::Lora => Some(lora::PeftConfig {
+                scale: lora::esft_scale(path, esft_lora.as_deref().unwrap_or_default())?,
+                ..Default::default()
+            }),
+            AdapterKind::Peft => Some(lora::peft_config(&peft_config)?),
             _ => None,
         };
         let weights = if kind == AdapterKind::Peft {
@@ -155,7 +158,7 @@ impl Adapter {
             entries.push((si, ti, name));
         }
         let all_names = entries.iter().map(|(_, _, n)| n.clone()).collect();
-        let split = lora::split(&weights, &ckpt, scale, entries)?;
+        let split = lora::split(&weights, &ckpt, config.as_ref(), entries)?;
         Ok(Adapter {
             path: path.to_path_buf(),
             kind,

@@ -11,7 +11,9 @@
 //! - ESFT-LoRA (one safetensors file): `__metadata__` key `esft.lora` =
 //!   `{"rank": r, "alpha": a, ...}`, scale `a / r`, names as in the checkpoint.
 //! - PEFT (a directory): `adapter_config.json` (`r`, `lora_alpha`, `use_rslora`)
-//!   and `adapter_model.safetensors`, names prefixed `base_model.model.`.
+//!   and `adapter_model.safetensors`, names prefixed `base_model.model.`. A pair on a
+//!   fused expert parameter (`target_parameters`: `M.experts[.base_layer]`) is cut
+//!   into one pair per expert (`unstack`), named `M.experts.E.PARAM`.
 //!
 //! A pair whose A or B is all zeros changes nothing and is dropped when the
 //! adapter is opened (exports hold such pairs for the experts a task left
@@ -42,6 +44,28 @@ pub struct LoraPair {
     pub a: (usize, usize),
     pub b: (usize, usize),
     pub scale: f32,
+    /// One expert's pair cut out of a PEFT pair on a fused 3-D parameter
+    /// (`target_parameters`); `a`, `b` then name the stacked tensors it came from.
+    pub owned: Option<Owned>,
+}
+
+/// A pair held in memory as f32: A [r, in] and B [out, r], row-major.
+#[derive(Debug, Clone)]
+pub struct Owned {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub r: usize,
+}
+
+/// What `adapter_config.json` says about scaling and fused expert parameters.
+#[derive(Debug, Clone, Default)]
+pub struct PeftConfig {
+    pub r: u64,
+    pub scale: f32,
+    /// `target_parameters` on the experts modules (last name, e.g. `gate_up_proj`), in order.
+    pub params: Vec<String>,
+    /// (param, rank, scale) from `rank_pattern` / `alpha_pattern` keys `.*\.PARAM`.
+    pub patterns: Vec<(String, u64, f32)>,
 }
 
 /// Where each LoRA pair stands, and which tensors are plain replacements.
@@ -68,9 +92,10 @@ pub fn esft_scale(path: &Path, text: &str) -> Result<f32> {
     }
 }
 
-/// The scale of a PEFT LoRA adapter, from `adapter_config.json`; what merge
-/// cannot reproduce (DoRA, per-module ranks, fused 3-D experts) is refused.
-pub fn peft_scale(config: &Path) -> Result<f32> {
+/// Scaling and fused expert parameters of a PEFT LoRA adapter, from
+/// `adapter_config.json`; what merge cannot reproduce (DoRA, LoRA biases, rank or
+/// alpha patterns other than `.*\.PARAM` of a fused parameter) is refused.
+pub fn peft_config(config: &Path) -> Result<PeftConfig> {
     let text = read_input_text(config)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::invalid(config, format!("not JSON: {e}")))?;
@@ -90,15 +115,25 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
         Some(Value::Array(a)) => !a.is_empty(),
         Some(_) => true,
     };
-    if set("target_parameters") {
-        return Err(bad(
-            "target_parameters is set: LoRA on fused 3-D expert parameters (what PEFT writes \
-             for the experts of transformers 5 MoE models), which merge does not map onto a \
-             checkpoint yet"
-                .into(),
-        ));
-    }
-    for key in ["use_dora", "rank_pattern", "alpha_pattern", "lora_bias"] {
+    // Fused expert parameters (`gate_up_proj`); a 2-D one (`gate.weight`) is a plain pair.
+    // PEFT nests one wrapper per parameter in the module's registration order, the first
+    // innermost (`experts.base_layer`): transformers 5 registers `gate_up_proj` before
+    // `down_proj` (vLLM reads the same), whatever order the config lists them in.
+    let mut params: Vec<String> = v
+        .get("target_parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|p| p.rsplit('.').next().unwrap_or(p).to_string())
+        .filter(|p| p != "weight" && p != "bias")
+        .collect();
+    params.sort_by_key(|p| match p.as_str() {
+        "gate_up_proj" => 0,
+        "down_proj" => 1,
+        _ => 2,
+    });
+    for key in ["use_dora", "lora_bias"] {
         if set(key) {
             return Err(bad(format!(
                 "{key} is set; merge takes plain LoRA on linear weights only"
@@ -115,12 +150,47 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
             "needs \"r\" (a positive integer) and \"lora_alpha\" (a number)".into(),
         ));
     };
+    let mut patterns: Vec<(String, u64, f32)> = Vec::new();
+    for key in ["rank_pattern", "alpha_pattern"] {
+        let Some(map) = v.get(key).and_then(Value::as_object) else {
+            continue;
+        };
+        for (pattern, value) in map {
+            let param = pattern.trim_start_matches('^').trim_start_matches(".*\\.");
+            let known = params.iter().any(|p| p == param);
+            let number = value.as_f64().filter(|x| x.is_finite() && *x > 0.0);
+            let (true, Some(x)) = (known, number) else {
+                return Err(bad(format!(
+                    "{key} key {pattern:?}: merge takes only patterns naming a fused expert \
+                     parameter of target_parameters (\".*\\\\.NAME\")"
+                )));
+            };
+            match patterns.iter_mut().find(|(p, _, _)| p == param) {
+                Some(entry) if key == "rank_pattern" => entry.1 = x as u64,
+                Some(entry) => entry.2 = x as f32,
+                None if key == "rank_pattern" => patterns.push((param.into(), x as u64, f32::NAN)),
+                None => patterns.push((param.into(), 0, x as f32)),
+            }
+        }
+    }
     let rs = v
         .get("use_rslora")
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let denom = if rs { (r as f64).sqrt() } else { r as f64 };
-    Ok((alpha / denom) as f32)
+    let scale_of = |rank: f64, a: f64| (a / if rs { rank.sqrt() } else { rank }) as f32;
+    // A pattern's missing half is the config's own r or lora_alpha.
+    for (_, pr, pa) in &mut patterns {
+        let rank = if *pr == 0 { r } else { *pr };
+        let a = if pa.is_nan() { alpha } else { f64::from(*pa) };
+        *pr = rank;
+        *pa = scale_of(rank as f64, a);
+    }
+    Ok(PeftConfig {
+        r,
+        scale: scale_of(r as f64, alpha),
+        params,
+        patterns,
+    })
 }
 
 /// Pairs the `.lora_A.weight` / `.lora_B.weight` tensors among `entries`
@@ -129,7 +199,7 @@ pub fn peft_scale(config: &Path) -> Result<f32> {
 pub fn split(
     path: &Path,
     ckpt: &Checkpoint,
-    scale: Option<f32>,
+    config: Option<&PeftConfig>,
     entries: Vec<(usize, usize, String)>,
 ) -> Result<Split> {
     let mut pairs: Vec<LoraPair> = Vec::new();
@@ -140,7 +210,7 @@ pub fn split(
         let half = [SUFFIX_A, SUFFIX_B]
             .iter()
             .position(|suf| name.ends_with(suf));
-        match (half, scale) {
+        match (half, config) {
             (Some(h), Some(_)) => {
                 let module = name[..name.len() - SUFFIX_A.len()].to_string();
                 halves.entry(module).or_default()[h] = Some((si, ti));
@@ -177,6 +247,13 @@ pub fn split(
                 ),
             ));
         }
+        let Some(cfg) = config else { continue };
+        let (experts, depth) = strip_base_layers(&module);
+        if experts.ends_with(".experts") && depth < cfg.params.len() {
+            let param = &cfg.params[cfg.params.len() - 1 - depth];
+            pairs.extend(unstack(path, ckpt, cfg, (experts, param), (a, b))?);
+            continue;
+        }
         if is_zero(ckpt, b)? || is_zero(ckpt, a)? {
             continue;
         }
@@ -184,10 +261,78 @@ pub fn split(
             module,
             a,
             b,
-            scale: scale.unwrap_or(1.0),
+            scale: cfg.scale,
+            owned: None,
         });
     }
     Ok(Split { pairs, plain })
+}
+
+/// `M.base_layer.base_layer` -> (`M`, 2): PEFT nests one wrapper per targeted
+/// parameter of a module, the first listed innermost.
+fn strip_base_layers(module: &str) -> (&str, usize) {
+    let mut m = module;
+    let mut depth = 0;
+    while let Some(inner) = m.strip_suffix(".base_layer") {
+        m = inner;
+        depth += 1;
+    }
+    (m, depth)
+}
+
+/// One pair per expert out of PEFT's pair on the fused parameter `experts.param`
+/// [E, out, in]: A [E*r, in] holds expert e's rows at e*r.., expert index slowest;
+/// B [out, E*r] holds its columns at k*E + e, expert index fastest. All-zero ones are left out.
+fn unstack(
+    path: &Path,
+    ckpt: &Checkpoint,
+    cfg: &PeftConfig,
+    (experts, param): (&str, &str),
+    (a, b): ((usize, usize), (usize, usize)),
+) -> Result<Vec<LoraPair>> {
+    let (r, scale) = cfg
+        .patterns
+        .iter()
+        .find(|(p, _, _)| p == param)
+        .map_or((cfg.r, cfg.scale), |&(_, r, s)| (r, s));
+    let values = |(si, ti): (usize, usize)| -> Result<(Vec<f32>, &TensorInfo)> {
+        let f = &ckpt.shards[si].file;
+        let t = &f.header.tensors[ti];
+        let mut out = Vec::new();
+        decode(&f.read_tensor(t)?, t.dtype, &mut out);
+        Ok((out, t))
+    };
+    let ((av, ta), (bv, tb)) = (values(a)?, values(b)?);
+    let (rows, cols, out_dim) = (ta.shape[0], ta.shape[1] as usize, tb.shape[0] as usize);
+    if r == 0 || rows % r != 0 {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "{:?} has {rows} rows, not a multiple of {param}'s rank {r} (experts x rank)",
+                ta.name
+            ),
+        ));
+    }
+    let (n, r) = ((rows / r) as usize, r as usize);
+    let mut pairs = Vec::new();
+    for e in 0..n {
+        let a_e = av[e * r * cols..(e + 1) * r * cols].to_vec();
+        let b_e: Vec<f32> = (0..out_dim)
+            .flat_map(|o| (0..r).map(move |k| (o, k)))
+            .map(|(o, k)| bv[o * n * r + k * n + e])
+            .collect();
+        if a_e.iter().all(|&x| x == 0.0) || b_e.iter().all(|&x| x == 0.0) {
+            continue;
+        }
+        pairs.push(LoraPair {
+            module: format!("{experts}.{e}.{param}"),
+            a,
+            b,
+            scale,
+            owned: Some(Owned { a: a_e, b: b_e, r }),
+        });
+    }
+    Ok(pairs)
 }
 
 /// Whether a (float) tensor of `ckpt` holds only zeros (of either sign).
@@ -286,9 +431,9 @@ mod tests {
             r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": true}"#,
         )
         .unwrap();
-        assert_eq!(peft_scale(&cfg).unwrap(), 8.0);
+        assert_eq!(peft_config(&cfg).unwrap().scale, 8.0);
         std::fs::write(&cfg, r#"{"r": 4, "lora_alpha": 16, "use_dora": true}"#).unwrap();
-        assert!(peft_scale(&cfg)
+        assert!(peft_config(&cfg)
             .unwrap_err()
             .to_string()
             .contains("use_dora"));

@@ -142,6 +142,29 @@ fn experts_segment_end(name: &str) -> Option<usize> {
     Some(name.len() - after.len() + "experts.".len())
 }
 
+/// The checkpoint name of a transformers 5 in-memory module name where the two differ
+/// (Mixtral's `mlp` is `block_sparse_moe` on disk); the name itself otherwise.
+pub fn in_memory_alias(name: &str) -> String {
+    name.replacen(".mlp.", ".block_sparse_moe.", 1)
+}
+
+/// The per-expert checkpoint weights that expert `e`'s part of the in-memory fused
+/// parameter `P.experts.PARAM` (transformers 5, as PEFT names it) is stored as, in row
+/// order: `gate_up_proj` is the gate rows then the up rows (`gate_proj`, `up_proj`, or
+/// Mixtral's `w1`, `w3` under `block_sparse_moe`), `down_proj` is `down_proj` (`w2`).
+/// Candidates, one list per family naming.
+pub fn unfused_parts(experts: &str, e: u32, param: &str) -> Vec<Vec<String>> {
+    let mixtral = in_memory_alias(experts);
+    let names = |prefix: &str, projs: &[&str]| -> Vec<String> {
+        projs.iter().map(|p| format!("{prefix}.{e}.{p}.weight")).collect()
+    };
+    match param {
+        "gate_up_proj" => vec![names(experts, &["gate_proj", "up_proj"]), names(&mixtral, &["w1", "w3"])],
+        "down_proj" => vec![names(experts, &["down_proj"]), names(&mixtral, &["w2"])],
+        _ => Vec::new(),
+    }
+}
+
 /// How a tensor splits into units that can be replaced one by one: a
 /// fused-experts tensor into its E expert slices along dim 0 (when they are
 /// whole bytes), anything else is one unit. Returns (units, bytes per unit).

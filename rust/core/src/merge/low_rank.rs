@@ -23,6 +23,9 @@ pub(super) struct LoraJob {
     pub(super) pair: usize,
     pub(super) rows: u64,
     pub(super) cols: u64,
+    /// First row of B @ A this job writes (a fused parameter's expert part split over
+    /// per-expert weights: the up rows start after the gate rows).
+    pub(super) b_row0: u64,
 }
 
 /// About this many f32 values per work item (4 MiB).
@@ -105,10 +108,24 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
                 lora::decode(raw, ti.dtype, out);
                 Ok::<(), Error>(())
             };
-            let r = adapter.ckpt.shards[pair.a.0].file.header.tensors[pair.a.1].shape[0];
-            read_part(raw, a, pair.a, 0, r * l.cols)?;
-            read_part(raw, b, pair.b, row0 * r, rows * r)?;
-            lora::add_low_rank(w, b, a, r as usize, l.cols as usize, pair.scale);
+            let brow = l.b_row0 + row0;
+            let (av, bv, r): (&[f32], &[f32], u64) = match &pair.owned {
+                Some(o) => {
+                    let r = o.r as u64;
+                    (
+                        &o.a,
+                        &o.b[(brow * r) as usize..((brow + rows) * r) as usize],
+                        r,
+                    )
+                }
+                None => {
+                    let r = adapter.ckpt.shards[pair.a.0].file.header.tensors[pair.a.1].shape[0];
+                    read_part(raw, a, pair.a, 0, r * l.cols)?;
+                    read_part(raw, b, pair.b, brow * r, rows * r)?;
+                    (a, b, r)
+                }
+            };
+            lora::add_low_rank(w, bv, av, r as usize, l.cols as usize, pair.scale);
             lora::encode(w, t.dtype, out);
             let (dst, dst_path) = &outputs[si];
             copy::write_all_at(dst, out, off).map_err(|e| Error::io(dst_path, e))?;

@@ -145,17 +145,18 @@ pub(super) fn plan(
             }
         }
         for (pi, pair) in a.lora.iter().enumerate() {
-            let (key, unit, job) = lora_target(ckpt, &index, (ai, pi), a)?;
-            let src = Source {
-                adapter: ai,
-                shard: pair.a.0,
-                tensor: pair.a.1,
-                offset: 0,
-                requant: None,
-                lora: Some(loras.len()),
-            };
-            loras.push(job);
-            paint(&mut painted, ckpt, adapters, on_conflict, key, vec![(unit, 0)], src)?;
+            for (key, unit, job) in lora_targets(ckpt, &index, (ai, pi), a)? {
+                let src = Source {
+                    adapter: ai,
+                    shard: pair.a.0,
+                    tensor: pair.a.1,
+                    offset: 0,
+                    requant: None,
+                    lora: Some(loras.len()),
+                };
+                loras.push(job);
+                paint(&mut painted, ckpt, adapters, on_conflict, key, vec![(unit, 0)], src)?;
+            }
         }
     }
     let (painted, requants) = requant::settle(painted, requants, ckpt, adapters)?;
@@ -207,15 +208,19 @@ fn paint(
     Ok(())
 }
 
-/// The base tensor and unit that LoRA pair `pi` of adapter `ai` changes:
-/// `module.weight` (or `module`) whole, or expert E's slice of a fused tensor;
-/// shapes and dtype checked.
-fn lora_target(
+/// A base tensor, the unit of it a LoRA job writes, and the job.
+type LoraTarget = ((usize, usize), u32, LoraJob);
+
+/// The base tensors and units that LoRA pair `pi` of adapter `ai` changes:
+/// `module.weight` (or `module`) whole, expert E's slice of a fused tensor, or the
+/// per-expert weights a fused parameter's expert part is stored as (rows of B @ A
+/// each, `naming::unfused_parts`); shapes and dtype checked.
+fn lora_targets(
     ckpt: &Checkpoint,
     index: &HashMap<&str, (usize, usize)>,
     (ai, pi): (usize, usize),
     a: &Adapter,
-) -> Result<((usize, usize), u32, LoraJob)> {
+) -> Result<Vec<LoraTarget>> {
     let pair = &a.lora[pi];
     let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
     let tensor = |(si, ti): (usize, usize)| &a.ckpt.shards[si].file.header.tensors[ti];
@@ -234,7 +239,15 @@ fn lora_target(
         index
             .get(n)
             .or_else(|| index.get(naming::canonical(n).as_ref()))
+            .or_else(|| index.get(naming::in_memory_alias(n).as_str()))
             .copied()
+    };
+    let job = |rows: u64, b_row0: u64| LoraJob {
+        adapter: ai,
+        pair: pi,
+        rows,
+        cols: want[1],
+        b_row0,
     };
     let (key, unit) = if let Some(key) = find(&weight).or_else(|| find(&pair.module)) {
         let bt = base_tensor(key);
@@ -244,7 +257,25 @@ fn lora_target(
         (key, 0)
     } else if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&pair.module)) {
         let Some(key) = find(&parent) else {
-            return Err(nomap(format!("it has no tensor {weight:?}")));
+            let (experts, param) = parent.rsplit_once('.').unwrap_or((&parent, ""));
+            let parts = naming::unfused_parts(experts, e, param);
+            let Some(names) = parts.iter().find(|ns| ns.iter().all(|n| index.contains_key(n.as_str()))) else {
+                return Err(nomap(format!("it has no tensor {weight:?}")));
+            };
+            let rows = want[0] / names.len() as u64;
+            let mut out = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                let key = index[n.as_str()];
+                let bt = base_tensor(key);
+                if bt.shape != [rows, want[1]] || !lora::mergeable(bt.dtype) {
+                    return Err(nomap(format!(
+                        "{n:?} is {} {:?}, not F32/BF16/F16 {:?} (rows {}..{} of expert {e}'s part of B @ A {want:?})",
+                        bt.dtype, bt.shape, [rows, want[1]], i as u64 * rows, (i as u64 + 1) * rows
+                    )));
+                }
+                out.push((key, 0, job(rows, i as u64 * rows)));
+            }
+            return Ok(out);
         };
         let bt = base_tensor(key);
         let (n, _) = expert_units(bt);
@@ -270,13 +301,7 @@ fn lora_target(
             bt.dtype
         )));
     }
-    let job = LoraJob {
-        adapter: ai,
-        pair: pi,
-        rows: want[0],
-        cols: want[1],
-    };
-    Ok((key, unit, job))
+    Ok(vec![(key, unit, job(want[0], 0))])
 }
 
 /// One report entry per replaced tensor, or per expert slice when a fused
