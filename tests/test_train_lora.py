@@ -208,3 +208,18 @@ def test_lora_two_ranks_equal_one_process(builtin: Path, tmp_path: Path, family:
                                        atol=1e-4 * float(s[k].abs().max()), msg=name)
     config = (two / "train_config.yaml").read_text()
     assert "parallelism: ddp" in config
+
+
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe"])
+def test_lora_gradient_checkpointing_changes_nothing(builtin: Path, tmp_path: Path,
+                                                     family: str) -> None:
+    """Recomputing the forward in backward (the default) reads the factors again: the same
+    adapter as keeping the activations."""
+    root = builtin if family == "builtin" else hf_run(tmp_path, family)
+    kw = {"steps": 2, "eval_steps": 2}
+    kept = train(root, tmp_path / "kept", **kw)
+    recomputed = train(root, tmp_path / "recomputed", gradient_checkpointing=True, **kw)
+    x, y = (load_file(o / "adapter.safetensors") for o in (kept, recomputed))
+    assert list(x) == list(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6, msg=k)
