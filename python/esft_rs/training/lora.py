@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -158,15 +158,6 @@ def _kaiming(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
-@dataclass
-class _Target:
-    """One LoRA pair to make: checkpoint tensor ``name`` [out, in], in-memory rows [a, b)."""
-
-    name: str
-    a: int
-    b: int
-
-
 def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: int
            ) -> tuple[list[Trainable], list[str]]:
     """Freeze ``model``, train what ``experts`` says outside the routed experts in full,
@@ -185,7 +176,8 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
             p.requires_grad_(False)
         trainables = []
     generator = torch.Generator().manual_seed(seed)
-    plans = []  # (param name, role kind, selected experts, per-expert targets)
+    # (parameter, None or a fused tensor's (rows, experts), its checkpoint tensors)
+    plans: list[tuple[str, Any, Any]] = []
     found: set[str] = set()
     for name, p in model.named_parameters():
         role = classify(name)
