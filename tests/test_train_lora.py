@@ -223,3 +223,16 @@ def test_lora_gradient_checkpointing_changes_nothing(builtin: Path, tmp_path: Pa
     assert list(x) == list(y)
     for k in x:
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_lora_with_shared_experts_trained_in_full(builtin: Path, tmp_path: Path) -> None:
+    """The expert config's shared_experts: trained in full, under their plain names."""
+    root = tmp_path / "run"
+    shutil.copytree(builtin, root)
+    ExpertConfig({1: [0, 5]}, True, False).save(root / "experts.json")
+    out = train(root, tmp_path / "out", steps=1, eval_steps=1)
+    adapter = load_file(out / "adapter.safetensors")
+    base = esft_rs.inspect(root / "base").tensors
+    plain = {k for k in adapter if "lora_" not in k}
+    assert plain and plain == {k for k in base if ".shared_experts." in k}
+    assert {k.split(".experts.")[1].split(".")[0] for k in adapter if "lora_" in k} == {"0", "5"}
