@@ -172,6 +172,8 @@ def test_lora_bad_flags(builtin: Path, tmp_path: Path) -> None:
          " only"),
         (["--lora-rank", "4", "--mode", "full"], "not mode full"),
         (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha must be positive"),
+        (["--lora-rank", "49"], "--lora-rank 49: above the smallest dimension of"
+         " model.layers.1.mlp.experts.0.gate_proj.weight (48), a targeted expert projection"),
         (["--lora-rank", "4", "--save-merged", tmp_path / "merged"],
          "--save-merged: not with ESFT-LoRA (--lora-rank); merge the adapter after the run"),
     ]:

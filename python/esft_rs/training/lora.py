@@ -200,6 +200,13 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
         raise MismatchError(
             f"{option('lora_targets')}: the selected experts have no projection"
             f" {unknown[0]!r} (they have: {', '.join(sorted(found)) or 'none'})")
+    for name, fused, stored in plans:  # a rank above min(out, in) adds no expressiveness
+        inp = model.get_parameter(name).shape[-1]
+        for key, a, b in stored if fused is None else stored[fused[1][0]]:
+            if projection(key) in targets and spec.rank > min(b - a, inp):
+                raise MismatchError(
+                    f"{option('lora_rank', spec.rank)}: above the smallest dimension of"
+                    f" {key} ({min(b - a, inp)}), a targeted expert projection")
     fused_modules = {}
     for name, fused, stored in plans:
         if fused is None:
