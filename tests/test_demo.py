@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 import esft_rs
 from conftest import run_cli
+from esft_rs.demo.settings import LORA_RANKS
 from esft_rs.naming import classify
 
 pytestmark = pytest.mark.demo
@@ -58,7 +60,8 @@ def test_figures_do_not_depend_on_the_number_of_workers(
 
 def test_report_complete(report: tuple[dict, Path]) -> None:
     r, out = report
-    assert set(r["methods"]) == {"fft", "esft_token", "esft_gate", "random"}
+    assert set(r["methods"]) == {"fft", "esft_token", "esft_gate", "random", "lora_r2",
+                                 "lora_r8"}
     keys = {"downstream_acc", "general_acc_before", "general_acc_after", "trainable_params",
             "total_params", "adapter_bytes", "train_seconds"}
     for m in r["methods"].values():
@@ -131,6 +134,14 @@ def test_adapter_bytes_are_the_selected_experts(report: tuple[dict, Path]) -> No
         experts = {(lay, e) for lay, layer in adapter.moe.layers.items() for e in layer.experts}
         assert experts and m["adapter_bytes"] == sum(per_expert[k] for k in experts)
         assert m["experts_trained"] == len(experts)
+    # ESFT-LoRA: rank-r factors of ESFT-Token's experts, fewer parameters than their weights
+    for name, rank in LORA_RANKS.items():
+        m = r["methods"][name]
+        factors = load_file(m["adapter"])
+        assert all(rank in v.shape for v in factors.values())
+        assert m["trainable_params"] == sum(v.numel() for v in factors.values())
+        assert m["adapter_bytes"] == 4 * m["trainable_params"]
+        assert m["trainable_params"] < r["methods"]["esft_token"]["trainable_params"]
 
 
 def test_merged_model_scores_like_in_memory(report: tuple[dict, Path]) -> None:

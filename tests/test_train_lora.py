@@ -179,6 +179,8 @@ def test_lora_bad_flags(builtin: Path, tmp_path: Path) -> None:
          " only"),
         (["--lora-rank", "4", "--mode", "full"], "not mode full"),
         (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha must be positive"),
+        (["--lora-rank", "49"], "--lora-rank 49: above the smallest dimension of"
+         " model.layers.1.mlp.experts.0.gate_proj.weight (48), a targeted expert projection"),
         (["--lora-rank", "4", "--save-merged", tmp_path / "merged"],
          "--save-merged: not with ESFT-LoRA (--lora-rank); merge the adapter after the run"),
     ]:
@@ -215,3 +217,31 @@ def test_lora_two_ranks_equal_one_process(builtin: Path, tmp_path: Path, family:
                                        atol=1e-4 * float(s[k].abs().max()), msg=name)
     config = (two / "train_config.yaml").read_text()
     assert "parallelism: ddp" in config
+
+
+@pytest.mark.parametrize("family", ["builtin", "qwen3_moe"])
+def test_lora_gradient_checkpointing_changes_nothing(builtin: Path, tmp_path: Path,
+                                                     family: str) -> None:
+    """Recomputing the forward in backward (the default) reads the factors again: the same
+    adapter as keeping the activations."""
+    root = builtin if family == "builtin" else hf_run(tmp_path, family)
+    kw = {"steps": 2, "eval_steps": 2}
+    kept = train(root, tmp_path / "kept", **kw)
+    recomputed = train(root, tmp_path / "recomputed", gradient_checkpointing=True, **kw)
+    x, y = (load_file(o / "adapter.safetensors") for o in (kept, recomputed))
+    assert list(x) == list(y)
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_lora_with_shared_experts_trained_in_full(builtin: Path, tmp_path: Path) -> None:
+    """The expert config's shared_experts: trained in full, under their plain names."""
+    root = tmp_path / "run"
+    shutil.copytree(builtin, root)
+    ExpertConfig({1: [0, 5]}, True, False).save(root / "experts.json")
+    out = train(root, tmp_path / "out", steps=1, eval_steps=1)
+    adapter = load_file(out / "adapter.safetensors")
+    base = esft_rs.inspect(root / "base").tensors
+    plain = {k for k in adapter if "lora_" not in k}
+    assert plain and plain == {k for k in base if ".shared_experts." in k}
+    assert {k.split(".experts.")[1].split(".")[0] for k in adapter if "lora_" in k} == {"0", "5"}

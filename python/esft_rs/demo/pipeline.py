@@ -3,8 +3,8 @@
 1. pretrain a base on a mix of general tasks (and a trace of the downstream task), with the
    demo's word-level tokenizer (cached under the user's cache dir);
 2. profile routing on every task and select experts for the downstream task;
-3. choose each method's learning rate on a validation split: FFT, ESFT-Token, ESFT-Gate and
-   random experts at ESFT-Token's budget;
+3. choose each method's learning rate on a validation split: FFT, ESFT-Token, ESFT-Gate,
+   random experts at ESFT-Token's budget, and ESFT-LoRA on ESFT-Token's experts at two ranks;
 4. fine-tune each method over several seeds; measure downstream accuracy, general accuracy
    before/after, trainable share, adapter bytes; judge the paper's claims on the means;
 5. merge the ESFT adapter with the Rust merge and check the reloaded model scores the same.
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from esft_rs.demo import tasks as T
 from esft_rs.demo.claims import mean_runs
 from esft_rs.demo.runs import default_jobs, fine_tune
-from esft_rs.demo.settings import Settings, cache_dir
+from esft_rs.demo.settings import LORA_RANKS, Settings, cache_dir
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match, item_rows
@@ -202,7 +202,8 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
     ft = FineTune(s, data, tok, base_dir, out / "runs", general_before,
                    {"fft": None, "esft_token": selections["token"].config(),
                     "esft_gate": selections["gate"].config(),
-                    "random": selections["token"].config()})
+                    "random": selections["token"].config(),
+                    **dict.fromkeys(LORA_RANKS, selections["token"].config())})
     shutil.rmtree(out / "runs", ignore_errors=True)
 
     # Each method's learning rate: the grid point with the best downstream validation score
@@ -255,7 +256,10 @@ class FineTune:
     def train(self, name: str, lr: float, seed: int) -> tuple[Any, float]:
         from esft_rs.training import train
 
-        modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random"}
+        modes = {"fft": "full", "esft_token": "esft", "esft_gate": "esft", "random": "random",
+                 **dict.fromkeys(LORA_RANKS, "esft")}
+        rank = LORA_RANKS.get(name, 0)
+        lora = {"lora_rank": rank, "lora_alpha": 2.0 * rank} if rank else {}
         # A short run leaves experts no token reached unchanged: expected here, and the
         # trainer's warning about them would bury the progress bars.
         trainer_log = logging.getLogger("esft_rs.training")
@@ -267,7 +271,7 @@ class FineTune:
                 self.base_dir, self.data.finetune_train,
                 self.runs_dir / f"seed{seed}" / f"{name}-lr{lr:g}",
                 experts=self.experts[name], mode=modes[name], steps=self.s.finetune_steps,
-                learning_rate=lr, warmup_steps=0,
+                learning_rate=lr, warmup_steps=0, **lora,
                 **_run_options(replace(self.s, seed=seed), self.data.finetune_train, False),
             )
         finally:

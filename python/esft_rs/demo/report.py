@@ -13,10 +13,10 @@ from esft_rs.routing_report import COVERAGE, chance_jaccard, jaccard, summarize,
 from esft_rs.selection import Selection, select
 
 LABELS = {"fft": "FFT", "esft_token": "ESFT-Token", "esft_gate": "ESFT-Gate",
-          "random": "Random experts"}
+          "random": "Random experts", "lora_r2": "ESFT-LoRA r2", "lora_r8": "ESFT-LoRA r8"}
 #: Marker and size per method in accuracy-vs-share.png: coinciding points stay apart.
 MARKERS = {"fft": ("s", 7), "esft_token": ("o", 12), "esft_gate": ("^", 7),
-           "random": ("x", 7)}
+           "random": ("x", 7), "lora_r2": ("v", 7), "lora_r8": ("D", 6)}
 
 
 def routing_figures(stats: dict[str, RoutingStats], top_p: float) -> dict[str, Any]:

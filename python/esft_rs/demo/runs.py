@@ -24,10 +24,10 @@ from esft_rs.demo.tuning import choose_rate
 if TYPE_CHECKING:
     from esft_rs.demo.pipeline import FineTune
 
-METHODS = ("fft", "esft_token", "esft_gate", "random")
+METHODS = ("fft", "esft_token", "esft_gate", "random", "lora_r2", "lora_r8")
 #: Sweeps in this order, the slowest first (FFT trains every weight), so that the others'
 #: seeds fill the workers while it runs.
-SWEEP_ORDER = ("fft", "esft_gate", "esft_token", "random")
+SWEEP_ORDER = ("fft", "esft_gate", "esft_token", "lora_r8", "lora_r2", "random")
 
 _FT: FineTune | None = None  # the worker's runner, set once when the worker starts
 _EVENTS: Any = None  # a queue of finished runs' phases, for the progress bars

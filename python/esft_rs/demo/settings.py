@@ -18,7 +18,11 @@ from esft_rs.models.config import ModelConfig
 #: advance how hard each method trains (with ESFT's grid starting at 3e-3 and FFT's at
 #: 1e-4, validation picked rates that forgot according to the grids, docs/demo.md).
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-LEARNING_RATES = {"fft": GRID, "esft_token": GRID, "esft_gate": GRID, "random": GRID}
+#: ESFT-LoRA on ESFT-Token's experts at these ranks (the experts' projections are 16 x 64:
+#: rank 8 is half of full rank, rank 2 an eighth), alpha 2 x rank as is common with PEFT.
+LORA_RANKS = {"lora_r2": 2, "lora_r8": 8}
+LEARNING_RATES = {"fft": GRID, "esft_token": GRID, "esft_gate": GRID, "random": GRID,
+                  **dict.fromkeys(LORA_RANKS, GRID)}
 
 #: The demo's model: DeepSeek-V2-Lite's expert layout (64 fine-grained routed experts,
 #: 6 active, 2 shared) at hidden 64 and 0.7M parameters, so that pretraining on one CPU
@@ -89,7 +93,7 @@ QUICK = replace(
     batch_size=16, pretrain_steps=30, pretrain_items=100, finetune_steps=8, finetune_items=100,
     val_items=20, test_items=20, general_test_items=5, profile_items=20, seeds=3,
     learning_rates={"fft": (1e-3,), "esft_token": (1e-2,), "esft_gate": (1e-2,),
-                    "random": (1e-2,)},
+                    "random": (1e-2,), "lora_r2": (1e-2,), "lora_r8": (1e-2,)},
 )
 
 

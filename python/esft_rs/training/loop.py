@@ -184,10 +184,14 @@ class Loop:
         if place.world > 1 and not self.fsdp and not self.ep:
             # Experts that get no tokens in a micro-batch have no gradient on that rank.
             # Gradients are views into DDP's all-reduce buckets, not a second copy of them.
+            # Buffers are not broadcast at each forward: every rank loads the same ones and
+            # training changes none (rotary tables, routing biases, the trained slices' ids,
+            # ESFT-LoRA's copy of the selected experts' rows, which is their whole size).
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 _Anchored(model, device),
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=True, gradient_as_bucket_view=True,
+                broadcast_buffers=False,
             )
         self.best: dict[str, torch.Tensor] | None = None
         self.best_loss: float | None = None

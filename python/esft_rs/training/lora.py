@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -158,15 +158,6 @@ def _kaiming(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
-@dataclass
-class _Target:
-    """One LoRA pair to make: checkpoint tensor ``name`` [out, in], in-memory rows [a, b)."""
-
-    name: str
-    a: int
-    b: int
-
-
 def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: int
            ) -> tuple[list[Trainable], list[str]]:
     """Freeze ``model``, train what ``experts`` says outside the routed experts in full,
@@ -185,7 +176,8 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
             p.requires_grad_(False)
         trainables = []
     generator = torch.Generator().manual_seed(seed)
-    plans = []  # (param name, role kind, selected experts, per-expert targets)
+    # (parameter, None or a fused tensor's (rows, experts), its checkpoint tensors)
+    plans: list[tuple[str, Any, Any]] = []
     found: set[str] = set()
     for name, p in model.named_parameters():
         role = classify(name)
@@ -208,6 +200,13 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
         raise MismatchError(
             f"{option('lora_targets')}: the selected experts have no projection"
             f" {unknown[0]!r} (they have: {', '.join(sorted(found)) or 'none'})")
+    for name, fused, stored in plans:  # a rank above min(out, in) adds no expressiveness
+        inp = model.get_parameter(name).shape[-1]
+        for key, a, b in stored if fused is None else stored[fused[1][0]]:
+            if projection(key) in targets and spec.rank > min(b - a, inp):
+                raise MismatchError(
+                    f"{option('lora_rank', spec.rank)}: above the smallest dimension of"
+                    f" {key} ({min(b - a, inp)}), a targeted expert projection")
     fused_modules = {}
     for name, fused, stored in plans:
         if fused is None:
