@@ -114,13 +114,13 @@ def test_lora_run(builtin: Path, tmp_path: Path, family: str) -> None:
     # the same weights, merged by hand: the same logits as the trained model
     trained = esft_rs.train(root / "base", root / "task.jsonl", tmp_path / "again",
                             root / "experts.json", progress=False,
+                            save_merged=tmp_path / "rust-merged",
                             **{**LORA, "per_device_batch_size": GLOBAL // 2, "steps": 3})
     merged = load_model(merged_by_hand(root / "base", adapter, tmp_path / "merged"))
     torch.testing.assert_close(logits(merged, ids), logits(trained.model, ids),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(merged, ids), want, atol=1e-4)
-    # the Rust merge of the run's adapter, and of its PEFT export, give the same model
-    esft_rs.merge(root / "base", adapter, tmp_path / "rust-merged")
+    # the Rust merge of the run's adapter (--save-merged), and of its PEFT export: the same
     esft_rs.export(root / "base", adapter, tmp_path / "peft")
     esft_rs.merge(root / "base", tmp_path / "peft", tmp_path / "peft-merged")
     for other in ("rust-merged", "peft-merged"):
@@ -181,8 +181,6 @@ def test_lora_bad_flags(builtin: Path, tmp_path: Path) -> None:
         (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha must be positive"),
         (["--lora-rank", "49"], "--lora-rank 49: above the smallest dimension of"
          " model.layers.1.mlp.experts.0.gate_proj.weight (48), a targeted expert projection"),
-        (["--lora-rank", "4", "--save-merged", tmp_path / "merged"],
-         "--save-merged: not with ESFT-LoRA (--lora-rank); merge the adapter after the run"),
     ]:
         r = run_cli("train", *args, *common, *extra)
         assert r.returncode == 2, (extra, r.stderr)

@@ -111,9 +111,6 @@ def train(
     if isinstance(overrides.get("lora_targets"), list | tuple):  # Python: a list of names
         overrides["lora_targets"] = ",".join(overrides["lora_targets"])
     cfg = _config(config, overrides)
-    if cfg.lora_rank and save_merged is not None:  # the streaming merge takes full weights
-        raise EsftValueError(f"{option('save_merged')}: not with ESFT-LoRA"
-                             f" ({option('lora_rank')}); merge the adapter after the run")
     dev = device_for(device)
     with run_lock(out), process_group(dev) as place:
         if not isinstance(model, torch.nn.Module):
