@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import esft_rs
 from conftest import run_cli
 
@@ -79,3 +81,17 @@ def test_old_spellings_are_hidden_aliases(tmp_path: Path) -> None:
     assert (tmp_path / "a.safetensors").is_file()
     proc = run_cli("profile", "--seq-len")  # parsed as the alias: it wants a value
     assert "Option '--seq-len' requires an argument" in proc.stderr
+
+
+def test_our_warnings_are_one_line(builtin: Path, tmp_path: Path) -> None:
+    """A warning esft-rs raises reaches the terminal as one ``esft-rs: warning:`` line, not as
+    Python's two lines naming a source file (an adapter split without --base has no base
+    fingerprint, which export warns about)."""
+    adapter = tmp_path / "adapter.safetensors"
+    with pytest.warns(UserWarning, match="no base fingerprint"):
+        esft_rs.split(builtin / "base", adapter, experts=builtin / "experts.json")
+    r = run_cli("export", builtin / "base", adapter, "-o", tmp_path / "peft")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"esft-rs: warning: {adapter}: no base fingerprint, so it cannot be checked that it"
+        f" was trained from {builtin / 'base'}"]

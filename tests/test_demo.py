@@ -117,6 +117,17 @@ def test_report_runs_and_their_means(report: tuple[dict, Path]) -> None:
             assert c["runs"] == len(runs) and 0 <= c["held_in"] <= len(runs)
     md = (out / "report.md").read_text()
     assert "±" in md and f"over {len(runs)} fine-tuning seeds" in md
+    # ESFT-Token's SVD exports: the mean over the runs of each rank's figures; a higher rank
+    # is never further from the full adapter
+    svd = r["methods"]["esft_token"]["svd_export"]
+    assert set(svd) == {"r2", "r8"}
+    for rank, figures in svd.items():
+        for key, mean in figures.items():
+            values = [run["methods"]["esft_token"]["svd_export"][rank][key] for run in runs]
+            assert mean == pytest.approx(sum(values) / len(values))
+        assert 0.0 <= figures["downstream_acc"] <= 1.0
+    assert 0.0 <= svd["r8"]["relative_error"] <= svd["r2"]["relative_error"] < 1.0
+    assert "exported as PEFT LoRA by truncated SVD" in md
 
 
 def test_adapter_bytes_are_the_selected_experts(report: tuple[dict, Path]) -> None:

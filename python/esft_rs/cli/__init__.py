@@ -8,6 +8,9 @@ Bad input (``EsftError``/``OSError``, a bad option) becomes one line on stderr a
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -63,7 +66,22 @@ def run() -> None:
         _run()
 
 
+#: The package's own files: warnings raised there are ours to word.
+_PACKAGE = Path(__file__).resolve().parent.parent
+_python_warning = warnings.showwarning
+
+
+def _warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+    """Our own warnings as one line, as errors are; other packages' as Python shows them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        click.echo(f"esft-rs: warning: {' '.join(str(message).split())}", err=True)
+    else:
+        _python_warning(message, category, filename, lineno, file, line)
+
+
 def _run() -> None:
+    warnings.showwarning = _warning
     for arg in sys.argv[1:]:
         # Bytes that are not UTF-8 arrive as lone surrogates, which no file format can hold.
         if describe_text_problem(arg) is not None:

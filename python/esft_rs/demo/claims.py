@@ -40,6 +40,11 @@ def mean_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             t: statistics.fmean(r["general_acc_after_by_task"][t] for r in per_run) for t in tasks}
         m["sd"] = {key: _sd([r[key] for r in per_run])
                    for key in ("downstream_acc", "general_acc_after", "train_seconds")}
+        if "svd_export" in m:
+            m["svd_export"] = {rank: {key: statistics.fmean(r["svd_export"][rank][key]
+                                                            for r in per_run)
+                                      for key in figures}
+                               for rank, figures in m["svd_export"].items()}
         out[name] = m
     return out
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from esft_rs.demo import tasks as T
 from esft_rs.demo.claims import mean_runs
 from esft_rs.demo.runs import default_jobs, fine_tune
-from esft_rs.demo.settings import LORA_RANKS, Settings, cache_dir
+from esft_rs.demo.settings import LORA_RANKS, SVD_RANKS, Settings, cache_dir
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match, item_rows
@@ -284,7 +284,8 @@ class FineTune:
         model = result.model.eval()
         adapter = inspect(result.adapter)
         general_after, general_after_by_task = general_accuracy(model, self.tok, self.data)
-        return {
+        svd = {"svd_export": self.svd_exports(result.adapter)} if name == "esft_token" else {}
+        return svd | {
             "downstream_acc": exact_match(model, self.tok, self.data.downstream_test),
             "general_acc_before": self.general_before,
             "general_acc_after": general_after,
@@ -297,6 +298,27 @@ class FineTune:
             "learning_rate": result.config.learning_rate,
             "adapter": str(result.adapter.relative_to(self.runs_dir.parent)),
         }
+
+
+    def svd_exports(self, adapter: Path) -> dict[str, dict[str, float]]:
+        """``adapter`` exported as PEFT LoRA at each of ``SVD_RANKS`` (``esft-rs export
+        --rank``) and merged back into the base: downstream exact match and the export's
+        relative error against the full adapter."""
+        from esft_rs import export, merge
+        from esft_rs.models import load_model
+
+        out = {}
+        for rank in SVD_RANKS:
+            folder = adapter.parent / f"svd-r{rank}"
+            folder.mkdir(exist_ok=True)
+            report = export(self.base_dir, adapter, folder / "peft", rank=rank, overwrite=True)
+            merge(self.base_dir, folder / "peft", folder / "merged", overwrite=True)
+            model = load_model(folder / "merged").eval()
+            out[f"r{rank}"] = {
+                "downstream_acc": exact_match(model, self.tok, self.data.downstream_test),
+                "relative_error": report.error,
+            }
+        return out
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -21,6 +21,8 @@ GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 #: ESFT-LoRA on ESFT-Token's experts at these ranks (the experts' projections are 16 x 64:
 #: rank 8 is half of full rank, rank 2 an eighth), alpha 2 x rank as is common with PEFT.
 LORA_RANKS = {"lora_r2": 2, "lora_r8": 8}
+#: ESFT-Token's full adapter exported as PEFT LoRA (truncated SVD) at these ranks.
+SVD_RANKS = (2, 8)
 LEARNING_RATES = {"fft": GRID, "esft_token": GRID, "esft_gate": GRID, "random": GRID,
                   **dict.fromkeys(LORA_RANKS, GRID)}
 
