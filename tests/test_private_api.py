@@ -190,3 +190,35 @@ def test_fsdp_without_private_apis_trains_as_with_them(tmp_path: Path,
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert torch.equal(losses(normal), losses(public))
+
+
+def test_a_changed_fsdp_copy_out_takes_the_flat_way(probed: None) -> None:
+    """_in_place_fits raised on a parameter group whose copy-out FSDP2 had changed; now
+    that group gathers the flat way, with one warning line."""
+    from types import SimpleNamespace
+
+    group = SimpleNamespace(_all_gather_output_fn=lambda *a: None, fsdp_params=[])
+    module = SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(_fsdp_param_groups=[group]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert private_api.in_place_group(module) is None
+    one_warning(caught, "fsdp_in_place_gather")
+    assert "another copy-out" in str(caught[0].message)
+
+
+def test_transformers_pieces_without_their_private_attributes(probed: None) -> None:
+    from types import SimpleNamespace
+
+    from esft_rs.errors import EsftError
+
+    bare = SimpleNamespace()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert private_api.set_weight_conversions(bare, None) is False
+        assert private_api.dtype_plan(bare, torch.float32) is None
+    one_warning(caught, "hf_weight_conversions")
+    one_warning(caught, "hf_dtype_plan")
+    assert not hasattr(bare, "_weight_conversions")  # nothing changed
+    with pytest.raises(EsftError, match="has no _init_weights") as info:
+        private_api.init_weights(bare, torch.nn.Linear(1, 1))
+    assert "\n" not in str(info.value)
