@@ -284,12 +284,15 @@ def _revert(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    loaded = getattr(model, "_weight_conversions", None)
+    from esft_rs.private_api import set_weight_conversions, weight_conversions
+
+    loaded = weight_conversions(model)
     ops = [op for c in loaded or () for op in getattr(c, "operations", ())]
     if all(type(op).__module__ == "transformers.core_model_loading" for op in ops):
         return revert_weight_conversion(model, state)
-    model._weight_conversions = None
+    if not set_weight_conversions(model, None):
+        return revert_weight_conversion(model, state)
     try:
         return revert_weight_conversion(model, state)
     finally:
-        model._weight_conversions = loaded
+        set_weight_conversions(model, loaded)

@@ -115,14 +115,15 @@ def _slice_parts(t: torch.Tensor) -> list[tuple[torch.Tensor, tuple[slice, ...]]
     """(this rank's part of trained slices ``t``, its index in ``t``): FSDP splits them on
     dim 1 (``sharding``), expert parallelism not at all; none when the rank holds none."""
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from esft_rs.private_api import local_shape_and_offset
 
     if not isinstance(t, DTensor):
         return [(t, (slice(0, t.shape[0]),))] if t.numel() else []
     local = t.to_local()
     if not local.numel():
         return []
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    shape, offset = local_shape_and_offset(t)
     return [(local, tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True)))]
 
 
@@ -130,22 +131,22 @@ def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Tensors the model keeps in another dtype than ``dtype`` (its ``dtype_plan``, e.g.
     DeepSeek-V3's fp32 ``e_score_correction_bias`` in a bf16 model), as transformers
     casts them on load."""
-    from transformers.core_model_loading import build_glob_alternation
+    from esft_rs.private_api import dtype_plan
 
-    plan = model._get_dtype_plan(dtype)
-    if not plan:
+    plan = dtype_plan(model, dtype)
+    if plan is None:
         return
-    pattern, by_group, _ = build_glob_alternation(list(plan))
+    _, dtype_of = plan
     for name, t in _persistent(model):
-        if (found := pattern.search(name)) is None:
+        if (kept := dtype_of(name)) is None:
             continue
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        cast = t.detach().to(plan[by_group[found.lastgroup]])
-        if attr in module._parameters:
-            module._parameters[attr] = torch.nn.Parameter(cast, requires_grad=t.requires_grad)
+        cast = t.detach().to(kept)
+        if isinstance(t, torch.nn.Parameter):
+            module.register_parameter(attr, torch.nn.Parameter(cast, requires_grad=t.requires_grad))
         else:
-            module._buffers[attr] = cast
+            module.register_buffer(attr, cast)  # persistent: _persistent lists no other
 
 
 def _disk_dtype(root: Path) -> torch.dtype:
@@ -348,10 +349,13 @@ def _persistent(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     from esft_rs.training.freeze import FusedSlices
 
     skip = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)}
+    from esft_rs.private_api import non_persistent_buffers
+
     out = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
     for mod_name, module in model.named_modules():
-        for b_name, b in module._buffers.items():
-            if b is not None and b_name not in module._non_persistent_buffers_set:
+        transient = non_persistent_buffers(module)
+        for b_name, b in module.named_buffers(recurse=False):
+            if b_name not in transient:
                 out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b))
     return out
 
@@ -386,11 +390,11 @@ def _init_buffers(model: torch.nn.Module) -> None:
     from transformers import initialization
 
     from esft_rs.errors import EsftError
+    from esft_rs.private_api import init_weights, mark_initialized, non_persistent_buffers
     from esft_rs.training.freeze import FusedSlices
 
     owners = [m for m in model.modules() if not isinstance(m, FusedSlices)
-              and any(b is not None for n, b in m._buffers.items()
-                      if n in m._non_persistent_buffers_set)]
+              and any(n in non_persistent_buffers(m) for n, _ in m.named_buffers(recurse=False))]
     if not owners:
         return
     unset: dict[str, torch.Tensor] = {}
@@ -398,18 +402,17 @@ def _init_buffers(model: torch.nn.Module) -> None:
         if m not in owners:
             continue
         for p in m.parameters(recurse=False):
-            p._is_hf_initialized = True
-        for n, b in m._buffers.items():
-            if b is None:
-                continue
-            if n in m._non_persistent_buffers_set:
+            mark_initialized(p)
+        transient = non_persistent_buffers(m)
+        for n, b in m.named_buffers(recurse=False):
+            if n in transient:
                 b.fill_(float("nan") if b.is_floating_point() else torch.iinfo(b.dtype).min)
                 unset[f"{mod_name}.{n}"] = b
             else:
-                b._is_hf_initialized = True
+                mark_initialized(b)
     with torch.no_grad(), initialization.guard_torch_init_functions():
         for m in owners:
-            model._init_weights(m)
+            init_weights(model, m)
     for name, b in unset.items():
         blank = b.isnan() if b.is_floating_point() else b.eq(torch.iinfo(b.dtype).min)
         if b.numel() and bool(blank.all()):

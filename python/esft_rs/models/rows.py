@@ -78,7 +78,8 @@ def local_rows(t: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
     """(this rank's part of ``t``, the rows of ``t`` it holds); none when it holds none.
     FSDP2 shards dim 0 only."""
     from torch.distributed.tensor import DTensor, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from esft_rs.private_api import local_shape_and_offset
 
     if not isinstance(t, DTensor):
         return [(t, slice(0, t.shape[0]))] if t.dim() and t.numel() else \
@@ -88,5 +89,5 @@ def local_rows(t: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
         return []
     if any(isinstance(p, Shard) and p.dim != 0 for p in t.placements):
         raise NotImplementedError(f"sharding on dim other than 0: {t.placements}")
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    shape, offset = local_shape_and_offset(t)
     return [(local, slice(offset[0], offset[0] + shape[0]))]

@@ -231,10 +231,14 @@ def _read_ep(path: Path, trainables: list[Trainable], optimizer: torch.optim.Opt
     one process is keyed otherwise: refused in one line)."""
     import torch.distributed.checkpoint as dcp
 
+    from esft_rs.private_api import nested_keys
     from esft_rs.training import expert_parallel
 
     saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
-    keys = {k.removeprefix("ep.") for k in saved if k.startswith("ep.")}
+    keys = nested_keys(set(saved), "ep")
+    if keys is None:  # the keys name the rows a rank loads: without them, nothing is sure
+        raise MismatchError(f"{path}: this torch writes checkpoint keys esft-rs cannot read;"
+                            " cannot resume with --parallelism ep")
     if not keys:
         raise MismatchError(f"{path}: cannot resume with --parallelism ep: the checkpoint was"
                             " written with fsdp, ddp or one process (resume it with those)")
@@ -262,10 +266,12 @@ def _read_dcp(path: Path, model: torch.nn.Module, trainables: list[Trainable],
     loaded = _state_dict(model, trainables, optimizer, best)
     # get_optimizer_state_dict gives every parameter state to load into; one that had no
     # gradient yet had none when saved, and must have none again (AdamW counts its steps).
-    saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
+    from esft_rs.private_api import had_state
+
+    saved = set(dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata)
     loaded["optimizer"]["state"] = {
         fqn: v for fqn, v in loaded["optimizer"]["state"].items()
-        if any(k.startswith(f"optimizer.state.{fqn}.") for k in saved)
+        if had_state(saved, f"optimizer.state.{fqn}") is not False
     }
     with _single_process_quiet():
         dcp.load(loaded, checkpoint_id=path / DCP, no_dist=place.world == 1)

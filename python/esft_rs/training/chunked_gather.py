@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from esft_rs import private_api
 
 #: Bytes of output per piece.
 CHUNK = 16 * 2**20
@@ -104,11 +107,12 @@ class InPlaceAllGather(ChunkedAllGather):
     row r of the unsharded parameter viewed as [world, shard]) into that parameter's
     unsharded storage, allocated here as FSDP2's copy-out would, after freeing the flat
     output (only its copied-in part was ever written). ``copy_out`` replaces FSDP2's
-    copy-out: nothing is left to copy.
+    copy-out: nothing is left to copy. FSDP2's internals are reached through
+    ``esft_rs.private_api``; where they differ, ``install`` takes the flat way.
     """
 
-    def __init__(self, params: list) -> None:
-        self.params = params  # FSDP2's FSDPParam of the group, in its all-gather order
+    def __init__(self, group: Any) -> None:
+        self.group = group  # FSDP2's parameter group
         self._written: tuple[list[torch.Tensor], list[int]] | None = None
 
     def __call__(
@@ -120,24 +124,23 @@ class InPlaceAllGather(ChunkedAllGather):
     ) -> dist.Work | None:
         world = group.size()
         # The tensors FSDP2's copy-in just read (this rank's padded shards), in its order.
-        sources = [p.all_gather_inputs for p in self.params]
+        sources = private_api.gather_inputs(self.group)
         if any(len(s) != 1 for s in sources) or sum(
-                s.numel() * s.element_size() for (s,) in sources) != input_tensor.nbytes:
+                s[0].numel() * s[0].element_size() for s in sources) != input_tensor.nbytes:
             raise RuntimeError(f"torch {torch.__version__}: FSDP2's all-gather input is not the"
-                               " parameters' shards in order; esft_rs.training.chunked_gather"
-                               " needs updating")
+                               " parameters' shards in order; esft_rs.private_api needs"
+                               " updating (ESFT_RS_TEST_HIDE_PRIVATE=fsdp_in_place_gather"
+                               " avoids it)")
         output_tensor.untyped_storage().resize_(0)  # the flat output: never read
         segments = []
         self._written = ([], [])
-        for p, (source,) in zip(self.params, sources, strict=True):
-            p.init_all_gather_outputs([source.numel()], [source.dtype], world, source.device)
-            p.alloc_all_gather_outputs()
-            (out,) = p.all_gather_outputs
+        for p, (source,) in zip(self.group.fsdp_params, sources, strict=True):
+            out = private_api.unsharded_output(p, source, world)
             if not out.is_inference():
                 # As FSDP2's copy-out, hide the write from autograd: the forward saved the
                 # parameter for the backward, which gathers it again into the same tensor.
                 self._written[0].append(out)
-                self._written[1].append(out._version)
+                self._written[1].append(private_api.version(out))
             rows, source = out.view(world, -1), source.view(-1)
             if source.dtype != input_tensor.dtype:  # mixed dtypes: FSDP2 gathers bytes
                 rows, source = rows.view(input_tensor.dtype), source.view(input_tensor.dtype)
@@ -145,38 +148,26 @@ class InPlaceAllGather(ChunkedAllGather):
         return _finish(_pieces(segments, group), async_op)
 
     def copy_out(self, fsdp_params: list, result: object, world_size: int) -> None:
-        """FSDP2's ``_all_gather_output_fn``, called once the pieces are done."""
+        """FSDP2's copy-out, called once the pieces are done."""
         if self._written is not None:
-            torch._C._autograd._unsafe_set_version_counter(*map(tuple, self._written))
+            private_api.set_versions(*self._written)
             self._written = None
 
 
-def _in_place_fits(group: object) -> bool:
-    """Whether ``InPlaceAllGather`` can serve an FSDP2 parameter group (else the flat way)."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param
-
-    needed = ("init_all_gather_outputs", "alloc_all_gather_outputs", "all_gather_inputs")
-    if (getattr(group, "_all_gather_output_fn", None)
-            is not _fsdp_collectives._default_all_gather_output_fn
-            or not all(hasattr(_fsdp_param.FSDPParam, a) for a in needed)):
-        raise RuntimeError(f"torch {torch.__version__}: FSDP2's parameter group has changed;"
-                           " esft_rs.training.chunked_gather needs updating")
-    return all(p.fsdp_placement.dim == 0 and not p.offload_to_cpu
-               and not hasattr(p._sharded_local_tensor, "fsdp_pre_all_gather")
-               for p in group.fsdp_params)  # type: ignore[attr-defined]
-
-
 def install(model: torch.nn.Module) -> None:
-    """Make every FSDP module of ``model`` all-gather in pieces, in place where it can."""
+    """Make every FSDP module of ``model`` all-gather in pieces, in place where it can;
+    where FSDP2 takes no custom all-gather, it keeps its own."""
     from torch.distributed.fsdp import FSDPModule
 
+    if not private_api.can_set_all_gather():
+        return
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        groups = module._get_fsdp_state()._fsdp_param_groups
-        if len(groups) == 1 and _in_place_fits(groups[0]):
-            comm = InPlaceAllGather(groups[0].fsdp_params)
+        group = private_api.in_place_group(module)
+        if group is not None:
+            comm = InPlaceAllGather(group)
             module.set_custom_all_gather(comm)  # type: ignore[arg-type]
-            groups[0]._all_gather_output_fn = comm.copy_out
+            private_api.set_copy_out(group, comm.copy_out)
         else:
             module.set_custom_all_gather(ChunkedAllGather())  # type: ignore[arg-type]

@@ -50,7 +50,7 @@ class Trainable:
 
     @property
     def param(self) -> torch.nn.Parameter:
-        return self.module._parameters[self.attr]  # type: ignore[return-value]
+        return dict(self.module.named_parameters(recurse=False))[self.attr]
 
     def current(self, value: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The trained values (``value``, else the parameter) under checkpoint names

@@ -50,8 +50,9 @@ class GradPresence:
         unsharded parameters on it; hook each the first time it is seen."""
 
         def pre_forward(module: torch.nn.Module, _args: tuple) -> None:
+            own = dict(module.named_parameters(recurse=False))
             for i, attr in attrs:
-                p = module._parameters[attr]
+                p = own.get(attr)
                 # A DTensor is the sharded parameter: FSDP2 runs its post-accumulate-grad
                 # hooks after the reduce-scatter, zeros included, so it says nothing here.
                 if p is None or is_sharded(p) or id(p) in self._hooked:

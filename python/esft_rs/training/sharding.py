@@ -95,9 +95,10 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
     On CPU each gather goes in pieces (``chunked_gather``: gloo is faster so).
     """
     if device.type == "cpu":
+        from esft_rs import private_api
         from esft_rs.training import chunked_gather
 
-        model._set_unshard_async_op(True)  # type: ignore[operator]
+        private_api.set_unshard_async(model)
         chunked_gather.install(model)
     if prefetch:
         model.set_modules_to_forward_prefetch([layers[0]])  # type: ignore[operator]
@@ -213,11 +214,11 @@ def _checkpoint_tensors(
     from esft_rs.training.freeze import checkpoint_tensors
 
     sharded = t.param
-    t.module._parameters[t.attr] = torch.nn.Parameter(value, requires_grad=False)
+    t.module.register_parameter(t.attr, torch.nn.Parameter(value, requires_grad=False))
     try:
         return checkpoint_tensors(model, [t], on_disk)
     finally:
-        t.module._parameters[t.attr] = sharded
+        t.module.register_parameter(t.attr, sharded)
 
 
 def _reverted_slices(
