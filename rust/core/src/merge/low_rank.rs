@@ -8,25 +8,13 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 
-use super::write::Job;
+use super::job::Job;
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::lora;
 use crate::progress::Control;
 use crate::safetensors::expert_units;
 
-/// A LoRA pair of one adapter and the shape [rows, cols] it changes.
-#[derive(Debug)]
-pub(super) struct LoraJob {
-    pub(super) adapter: usize,
-    /// Index in the adapter's `lora`.
-    pub(super) pair: usize,
-    pub(super) rows: u64,
-    pub(super) cols: u64,
-    /// First row of B @ A this job writes (a fused parameter's expert part split over
-    /// per-expert weights: the up rows start after the gate rows).
-    pub(super) b_row0: u64,
-}
 
 /// About this many f32 values per work item (4 MiB).
 const BLOCK_VALUES: u64 = 1 << 20;

@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+mod job;
 mod low_rank;
 mod plan;
 mod requant;
@@ -67,7 +68,8 @@ use crate::safetensors::Checkpoint;
 use crate::staging::{self, Staged};
 
 use plan::{describe, plan};
-use write::{write, Job};
+use job::Job;
+use write::write;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnConflict {

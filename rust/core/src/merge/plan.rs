@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::low_rank::LoraJob;
-use super::requant::{self, is_fp8_slot, requant_slot, Requant};
+use super::job::{LoraJob, Painted, Requant, Source};
+use super::requant::{self, is_fp8_slot, requant_slot};
 use super::{MergeOptions, OnConflict, Replacement};
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
@@ -18,26 +18,7 @@ use crate::lora;
 use crate::naming::{self, Role};
 use crate::safetensors::{expert_units, Checkpoint, Dtype};
 
-/// Where an adapter tensor's bytes come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Source {
-    pub(super) adapter: usize,
-    /// Shard of the adapter's checkpoint.
-    pub(super) shard: usize,
-    /// Index in that shard's tensors.
-    pub(super) tensor: usize,
-    /// Absolute file offset of this unit's first byte.
-    pub(super) offset: u64,
-    /// Index of the `Requant` that computes this unit (an FP8 weight or its
-    /// scale tensor) instead of copying it.
-    pub(super) requant: Option<usize>,
-    /// Index of the `LoraJob` that computes this unit (base + low-rank change).
-    pub(super) lora: Option<usize>,
-}
 
-/// The plan: for each base tensor (shard, index) that changes, the source of
-/// each replaced unit.
-pub(super) type Painted = BTreeMap<(usize, usize), BTreeMap<u32, Source>>;
 
 pub(super) fn plan(
     ckpt: &Checkpoint,

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::plan::Painted;
-use super::write::Job;
+use super::job::{Job, Painted, Requant};
 use super::MergeOptions;
 use crate::adapter::{Adapter, AdapterTensor};
 use crate::copy;
@@ -22,23 +21,6 @@ use crate::fp8::{self, BlockSize};
 use crate::progress::Control;
 use crate::safetensors::{Checkpoint, Dtype, TensorInfo};
 
-/// A BF16/F16/F32 adapter tensor quantised into an F8_E4M3 base weight and
-/// its block scales.
-#[derive(Debug)]
-pub(super) struct Requant {
-    pub(super) adapter: usize,
-    /// Shard of the adapter's checkpoint, tensor index there, absolute offset.
-    pub(super) shard: usize,
-    pub(super) tensor: usize,
-    pub(super) src_off: u64,
-    pub(super) dtype: Dtype,
-    /// Base (shard, tensor) of the weight and of its `weight_scale_inv`.
-    pub(super) weight: (usize, usize),
-    pub(super) scale: (usize, usize),
-    pub(super) rows: u64,
-    pub(super) cols: u64,
-    pub(super) block: [u64; 2],
-}
 
 /// Whether adapter tensor `at` goes into an F8_E4M3 base slot with another
 /// dtype (to be requantised or refused).

@@ -8,14 +8,13 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use super::low_rank::{self, LoraJob};
-use super::plan::Painted;
-use super::requant::{requantize, Requant};
-use crate::adapter::Adapter;
+use super::job::{Job, Painted};
+use super::low_rank;
+use super::requant::requantize;
 use crate::copy::{self, Range};
 use crate::error::{read_input_text, Error, Result};
 use crate::progress::Control;
-use crate::safetensors::{expert_units, Checkpoint, SafetensorsFile};
+use crate::safetensors::{expert_units, SafetensorsFile};
 use crate::staging::{self, Staged};
 
 /// Key of a byte range's source file: the base shard or an adapter shard.
@@ -25,14 +24,6 @@ enum Src {
     Adapter(usize, usize),
 }
 
-/// What `write` writes: the base, the adapters, and the plan.
-pub(super) struct Job<'a> {
-    pub(super) ckpt: &'a Checkpoint,
-    pub(super) adapters: &'a [Adapter],
-    pub(super) painted: &'a Painted,
-    pub(super) requants: &'a [Requant],
-    pub(super) loras: &'a [LoraJob],
-}
 
 pub(super) fn write(
     job: &Job,
