@@ -255,7 +255,9 @@ def test_fsdp_training_on_a_block_fp8_base(
     x, y = load_file(one / "adapter.safetensors"), load_file(two / "adapter.safetensors")
     assert {k: (v.dtype, v.shape) for k, v in x.items()} == \
         {k: (v.dtype, v.shape) for k, v in y.items()}
-    torch.testing.assert_close(losses(one), losses(two), rtol=1e-5, atol=0)
+    # bf16 compute: two ranks sum in another order, and how far that moves a loss depends
+    # on the CPU's bf16 kernels (2.2e-5 on an AMD EPYC without AVX-512; 0 where CI ran)
+    torch.testing.assert_close(losses(one), losses(two), rtol=1e-4, atol=0)
 
 
 def test_trained_masters_start_from_what_one_process_loads(
