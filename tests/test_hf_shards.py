@@ -256,7 +256,8 @@ def test_fsdp_training_on_a_block_fp8_base(
     assert {k: (v.dtype, v.shape) for k, v in x.items()} == \
         {k: (v.dtype, v.shape) for k, v in y.items()}
     # bf16 compute: two ranks sum in another order, and how far that moves a loss depends
-    # on the CPU's bf16 kernels (2.2e-5 on an AMD EPYC without AVX-512; within 1e-5 on the CI machine)
+    # on the CPU's bf16 kernels (2.2e-5 on an AMD EPYC without AVX-512; within 1e-5 on the
+    # CI machine)
     torch.testing.assert_close(losses(one), losses(two), rtol=1e-4, atol=0)
 
 
