@@ -275,7 +275,7 @@ def _per_expert(model: torch.nn.Module, name: str, stored: list[tuple[str, int, 
         return []
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
-    weight = module._parameters[attr]
+    weight = module.get_parameter(attr)
     delta = LoraDelta(weight.shape[0], weight.shape[1], spec.rank, spec.scale, generator)
     delta.to(weight.device)
     parametrize.register_parametrization(module, attr, delta, unsafe=True)
@@ -297,7 +297,7 @@ def _fused(model: torch.nn.Module, name: str, fused: tuple[list[int], list[int]]
     ids, held = fused
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
-    original = module._parameters[attr]
+    original = module.get_parameter(attr)
     first = blocks[held[0]]
     layout = [(a, b, projection(k) in targets) for k, a, b in first]
     slices = LoraSlices(original, ids, held, layout, spec.rank, spec.scale, generator)
