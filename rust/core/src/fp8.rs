@@ -16,10 +16,10 @@
 use std::path::Path;
 
 use float8::F8E4M3;
-use half::{bf16, f16};
 use serde::Serialize;
 
 use crate::error::{read_input_text, Error, Result};
+use crate::safetensors::dtype::decode_floats as decode;
 use crate::safetensors::Dtype;
 
 /// The largest finite F8_E4M3 (fn variant, as torch.float8_e4m3fn) value.
@@ -129,25 +129,6 @@ pub fn to_e4m3(x: f32) -> u8 {
 /// Whether a dtype can be quantised into an F8_E4M3 slot.
 pub fn quantizable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
-}
-
-/// Decodes little-endian `src` of `dtype` (BF16, F16 or F32) into `out`.
-fn decode(src: &[u8], dtype: Dtype, out: &mut Vec<f32>) {
-    out.clear();
-    match dtype {
-        Dtype::BF16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        Dtype::F16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        _ => out.extend(
-            src.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-    }
 }
 
 /// Reusable buffers of one block-row quantisation.

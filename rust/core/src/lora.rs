@@ -21,10 +21,10 @@
 
 use std::path::Path;
 
-use half::{bf16, f16};
 use serde_json::Value;
 
 use crate::error::{read_input_text, Error, Result};
+use crate::safetensors::dtype::decode_floats as decode;
 use crate::safetensors::{Checkpoint, Dtype, TensorInfo};
 
 pub const KEY_LORA: &str = "esft.lora";
@@ -345,39 +345,6 @@ fn is_zero(ckpt: &Checkpoint, (si, ti): (usize, usize)) -> Result<bool> {
     Ok(values.iter().all(|&x| x == 0.0))
 }
 
-/// Little-endian F32/BF16/F16 bytes as f32 (exact).
-pub fn decode(src: &[u8], dtype: Dtype, out: &mut Vec<f32>) {
-    out.clear();
-    match dtype {
-        Dtype::BF16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        Dtype::F16 => out.extend(
-            src.chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        _ => out.extend(
-            src.chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-    }
-}
-
-/// f32 values rounded (to nearest even) to `dtype`'s little-endian bytes.
-pub fn encode(src: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
-    out.clear();
-    match dtype {
-        Dtype::BF16 => src
-            .iter()
-            .for_each(|&x| out.extend(bf16::from_f32(x).to_le_bytes())),
-        Dtype::F16 => src
-            .iter()
-            .for_each(|&x| out.extend(f16::from_f32(x).to_le_bytes())),
-        _ => src.iter().for_each(|&x| out.extend(x.to_le_bytes())),
-    }
-}
-
 /// Whether merge can add a LoRA change to a base tensor of this dtype.
 pub fn mergeable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
@@ -400,6 +367,7 @@ pub fn add_low_rank(w: &mut [f32], b: &[f32], a: &[f32], r: usize, cols: usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::safetensors::dtype::encode_floats as encode;
 
     #[test]
     fn low_rank_update_rounds_once() {

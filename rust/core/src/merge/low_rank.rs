@@ -13,6 +13,7 @@ use crate::copy;
 use crate::error::{Error, Result};
 use crate::lora;
 use crate::progress::Control;
+use crate::safetensors::dtype::{decode_floats, encode_floats};
 use crate::safetensors::expert_units;
 
 
@@ -83,7 +84,7 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
             let off = base.offset_of(t) + u64::from(unit) * unit_len + row0 * l.cols * esize;
             // W's rows, then A whole and B's rows, all as f32.
             read(raw, base, off, rows * l.cols * esize)?;
-            lora::decode(raw, t.dtype, w);
+            decode_floats(raw, t.dtype, w);
             let read_part = |raw: &mut Vec<u8>,
                              out: &mut Vec<f32>,
                              (s, i): (usize, usize),
@@ -93,7 +94,7 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
                 let ti = &f.header.tensors[i];
                 let es = ti.dtype.bits() / 8;
                 read(raw, f, f.offset_of(ti) + skip * es, len * es)?;
-                lora::decode(raw, ti.dtype, out);
+                decode_floats(raw, ti.dtype, out);
                 Ok::<(), Error>(())
             };
             let brow = l.b_row0 + row0;
@@ -114,7 +115,7 @@ pub(super) fn apply(job: &Job, outputs: &[(File, PathBuf)], ctl: &Control) -> Re
                 }
             };
             lora::add_low_rank(w, bv, av, r as usize, l.cols as usize, pair.scale);
-            lora::encode(w, t.dtype, out);
+            encode_floats(w, t.dtype, out);
             let (dst, dst_path) = &outputs[si];
             copy::write_all_at(dst, out, off).map_err(|e| Error::io(dst_path, e))?;
             ctl.advance(out.len() as u64)

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use half::{bf16, f16};
+
 /// In the order of the reference's `Dtype` enum, which `Ord` follows: the
 /// reference lays tensors out by dtype, widest first (`stream::layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,6 +86,40 @@ impl FromStr for Dtype {
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Little-endian F32/BF16/F16 bytes as f32 (exact); other dtypes are read as F32. The one
+/// float codec of the core: merge's low-rank and FP8 passes both use it.
+pub fn decode_floats(src: &[u8], dtype: Dtype, out: &mut Vec<f32>) {
+    out.clear();
+    match dtype {
+        Dtype::BF16 => out.extend(
+            src.chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        Dtype::F16 => out.extend(
+            src.chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        _ => out.extend(
+            src.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+    }
+}
+
+/// f32 values rounded (to nearest even) to `dtype`'s little-endian bytes.
+pub fn encode_floats(src: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
+    out.clear();
+    match dtype {
+        Dtype::BF16 => src
+            .iter()
+            .for_each(|&x| out.extend(bf16::from_f32(x).to_le_bytes())),
+        Dtype::F16 => src
+            .iter()
+            .for_each(|&x| out.extend(f16::from_f32(x).to_le_bytes())),
+        _ => src.iter().for_each(|&x| out.extend(x.to_le_bytes())),
     }
 }
 
