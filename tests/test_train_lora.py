@@ -16,7 +16,8 @@ import esft_rs
 from conftest import BUILTIN_EXPERTS, run_cli
 from esft_rs.errors import EsftError
 from esft_rs.expert_config import ExpertConfig
-from test_train_fsdp import GLOBAL, HF_EXPERTS, RUN, adam_state, hf_run, spawn
+from test_train_fsdp import GLOBAL, HF_EXPERTS, RUN, adam_state, hf_run
+from test_train_fsdp import train as train_on
 from train_fakes import stop_after_2
 
 RANK, ALPHA = 4, 16.0
@@ -26,13 +27,8 @@ PROJ = {"builtin": ("gate_proj", "up_proj", "down_proj"),
 
 
 def train(root: Path, out: Path, world: int = 1, **kw: object) -> Path:
-    args = (root / "base", root / "task.jsonl", out, root / "experts.json")
-    kwargs = {**LORA, "per_device_batch_size": GLOBAL // (2 * world), **kw}
-    if world == 1:
-        esft_rs.train(*args, progress=False, **kwargs)
-    else:
-        spawn(world, args, kwargs)
-    return out
+    """``test_train_fsdp.train`` with ESFT-LoRA's settings."""
+    return train_on(root, out, world, **{**LORA, **kw})
 
 
 def expected(base: Path, experts: ExpertConfig, prefix: str, targets: tuple[str, ...]
