@@ -93,26 +93,25 @@ def _fsdp_in_place() -> bool:
     return _fsdp_chunked() and _probe("fsdp_in_place_gather", check)
 
 
-@functools.cache
-def _fsdp_chunked() -> bool:
+def _fsdp_method(piece: str, name: str) -> bool:
+    """Whether ``FSDPModule`` has method ``name`` (``piece`` in the probe's warning)."""
     def check() -> str | None:
         from torch.distributed.fsdp import FSDPModule
 
-        ok = callable(getattr(FSDPModule, "set_custom_all_gather", None))
-        return None if ok else "FSDPModule has no set_custom_all_gather"
+        ok = callable(getattr(FSDPModule, name, None))
+        return None if ok else f"FSDPModule has no {name}"
 
-    return _probe("fsdp_chunked_gather", check)
+    return _probe(piece, check)
+
+
+@functools.cache
+def _fsdp_chunked() -> bool:
+    return _fsdp_method("fsdp_chunked_gather", "set_custom_all_gather")
 
 
 @functools.cache
 def _fsdp_async() -> bool:
-    def check() -> str | None:
-        from torch.distributed.fsdp import FSDPModule
-
-        ok = callable(getattr(FSDPModule, "_set_unshard_async_op", None))
-        return None if ok else "FSDPModule has no _set_unshard_async_op"
-
-    return _probe("fsdp_async_unshard", check)
+    return _fsdp_method("fsdp_async_unshard", "_set_unshard_async_op")
 
 
 def set_unshard_async(module: Any) -> None:
