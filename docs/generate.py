@@ -16,7 +16,8 @@ import click
 #: Python API pages: (module, names) in the order they are documented.
 API = [
     ("esft_rs", ["inspect", "merge", "split", "export", "save_adapter", "read_adapter",
-                 "fingerprint", "profile", "aggregate", "select_experts", "train", "evaluate"]),
+                 "fingerprint", "profile", "profile_task", "aggregate", "select_experts", "train",
+                 "evaluate"]),
     ("esft_rs.models", ["load_model", "as_moe_model", "init_model", "save_model"]),
     ("esft_rs.tokenizer", ["load_tokenizer"]),
     ("esft_rs.data", ["read_task_data", "encode_conversation", "causal_lm_loss"]),

@@ -23,7 +23,7 @@ from esft_rs.merging import MergeReport, SplitReport, merge, split
 if TYPE_CHECKING:
     from esft_rs.evaluation import EvalResult, evaluate
     from esft_rs.exporting import ExportReport, export
-    from esft_rs.profiling import profile
+    from esft_rs.profiling import TaskProfile, profile, profile_task
     from esft_rs.routing import RoutingStats, aggregate
     from esft_rs.selection import select_experts
     from esft_rs.training import TrainConfig, TrainResult, train
@@ -36,6 +36,8 @@ _LAZY = {
     "ExportReport": "esft_rs.exporting",
     "export": "esft_rs.exporting",
     "profile": "esft_rs.profiling",
+    "profile_task": "esft_rs.profiling",
+    "TaskProfile": "esft_rs.profiling",
     "RoutingStats": "esft_rs.routing",
     "aggregate": "esft_rs.routing",
     "select_experts": "esft_rs.selection",
@@ -63,6 +65,7 @@ __all__ = [
     "MismatchError",
     "RoutingStats",
     "SplitReport",
+    "TaskProfile",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -73,6 +76,7 @@ __all__ = [
     "inspect",
     "merge",
     "profile",
+    "profile_task",
     "read_adapter",
     "save_adapter",
     "select_experts",

@@ -63,6 +63,27 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
         return rows.bytes
 
 
+def load_for_inference(
+    directory: str | os.PathLike[str], place: Dist, device: torch.device, parallelism: str
+) -> tuple[torch.nn.Module, str | None]:
+    """The model of ``directory`` for forward passes (profile, eval), frozen and in eval mode:
+    under torchrun sharded (``fsdp``) or split by experts (``ep``) as ``parallelism`` says
+    (``auto`` resolved by ``parallelism.for_inference``), else whole in this process; and
+    the note that says what auto chose, for the caller to show once the model has loaded
+    (no note before an error)."""
+    from esft_rs.models import load_model
+    from esft_rs.training.expert_parallel import uses_ep
+    from esft_rs.training.parallelism import for_inference
+    from esft_rs.training.sharding import uses_fsdp
+
+    parallelism, note = for_inference(Path(directory), parallelism, place, device)
+    if uses_fsdp(parallelism, place.world):
+        return load_sharded(directory, place, device), note
+    if uses_ep(parallelism, place.world):
+        return load_expert_parallel(directory, place, device), note
+    return load_model(directory, device=device).requires_grad_(False).eval(), note
+
+
 def load_sharded(
     directory: str | os.PathLike[str], place: Dist, device: torch.device
 ) -> torch.nn.Module:
