@@ -33,7 +33,8 @@ import torch
 
 from esft_rs.dtypes import FLOAT, to_torch
 from esft_rs.errors import InvalidFileError
-from esft_rs.training.expert_parallel import rows_of
+from esft_rs.models import hf_family
+from esft_rs.models.expert_rows import FusedSlices, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,11 @@ def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     Raises ``InvalidFileError`` (one line) for an unsupported family or quantisation,
     a tensor the model needs that the checkpoint lacks, or one of the wrong shape.
     """
-    from esft_rs.models import hf
-
     root = Path(directory)
-    hf.check_family(root)
-    transformers = hf.require_transformers()
+    hf_family.check_family(root)
+    transformers = hf_family.require_transformers()
     try:
-        config = hf.config(root)
+        config = hf_family.config(root)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
@@ -75,7 +74,7 @@ def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     _keep_dtypes(model, dtype)
     model.config.use_cache = False
     Plan(model, root, _names(model))  # refuses a checkpoint that does not fit, before any read
-    hf.routers(model)
+    hf_family.routers(model)
     # the dtype each tensor is loaded in, as hf.load does, even where training later
     # keeps fp32 masters (they are cast from it, as from a model loaded whole)
     model._esft_load_dtypes = {name: t.dtype for name, t in _persistent(model)}
@@ -346,8 +345,6 @@ def _names(model: torch.nn.Module) -> dict[str, str]:
 def _persistent(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers (what a checkpoint holds), by state-dict name;
     FusedSlices' own parameters aside (``fill`` reads them as rows of their tensor)."""
-    from esft_rs.training.freeze import FusedSlices
-
     skip = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)}
     from esft_rs.private_api import non_persistent_buffers
 
@@ -372,8 +369,6 @@ def _shapes(model: torch.nn.Module, names: dict[str, str]) -> dict[str, tuple[in
 
 def _fused_slices(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:
     """(module, attribute, its FusedSlices) for every fused tensor trained in slices."""
-    from esft_rs.training.freeze import FusedSlices
-
     return [(m, attr, plist[0]) for m in model.modules()
             for attr, plist in getattr(m, "parametrizations", {}).items()
             if isinstance(plist[0], FusedSlices)]
@@ -391,7 +386,6 @@ def _init_buffers(model: torch.nn.Module) -> None:
 
     from esft_rs.errors import EsftError
     from esft_rs.private_api import init_weights, mark_initialized, non_persistent_buffers
-    from esft_rs.training.freeze import FusedSlices
 
     owners = [m for m in model.modules() if not isinstance(m, FusedSlices)
               and any(n in non_persistent_buffers(m) for n, _ in m.named_buffers(recurse=False))]

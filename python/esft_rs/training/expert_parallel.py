@@ -16,7 +16,7 @@ The pieces, in the order a run uses them:
 - ``localize``: on the meta model, before loading, a rank drops the experts it does not
   own. The built-in model keeps per-expert modules (checkpoint names unchanged); a
   transformers family's fused ``[E, ...]`` tensors shrink to the owned rows, and
-  ``expert_rows`` tells the loader and the trainer which experts those rows are.
+  ``esft_rs.models.expert_rows`` tells the loader and the trainer which experts those rows are.
 - ``install``: the MoE layers' expert computation becomes ``Dispatch``: token rows go to
   their owners by all-to-all (``_AllToAll``, differentiable: its backward is the reverse
   all-to-all), the owner runs its experts (the family's own experts forward, any
@@ -38,6 +38,7 @@ import torch
 
 from esft_rs.distributed import Dist
 from esft_rs.errors import MismatchError
+from esft_rs.models.expert_rows import hold_rows, placement_of, set_placement
 from esft_rs.training.placement import Placement, place_experts  # noqa: F401 (re-exported)
 
 PLACEMENT = "placement.json"
@@ -92,27 +93,8 @@ def localize(model: torch.nn.Module, placement: Placement, rank: int) -> None:
                 kept = p.detach().index_select(0, index.to(p.device))
                 setattr(experts, attr, torch.nn.Parameter(kept, requires_grad=p.requires_grad))
         experts.num_experts = len(mine)
-        experts._esft_rows = tuple(mine)
-        experts._esft_total = total
-    model._esft_placement = placement
-
-
-def placement_of(model: torch.nn.Module) -> Placement | None:
-    return getattr(model, "_esft_placement", None)
-
-
-def expert_rows(module: torch.nn.Module) -> tuple[int, ...] | None:
-    """The experts whose rows a localized fused experts module holds, in order (None:
-    not localized, row i is expert i)."""
-    return getattr(module, "_esft_rows", None)
-
-
-def rows_of(model: torch.nn.Module, name: str) -> tuple[tuple[int, ...], int] | None:
-    """For in-memory tensor ``name`` of a localized fused experts module: the experts its
-    rows are, and how many the checkpoint has; None for any other tensor."""
-    owner = model.get_submodule(name.rpartition(".")[0])
-    rows = expert_rows(owner)
-    return None if rows is None else (rows, int(owner._esft_total))
+        hold_rows(experts, tuple(mine), total)
+    set_placement(model, placement)
 
 
 def check_model(model: torch.nn.Module, origin: object) -> None:

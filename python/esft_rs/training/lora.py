@@ -166,7 +166,7 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
     the checkpoint names them). Raises ``MismatchError`` (one line) for a target the
     model's experts do not have, or a fused layout that is not row blocks of its
     checkpoint tensors."""
-    from esft_rs.training.expert_parallel import expert_rows
+    from esft_rs.models.expert_rows import expert_rows
 
     others = ExpertConfig({}, experts.shared_experts, experts.non_expert_modules)
     if others.shared_experts or others.non_expert_modules:

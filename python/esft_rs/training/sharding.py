@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from esft_rs.distributed import Dist
+from esft_rs.models.expert_rows import FusedSlices
 from esft_rs.training.freeze import Trainable
 
 #: A decoder layer: ``...layers.<i>`` in a ModuleList (every family names them so).
@@ -70,8 +71,6 @@ def _slices_on_dim_1(model: torch.nn.Module) -> Any:
     holds an equal share of them (and of their AdamW state) even when the ranks outnumber
     a layer's trained experts; everything else on dim 0."""
     from torch.distributed.tensor import Shard
-
-    from esft_rs.training.freeze import FusedSlices
 
     slices = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)
               and m.slices.dim() >= 2}
@@ -147,8 +146,6 @@ def sync_fused_slices(model: torch.nn.Module) -> None:
     gathered tensor only, so without this the backward would compute with the base
     values in the trained rows, not the values the forward used. The all-gather is of
     the trained slices alone."""
-    from esft_rs.training.freeze import FusedSlices
-
     for module in model.modules():
         params = getattr(module, "parametrizations", None)
         if params is None:
