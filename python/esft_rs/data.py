@@ -46,13 +46,18 @@ from typing import TYPE_CHECKING, NamedTuple
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError
 from esft_rs.inputs import json_problem, read_bytes
 from esft_rs.tokenizer import Tokenizer
-from esft_rs.training.config import DEFAULT_SEED
 
 if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+
+#: The seed of data order and packing, in train and profile alike (the official base.yaml's).
+DEFAULT_SEED = 5934875
+
+#: Largest seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from esft_rs.data import DEFAULT_SEED, MAX_SEED
 from esft_rs.errors import EsftFileNotFoundError, InvalidFileError
 
 MODES = ("esft", "full", "random")
@@ -29,12 +30,6 @@ IGNORED_KEYS = {
     "ep_size": "with parallelism: ep the experts are spread over all ranks (the official"
                " expert-parallel group size is the world size)",
 }
-
-#: The seed of data order and packing, in train and profile alike (the official base.yaml's).
-DEFAULT_SEED = 5934875
-
-#: Largest seed: torch's generators take 64-bit seeds.
-MAX_SEED = 2**63 - 1
 
 #: Longer than any model's context; a larger seq_length is a typo that would exhaust memory.
 MAX_SEQ_LENGTH = 1 << 24
