@@ -16,9 +16,9 @@ import esft_rs
 from esft_rs import RoutingStats, aggregate
 from esft_rs.cli import run
 from esft_rs.data import read_task_data
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.data.tokenizer import ByteTokenizer
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
-from esft_rs.tokenizer import ByteTokenizer
 
 SEQ, BATCH = 64, 3
 

@@ -16,8 +16,8 @@ from esft_rs.training.config import DEFAULT_SEED
 
 if TYPE_CHECKING:
     from esft_rs.distributed import Dist
-    from esft_rs.profiling import Records
-    from esft_rs.routing import RoutingStats
+    from esft_rs.routing.profiling import Records
+    from esft_rs.routing.stats import RoutingStats
 
 #: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
 DEFAULT_TOKENS = 131072
@@ -78,12 +78,12 @@ def profile_cmd(
     the number of processes.
     """
     from esft_rs.cli.model_inputs import load, task_inputs
+    from esft_rs.data.preflight import check_token_ids, context_length
     from esft_rs.distributed import process_group
+    from esft_rs.files.outputs import check_outputs, check_target
     from esft_rs.models import as_moe_model
-    from esft_rs.outputs import check_outputs, check_target
-    from esft_rs.preflight import check_token_ids, context_length
-    from esft_rs.profiling import profile_model
-    from esft_rs.routing import OUTPUT_KIND as ROUTING
+    from esft_rs.routing.profiling import profile_model
+    from esft_rs.routing.stats import OUTPUT_KIND as ROUTING
 
     check_outputs([output, records], [model, *data])
     check_target(output, kind=ROUTING)
@@ -152,7 +152,7 @@ def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Record
     """The stats file and the records folder, committed together by rank 0 (every rank
     calls): a failure leaves neither, and an earlier pair as it was."""
     from esft_rs.distributed import from_rank0
-    from esft_rs.outputs import staged_together
+    from esft_rs.files.outputs import staged_together
 
     with ExitStack() as stack:
         tmp: dict[Path | None, Path] = {}
@@ -174,8 +174,8 @@ def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Record
 def _fingerprint(model: Path) -> dict[str, str]:
     """The model's fingerprint for the stats metadata, so that select and routing-report
     can refuse statistics of different models; none for a model without safetensors."""
-    from esft_rs.adapter import fingerprint
-    from esft_rs.routing import MODEL_FINGERPRINT
+    from esft_rs.files.adapter import fingerprint
+    from esft_rs.routing.stats import MODEL_FINGERPRINT
 
     try:
         return {MODEL_FINGERPRINT: fingerprint(model)}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from esft_rs.errors import InvalidFileError
-from esft_rs.inputs import load_json
+from esft_rs.files.inputs import load_json
 from esft_rs.models.hf_family import (  # noqa: F401 (re-exported: hf.is_hf etc.)
     FAMILIES,
     TRANSFORMERS_RANGE,

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
-from esft_rs.inputs import load_json
-from esft_rs.naming import classify
+from esft_rs.files.inputs import load_json
+from esft_rs.files.naming import classify
 
 #: model_type in config.json -> family name; the families tested against transformers.
 FAMILIES = {
@@ -83,7 +83,7 @@ def is_hf(model: object) -> bool:
 
 
 def routers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Decoder layer -> router module, found by the router's weight name (``esft_rs.naming``)."""
+    """Decoder layer -> router module, found by its weight name (``esft_rs.files.naming``)."""
     out = {}
     for name, _ in model.named_parameters():
         role = classify(name)

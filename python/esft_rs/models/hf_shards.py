@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from esft_rs.dtypes import FLOAT, to_torch
 from esft_rs.errors import InvalidFileError
+from esft_rs.files.dtypes import FLOAT, to_torch
 from esft_rs.models import hf_family
 from esft_rs.models.expert_rows import FusedSlices, rows_of
 
@@ -151,7 +151,7 @@ def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _disk_dtype(root: Path) -> torch.dtype:
     """The first float dtype among the checkpoint's tensors (``dtype="auto"`` without one
     in config.json, as transformers decides)."""
-    from esft_rs.inspection import inspect
+    from esft_rs.files.inspection import inspect
 
     found = (to_torch(t.dtype) for t in inspect(root).tensors.values() if t.dtype in FLOAT)
     return next(found, torch.float32)
@@ -178,7 +178,7 @@ class Plan:
             rename_source_key,
         )
 
-        from esft_rs.inspection import inspect
+        from esft_rs.files.inspection import inspect
 
         info = inspect(root)
         self.model, self.root, self.tensors = model, root, info.tensors

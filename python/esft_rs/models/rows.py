@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from esft_rs import _core
-from esft_rs.dtypes import to_torch
 from esft_rs.errors import InvalidFileError
+from esft_rs.files.dtypes import to_torch
 
 
 class Rows:

@@ -7,7 +7,7 @@ by eval loss so far and the AdamW state, each rank writing its own shards),
 counters and what the run was made from, checked on resume). DCP reshards on
 load, so a checkpoint written by N processes (FSDP or DDP) resumes in M. A
 checkpoint is built in a staging folder and put in place whole
-(``esft_rs.outputs``); only then is the previous one removed.
+(``esft_rs.files.outputs``); only then is the previous one removed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from esft_rs.distributed import Dist, from_rank0
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
-from esft_rs.outputs import staged, write_file
+from esft_rs.files.outputs import staged, write_file
 from esft_rs.training.freeze import Trainable
 
 CHECKPOINTS = "checkpoints"

@@ -228,7 +228,7 @@ def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
     """Read a YAML training config (an official ESFT one works unchanged): a file, or a
     starter config shipped with esft-rs by name (``base``: the official values; ``small``: a
     first run in minutes on a CPU)."""
-    from esft_rs.inputs import load_yaml
+    from esft_rs.files.inputs import load_yaml
 
     return from_mapping(load_yaml(config_path(path)), os.fspath(path))
 

@@ -242,7 +242,7 @@ def _routed_fused(dispatch: Dispatch, inner: Callable[..., torch.Tensor]
 def is_local(model: torch.nn.Module, t: Any) -> bool:
     """Whether trained tensor ``t`` is routed experts' (a per-expert tensor, or a fused
     one's rows), held by their owner alone; else it is replicated."""
-    from esft_rs.naming import classify
+    from esft_rs.files.naming import classify
 
     return placement_of(model) is not None and (
         t.experts is not None or classify(t.name).kind == "routed_expert")

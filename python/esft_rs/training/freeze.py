@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from esft_rs.errors import MismatchError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify, fused_slice_name
 from esft_rs.models import gated_experts_problem, to_checkpoint
 from esft_rs.models.expert_rows import FusedSlices, expert_rows, placement_of
-from esft_rs.naming import classify, fused_slice_name
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
@@ -109,7 +109,7 @@ def _on_disk(
 ) -> dict[str, torch.Tensor] | None:
     """The checkpoint tensors ``t`` is saved as; None when the checkpoint stores it as it
     is in memory (``on_disk`` names it, or the model converts no name; fused slices are
-    then named as ``esft_rs.naming.fused_slice_name`` says). Of a fused tensor converted
+    then named as ``esft_rs.files.naming.fused_slice_name`` says). Of a fused tensor converted
     to per-expert tensors, only the trained experts' are kept."""
     if t.name in on_disk:
         return None

@@ -440,7 +440,7 @@ def _empty_window() -> dict[str, float]:
 class _Metrics:
     """``metrics.jsonl`` (records after the resumed step dropped) and TensorBoard if installed.
 
-    The file is replaced whole at each record (``esft_rs.outputs``): it never ends
+    The file is replaced whole at each record (``esft_rs.files.outputs``): it never ends
     in half a line, whatever stops the run."""
 
     def __init__(self, out_dir: Path, start: int, enabled: bool) -> None:
@@ -463,7 +463,7 @@ class _Metrics:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from esft_rs.outputs import write_file
+        from esft_rs.files.outputs import write_file
 
         self.lines.append(json.dumps(record) + "\n")
         write_file(self.path, "".join(self.lines))

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esft_rs.errors import MismatchError, option
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.naming import classify, fused_slice_name, projection
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify, fused_slice_name, projection
 from esft_rs.training.freeze import (
     FusedSlices,
     Trainable,

@@ -24,8 +24,8 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module:
     """The model of ``directory`` on the meta device, its tensors checked against the
     checkpoint: the built-in model as ``load_model`` checks it, a transformers family
     as ``hf.load`` would build it (``esft_rs.models.hf_shards``)."""
-    from esft_rs.inspection import inspect
-    from esft_rs.models import checkpoint, hf, hf_shards
+    from esft_rs.files.inspection import inspect
+    from esft_rs.models import hf, hf_shards, reference_files
     from esft_rs.models.config import MODEL_TYPE, ModelConfig
     from esft_rs.models.reference import skeleton
 
@@ -35,7 +35,7 @@ def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module:
     cfg = ModelConfig.load(root)
     model = skeleton(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    checkpoint._check(root, inspect(root).tensors, expected)
+    reference_files._check(root, inspect(root).tensors, expected)
     return model.to(getattr(torch, cfg.torch_dtype)).eval()
 
 
@@ -44,7 +44,7 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
     from the checkpoint in ``directory``; returns the bytes read. The built-in model's
     parameter names are its tensor names; a transformers family goes through its
     conversion (``esft_rs.models.hf_shards.fill``)."""
-    from esft_rs.inspection import inspect
+    from esft_rs.files.inspection import inspect
     from esft_rs.models import hf, hf_shards
     from esft_rs.models.rows import Rows, local_rows
 

@@ -223,8 +223,8 @@ def _reverted_slices(
 ) -> dict[str, torch.Tensor]:
     """transformers' save-time conversion of a fused tensor's trained slices [k, ...]: it
     names them experts 0..k-1, renamed here to the experts they are."""
+    from esft_rs.files.naming import classify, fused_slice_name, fused_slice_parent
     from esft_rs.models.hf import _revert
-    from esft_rs.naming import classify, fused_slice_name, fused_slice_parent
 
     assert t.experts is not None
     out = {}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esft_rs.errors import EsftValueError, MismatchError
-from esft_rs.routing import RoutingStats
+from esft_rs.routing.stats import RoutingStats
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +227,7 @@ def profile(
         if kept.world > 1:  # each rank puts its own folder in place
             folder.mkdir(parents=True, exist_ok=True)
             folder = folder / f"rank_{kept.rank}"
-        from esft_rs.outputs import staged
+        from esft_rs.files.outputs import staged
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         with staged(folder, directory=True) as tmp:

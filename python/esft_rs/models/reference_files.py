@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from esft_rs.dtypes import FLOAT
 from esft_rs.errors import InvalidFileError
-from esft_rs.inspection import inspect
+from esft_rs.files.dtypes import FLOAT
+from esft_rs.files.inspection import inspect
 from esft_rs.models.config import CONFIG_NAME, ModelConfig
 from esft_rs.models.reference import ReferenceMoE, skeleton
 
@@ -25,12 +25,12 @@ def save_model(
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names).
 
-    The directory is built aside and put in place whole (``esft_rs.outputs``): an
+    The directory is built aside and put in place whole (``esft_rs.files.outputs``): an
     existing one is replaced only with ``overwrite``, and only if it holds a
     checkpoint, so no file of an earlier model (an index, shards) stays beside the new.
     """
-    from esft_rs.outputs import staged
-    from esft_rs.tensor_stream import write_tensors
+    from esft_rs.files.outputs import staged
+    from esft_rs.files.tensor_stream import write_tensors
 
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
