@@ -198,7 +198,7 @@ def routing_report_cmd(
     for t, path in zip(tasks, routing, strict=True):
         st = t.selection.stats
         if empty := [int(layer) for layer, n in zip(st.layers, st.tokens, strict=True) if not n]:
-            from esft_rs.ranges import id_ranges
+            from esft_rs.formatting import id_ranges
 
             click.echo(f"warning: {path}: no tokens in layer{'s' if len(empty) > 1 else ''}"
                        f" {id_ranges(empty)}; left out of the figures (shown as -)", err=True)

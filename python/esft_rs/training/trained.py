@@ -10,7 +10,7 @@ import random
 from esft_rs.errors import MismatchError
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.files.naming import classify, moe_layout  # noqa: F401 (moe_layout: re-exported)
-from esft_rs.ranges import id_ranges
+from esft_rs.formatting import id_ranges
 
 SHARED_KINDS = ("shared_expert", "shared_expert_gate")
 
