@@ -38,6 +38,7 @@ from esft_rs.models.hf_family import (  # noqa: F401 (re-exported: hf.is_hf etc.
     routers,
 )
 from esft_rs.models.interface import RouterOutput
+from esft_rs.private_api import set_weight_conversions, weight_conversions
 
 
 def load(
@@ -216,8 +217,6 @@ def _revert(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     adapter keeps the trained dtype, and ``esft-rs merge --requantize-fp8`` quantises.
     """
     from transformers.core_model_loading import revert_weight_conversion
-
-    from esft_rs.private_api import set_weight_conversions, weight_conversions
 
     loaded = weight_conversions(model)
     ops = [op for c in loaded or () for op in getattr(c, "operations", ())]

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from esft_rs.distributed import is_sharded_model
 from esft_rs.errors import EsftValueError, MismatchError
+from esft_rs.models import as_moe_model, hf
 from esft_rs.routing.stats import RoutingStats
 
 if TYPE_CHECKING:
@@ -212,8 +214,6 @@ def profile(
     (so a caller that knows its total can drive its own bar). The model runs
     under ``torch.inference_mode()`` on its own device.
     """
-    from esft_rs.models import as_moe_model, hf
-
     if hf.is_hf(model):
         with hf.MoEView(model) as view:
             return profile(view, batches, max_tokens=max_tokens, records=records,
@@ -265,8 +265,6 @@ def profile_model(
     written, for a caller that commits them together with its other outputs."""
     import torch
     import torch.distributed as dist
-
-    from esft_rs.distributed import is_sharded_model
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

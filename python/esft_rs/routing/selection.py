@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.outputs import write_file
 from esft_rs.routing import scoring
 from esft_rs.routing.stats import OFFICIAL_TOP_K, RoutingStats, Source, aggregate
 
@@ -98,6 +99,4 @@ def summary_json(stats: RoutingStats) -> str:
 
 
 def write_summary(stats: RoutingStats, path: str | os.PathLike[str]) -> None:
-    from esft_rs.files.outputs import write_file
-
     write_file(path, summary_json(stats))

@@ -38,8 +38,18 @@ import torch
 
 from esft_rs.distributed import Dist
 from esft_rs.errors import MismatchError
+from esft_rs.files.naming import classify
+from esft_rs.models import hf
 from esft_rs.models.expert_rows import hold_rows, placement_of, set_placement
+from esft_rs.models.reference import MoE
+from esft_rs.training.freeze import Trainable, checkpoint_tensors
 from esft_rs.training.placement import Placement, place_experts  # noqa: F401 (re-exported)
+from esft_rs.training.sharding import (
+    _checkpoint_tensors,
+    _input_needs_grad,
+    _reverted_slices,
+    decoder_layers,
+)
 
 PLACEMENT = "placement.json"
 
@@ -59,9 +69,6 @@ class _Absent(torch.nn.Module):
 
 def moe_blocks(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Decoder layer -> its MoE block (the router's parent: ``mlp``), whatever the family."""
-    from esft_rs.models import hf
-    from esft_rs.models.reference import MoE
-
     if hf.is_hf(model):
         return {layer: model.get_submodule(_parent(model, router))
                 for layer, router in hf.routers(model).items()}
@@ -187,8 +194,6 @@ def install(model: torch.nn.Module, place: Dist, device: torch.device) -> None:
             experts.forward = _routed_fused(dispatch, inner)
     # the first layer's input requires grad in training, so that every rank's backward
     # runs through every all-to-all, as its peers' do (see ``sharding._input_needs_grad``)
-    from esft_rs.training.sharding import _input_needs_grad, decoder_layers
-
     layers = decoder_layers(model)
     if layers:
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
@@ -242,8 +247,6 @@ def _routed_fused(dispatch: Dispatch, inner: Callable[..., torch.Tensor]
 def is_local(model: torch.nn.Module, t: Any) -> bool:
     """Whether trained tensor ``t`` is routed experts' (a per-expert tensor, or a fused
     one's rows), held by their owner alone; else it is replicated."""
-    from esft_rs.files.naming import classify
-
     return placement_of(model) is not None and (
         t.experts is not None or classify(t.name).kind == "routed_expert")
 
@@ -316,9 +319,6 @@ def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
     rank 0 receives each remote expert's trained tensor from its owner, one at a time.
     Every rank must exhaust it. ``meta``: shapes and dtypes only, nothing sent."""
     import torch.distributed as dist
-
-    from esft_rs.training.freeze import Trainable, checkpoint_tensors
-    from esft_rs.training.sharding import _checkpoint_tensors, _reverted_slices
 
     mine = [(t.name, t.experts, is_local(model, t), _dtype_name(t.dtype),
              _dtype_name(t.param.dtype), tuple(t.param.shape)) for t in trainables]

@@ -26,6 +26,7 @@ from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.files.naming import classify, fused_slice_name
 from esft_rs.models import gated_experts_problem, to_checkpoint
 from esft_rs.models.expert_rows import FusedSlices, expert_rows, placement_of
+from esft_rs.training import slice_grads
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
@@ -162,8 +163,6 @@ def split_weight_grads(module: torch.nn.Module) -> None:
     """Give ``module``'s backward weight gradients for its trained slices only
     (``esft_rs.training.slice_grads``) when it is fused experts the split knows;
     otherwise its slices take their rows of the whole fused tensor's gradient."""
-    from esft_rs.training import slice_grads
-
     params = module.parametrizations
     experts = {params[a][0].experts if a in params else None for a in slice_grads.PROJECTIONS}
     problem = (gated_experts_problem(module) if len(experts) == 1 and None not in experts
