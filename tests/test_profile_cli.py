@@ -16,9 +16,9 @@ import esft_rs
 from esft_rs import RoutingStats, aggregate
 from esft_rs.cli import run
 from esft_rs.data import read_task_data
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.data.tokenizer import ByteTokenizer
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
-from esft_rs.tokenizer import ByteTokenizer
 
 SEQ, BATCH = 64, 3
 
@@ -161,7 +161,7 @@ def test_python_api_writes_what_the_command_writes(tmp_path, capsys, model_dir, 
     """``esft_rs.profile_task``: the command's library call, the same file from Python."""
     import importlib
 
-    from esft_rs.profiling import DEFAULT_TOKENS
+    from esft_rs.routing.profiling import DEFAULT_TOKENS
 
     assert importlib.import_module("esft_rs.cli.profile_cmd").DEFAULT_TOKENS == DEFAULT_TOKENS
     cmd, api = tmp_path / "cmd.safetensors", tmp_path / "api.safetensors"

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from esft_rs.errors import EsftValueError, InvalidFileError
-from esft_rs.inputs import check_file
+from esft_rs.files.inputs import check_file
 
 if TYPE_CHECKING:
     import torch
 
     from esft_rs.data import TaskData
+    from esft_rs.data.tokenizer import Tokenizer
     from esft_rs.distributed import Dist
-    from esft_rs.tokenizer import Tokenizer
 
 
 def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +57,7 @@ def task_inputs(
     """(device, tokenizer, task data): everything that can be wrong with the inputs
     fails here, before the model loads. Skipped lines are listed on stderr."""
     from esft_rs.data import read_task_data
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
 
     if not (model / "config.json").exists():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")

@@ -71,7 +71,7 @@ def profile_cmd(
     the number of processes.
     """
     from esft_rs.cli.model_inputs import torch_device
-    from esft_rs.profiling import profile_task
+    from esft_rs.routing.profiling import profile_task
 
     _route_notes()
     result = profile_task(model, data, output, records=records, tokens=tokens,
@@ -100,8 +100,8 @@ class _Echo(logging.Handler):
 
 
 def _route_notes() -> None:
-    """``esft_rs.profiling``'s notes go to stderr, from the main process only."""
-    logger = logging.getLogger("esft_rs.profiling")
+    """``esft_rs.routing.profiling``'s notes go to stderr, from the main process only."""
+    logger = logging.getLogger("esft_rs.routing.profiling")
     if not any(isinstance(h, _Echo) for h in logger.handlers):
         main = os.environ.get("RANK", "0") == "0"
         logger.addHandler(_Echo() if main else logging.NullHandler())

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError, option
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.config import TrainConfig, config_path, load_config
-from esft_rs.training.outputs import ADAPTER, write_outputs
+from esft_rs.training.run_dir import ADAPTER, write_outputs
 
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.inspection import TensorInfo
-    from esft_rs.tensor_stream import Layout
+    from esft_rs.files.inspection import TensorInfo
+    from esft_rs.files.tensor_stream import Layout
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.loop import FitResult
 
@@ -78,8 +78,8 @@ def train(
     """
     import torch
 
-    from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
+    from esft_rs.files.adapter import fingerprint as fingerprint_of
     from esft_rs.training.freeze import freeze
     from esft_rs.training.loop import Loop
 
@@ -129,7 +129,7 @@ def _check_paths(out: Path, model: object, data: object, experts: object,
     """Outputs checked before anything loads: none is an input or inside one, ``out`` is (or
     can become) a writable run directory, ``save_merged`` is new. Returns ``config`` with a
     starter config's name resolved to its file."""
-    from esft_rs.outputs import check_kind, check_outputs, check_target, check_writable
+    from esft_rs.files.outputs import check_kind, check_outputs, check_target, check_writable
 
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
@@ -312,7 +312,7 @@ def _open_run_dir(out: Path, place: Any, replacing: bool, placement: Any,
     if place.main:
         out.mkdir(parents=True, exist_ok=True)
         if placement is not None:
-            from esft_rs.outputs import write_file
+            from esft_rs.files.outputs import write_file
 
             write_file(out / expert_parallel.PLACEMENT,
                        json.dumps(placement.describe(resolved.experts), indent=1) + "\n")
@@ -539,7 +539,7 @@ def _load_data(
             raise InvalidFileError("data: no training examples")
         return tensors, None
     from esft_rs.data import read_task_data
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
 
     if base is None:
         raise EsftError(f"{data}: chat JSONL needs the model directory, for its tokenizer")
@@ -559,7 +559,7 @@ def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
     the BOS that starts each example (the official format labels it, so a row of fully
     masked conversations still held loss tokens, BOS mid-row, and "trained" on them)."""
     from esft_rs.data import IGNORE_INDEX
-    from esft_rs.preflight import check_answer_tokens, check_token_ids
+    from esft_rs.data.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
@@ -575,7 +575,7 @@ def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, l
     that says so (returned)."""
     from dataclasses import replace
 
-    from esft_rs.preflight import context_length, fit_to_context
+    from esft_rs.data.preflight import context_length, fit_to_context
 
     seq_length, note = fit_to_context(cfg.seq_length, context_length(net))
     return replace(cfg, seq_length=seq_length), [] if note is None else [note]
@@ -618,7 +618,7 @@ def _check_enough(n_train: int, rows: tuple[int, ...], cfg: TrainConfig, world: 
 
 def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
     """The base checkpoint's tensors (headers only)."""
-    from esft_rs.inspection import inspect as inspect_checkpoint
+    from esft_rs.files.inspection import inspect as inspect_checkpoint
 
     return dict(inspect_checkpoint(base).tensors)
 
@@ -689,6 +689,6 @@ def _merge(base: PathLike | None, adapter: Path, out: Path, requantize_fp8: bool
     """The full fine-tuned model: the adapter merged into the base by the Rust streaming merge."""
     if base is None:
         raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
-    from esft_rs.merging import merge
+    from esft_rs.files.merging import merge
 
     merge(base, adapter, out, requantize_fp8=requantize_fp8)

@@ -1,5 +1,5 @@
-"""``esft_rs.plan``: the memory a training run needs per rank, from ``config.json`` and the
-safetensors headers alone (no torch: ``esft-rs plan`` is a byte-level command).
+"""``esft-rs plan``: the memory a training run needs per rank, from ``config.json`` and
+the safetensors headers alone (no torch: ``esft-rs plan`` is a byte-level command).
 
 The layout is the trainer's (``esft_rs.training``), tensor by tensor:
 
@@ -43,14 +43,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esft_rs.dtypes import itemsize
 from esft_rs.errors import InvalidFileError
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.inputs import load_json
-from esft_rs.naming import classify, projection
+from esft_rs.files.dtypes import itemsize
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.inputs import load_json
+from esft_rs.files.naming import classify, projection
+from esft_rs.formatting import byte_unit, human_bytes
 from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
-from esft_rs.units import byte_unit, human_bytes
 
 #: block-FP8 tensors are dequantised to bf16 in memory (2 bytes per element)
 DEQUANTISED = {"F8_E4M3": 2}
@@ -74,7 +74,7 @@ class _Tensor:
     """One in-memory parameter: ``rows`` along dim 0, ``row`` elements each."""
 
     layer: int | None
-    kind: str  # esft_rs.naming's role of the tensor
+    kind: str  # esft_rs.files.naming's role of the tensor
     rows: int
     row: int
     nbytes: int  # per element, in memory
@@ -169,8 +169,8 @@ def plan(
     (the largest rank's), and the bytes a rank communicates per optimizer step. Rows longer
     than the model's context are cut to it, as train cuts them (``notes`` says so).
     ``lora_rank``: ESFT-LoRA of that rank on ``lora_targets`` (empty: every projection)."""
-    from esft_rs.inspection import inspect
-    from esft_rs.preflight import fit_to_context
+    from esft_rs.data.preflight import fit_to_context
+    from esft_rs.files.inspection import inspect
 
     if parallelism not in (*PARALLELISMS, "auto"):
         raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"

@@ -28,18 +28,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esft_rs.errors import EsftError, EsftValueError, MismatchError
-from esft_rs.routing import RoutingStats
+from esft_rs.routing.stats import RoutingStats
 from esft_rs.training.config import DEFAULT_SEED, TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
     from esft_rs.data import Packed, TaskData
+    from esft_rs.data.tokenizer import Tokenizer
     from esft_rs.distributed import Dist
     from esft_rs.models.interface import MoEModel
-    from esft_rs.tokenizer import Tokenizer
 
-log = logging.getLogger("esft_rs.profiling")
+log = logging.getLogger("esft_rs.routing.profiling")
 
 PathLike = str | os.PathLike[str]
 
@@ -244,7 +244,7 @@ def profile(
         if kept.world > 1:  # each rank puts its own folder in place
             folder.mkdir(parents=True, exist_ok=True)
             folder = folder / f"rank_{kept.rank}"
-        from esft_rs.outputs import staged
+        from esft_rs.files.outputs import staged
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         with staged(folder, directory=True) as tmp:
@@ -398,7 +398,7 @@ def profile_task(
     real tokens, ``batch_size`` rows a forward pass. Under torchrun every process calls
     this: each profiles a disjoint share of the rows (the model spread as ``parallelism``
     says), and rank 0 writes the outputs. Notes and skipped lines (``skip_bad``) are
-    logged to ``esft_rs.profiling``.
+    logged to ``esft_rs.routing.profiling``.
     """
     from esft_rs.distributed import device_for, process_group
     from esft_rs.models import as_moe_model
@@ -431,8 +431,8 @@ def profile_task(
 
 def _check_outputs(model: Path, data: list[Path], output: Path, records: Path | None) -> None:
     """The outputs are no input nor inside one, and may be written (before anything loads)."""
-    from esft_rs.outputs import check_outputs, check_target
-    from esft_rs.routing import OUTPUT_KIND as ROUTING
+    from esft_rs.files.outputs import check_outputs, check_target
+    from esft_rs.routing.stats import OUTPUT_KIND as ROUTING
 
     check_outputs([output, records], [model, *data])
     check_target(output, kind=ROUTING)
@@ -445,9 +445,9 @@ def _read_inputs(model: Path, data: list[Path], chat_template: str, skip_bad: bo
     """The tokenizer and the task data: everything that can be wrong with the inputs fails
     here, before the model loads. Each skipped line is logged."""
     from esft_rs.data import read_task_data
+    from esft_rs.data.tokenizer import load_tokenizer
     from esft_rs.errors import InvalidFileError
-    from esft_rs.inputs import check_file
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.files.inputs import check_file
 
     if not (model / "config.json").exists():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")
@@ -463,7 +463,7 @@ def _row_length(seq_length: int | None, model: MoEModel) -> int:
     """The packed row length: ``seq_length`` cut to the model's context with a note, as
     train and plan cut it; unset, 4096 or the context if shorter (no note: nothing asked
     was changed)."""
-    from esft_rs.preflight import context_length, fit_to_context
+    from esft_rs.data.preflight import context_length, fit_to_context
 
     limit = context_length(model)
     if seq_length is None:
@@ -479,7 +479,7 @@ def _take_rows(packed: Packed, model: MoEModel, data: list[Path], tokens: int,
     """The batches to profile: packed rows in order until they hold ``tokens`` real tokens
     (the row that reaches it stays), their ids checked against the model's vocabulary;
     and the real tokens they hold."""
-    from esft_rs.preflight import check_token_ids
+    from esft_rs.data.preflight import check_token_ids
 
     ids, mask = packed.input_ids, packed.attention_mask
     check_token_ids(int(ids.min()), int(ids.max()), model, ",".join(map(str, data)))
@@ -515,7 +515,7 @@ def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Record
     """The stats file and the records folder, committed together by rank 0 (every rank
     calls): a failure leaves neither, and an earlier pair as it was."""
     from esft_rs.distributed import from_rank0
-    from esft_rs.outputs import staged_together
+    from esft_rs.files.outputs import staged_together
 
     with ExitStack() as stack:
         tmp: dict[Path | None, Path] = {}
@@ -537,8 +537,8 @@ def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Record
 def _fingerprint(model: Path) -> dict[str, str]:
     """The model's fingerprint for the stats metadata, so that select and routing-report
     can refuse statistics of different models; none for a model without safetensors."""
-    from esft_rs.adapter import fingerprint
-    from esft_rs.routing import MODEL_FINGERPRINT
+    from esft_rs.files.adapter import fingerprint
+    from esft_rs.routing.stats import MODEL_FINGERPRINT
 
     try:
         return {MODEL_FINGERPRINT: fingerprint(model)}
