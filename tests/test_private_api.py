@@ -94,12 +94,15 @@ def test_fsdp_pieces_fall_back(monkeypatch: pytest.MonkeyPatch, probed: None) ->
         warnings.simplefilter("always")
         m.delattr(FSDPModule, "set_custom_all_gather")
         m.delattr(FSDPModule, "_set_unshard_async_op")
+        m.delattr(FSDPModule, "set_reduce_scatter_unused_params")
         private_api.clear()
         model = torch.nn.Linear(2, 2)
         chunked_gather.install(model)  # stock FSDP2: nothing to install
         private_api.set_unshard_async(model)  # gathers wait: nothing to set
+        assert not private_api.set_reduce_unused(model)  # the caller gives zeros itself
     one_warning(caught, "fsdp_chunked_gather")
     one_warning(caught, "fsdp_async_unshard")
+    one_warning(caught, "fsdp_unused_params")
 
 
 @pytest.mark.parametrize(("shape", "mesh", "placements", "want"), [
