@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,7 +150,9 @@ def test_a_checkpoint_that_does_not_fit_is_refused(
     bad = broken(cases["mixtral"][0], tmp_path / "bad", edit)
     with pytest.raises(InvalidFileError) as e:
         meta_model(bad)
-    assert str(e.value) == f"{bad}: {message}" + (
+    # torch's own stack error says torch.Size([32, 16]) before 2.9 or so, [32, 16] after
+    said = re.sub(r"torch\.Size\((\[[^]]*\])\)", r"\1", str(e.value))
+    assert said == f"{bad}: {message}" + (
         " (a tensor missing from a fused expert group shortens it)" if "has shape" in message
         else "")
 
