@@ -52,7 +52,7 @@ test-fast: setup
 # process; FSDP2 + DCP resume on another world size; expert parallelism + DCP resume;
 # the private_api probes and fallbacks). Same packages otherwise, linked from the uv
 # cache; the extension built by `setup` is used in place.
-TORCH_FLOOR := 2.8.0
+TORCH_FLOOR := 2.12.0
 HF_FLOOR := 5.20.0
 FLOOR_VENV := .venv-floor
 $(FLOOR_VENV)/.stamp: requirements.lock Makefile

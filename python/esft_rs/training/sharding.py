@@ -57,9 +57,6 @@ def shard(
         fully_shard(layer, mesh=mesh, shard_placement_fn=placement,
                     reshard_after_forward=layer is not layers[-1])
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
-    if not _reduce_scatter_averages(mesh):
-        for module in (*layers, model):
-            module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     # Experts that get no token on a rank have no gradient there: reduce zeros for
     # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
     if layers:
@@ -72,23 +69,6 @@ def shard(
     if layers:
         _overlap(model, layers, device, prefetch)
     return trainables
-
-
-def _reduce_scatter_averages(mesh: Any) -> bool:
-    """Whether ``mesh``'s reduce-scatter averages when asked to (``ReduceOp.AVG``, what
-    FSDP2 asks for fp32 gradients). gloo in torch 2.8 sums instead: gradients came out
-    ``world`` times too large. Where it does not, FSDP2 is told to sum and divide itself.
-    One collective of ``world`` floats; every rank calls it alike."""
-    import torch.distributed as dist
-
-    group = mesh.get_group()
-    out = torch.zeros(1, device=mesh.device_type)
-    try:
-        dist.reduce_scatter_tensor(out, torch.ones(group.size(), device=out.device),
-                                   op=dist.ReduceOp.AVG, group=group)
-    except (RuntimeError, ValueError):  # a backend without AVG: the same answer
-        return False
-    return out.item() == 1.0
 
 
 def _slices_on_dim_1(model: torch.nn.Module) -> Any:
