@@ -137,7 +137,7 @@ def broken(src: Path, out: Path, edit) -> Path:
     (lambda t: t.update({"model.layers.1.block_sparse_moe.experts.2.w2.weight":
                          torch.zeros(32, 15)}),
      "cannot convert the tensors of model.layers.1.mlp.experts.down_proj: stack expects each"
-     " tensor to be equal size, but got [32, 16] at entry 0 and [32, 15] at entry 2"),
+     " tensor to be equal size"),
     (lambda t: t.update({"model.norm.weight": torch.ones(31)}),
      "tensor model.norm.weight has shape [31], config.json needs [32]"),
 ])
@@ -149,9 +149,12 @@ def test_a_checkpoint_that_does_not_fit_is_refused(
     bad = broken(cases["mixtral"][0], tmp_path / "bad", edit)
     with pytest.raises(InvalidFileError) as e:
         meta_model(bad)
-    assert str(e.value) == f"{bad}: {message}" + (
+    want = f"{bad}: {message}" + (
         " (a tensor missing from a fused expert group shortens it)" if "has shape" in message
         else "")
+    # torch's stack error, quoted, names the sizes in words that change across releases
+    assert str(e.value).startswith(want) if message.endswith("equal size") else \
+        str(e.value) == want
 
 
 def test_unsupported_inputs_are_refused(cases: dict[str, tuple[Path, Path]],

@@ -67,12 +67,24 @@ def probed() -> Iterator[None]:
     private_api.clear()
 
 
+@pytest.fixture
+def fsdp_pieces(probed: None) -> None:
+    """A torch with every FSDP2 piece, which the test then removes (the floor's lacks
+    some: ``make test-floor`` trains with its own fallbacks instead)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    missing = [n for n in ("set_custom_all_gather", "set_reduce_scatter_unused_params")
+               if not hasattr(FSDPModule, n)]
+    if missing:
+        pytest.skip(f"torch {torch.__version__}: FSDPModule has no {', '.join(missing)}")
+
+
 def one_warning(caught: list[warnings.WarningMessage], piece: str) -> None:
     lines = [str(w.message) for w in caught if piece in str(w.message)]
     assert len(lines) == 1 and "\n" not in lines[0], lines
 
 
-def test_fsdp_pieces_fall_back(monkeypatch: pytest.MonkeyPatch, probed: None) -> None:
+def test_fsdp_pieces_fall_back(monkeypatch: pytest.MonkeyPatch, fsdp_pieces: None) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.fsdp._fully_shard import _fsdp_param
 
@@ -94,12 +106,15 @@ def test_fsdp_pieces_fall_back(monkeypatch: pytest.MonkeyPatch, probed: None) ->
         warnings.simplefilter("always")
         m.delattr(FSDPModule, "set_custom_all_gather")
         m.delattr(FSDPModule, "_set_unshard_async_op")
+        m.delattr(FSDPModule, "set_reduce_scatter_unused_params")
         private_api.clear()
         model = torch.nn.Linear(2, 2)
         chunked_gather.install(model)  # stock FSDP2: nothing to install
         private_api.set_unshard_async(model)  # gathers wait: nothing to set
+        assert not private_api.set_reduce_unused(model)  # the caller gives zeros itself
     one_warning(caught, "fsdp_chunked_gather")
     one_warning(caught, "fsdp_async_unshard")
+    one_warning(caught, "fsdp_unused_params")
 
 
 @pytest.mark.parametrize(("shape", "mesh", "placements", "want"), [
@@ -192,7 +207,7 @@ def test_fsdp_without_private_apis_trains_as_with_them(tmp_path: Path,
     assert torch.equal(losses(normal), losses(public))
 
 
-def test_a_changed_fsdp_copy_out_takes_the_flat_way(probed: None) -> None:
+def test_a_changed_fsdp_copy_out_takes_the_flat_way(fsdp_pieces: None) -> None:
     """_in_place_fits raised on a parameter group whose copy-out FSDP2 had changed; now
     that group gathers the flat way, with one warning line."""
     from types import SimpleNamespace

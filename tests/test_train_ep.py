@@ -101,6 +101,7 @@ def test_ep_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path
         torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.floor
 @pytest.mark.multiprocess
 def test_ep_resume_on_another_world_size(builtin: Path, tmp_path: Path) -> None:
     """A checkpoint of 2 EP ranks resumes on 2 with the uninterrupted losses exactly, and on

@@ -168,7 +168,12 @@ def ddp_rank(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> Non
     (``exit_process``), where gloo may abort a rank."""
     from esft_rs.distributed import exit_process
 
-    ddp_worker(rank, world, port, args, kwargs)
+    try:
+        ddp_worker(rank, world, port, args, kwargs)
+    except KeyboardInterrupt as e:
+        # torch 2.8's spawn takes a rank's KeyboardInterrupt for a quiet exit (its parent
+        # gone): said as an error, the parent sees the cut run on every release.
+        raise RuntimeError("KeyboardInterrupt") from e
     exit_process(0)
 
 

@@ -8,8 +8,9 @@ that no other module touches these names. docs/ARCHITECTURE.md lists the pieces 
 their public alternatives.
 
 The pieces (``PIECES``): FSDP2's in-place all-gather internals (``fsdp_in_place_gather``),
-its custom all-gather hook (``fsdp_chunked_gather``) and asynchronous unshard
-(``fsdp_async_unshard``); DTensor's local offset (``dtensor_offset``); DCP's flattened
+its custom all-gather hook (``fsdp_chunked_gather``), asynchronous unshard
+(``fsdp_async_unshard``) and zero gradients for unused parameters (``fsdp_unused_params``,
+public since torch 2.13); DTensor's local offset (``dtensor_offset``); DCP's flattened
 metadata keys (``dcp_flat_keys``); transformers' dtype plan (``hf_dtype_plan``), load-time
 conversions (``hf_weight_conversions``) and ``_init_weights`` hook (``hf_init_weights``);
 ``nn.Module``'s set of non-persistent buffers (``module_buffers``).
@@ -27,8 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 PIECES = ("fsdp_in_place_gather", "fsdp_chunked_gather", "fsdp_async_unshard",
-          "dtensor_offset", "dcp_flat_keys", "hf_dtype_plan", "hf_weight_conversions",
-          "hf_init_weights", "module_buffers")
+          "fsdp_unused_params", "dtensor_offset", "dcp_flat_keys", "hf_dtype_plan",
+          "hf_weight_conversions", "hf_init_weights", "module_buffers")
 
 
 def _hidden(piece: str) -> bool:
@@ -65,6 +66,7 @@ def clear() -> None:
     _fsdp_in_place.cache_clear()
     _fsdp_chunked.cache_clear()
     _fsdp_async.cache_clear()
+    _fsdp_unused.cache_clear()
     _fallback.cache_clear()
 
 
@@ -112,6 +114,21 @@ def _fsdp_chunked() -> bool:
 @functools.cache
 def _fsdp_async() -> bool:
     return _fsdp_method("fsdp_async_unshard", "_set_unshard_async_op")
+
+
+@functools.cache
+def _fsdp_unused() -> bool:
+    return _fsdp_method("fsdp_unused_params", "set_reduce_scatter_unused_params")
+
+
+def set_reduce_unused(module: Any) -> bool:
+    """Have FSDP2 reduce-scatter zeros for the parameters of ``module`` (and its FSDP2
+    submodules) that got no gradient on a rank; False where it cannot (torch < 2.13):
+    the caller then gives them zero gradients itself."""
+    if not _fsdp_unused():
+        return False
+    module.set_reduce_scatter_unused_params(True)
+    return True
 
 
 def set_unshard_async(module: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from esft_rs import private_api
 from esft_rs.distributed import Dist
 from esft_rs.files.naming import classify, fused_slice_name, fused_slice_parent
 from esft_rs.models import hf
@@ -54,15 +55,21 @@ def shard(
     layers = decoder_layers(model)
     placement = _slices_on_dim_1(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+        # The backward starts with the last layer just after its forward: it stays
+        # gathered in between (as torchtitan does) rather than being gathered twice in a row.
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement,
+                    reshard_after_forward=layer is not layers[-1])
     fully_shard(model, mesh=mesh, shard_placement_fn=placement)
     # Experts that get no token on a rank have no gradient there: reduce zeros for
     # them, or the ranks' reduce-scatters would not match (DDP's find_unused_parameters).
-    model.set_reduce_scatter_unused_params(True)
     if layers:
         # Backward gathers each layer it passes through, on every rank alike: a rank whose
         # tokens reached no trained expert of a layer (and none below) would skip it.
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
+    if not private_api.set_reduce_unused(model):
+        for layer in layers:  # after _input_needs_grad: layer 0's input requires grad then
+            layer.register_forward_pre_hook(_zero_missing_grads, with_kwargs=True)
+    if layers:
         _overlap(model, layers, device, prefetch)
     return trainables
 
@@ -90,13 +97,11 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
     FSDP2 overlaps by streams, which a CPU has not: there each all-gather blocks the rank
     until it ends. Asynchronous all-gathers issued one layer ahead (the next one in the
     forward, the previous one in the backward) run on the backend's thread instead, under
-    the running layer's compute. The backward starts with the last layer just after its
-    forward, so it stays gathered in between (as torchtitan does) rather than being
-    gathered twice in a row. Memory: at most two layers gathered, as FSDP2's own prefetch.
+    the running layer's compute (the last layer stays gathered for the backward: ``shard``).
+    Memory: at most two layers gathered, as FSDP2's own prefetch.
     On CPU each gather goes in pieces (``chunked_gather``: gloo is faster so).
     """
     if device.type == "cpu":
-        from esft_rs import private_api
         from esft_rs.training import chunked_gather
 
         private_api.set_unshard_async(model)
@@ -111,7 +116,6 @@ def _overlap(model: torch.nn.Module, layers: list[torch.nn.Module], device: torc
         # prefetch: the layer itself, gathered by then, makes that a no-op.
         for layer in layers:
             layer.set_modules_to_backward_prefetch([layer])  # type: ignore[operator]
-    layers[-1].set_reshard_after_forward(False)  # type: ignore[operator]
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -122,6 +126,42 @@ def reshard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+class _ZeroMissingGrads(torch.autograd.Function):
+    """The identity on a layer's hidden states. Its backward runs just before FSDP2's
+    post-backward of that layer (whose hook wrapped the layer's inputs first) and gives a
+    zero gradient to each of ``params`` that autograd did not reach on this rank, so that
+    every rank reduce-scatters the same tensors; what torch >= 2.13 does itself
+    (``set_reduce_scatter_unused_params``). Assigned, not accumulated, these zeros leave
+    ``GradPresence``'s record alone."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        ctx.params = params
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        for p in ctx.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return grad, None
+
+
+def _zero_missing_grads(
+    module: torch.nn.Module, args: tuple, kwargs: dict
+) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a decoder layer (after FSDP2's, which put the unsharded
+    parameters on it) on torch < 2.13: its hidden states pass ``_ZeroMissingGrads``."""
+    if not torch.is_grad_enabled():
+        return None
+    params = [p for p in module.parameters() if p.requires_grad and not is_sharded(p)]
+    if args and torch.is_tensor(args[0]) and args[0].requires_grad:
+        return (_ZeroMissingGrads.apply(args[0], params), *args[1:]), kwargs
+    if torch.is_tensor(h := kwargs.get("hidden_states")) and h.requires_grad:
+        return args, {**kwargs, "hidden_states": _ZeroMissingGrads.apply(h, params)}
+    return None
 
 
 def _input_needs_grad(
