@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import rank_pool
 from esft_rs.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
@@ -38,6 +39,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pytest_sessionfinish() -> None:
+    rank_pool.POOL.close()
 
 
 @pytest.fixture
