@@ -256,7 +256,7 @@ def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
     any parameter, ``Trainable.param`` follows them, and gradients equal the reference."""
 
     port = free_port()
-    rank_pool.spawn(_fsdp_rank, args=(2, port), nprocs=2, join=True)
+    rank_pool.spawn(_fsdp_rank, args=(2, port), nprocs=2)
 
 
 def whole_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
