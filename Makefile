@@ -37,6 +37,8 @@ test: setup
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches docs
+	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
+	$(VENV)/bin/lint-imports
 	@$(MAKE) --no-print-directory test-hf-floor
 	$(PY) -m pytest  # last, so that its summary closes the output
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from esft_rs.data import Message, format_conversation
+from esft_rs.data.tokenizer import Tokenizer, load_tokenizer
 from esft_rs.demo import tasks as T
 from esft_rs.demo.settings import DEMO_MODEL
 from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match
 from esft_rs.models import init_model, load_model
-from esft_rs.tokenizer import Tokenizer, load_tokenizer
 from timing import interleaved
 
 

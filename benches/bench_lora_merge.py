@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import esft_rs
-from esft_rs.adapter import ADAPTER_KEYS, save_adapter
+from esft_rs.files.adapter import ADAPTER_KEYS, save_adapter
 
 HIDDEN, INTER, R, ALPHA = 2048, 1408, 16, 32.0
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from esft_rs.adapter import save_adapter
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.adapter import save_adapter
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, expert_tensors, moe_tensor_shapes, write_checkpoint
 from timing import clean, digest, interleaved_processes, measure
 

@@ -1,5 +1,5 @@
 """Training one MoE over 1, 2 and 4 processes on CPU (gloo): FSDP2 against expert parallelism
-and DDP, ESFT against full and against gradient masking, each beside ``esft_rs.plan``'s
+and DDP, ESFT against full and against gradient masking, each beside ``esft_rs.training.planner``'s
 prediction.
 
 A random built-in MoE of about ``--gb`` GB of fp32 weights (made locally, per-expert
@@ -67,7 +67,7 @@ MASKED_GRAD_BYTES = [0]  # gradient bytes at the optimizer step, the masked zero
 COMM = {"gather": 0, "scatter": 0, "gather_max": 0, "scatter_max": 0}  # FSDP's bytes, summed
 # bytes rank 0 sent plus received at every collective (all-gathers and reduce-scatters by
 # ring, all-reduces as a reduce-scatter and an all-gather; all-to-alls exactly, the part
-# it keeps aside), as esft_rs.plan counts comm_bytes
+# it keeps aside), as esft_rs.training.planner counts comm_bytes
 MOVED = [0]
 
 
@@ -85,7 +85,7 @@ def config(gb: float) -> object:
 
 
 def make_inputs(root: Path, gb: float, experts: int, cfg: object = None) -> dict[str, Path]:
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.models import init_model, save_model
 
     cfg = cfg or config(gb)
@@ -108,7 +108,7 @@ def mask_gradients(experts: Path) -> None:
     ``experts`` leaves frozen: gradient masking (run with mode full)."""
     import torch
 
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.training import loop
     from esft_rs.training.sharding import local_bytes
     from esft_rs.training.trained import tensor_plan
@@ -341,9 +341,9 @@ def idle_status_mb() -> dict[str, float]:
 
 def predicted(inputs: dict[str, Path], mode: str, world: int, parallelism: str,
               args: argparse.Namespace) -> object:
-    """``esft_rs.plan`` for this setting (masked trains and holds what full does)."""
-    from esft_rs.expert_config import ExpertConfig
-    from esft_rs.plan import plan
+    """``esft_rs.training.planner`` for this setting (masked trains and holds what full does)."""
+    from esft_rs.files.expert_config import ExpertConfig
+    from esft_rs.training.planner import plan
 
     return plan(inputs["base"], ExpertConfig.load(inputs["experts"]),
                 "full" if mode == "masked" else mode, nproc=world,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training import freeze as freezing
 from esft_rs.training.freeze import freeze
 

@@ -37,7 +37,7 @@ import torch
 
 from esft_rs import profile
 from esft_rs.distributed import Dist
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model
 from esft_rs.training import lora
 from esft_rs.training.api import _prepare

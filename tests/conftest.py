@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import rank_pool
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
 CLI = [sys.executable, "-m", "esft_rs"]

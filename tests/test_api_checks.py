@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import esft_rs
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.routing import RoutingStats
 
 
@@ -53,7 +53,7 @@ def test_expert_listed_twice_is_refused() -> None:
     ("{{ 1 // 0 }}", "ZeroDivisionError"),
 ])
 def test_a_failing_chat_template_is_one_error(source: str, why: str) -> None:
-    from esft_rs.chat_template import render
+    from esft_rs.data.chat_template import render
 
     with pytest.raises(esft_rs.MismatchError, match=rf"^chat template: {why}"):
         render(source, [{"role": "user", "content": "a"}], {})

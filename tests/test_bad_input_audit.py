@@ -150,7 +150,7 @@ def test_yaml_alias_bomb_is_read_once_and_reported_briefly(tmp_path: Path) -> No
 
     path = tmp_path / "c.yaml"
     path.write_text(alias_bomb([f"k{i}" for i in range(9)]))  # 9**9 references
-    probe = f"from esft_rs.inputs import load_yaml; load_yaml({str(path)!r})"
+    probe = f"from esft_rs.files.inputs import load_yaml; load_yaml({str(path)!r})"
     # the depth check walked every one of them (minutes); a hang fails here
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
     path.write_text(alias_bomb(["optim", "n_device", "ep_size", "seed"]))
@@ -256,7 +256,7 @@ def test_missing_inputs_read_in_python_are_esft_errors(ws: Path, tmp_path: Path)
 
     from esft_rs.data import read_task_data
     from esft_rs.errors import EsftError, EsftFileNotFoundError
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.training.config import load_config
 
     missing = tmp_path / "nope"
@@ -291,7 +291,7 @@ def test_training_when_no_token_reaches_a_trained_expert(ws: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("bad", ["syntax", "fifo"])
 def test_chat_template_file_problems_name_the_file(tmp_path: Path, bad: str) -> None:
-    from esft_rs.chat_template import read_template
+    from esft_rs.data.chat_template import read_template
 
     path = tmp_path / "t.jinja"
     if bad == "syntax":  # was "chat template: unexpected end of template", naming no file
@@ -345,7 +345,7 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
     reaches, on 8 rows of which the first ``reaching_rows`` are varied (global batch 4:
     1 row per process and micro-step at 2 processes); the metrics of each step."""
 
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from train_fakes import FakeMoE, constant_routes, ddp_rank, fake_data
 
     missed = {layer: min(set(range(4)) - used)
@@ -414,8 +414,8 @@ def test_json_inputs_may_start_with_a_byte_order_mark(ws: Path, tmp_path: Path) 
     from safetensors import safe_open
 
     from esft_rs.data import read_task_data
-    from esft_rs.expert_config import ExpertConfig
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
+    from esft_rs.files.expert_config import ExpertConfig
     from test_tokenizer import hf_dir
 
     model = tmp_path / "m"

@@ -10,8 +10,8 @@ import pytest
 
 from chat_fixtures import CONVERSATIONS, DEEPSEEK_LIKE, TEMPLATES, tokenizer_dir
 from esft_rs.data import IGNORE_INDEX, Message, TaskData, encode_conversation
+from esft_rs.data.tokenizer import load_tokenizer
 from esft_rs.errors import InvalidFileError, MismatchError
-from esft_rs.tokenizer import load_tokenizer
 
 #: What carries labels under each template without {% generation %} blocks (by rendering
 #: prefixes): the turn after its header, with the end-of-turn text the template writes.
@@ -110,7 +110,7 @@ def test_templates_run_sandboxed(tmp_path):
 
 
 def test_official_format_takes_system_turn():
-    from esft_rs.tokenizer import ByteTokenizer
+    from esft_rs.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     ids, labels = encode_conversation(tok, [{"role": "system", "content": " Be brief. "},
@@ -121,7 +121,7 @@ def test_official_format_takes_system_turn():
 
 
 def test_core_does_not_import_transformers():
-    code = ("import sys, esft_rs.data, esft_rs.chat_template, esft_rs.tokenizer;"
+    code = ("import sys, esft_rs.data, esft_rs.data.chat_template, esft_rs.data.tokenizer;"
             " assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

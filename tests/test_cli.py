@@ -48,7 +48,7 @@ def _options() -> list[tuple[str, object]]:
 def test_one_vocabulary_across_commands() -> None:
     """-o is --output, the row length --seq-length, --device defaults to auto, the data seed
     is one default, --chat-template shows its choices: in every command."""
-    from esft_rs.training.config import DEFAULT_SEED
+    from esft_rs.data import DEFAULT_SEED
 
     seen = set()
     for name, p in _options():

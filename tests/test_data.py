@@ -16,8 +16,8 @@ from esft_rs.data import (
     pack,
     read_task_data,
 )
+from esft_rs.data.tokenizer import ByteTokenizer
 from esft_rs.errors import InvalidFileError
-from esft_rs.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 BOS, EOS, M = TOK.bos, TOK.eos, IGNORE_INDEX
@@ -204,7 +204,7 @@ def test_parsing_does_not_import_torch(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     code = (
         "import sys; from esft_rs.data import read_task_data, format_conversation\n"
-        "from esft_rs.tokenizer import ByteTokenizer\n"
+        "from esft_rs.data.tokenizer import ByteTokenizer\n"
         f"d = read_task_data({str(f)!r})\n"
         "format_conversation(d.conversations[0], ByteTokenizer())\n"
         "assert 'torch' not in sys.modules"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import esft_rs
 from conftest import run_cli
 from esft_rs.demo.settings import LORA_RANKS
-from esft_rs.naming import classify
+from esft_rs.files.naming import classify
 
 pytestmark = pytest.mark.demo
 
@@ -163,8 +163,8 @@ def test_merged_model_scores_like_in_memory(report: tuple[dict, Path]) -> None:
 
 def test_base_and_merged_carry_the_word_tokenizer(report: tuple[dict, Path]) -> None:
     from esft_rs.data import Message, format_conversation
+    from esft_rs.data.tokenizer import load_tokenizer
     from esft_rs.demo.vocabulary import VOCAB
-    from esft_rs.tokenizer import load_tokenizer
 
     r, _ = report
     conv = [Message("user", "shift 1 2 3 4"), Message("assistant", "4 5 6 7")]
@@ -333,7 +333,7 @@ def test_share_on_selected_experts() -> None:
 
     from esft_rs.demo.report import share_on_selected
     from esft_rs.routing import RoutingStats
-    from esft_rs.selection import select
+    from esft_rs.routing.selection import select
 
     def stats(counts: list[list[int]]) -> RoutingStats:
         c = np.array(counts, dtype=np.int64)
@@ -364,8 +364,8 @@ def test_accuracy_plot_keeps_coinciding_methods_apart(tmp_path: Path) -> None:
                for name, share in [("fft", 100), ("esft_token", 9), ("esft_gate", 27),
                                    ("random", 9)]}
     figures = []
-    with mock.patch("esft_rs.plot.heatmap"), \
-            mock.patch("esft_rs.plot.save_figure", lambda fig, path: figures.append(fig)):
+    with mock.patch("esft_rs.routing.plot.heatmap"), \
+            mock.patch("esft_rs.routing.plot.save_figure", lambda fig, path: figures.append(fig)):
         demo_report._plots({"methods": methods, "finetune_task": "shift", "smoke": True},
                            {"token": None}, tmp_path)
     ax = figures[0].axes[0]
@@ -382,14 +382,14 @@ def test_heatmap_has_a_legend_and_names_the_task(tmp_path: Path) -> None:
 
     import numpy as np
 
-    from esft_rs.plot import heatmap
     from esft_rs.routing import RoutingStats
-    from esft_rs.selection import select
+    from esft_rs.routing.plot import heatmap
+    from esft_rs.routing.selection import select
 
     c, z = np.array([[5, 1, 1, 1]]), np.zeros((1, 4))
     stats = RoutingStats([1], c, z + 1, np.array([4]), 2, 1, z, z)
     figures = []
-    with mock.patch("esft_rs.plot.save_figure",
+    with mock.patch("esft_rs.routing.plot.save_figure",
                     lambda fig, path, fmt=None: figures.append(fig)):
         heatmap(select(stats, top_p=0.2), tmp_path / "h.png", task="task shift")
     ax = figures[0].axes[0]
@@ -405,7 +405,7 @@ def test_a_failed_run_leaves_no_staging_folder(tmp_path: Path) -> None:
 
     from demo_fakes import DiskFullFineTune
     from esft_rs.demo.runs import fine_tune
-    from esft_rs.outputs import staged
+    from esft_rs.files.outputs import staged
 
     with pytest.raises(OSError) as info, staged(tmp_path / "demo-out", directory=True) as tmp:
         fine_tune(DiskFullFineTune(tmp / "runs"), [0, 1], jobs=2, progress=False)

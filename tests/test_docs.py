@@ -37,7 +37,7 @@ def test_api_reference_is_generated():
 def workdir(tmp_path_factory) -> Path:
     """What the snippets name: base/ (built-in tiny model), qwen3-moe/ (tiny transformers
     Qwen3-MoE with a chat template), task.jsonl, expert_cfg.json, configs/."""
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.models import init_model, save_model
 
     root = tmp_path_factory.mktemp("docs")
@@ -51,7 +51,7 @@ def workdir(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "configs", root / "configs")
     if _has_transformers():
         from chat_fixtures import CHATML_GENERATION, tokenizer_dir
-        from esft_rs.tokenizer import load_tokenizer
+        from esft_rs.data.tokenizer import load_tokenizer
         from hf_tiny import build
 
         qwen = tokenizer_dir(root / "qwen3-moe", CHATML_GENERATION, bos=None)

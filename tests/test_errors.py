@@ -89,13 +89,13 @@ def test_core_value_errors_are_esft_value_errors(tmp_path: Path) -> None:
     with pytest.raises(EsftValueError, match="top_k must be between 1 and"):
         esft_rs.aggregate(tmp_path, top_k=0)
     with pytest.raises(EsftValueError, match="top_p must be in"):
-        from esft_rs.scoring import check_top_p
+        from esft_rs.routing.scoring import check_top_p
 
         check_top_p(2.0)
 
 
 def test_python_file_errors_carry_the_path(tmp_path: Path) -> None:
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
 
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(InvalidFileError) as info:

@@ -12,10 +12,10 @@ import torch
 import rank_pool
 from conftest import free_port, run_cli
 from esft_rs.data import Message, TaskData, causal_lm_loss, format_conversation, loss_tokens
+from esft_rs.data.tokenizer import ByteTokenizer
 from esft_rs.demo.tasks import DOWNSTREAM, examples
 from esft_rs.evaluation import evaluate, exact_match
 from esft_rs.models import load_model
-from esft_rs.tokenizer import ByteTokenizer
 from hf_tiny import save
 
 PROMPTS = ["Reverse moe", "Sort 3 1 2", "Upper case", "Add 2 and 2", "Hi", "Name an expert"]

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.adapter import ADAPTER_KEYS, save_adapter
 from esft_rs.exporting import REPORT_NAME, export
+from esft_rs.files.adapter import ADAPTER_KEYS, save_adapter
+from esft_rs.files.naming import classify
 from esft_rs.models import load_model
-from esft_rs.naming import classify
 from hf_tiny import save
 
 peft = pytest.importorskip("peft")

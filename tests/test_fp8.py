@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import esft_rs
 from conftest import run_cli
 from esft_rs.errors import InvalidFileError, MismatchError
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.naming import classify
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify
 from esft_rs.testing import (
     MoEShape,
     dequantize_fp8_blocks,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
 from esft_rs.training.grad_presence import GradPresence

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify
 from esft_rs.models import as_moe_model, hf, load_model
-from esft_rs.naming import classify
-from esft_rs.profiling import profile
+from esft_rs.routing.profiling import profile
 from hf_tiny import FAMILIES, save
 
 #: Experts to train: MoE layers 1 and 2 exist in every tiny family (DeepSeek's layer 0 is dense).
@@ -185,7 +185,7 @@ def test_profile_cli_on_a_transformers_directory(mixtral: Path, tmp_path: Path) 
 
 
 def test_core_package_never_imports_transformers() -> None:
-    code = ("import sys, esft_rs, esft_rs.cli, esft_rs.training.api, esft_rs.profiling, "
+    code = ("import sys, esft_rs, esft_rs.cli, esft_rs.training.api, esft_rs.routing.profiling, "
             "esft_rs.models; assert 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -243,7 +243,7 @@ def test_fsdp_training_on_a_block_fp8_base(
     """2 ranks on a block-FP8 DeepSeek-V3 (bf16 compute), shared experts trained whole: the
     losses are one process's. (Adapters are not compared: in bf16, AdamW's normalised
     step turns the rounding of a near-zero gradient into a learning-rate-sized change.)"""
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from test_train_fsdp import HF_EXPERTS, losses, train
     from train_fakes import plus_chat
 
@@ -268,7 +268,7 @@ def test_trained_masters_start_from_what_one_process_loads(
     """Frozen and trained tensors (fused slices, whole fp32 masters) filled into a meta model
     after freezing equal those of the model loaded whole, then frozen: on a block-FP8
     base the masters are the model-dtype values, not a finer dequantisation."""
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.models import hf
     from esft_rs.training.freeze import freeze
     from esft_rs.training.sharded_load import fill, meta_model

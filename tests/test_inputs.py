@@ -15,10 +15,10 @@ import pytest
 
 import esft_rs
 from conftest import CLI
-from esft_rs.adapter import save_adapter
 from esft_rs.data import read_task_data
 from esft_rs.errors import InvalidFileError, MismatchError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.adapter import save_adapter
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.routing import RoutingStats, aggregate
 from esft_rs.testing import MoEShape, expert_tensors, random_tensors, write_checkpoint

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from esft_rs.data import ROLES, read_task_data
 from esft_rs.errors import EsftError
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.inputs import parse_json
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.inputs import parse_json
 
 # Lone surrogates included: JSON can carry them as \ud800 escapes.
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=20)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.adapter import ADAPTER_KEYS, save_adapter
 from esft_rs.errors import MismatchError
+from esft_rs.files.adapter import ADAPTER_KEYS, save_adapter
 
 EXPERT = "model.layers.1.mlp.experts.{}.gate_proj.weight"
 FUSED = "model.layers.2.mlp.experts.gate_up_proj"

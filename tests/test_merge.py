@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.adapter import ADAPTER_KEYS, read_adapter, save_adapter
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.adapter import ADAPTER_KEYS, read_adapter, save_adapter
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import (
     MoEShape,
     expert_tensors,
@@ -443,7 +443,7 @@ def test_output_errors(tmp_path: Path, sharded_ckpt: Path) -> None:
 
 
 def test_fused_slice_naming() -> None:
-    from esft_rs.naming import classify, fused_slice_name, fused_slice_parent
+    from esft_rs.files.naming import classify, fused_slice_name, fused_slice_parent
 
     fused = "model.layers.3.mlp.experts.gate_up_proj"
     assert fused_slice_name(fused, 7) == "model.layers.3.mlp.experts.7.gate_up_proj"

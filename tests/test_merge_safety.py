@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 import esft_rs
 from conftest import CLI
-from esft_rs.adapter import save_adapter
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.adapter import save_adapter
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, moe_tensor_shapes, write_checkpoint
 from test_merge import tree_digest
 

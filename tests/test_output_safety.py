@@ -20,8 +20,8 @@ import pytest
 
 from conftest import CLI
 from esft_rs import _core
+from esft_rs.files.outputs import staged
 from esft_rs.models import init_model, save_model
-from esft_rs.outputs import staged
 from train_fakes import plus_chat
 
 EXPERTS = {"experts": {"1": [0, 5], "2": [3]}, "shared_experts": False,

@@ -18,11 +18,11 @@ import esft_rs
 import rank_pool
 from conftest import free_port, run_cli
 from esft_rs.data import causal_lm_loss
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
-from esft_rs.plan import plan
 from esft_rs.training.api import enable_checkpointing
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
+from esft_rs.training.planner import plan
 from train_fakes import fake_data, saved_bytes
 
 EXPERTS = ExpertConfig({1: [0, 2]})

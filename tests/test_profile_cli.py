@@ -16,9 +16,9 @@ import esft_rs
 from esft_rs import RoutingStats, aggregate
 from esft_rs.cli import run
 from esft_rs.data import read_task_data
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.data.tokenizer import ByteTokenizer
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
-from esft_rs.tokenizer import ByteTokenizer
 
 SEQ, BATCH = 64, 3
 
@@ -141,11 +141,39 @@ def one_line_error(code: int, err: str, out: Path) -> str:
     return lines[0]
 
 
+def test_seq_length_beyond_the_context_is_cut_as_train_cuts_it(tmp_path, capsys, model_dir,
+                                                                data):
+    """--seq-length means what it means to train and plan: rows longer than the model's
+    context (1024) are cut to it, with train's note (``preflight.fit_to_context``), not
+    refused."""
+    out = tmp_path / "r.safetensors"
+    code, _, err = cli(capsys, "profile", model_dir, data, "-o", out, "--seq-length", 2048)
+    assert code == 0, err
+    assert ("esft-rs: note: rows are cut to the model's context of 1024 tokens"
+            " (max_position_embeddings), not seq_length 2048 (--seq-length)") in err.splitlines()
+    stats = RoutingStats.load(out)
+    assert stats.metadata["seq_len"] == "1024"
+    ids, mask = packed_rows(data, 1024)
+    assert_same(stats, direct(model_dir, ids, mask, 4))
+
+
+def test_python_api_writes_what_the_command_writes(tmp_path, capsys, model_dir, data):
+    """``esft_rs.profile_task``: the command's library call, the same file from Python."""
+    import importlib
+
+    from esft_rs.routing.profiling import DEFAULT_TOKENS
+
+    assert importlib.import_module("esft_rs.cli.profile_cmd").DEFAULT_TOKENS == DEFAULT_TOKENS
+    cmd, api = tmp_path / "cmd.safetensors", tmp_path / "api.safetensors"
+    assert cli(capsys, "profile", model_dir, data, "-o", cmd, "--seq-length", SEQ)[0] == 0
+    result = esft_rs.profile_task(model_dir, data, api, seq_length=SEQ, progress=False)
+    assert result.main and result.seq_length == SEQ and result.tokens == result.available
+    assert api.read_bytes() == cmd.read_bytes()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--tokens", "0"], "Invalid value for '--tokens': 0 is not in the range x>=1"),
     (["--batch-size", "-1"], "Invalid value for '--batch-size'"),
-    (["--seq-length", "2048"],
-     "'--seq-length': 2048 exceeds the model's max_position_embeddings (1024)"),
     (["--device", "gpu9"], "'--device': 'gpu9' is not a torch device"),
     (["--frobnicate"], "No such option '--frobnicate'"),
 ])

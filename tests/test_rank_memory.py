@@ -12,7 +12,7 @@ import torch
 
 import esft_rs
 from conftest import free_port
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.models.config import PRESETS
 from memory_worker import train_measured

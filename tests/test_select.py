@@ -15,10 +15,9 @@ import pytest
 
 import esft_rs
 from conftest import run_cli
-from esft_rs import scoring
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.routing import RoutingStats, aggregate
-from esft_rs.selection import select, summary_json
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.routing import RoutingStats, aggregate, scoring
+from esft_rs.routing.selection import select, summary_json
 from esft_rs.testing import official_data_dir
 
 TASKS = ("intent", "law", "summary", "translation")

@@ -12,8 +12,8 @@ from safetensors.numpy import load_file
 
 import esft_rs
 from conftest import run_cli
-from esft_rs.adapter import read_adapter
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.adapter import read_adapter
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import (
     MoEShape,
     expert_tensors,

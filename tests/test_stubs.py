@@ -80,7 +80,7 @@ def _stub_properties() -> dict[str, dict[str, str]]:
 def test_report_values_have_the_stub_types(tmp_path: Path, single_ckpt: Path) -> None:
     """stubtest sees the report classes' properties but not their values: check those."""
     import esft_rs
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
 
     ExpertConfig({1: [0, 2]}).save(tmp_path / "experts.json")
     quiet = {"on_warning": lambda message: None}

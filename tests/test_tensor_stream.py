@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esft_rs.tensor_stream import tensor_stream, write_tensors
+from esft_rs.files.tensor_stream import tensor_stream, write_tensors
 
 
 def header(path: Path) -> tuple[list[tuple[str, object]], bytes]:
@@ -97,8 +97,8 @@ def test_a_trainer_adapter_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
     of a --mode full run held the whole model's worth before writing)."""
     import weakref
 
-    from esft_rs.expert_config import ExpertConfig
-    from esft_rs.training.outputs import write_outputs
+    from esft_rs.files.expert_config import ExpertConfig
+    from esft_rs.training.run_dir import write_outputs
 
     seen: list[weakref.ref] = []
 
@@ -166,7 +166,7 @@ def test_pipeline_without_linux_only_calls(tmp_path: Path) -> None:
         import esft_rs
         from esft_rs.data import read_task_data
         from esft_rs.models import init_model, load_model, save_model
-        from esft_rs.tokenizer import load_tokenizer
+        from esft_rs.data.tokenizer import load_tokenizer
         os.chdir({str(tmp_path)!r})
         save_model(init_model("tiny"), "base")
         rows = read_task_data("task.jsonl").pack(load_tokenizer("base"), seq_length=64)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from esft_rs.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from esft_rs.errors import InvalidFileError
-from esft_rs.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 TEXTS = ["User: hello world\n\nAssistant:", " héllo, wörld — 你好 🙂", ""]
 

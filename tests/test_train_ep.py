@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import rank_pool
 from conftest import BUILTIN_EXPERTS, free_port
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
 from test_train_fsdp import adam_state, assert_same_adapter, hf_run, train
 from train_fakes import plus_chat, stop_after_2
@@ -242,8 +242,8 @@ def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -
     import yaml
 
     from esft_rs.distributed import Dist
-    from esft_rs.plan import plan
     from esft_rs.training.parallelism import device_memory
+    from esft_rs.training.planner import plan
 
     flags = ["--seq-length", "48", "--per-device-batch-size", "2",
              "--gradient-accumulation-steps", "2", "--steps", "1", "--device", "cpu",

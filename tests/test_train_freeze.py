@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esft_rs.errors import MismatchError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.freeze import freeze, moe_layout, resolve_experts
 from train_fakes import FakeMoE, effective, snapshot
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import esft_rs
 import rank_pool
 from conftest import free_port
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from train_fakes import (
     FakeMoE,
     checkpoint_state,
@@ -158,7 +158,7 @@ def test_fsdp_resume_and_checkpoint_of_2_ranks_in_1(builtin: Path, tmp_path: Pat
 def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path) -> None:
     """Rank 1's tokens reach none of the trained experts: its backward still passes every
     layer with rank 0's (FSDP gathers layer by layer), and the gradients are one process's."""
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.training.freeze import freeze
 
     missed = {layer: min(set(range(4)) - used) for layer, used in

@@ -16,7 +16,7 @@ import torch
 
 import esft_rs
 from esft_rs.errors import EsftError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
 from esft_rs.training import checkpoint
 from train_fakes import FakeMoE, checkpoint_weights, fake_data, plus_chat

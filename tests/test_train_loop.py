@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import esft_rs
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from train_fakes import FakeMoE, effective, fake_data, snapshot
 
 EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import esft_rs
 from conftest import BUILTIN_EXPERTS, run_cli
 from esft_rs.errors import EsftError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from test_train_fsdp import GLOBAL, HF_EXPERTS, RUN, adam_state, hf_run
 from test_train_fsdp import train as train_on
 from train_fakes import stop_after_2
@@ -144,7 +144,7 @@ def test_lora_resume_equals_uninterrupted(builtin: Path, tmp_path: Path) -> None
 
 
 def test_lora_plan_counts_what_training_trains(builtin: Path, tmp_path: Path) -> None:
-    from esft_rs.plan import plan
+    from esft_rs.training.planner import plan
 
     out = train(builtin, tmp_path / "out", steps=1, eval_steps=1, lora_targets="down_proj")
     adapter = load_file(out / "adapter.safetensors")

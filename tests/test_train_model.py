@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import esft_rs
 import rank_pool
 from conftest import free_port, run_cli
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
 from test_train_config import OFFICIAL_BASE
 from train_fakes import ddp_rank, plus_chat

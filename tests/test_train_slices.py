@@ -13,9 +13,10 @@ from torch.utils._pytree import tree_leaves
 
 import rank_pool
 from conftest import free_port
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.models.expert_rows import FusedSlices
 from esft_rs.training.api import enable_checkpointing
-from esft_rs.training.freeze import FusedSlices, freeze
+from esft_rs.training.freeze import freeze
 
 transformers = pytest.importorskip("transformers")
 import hf_tiny  # noqa: E402

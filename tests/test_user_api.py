@@ -13,9 +13,9 @@ import torch
 import esft_rs
 from chat_fixtures import CHATML_GENERATION, tokenizer_dir
 from esft_rs.data import IGNORE_INDEX, encode_conversation, read_task_data
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.data.tokenizer import load_tokenizer
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import as_moe_model, init_model, save_model
-from esft_rs.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 from hf_tiny import build  # noqa: E402 (needs transformers)
@@ -72,7 +72,7 @@ def test_wrong_types_say_what_is_expected(tmp_path):
     model = init_model("tiny")
     save_model(model, tmp_path / "m")
     hf_tok = object()
-    with pytest.raises(TypeError, match=r"esft-rs tokenizer \(esft_rs.tokenizer.load_tokenizer"):
+    with pytest.raises(TypeError, match=r"esft-rs tokenizer \(esft_rs.data.load_tokenizer"):
         esft_rs.evaluate(model, hf_tok, tmp_path / "x.jsonl")
     with pytest.raises(TypeError, match="evaluate expects task data"):
         esft_rs.evaluate(model, tmp_path / "m", 3)

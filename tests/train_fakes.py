@@ -249,7 +249,7 @@ def fsdp_grads_worker(rank: int, world: int, port: int, experts: dict, out: str)
     import torch.distributed as dist
 
     from esft_rs.distributed import Dist, exit_process, leave_process_group
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.training import sharding
     from esft_rs.training.freeze import freeze
     from esft_rs.training.grad_presence import GradPresence

@@ -9,7 +9,6 @@ import importlib
 from typing import TYPE_CHECKING
 
 from esft_rs._core import __version__
-from esft_rs.adapter import fingerprint, read_adapter, save_adapter
 from esft_rs.errors import (
     EsftError,
     EsftIOError,
@@ -17,15 +16,16 @@ from esft_rs.errors import (
     InvalidFileError,
     MismatchError,
 )
-from esft_rs.inspection import Inspection, inspect
-from esft_rs.merging import MergeReport, SplitReport, merge, split
+from esft_rs.files.adapter import fingerprint, read_adapter, save_adapter
+from esft_rs.files.inspection import Inspection, inspect
+from esft_rs.files.merging import MergeReport, SplitReport, merge, split
 
 if TYPE_CHECKING:
     from esft_rs.evaluation import EvalResult, evaluate
     from esft_rs.exporting import ExportReport, export
-    from esft_rs.profiling import profile
     from esft_rs.routing import RoutingStats, aggregate
-    from esft_rs.selection import select_experts
+    from esft_rs.routing.profiling import TaskProfile, profile, profile_task
+    from esft_rs.routing.selection import select_experts
     from esft_rs.training import TrainConfig, TrainResult, train
 
 # The numpy- and torch-backed API is imported on first use, so that
@@ -35,10 +35,12 @@ _LAZY = {
     "evaluate": "esft_rs.evaluation",
     "ExportReport": "esft_rs.exporting",
     "export": "esft_rs.exporting",
-    "profile": "esft_rs.profiling",
+    "profile": "esft_rs.routing.profiling",
+    "profile_task": "esft_rs.routing.profiling",
+    "TaskProfile": "esft_rs.routing.profiling",
     "RoutingStats": "esft_rs.routing",
     "aggregate": "esft_rs.routing",
-    "select_experts": "esft_rs.selection",
+    "select_experts": "esft_rs.routing.selection",
     "TrainConfig": "esft_rs.training",
     "TrainResult": "esft_rs.training",
     "train": "esft_rs.training",
@@ -63,6 +65,7 @@ __all__ = [
     "MismatchError",
     "RoutingStats",
     "SplitReport",
+    "TaskProfile",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -73,6 +76,7 @@ __all__ = [
     "inspect",
     "merge",
     "profile",
+    "profile_task",
     "read_adapter",
     "save_adapter",
     "select_experts",

@@ -8,7 +8,7 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 
 __all__ = [
     "ADAPTER_KEYS",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from esft_rs.data import IGNORE_INDEX, Message, TaskData, encode_conversation, read_task_data
-from esft_rs.tokenizer import Tokenizer, load_tokenizer
+from esft_rs.data.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,7 @@ def evaluate(
 
     ``model``: the built-in model or a transformers causal LM (any module whose
     call returns logits or an output with ``.logits``). ``tokenizer``: an esft-rs
-    tokenizer (``esft_rs.tokenizer.load_tokenizer``) or the model directory to load
+    tokenizer (``esft_rs.data.load_tokenizer``) or the model directory to load
     it from. ``data``: ``TaskData`` or chat data files (``read_task_data``).
     ``max_length``: see ``conversation_rows``. ``progress`` is called with 0 once the
     inputs are checked (token ids, answer tokens), then with the number of conversations
@@ -143,7 +143,7 @@ def evaluate(
         tokenizer = load_tokenizer(tokenizer)
     elif not isinstance(tokenizer, Tokenizer):
         raise TypeError(
-            "evaluate expects an esft-rs tokenizer (esft_rs.tokenizer.load_tokenizer(model_dir))"
+            "evaluate expects an esft-rs tokenizer (esft_rs.data.load_tokenizer(model_dir))"
             f" or a model directory, got {type(tokenizer).__name__}"
         )
     if not isinstance(data, TaskData):
@@ -206,7 +206,7 @@ def evaluate_items(
 
 def _preflight(model: Any, tokenizer: Tokenizer, data: TaskData, max_length: int | None) -> None:
     """Token ids and answer tokens of every conversation, checked before the first batch runs."""
-    from esft_rs.preflight import check_answer_tokens, check_token_ids
+    from esft_rs.data.preflight import check_answer_tokens, check_token_ids
 
     lo, hi, answer = 0, 0, 0
     for conv in data.conversations:

@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esft_rs import naming
-from esft_rs.adapter import (
+from esft_rs.errors import EsftValueError, MismatchError, option
+from esft_rs.files import naming
+from esft_rs.files.adapter import (
     ADAPTER_KEYS,
     KEY_BASE_FINGERPRINT,
     adapter_metadata,
     fingerprint,
     read_adapter,
 )
-from esft_rs.errors import EsftValueError, MismatchError, option
-from esft_rs.inspection import inspect
+from esft_rs.files.inspection import inspect
 
 if TYPE_CHECKING:
     import torch
@@ -92,9 +92,9 @@ def export(
     written to ``export_report.json``. Refused: an adapter from another base
     (fingerprint), a ``rank`` above a tensor's smallest dimension, an output inside an input.
     """
+    from esft_rs.files.outputs import check_kind, check_outputs, check_target, staged
+    from esft_rs.files.tensor_stream import write_tensors
     from esft_rs.models.rows import Rows
-    from esft_rs.outputs import check_kind, check_outputs, check_target, staged
-    from esft_rs.tensor_stream import write_tensors
 
     base_p, adapter_p, out = Path(base), Path(adapter), Path(output)
     check_outputs([out], [base_p, adapter_p])

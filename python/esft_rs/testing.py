@@ -141,7 +141,7 @@ def _expert_parts(
     tensors: Mapping[str, np.ndarray], experts: Mapping[int, Iterable[int]]
 ) -> Iterator[tuple[str, str, int | None]]:
     """(tensor name, adapter name, fused slice index or None) of the given experts' tensors."""
-    from esft_rs.naming import classify, fused_slice_name
+    from esft_rs.files.naming import classify, fused_slice_name
 
     chosen = {layer: set(ids) for layer, ids in experts.items()}
     for name, arr in tensors.items():

@@ -26,7 +26,7 @@ from esft_rs.cli.profile_cmd import profile_cmd
 from esft_rs.cli.routing_cmd import routing_report_cmd, select_cmd
 from esft_rs.cli.train_cmd import train_cmd
 from esft_rs.errors import EsftError, from_cli
-from esft_rs.inputs import describe_text_problem
+from esft_rs.files.inputs import describe_text_problem
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -30,7 +30,7 @@ def demo_cmd(out: Path, quick: bool, seed: int, jobs: int | None) -> None:
     from esft_rs.demo.pipeline import OUTPUTS, run
     from esft_rs.demo.report import claim_lines, method_table, routing_table
     from esft_rs.demo.settings import FULL, QUICK
-    from esft_rs.outputs import check_kind, check_outputs, check_target, staged
+    from esft_rs.files.outputs import check_kind, check_outputs, check_target, staged
 
     settings = replace(QUICK if quick else FULL, seed=seed)
     check_outputs([out], [])

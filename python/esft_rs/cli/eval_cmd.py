@@ -53,10 +53,10 @@ def eval_cmd(
     from tqdm import tqdm
 
     from esft_rs.cli.model_inputs import load, task_inputs
+    from esft_rs.data.preflight import context_length
     from esft_rs.distributed import process_group
     from esft_rs.evaluation import evaluate
-    from esft_rs.outputs import EVAL, check_outputs, check_target, write_file
-    from esft_rs.preflight import context_length
+    from esft_rs.files.outputs import EVAL, check_outputs, check_target, write_file
 
     check_outputs([output], [model, *data])
     if output is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from esft_rs.ranges import id_ranges
-from esft_rs.units import byte_unit, human_bytes
+from esft_rs.formatting import byte_unit, human_bytes, id_ranges
 
 __all__ = ["byte_unit", "human_bytes", "id_ranges"]

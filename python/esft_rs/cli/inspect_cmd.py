@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from esft_rs.cli.fmt import human_bytes, id_ranges
-from esft_rs.inspection import Inspection, inspect
+from esft_rs.files.inspection import Inspection, inspect
 
 
 @click.command("inspect")

@@ -12,7 +12,7 @@ import click
 from esft_rs.cli.fmt import human_bytes, id_ranges
 from esft_rs.cli.params import output_option
 from esft_rs.cli.progress import StageBars
-from esft_rs.merging import Extracted, Replacement, merge, split
+from esft_rs.files.merging import Extracted, Replacement, merge, split
 
 _EXPERT_KINDS = ("routed_expert", "fused_experts")
 

@@ -23,7 +23,7 @@ def init_model_cmd(preset: str, output: Path, seed: int, force: bool) -> None:
 
     The same preset and seed give the same files, byte for byte.
     """
-    from esft_rs.outputs import check_kind, check_target
+    from esft_rs.files.outputs import check_kind, check_target
 
     if not force and (output / CONFIG_NAME).exists():
         raise EsftError(f"{output}: already holds a model (--force overwrites it)")

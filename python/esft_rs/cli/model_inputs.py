@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from esft_rs.errors import EsftValueError, InvalidFileError
-from esft_rs.inputs import check_file
+from esft_rs.files.inputs import check_file
 
 if TYPE_CHECKING:
     import torch
 
     from esft_rs.data import TaskData
+    from esft_rs.data.tokenizer import Tokenizer
     from esft_rs.distributed import Dist
-    from esft_rs.tokenizer import Tokenizer
 
 
 def chat_template_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,22 +42,11 @@ def parallelism_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load(model: Path, place: Dist, device: torch.device, parallelism: str) -> torch.nn.Module:
-    """The model for forward passes (frozen, in eval mode): under torchrun with ``fsdp``
-    sharded over the processes as training shards it, else whole in this process."""
-    from esft_rs.models import load_model
-    from esft_rs.training.expert_parallel import uses_ep
-    from esft_rs.training.parallelism import for_inference
-    from esft_rs.training.sharded_load import load_expert_parallel, load_sharded
-    from esft_rs.training.sharding import uses_fsdp
+    """``sharded_load.load_for_inference``, its note on stderr (main process)."""
+    from esft_rs.training.sharded_load import load_for_inference
 
-    parallelism, note = for_inference(model, parallelism, place, device)
-    if uses_fsdp(parallelism, place.world):
-        net = load_sharded(model, place, device)
-    elif uses_ep(parallelism, place.world):
-        net = load_expert_parallel(model, place, device)
-    else:
-        net = load_model(model, device=device).requires_grad_(False).eval()
-    if note is not None and place.main:  # once the model has loaded: no note before an error
+    net, note = load_for_inference(model, place, device, parallelism)
+    if note is not None and place.main:
         click.echo(f"esft-rs: note: {note}", err=True)
     return net
 
@@ -68,7 +57,7 @@ def task_inputs(
     """(device, tokenizer, task data): everything that can be wrong with the inputs
     fails here, before the model loads. Skipped lines are listed on stderr."""
     from esft_rs.data import read_task_data
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
 
     if not (model / "config.json").exists():
         raise InvalidFileError(f"{model}: no config.json (not a model directory)")

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from esft_rs.training.config import MAX_SEED
+from esft_rs.data import MAX_SEED
 
 #: Seeds torch and numpy accept (a larger one overflowed inside torch.manual_seed).
 SEED = click.IntRange(0, MAX_SEED)

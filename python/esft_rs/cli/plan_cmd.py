@@ -58,8 +58,8 @@ def plan_cmd(model: Path, experts_path: Path | None, mode: str, nproc: int, para
 
     Exit code: 0 when it fits, 3 when it does not (the figures are printed either way),
     2 on bad input."""
-    from esft_rs.expert_config import ExpertConfig
-    from esft_rs.plan import parse_size, plan
+    from esft_rs.files.expert_config import ExpertConfig
+    from esft_rs.training.planner import parse_size, plan
 
     try:
         budget = parse_size(gpu_memory)

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from contextlib import ExitStack
+import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from esft_rs.cli.model_inputs import chat_template_option, parallelism_option
 from esft_rs.cli.params import SEED, device_option, output_option, seq_length_option
-from esft_rs.errors import EsftError
-from esft_rs.training.config import DEFAULT_SEED
+from esft_rs.training.config import DEFAULT_SEED, TrainConfig
 
-if TYPE_CHECKING:
-    from esft_rs.distributed import Dist
-    from esft_rs.profiling import Records
-    from esft_rs.routing import RoutingStats
-
-#: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
+#: ``profiling.DEFAULT_TOKENS``, restated so that --help does not import numpy (a test
+#: holds them equal).
 DEFAULT_TOKENS = 131072
-#: Packed row length when the model allows it (the data pipeline's default).
-DEFAULT_SEQ_LEN = 4096
 
 
 @click.command("profile")
@@ -39,7 +31,8 @@ DEFAULT_SEQ_LEN = 4096
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Packed rows per forward pass.")
 @seq_length_option(
-    f"Packed row length [default: {DEFAULT_SEQ_LEN}, or the model's max_position_embeddings if"
+    "Packed row length; a longer one than the model's max_position_embeddings is cut to it,"
+    f" as train cuts it [default: {TrainConfig.seq_length}, or the model's context if"
     " smaller].", type=click.IntRange(min=2), default=None,
 )
 @device_option
@@ -77,108 +70,39 @@ def profile_cmd(
     disjoint share of the rows and rank 0 writes the file; the result does not depend on
     the number of processes.
     """
-    from esft_rs.cli.model_inputs import load, task_inputs
-    from esft_rs.distributed import process_group
-    from esft_rs.models import as_moe_model
-    from esft_rs.outputs import check_outputs, check_target
-    from esft_rs.preflight import check_token_ids, context_length
-    from esft_rs.profiling import profile_model
-    from esft_rs.routing import OUTPUT_KIND as ROUTING
+    from esft_rs.cli.model_inputs import torch_device
+    from esft_rs.routing.profiling import profile_task
 
-    check_outputs([output, records], [model, *data])
-    check_target(output, kind=ROUTING)
-    if records is not None and records.parent.is_dir():  # else made (with parents) at the end
-        check_target(records)
-    dev, tokenizer, task = task_inputs(model, data, device, skip_bad, chat_template)
-    with process_group(dev) as place:
-        rank, world = place.rank, place.world
-        t0 = time.perf_counter()
-        moe = as_moe_model(load(model, place, dev, parallelism))
-        limit = context_length(moe)
-        if seq_length is None:
-            seq_length = min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-        elif limit is not None and seq_length > limit:
-            raise click.BadParameter(
-                f"{seq_length} exceeds the model's max_position_embeddings ({limit})",
-                param_hint="'--seq-length'",
-            )
-        packed = task.pack(tokenizer, seq_length=seq_length, seed=seed)
-        ids, mask = packed.input_ids, packed.attention_mask
-        check_token_ids(int(ids.min()), int(ids.max()), moe, ",".join(map(str, data)))
-        real = mask.sum(dim=1)
-        # Rows in order until --tokens; the row that reaches it stays.
-        rows = min(int((real.cumsum(0) < tokens).sum()) + 1, len(real))
-        ids, mask, real = ids[:rows], mask[:rows], real[:rows]
-        batches = [
-            (ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, rows, batch_size)
-        ]
-        bar = None
-        if rank == 0:
-            from tqdm import tqdm
-
-            mine = sum(int(m.sum()) for _, m in batches[::world])
-            bar = tqdm(total=mine, unit="tok", unit_scale=True, desc="profile", dynamic_ncols=True)
-        metadata = {
-            "model": str(model),
-            "data": ",".join(map(str, data)),
-            "tokens": str(int(real.sum())),
-            "seq_len": str(seq_length),
-            "seed": str(seed),
-            **_fingerprint(model),
-        }
-        try:
-            stats, kept = profile_model(
-                moe, batches, keep_records=records is not None, metadata=metadata,
-                progress=bar.update if bar is not None else False,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-        _write(output, stats, records, kept, place)
-        if rank != 0:
-            return
-        available = int(packed.attention_mask.sum())
-        note = f" (all the data holds; --tokens {tokens})" if available < tokens else ""
-        click.echo(
-            f"wrote {output}: {metadata['tokens']} tokens{note} in {stats.num_samples} rows of"
-            f" {seq_length}, {stats.num_layers} MoE layers x {stats.num_experts} experts, top-"
-            f"{stats.top_k}; {world} process{'es' if world > 1 else ''} on {dev},"
-            f" {time.perf_counter() - t0:.1f} s"
-        )
+    _route_notes()
+    result = profile_task(model, data, output, records=records, tokens=tokens,
+                          batch_size=batch_size, seq_length=seq_length,
+                          device=torch_device(device), parallelism=parallelism,
+                          skip_bad=skip_bad, seed=seed, chat_template=chat_template)
+    if not result.main:
+        return
+    stats, world = result.stats, result.world
+    note = f" (all the data holds; --tokens {tokens})" if result.available < tokens else ""
+    click.echo(
+        f"wrote {output}: {result.tokens} tokens{note} in {stats.num_samples} rows of"
+        f" {result.seq_length}, {stats.num_layers} MoE layers x {stats.num_experts} experts,"
+        f" top-{stats.top_k}; {world} process{'es' if world > 1 else ''} on {result.device},"
+        f" {result.seconds:.1f} s"
+    )
 
 
-def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Records | None,
-           place: Dist) -> None:
-    """The stats file and the records folder, committed together by rank 0 (every rank
-    calls): a failure leaves neither, and an earlier pair as it was."""
-    from esft_rs.distributed import from_rank0
-    from esft_rs.outputs import staged_together
+class _Echo(logging.Handler):
+    """The library's notes on stderr: ``warning: skipped ...`` for a skipped data line,
+    ``esft-rs: note: ...`` for the others."""
 
-    with ExitStack() as stack:
-        tmp: dict[Path | None, Path] = {}
-        if place.main:
-            if records is not None:
-                records.parent.mkdir(parents=True, exist_ok=True)
-            targets = {p: p == records for p in (output, records) if p is not None}
-            tmp = stack.enter_context(staged_together(targets))
-            stats.save(tmp[output])
-        if kept is not None:
-            folder = from_rank0(tmp.get(records))
-            if place.world > 1:  # rank_<r>/ folders, as profile() writes them
-                folder = folder / f"rank_{place.rank}"
-                folder.mkdir()
-            kept.write(folder)
-        place.barrier()  # every rank's records are in; rank 0 commits as the block ends
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if getattr(record, "skipped", False) else "esft-rs: note: "
+        click.echo(prefix + record.getMessage(), err=True)
 
 
-def _fingerprint(model: Path) -> dict[str, str]:
-    """The model's fingerprint for the stats metadata, so that select and routing-report
-    can refuse statistics of different models; none for a model without safetensors."""
-    from esft_rs.adapter import fingerprint
-    from esft_rs.routing import MODEL_FINGERPRINT
-
-    try:
-        return {MODEL_FINGERPRINT: fingerprint(model)}
-    except EsftError:
-        return {}
-
+def _route_notes() -> None:
+    """``esft_rs.routing.profiling``'s notes go to stderr, from the main process only."""
+    logger = logging.getLogger("esft_rs.routing.profiling")
+    if not any(isinstance(h, _Echo) for h in logger.handlers):
+        main = os.environ.get("RANK", "0") == "0"
+        logger.addHandler(_Echo() if main else logging.NullHandler())
+        logger.propagate = False

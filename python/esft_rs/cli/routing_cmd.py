@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from esft_rs import scoring
 from esft_rs._core import MAX_EXPERTS
-from esft_rs.scoring import OFFICIAL_TOP_K
+from esft_rs.routing import scoring
+from esft_rs.routing.scoring import OFFICIAL_TOP_K
 
 if TYPE_CHECKING:  # the commands import numpy-backed modules when they run, not at --help
-    from esft_rs.routing_report import TaskSummary
-    from esft_rs.selection import Selection
+    from esft_rs.routing.report import TaskSummary
+    from esft_rs.routing.selection import Selection
 
 ROUTING = click.argument(
     "routing", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path)
@@ -99,9 +99,9 @@ def select_cmd(
     are summed. Per layer, experts are taken by descending score until their
     cumulative score reaches --top-p (the expert that crosses is kept).
     """
-    from esft_rs.expert_config import OUTPUT_KIND as EXPERT_CONFIG
-    from esft_rs.outputs import PLOT, SUMMARY, check_outputs, check_target, staged_together
-    from esft_rs.selection import select, summary_json
+    from esft_rs.files.expert_config import OUTPUT_KIND as EXPERT_CONFIG
+    from esft_rs.files.outputs import PLOT, SUMMARY, check_outputs, check_target, staged_together
+    from esft_rs.routing.selection import select, summary_json
 
     _check_top_p(top_p)
     check_outputs([output, summary, plot], routing)
@@ -109,7 +109,7 @@ def select_cmd(
         if path is not None:
             check_target(path, kind=kind)
     if plot is not None:
-        from esft_rs.plot import MISSING, check_plot_path
+        from esft_rs.routing.plot import MISSING, check_plot_path
 
         try:
             check_plot_path(plot)
@@ -126,7 +126,7 @@ def select_cmd(
         if summary is not None:
             tmp[summary].write_text(summary_json(sel.stats))
         if plot is not None:
-            from esft_rs.plot import heatmap
+            from esft_rs.routing.plot import heatmap
 
             heatmap(sel, tmp[plot], format=plot.suffix.lstrip(".") or None)
     click.echo(f"wrote {', '.join(str(p) for p in tmp)}")
@@ -178,9 +178,9 @@ def routing_report_cmd(
     per layer, how many experts cover 50% and 90% of the task's token selections,
     then the Jaccard overlap of the selected expert sets between tasks.
     """
-    from esft_rs.routing import check_same_model
-    from esft_rs.routing_report import summarize
-    from esft_rs.selection import select
+    from esft_rs.routing.report import summarize
+    from esft_rs.routing.selection import select
+    from esft_rs.routing.stats import check_same_model
 
     _check_top_p(top_p)
     names = _task_names(routing)
@@ -198,7 +198,7 @@ def routing_report_cmd(
     for t, path in zip(tasks, routing, strict=True):
         st = t.selection.stats
         if empty := [int(layer) for layer, n in zip(st.layers, st.tokens, strict=True) if not n]:
-            from esft_rs.ranges import id_ranges
+            from esft_rs.formatting import id_ranges
 
             click.echo(f"warning: {path}: no tokens in layer{'s' if len(empty) > 1 else ''}"
                        f" {id_ranges(empty)}; left out of the figures (shown as -)", err=True)
@@ -208,15 +208,15 @@ def routing_report_cmd(
 
 
 def _task_names(paths: tuple[Path, ...]) -> list[str]:
-    from esft_rs.routing import source_name
+    from esft_rs.routing.stats import source_name
 
     names = [Path(source_name(p)).stem or str(p) for p in paths]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
 def _print_concentration(tasks: list[TaskSummary]) -> None:
-    from esft_rs.routing_report import COVERAGE
-    from esft_rs.routing_report import uniform_cover as uniform
+    from esft_rs.routing.report import COVERAGE
+    from esft_rs.routing.report import uniform_cover as uniform
 
     echo = click.echo
     lo, hi = COVERAGE
@@ -240,7 +240,7 @@ def _print_concentration(tasks: list[TaskSummary]) -> None:
 
 
 def _print_overlap(tasks: list[TaskSummary]) -> None:
-    from esft_rs.routing_report import chance_jaccard, jaccard
+    from esft_rs.routing.report import chance_jaccard, jaccard
 
     echo = click.echo
     first = tasks[0].selection

@@ -32,13 +32,13 @@ from esft_rs.demo.settings import LORA_RANKS, SVD_RANKS, Settings, cache_dir
 from esft_rs.demo.vocabulary import FILES as TOKENIZER_FILES
 from esft_rs.demo.vocabulary import write_tokenizer
 from esft_rs.evaluation import exact_match, item_rows
-from esft_rs.outputs import staged, write_file
+from esft_rs.files.outputs import staged, write_file
 
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.routing import RoutingStats
-    from esft_rs.tokenizer import Tokenizer
+    from esft_rs.data.tokenizer import Tokenizer
+    from esft_rs.routing.stats import RoutingStats
 
 @dataclass
 class Data:
@@ -138,7 +138,7 @@ def _run_options(s: Settings, train_rows: dict[str, torch.Tensor], progress: boo
 
 def profile_tasks(model: torch.nn.Module, data: Data, s: Settings, progress: bool
                   ) -> dict[str, RoutingStats]:
-    from esft_rs.profiling import profile
+    from esft_rs.routing.profiling import profile
 
     out = {}
     for name, task_rows in tqdm(data.profile_rows.items(), desc="profile", disable=not progress,
@@ -171,11 +171,11 @@ def run(out: Path, s: Settings, *, progress: bool = True, final: Path | None = N
     does so under ``if __name__ == "__main__":``."""
     import torch
 
+    from esft_rs.data.tokenizer import load_tokenizer
     from esft_rs.demo.report import routing_figures, share_on_selected, write_report
-    from esft_rs.merging import merge
+    from esft_rs.files.merging import merge
     from esft_rs.models import load_model
-    from esft_rs.selection import select
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.routing.selection import select
 
     # One intra-op thread: the figures then do not depend on the machine's core count, and
     # on a busy 2-core machine it is faster than two threads that wait on each other.
@@ -279,7 +279,7 @@ class FineTune:
         return result, time.perf_counter() - t
 
     def measure(self, name: str, result: Any, seconds: float) -> dict[str, Any]:
-        from esft_rs.inspection import inspect
+        from esft_rs.files.inspection import inspect
 
         model = result.model.eval()
         adapter = inspect(result.adapter)

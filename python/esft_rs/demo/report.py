@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from esft_rs.demo.claims import CHANCE_QUANTILE, chance_overlap, judge, quantile
-from esft_rs.routing import RoutingStats
-from esft_rs.routing_report import COVERAGE, chance_jaccard, jaccard, summarize, uniform_cover
-from esft_rs.selection import Selection, select
+from esft_rs.routing.report import COVERAGE, chance_jaccard, jaccard, summarize, uniform_cover
+from esft_rs.routing.selection import Selection, select
+from esft_rs.routing.stats import RoutingStats
 
 LABELS = {"fft": "FFT", "esft_token": "ESFT-Token", "esft_gate": "ESFT-Gate",
           "random": "Random experts", "lora_r2": "ESFT-LoRA r2", "lora_r8": "ESFT-LoRA r8"}
@@ -179,7 +179,7 @@ def routing_table(report: dict[str, Any]) -> list[str]:
 
 def write_report(report: dict[str, Any], stats: dict[str, RoutingStats],
                  selections: dict[str, Selection], out: Path) -> None:
-    from esft_rs.outputs import write_file
+    from esft_rs.files.outputs import write_file
 
     smoke = bool(report["settings"].get("smoke"))
     report["smoke"] = smoke
@@ -220,7 +220,7 @@ def _plots(report: dict[str, Any], selections: dict[str, Selection], out: Path) 
         import matplotlib
     except ImportError:
         return []
-    from esft_rs.plot import heatmap, save_figure
+    from esft_rs.routing.plot import heatmap, save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,7 +6,7 @@ picked the experts that serve the template, which every task shares. Here
 ``User:``, ``Assistant:``, each keyword and each symbol are one token, so the template
 is two tokens. It is a Hugging Face ``tokenizer.json`` (WordLevel model, whitespace-split
 pre-tokenizer) with a ``tokenizer_config.json`` naming BOS, EOS and PAD: the files any
-model directory carries, read by ``esft_rs.tokenizer.load_tokenizer``.
+model directory carries, read by ``esft_rs.data.load_tokenizer``.
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ def save_model(
 ) -> os.PathLike[str]:
     """Write ``config.json`` + ``model.safetensors`` (DeepSeek-V2 tensor names) as a new
     directory, or in place of an existing checkpoint directory with ``overwrite``."""
-    from esft_rs.models import checkpoint
+    from esft_rs.models import reference_files
 
-    return checkpoint.save_model(model, directory, overwrite=overwrite)
+    return reference_files.save_model(model, directory, overwrite=overwrite)
 
 
 def load_model(
@@ -71,9 +71,9 @@ def load_model(
 
     if hf.model_type(directory) not in (MODEL_TYPE, None):
         return hf.load(directory, dtype=dtype, device=device)
-    from esft_rs.models import checkpoint
+    from esft_rs.models import reference_files
 
-    return checkpoint.load_model(directory, dtype=dtype, device=device)
+    return reference_files.load_model(directory, dtype=dtype, device=device)
 
 
 def as_moe_model(model: torch.nn.Module) -> MoEModel:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esft_rs.errors import InvalidFileError
-from esft_rs.inputs import load_json
+from esft_rs.files.inputs import load_json
 
 MODEL_TYPE = "esft_rs_moe"
 ARCHITECTURE = "EsftRsMoEForCausalLM"
@@ -110,7 +110,7 @@ class ModelConfig:
         return cfg
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        from esft_rs.outputs import write_file
+        from esft_rs.files.outputs import write_file
 
         text = json.dumps(self.to_dict(), indent=2) + "\n"
         return write_file(Path(directory) / CONFIG_NAME, text)

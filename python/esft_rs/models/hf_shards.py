@@ -31,9 +31,19 @@ from typing import Any
 
 import torch
 
-from esft_rs.dtypes import FLOAT, to_torch
-from esft_rs.errors import InvalidFileError
-from esft_rs.training.expert_parallel import rows_of
+from esft_rs.errors import EsftError, InvalidFileError
+from esft_rs.files.dtypes import FLOAT, to_torch
+from esft_rs.files.inspection import inspect
+from esft_rs.models import hf_family
+from esft_rs.models.expert_rows import FusedSlices, rows_of
+from esft_rs.models.rows import Rows, local_rows
+from esft_rs.private_api import (
+    dtype_plan,
+    init_weights,
+    local_shape_and_offset,
+    mark_initialized,
+    non_persistent_buffers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +59,11 @@ def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     Raises ``InvalidFileError`` (one line) for an unsupported family or quantisation,
     a tensor the model needs that the checkpoint lacks, or one of the wrong shape.
     """
-    from esft_rs.models import hf
-
     root = Path(directory)
-    hf.check_family(root)
-    transformers = hf.require_transformers()
+    hf_family.check_family(root)
+    transformers = hf_family.require_transformers()
     try:
-        config = hf.config(root)
+        config = hf_family.config(root)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidFileError(f"{root}: transformers cannot load it: {first}") from None
@@ -75,7 +83,7 @@ def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
     _keep_dtypes(model, dtype)
     model.config.use_cache = False
     Plan(model, root, _names(model))  # refuses a checkpoint that does not fit, before any read
-    hf.routers(model)
+    hf_family.routers(model)
     # the dtype each tensor is loaded in, as hf.load does, even where training later
     # keeps fp32 masters (they are cast from it, as from a model loaded whole)
     model._esft_load_dtypes = {name: t.dtype for name, t in _persistent(model)}
@@ -85,8 +93,6 @@ def meta(directory: str | os.PathLike[str], dtype: torch.dtype | None = None
 def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torch.device) -> int:
     """Give every parameter and buffer of a (sharded) meta transformers ``model`` its values:
     this rank's rows of each, read from ``directory``; returns the bytes read from disk."""
-    from esft_rs.models.rows import local_rows
-
     names = _names(model)
     plan = Plan(model, Path(directory), names)
     dtypes = getattr(model, "_esft_load_dtypes", {})
@@ -116,8 +122,6 @@ def _slice_parts(t: torch.Tensor) -> list[tuple[torch.Tensor, tuple[slice, ...]]
     dim 1 (``sharding``), expert parallelism not at all; none when the rank holds none."""
     from torch.distributed.tensor import DTensor
 
-    from esft_rs.private_api import local_shape_and_offset
-
     if not isinstance(t, DTensor):
         return [(t, (slice(0, t.shape[0]),))] if t.numel() else []
     local = t.to_local()
@@ -131,8 +135,6 @@ def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Tensors the model keeps in another dtype than ``dtype`` (its ``dtype_plan``, e.g.
     DeepSeek-V3's fp32 ``e_score_correction_bias`` in a bf16 model), as transformers
     casts them on load."""
-    from esft_rs.private_api import dtype_plan
-
     plan = dtype_plan(model, dtype)
     if plan is None:
         return
@@ -152,8 +154,6 @@ def _keep_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _disk_dtype(root: Path) -> torch.dtype:
     """The first float dtype among the checkpoint's tensors (``dtype="auto"`` without one
     in config.json, as transformers decides)."""
-    from esft_rs.inspection import inspect
-
     found = (to_torch(t.dtype) for t in inspect(root).tensors.values() if t.dtype in FLOAT)
     return next(found, torch.float32)
 
@@ -178,8 +178,6 @@ class Plan:
             dot_natural_key,
             rename_source_key,
         )
-
-        from esft_rs.inspection import inspect
 
         info = inspect(root)
         self.model, self.root, self.tensors = model, root, info.tensors
@@ -270,8 +268,6 @@ class _Reader:
     rank's bytes only), counting the bytes it reads."""
 
     def __init__(self, plan: Plan, files: ExitStack) -> None:
-        from esft_rs.models.rows import Rows
-
         self.plan = plan
         self._rows = files.enter_context(Rows(plan.root, plan.tensors))
         self._warned: set[str] = set()
@@ -346,10 +342,7 @@ def _names(model: torch.nn.Module) -> dict[str, str]:
 def _persistent(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers (what a checkpoint holds), by state-dict name;
     FusedSlices' own parameters aside (``fill`` reads them as rows of their tensor)."""
-    from esft_rs.training.freeze import FusedSlices
-
     skip = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)}
-    from esft_rs.private_api import non_persistent_buffers
 
     out = [(n, p) for n, p in model.named_parameters() if id(p) not in skip]
     for mod_name, module in model.named_modules():
@@ -372,8 +365,6 @@ def _shapes(model: torch.nn.Module, names: dict[str, str]) -> dict[str, tuple[in
 
 def _fused_slices(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Any]]:
     """(module, attribute, its FusedSlices) for every fused tensor trained in slices."""
-    from esft_rs.training.freeze import FusedSlices
-
     return [(m, attr, plist[0]) for m in model.modules()
             for attr, plist in getattr(m, "parametrizations", {}).items()
             if isinstance(plist[0], FusedSlices)]
@@ -388,10 +379,6 @@ def _init_buffers(model: torch.nn.Module) -> None:
     ``from_pretrained`` does: the model's ``_init_weights`` on their modules, with every
     loaded tensor marked initialised so that nothing else is touched."""
     from transformers import initialization
-
-    from esft_rs.errors import EsftError
-    from esft_rs.private_api import init_weights, mark_initialized, non_persistent_buffers
-    from esft_rs.training.freeze import FusedSlices
 
     owners = [m for m in model.modules() if not isinstance(m, FusedSlices)
               and any(n in non_persistent_buffers(m) for n, _ in m.named_buffers(recurse=False))]

@@ -1,7 +1,7 @@
 """What the rest of esft-rs needs from an MoE model, whatever its family.
 
 Profiling hooks the routers; training freezes and unfreezes tensors by their
-checkpoint names (classified by ``esft_rs.naming``). A model family plugs in by
+checkpoint names (classified by ``esft_rs.files.naming``). A model family plugs in by
 providing an ``MoEModel``: the built-in reference model does so directly, and
 transformers families through thin adapters.
 """

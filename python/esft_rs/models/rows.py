@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from esft_rs import _core
-from esft_rs.dtypes import to_torch
 from esft_rs.errors import InvalidFileError
+from esft_rs.files.dtypes import to_torch
+from esft_rs.private_api import local_shape_and_offset
 
 
 class Rows:
@@ -78,8 +79,6 @@ def local_rows(t: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
     """(this rank's part of ``t``, the rows of ``t`` it holds); none when it holds none.
     FSDP2 shards dim 0 only."""
     from torch.distributed.tensor import DTensor, Shard
-
-    from esft_rs.private_api import local_shape_and_offset
 
     if not isinstance(t, DTensor):
         return [(t, slice(0, t.shape[0]))] if t.dim() and t.numel() else \

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError, option
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.config import TrainConfig, config_path, load_config
-from esft_rs.training.outputs import ADAPTER, write_outputs
+from esft_rs.training.run_dir import ADAPTER, write_outputs
 
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.inspection import TensorInfo
-    from esft_rs.tensor_stream import Layout
+    from esft_rs.files.inspection import TensorInfo
+    from esft_rs.files.tensor_stream import Layout
     from esft_rs.training.freeze import Trainable
     from esft_rs.training.loop import FitResult
 
@@ -78,25 +78,62 @@ def train(
     """
     import torch
 
-    from esft_rs.adapter import fingerprint as fingerprint_of
     from esft_rs.distributed import device_for, process_group
-    from esft_rs.outputs import check_kind, check_outputs, check_target, check_writable
-    from esft_rs.training import expert_parallel, lora, sharded_load, sharding
-    from esft_rs.training.batches import split
-    from esft_rs.training.freeze import (
-        checkpoint_layout,
-        checkpoint_shapes,
-        freeze,
-        moe_layout,
-        resolve_experts,
-    )
-    from esft_rs.training.loop import Loop, global_batch_size
-    from esft_rs.training.parallelism import for_training
+    from esft_rs.files.adapter import fingerprint as fingerprint_of
+    from esft_rs.training.freeze import freeze
+    from esft_rs.training.loop import Loop
+
+    out = Path(output)
+    config = _check_paths(out, model, data, experts, config, base, save_merged, overwrite)
+    cfg = _config(config, overrides)
+    dev = device_for(device)
+    with run_lock(out), process_group(dev) as place:
+        if not isinstance(model, torch.nn.Module):
+            base = model
+        expert_cfg, origin = _experts(experts)
+        cfg, fsdp, ep, auto_note = _choose_parallelism(model, base, expert_cfg, cfg, place, dev)
+        resume_from, replacing = _check_out_dir(out, resume, overwrite)
+        net, lazy = _build_model(model, fsdp or ep)
+        resolved, placement = _select_experts(net, expert_cfg, cfg, origin, ep, base, place)
+        spec, lora_trainables, extra = _attach_lora(net, resolved, cfg)
+        cfg, tensors, bos, notes = _read_data(data, base, cfg, skip_bad, net)
+        fingerprint = fingerprint_of(base) if base is not None else None
+        train_idx, val_idx = _check_rows(net, tensors, bos, data, cfg, place, notes, auto_note)
+        trainables = lora_trainables if spec is not None else freeze(net, resolved)
+        on_disk, adapter_layout = _check_base(net, trainables, spec, base, ep, place, dev,
+                                              fp8_ok=save_merged is None or requantize_fp8)
+        trainables = _place_model(net, trainables, model, lazy, cfg, fsdp, ep, place, dev)
+        identity = _identity(tensors, fingerprint, resolved, cfg, place.world)
+        if resume and (out / ADAPTER).exists():
+            _refuse_finished(out, resume_from, identity)
+        aside, created = _open_run_dir(out, place, replacing, placement, resolved)
+        try:
+            place.barrier()
+            fit, adapter, merged = _fit_and_write(
+                Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
+                     place=place, identity=identity),
+                resume_from, progress, on_step, net, trainables, on_disk, adapter_layout, place,
+                dev, resolved, fingerprint, cfg, base, save_merged, requantize_fp8, extra)
+        except BaseException:  # Ctrl-C in Loop's set-up too
+            _restore_run_dir(out, aside, created)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        place.barrier()
+        return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
+
+
+def _check_paths(out: Path, model: object, data: object, experts: object,
+                 config: PathLike | TrainConfig | None, base: PathLike | None,
+                 save_merged: PathLike | None, overwrite: bool) -> PathLike | TrainConfig | None:
+    """Outputs checked before anything loads: none is an input or inside one, ``out`` is (or
+    can become) a writable run directory, ``save_merged`` is new. Returns ``config`` with a
+    starter config's name resolved to its file."""
+    from esft_rs.files.outputs import check_kind, check_outputs, check_target, check_writable
 
     def given(x: object) -> PathLike | None:
         return x if isinstance(x, str | os.PathLike) else None
 
-    out = Path(output)
     if given(config) is not None:
         config = config_path(given(config))  # type: ignore[arg-type]
     check_outputs([out, save_merged], [given(model), given(data), given(experts), given(config),
@@ -108,104 +145,188 @@ def train(
             check_writable(out.parent.resolve())
     if save_merged is not None:
         check_target(save_merged, overwrite=False)
-    if isinstance(overrides.get("lora_targets"), list | tuple):  # Python: a list of names
-        overrides["lora_targets"] = ",".join(overrides["lora_targets"])
-    cfg = _config(config, overrides)
-    dev = device_for(device)
-    with run_lock(out), process_group(dev) as place:
-        if not isinstance(model, torch.nn.Module):
-            base = model
-        expert_cfg, origin = _experts(experts)
-        chosen, auto_note = for_training(
-            base if not isinstance(model, torch.nn.Module) else None, expert_cfg, cfg, place,
-            dev)
-        cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
-        fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
-        ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
-        resume_from, replacing = _check_out_dir(out, resume, overwrite)
-        lazy = None  # under FSDP and EP the model is read shard by shard, after sharding
-        if (fsdp or ep) and not isinstance(model, torch.nn.Module):
-            lazy = sharded_load.meta_model(model)
-        net = lazy if lazy is not None else _load_model(model)
-        layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
-        resolved = resolve_experts(layout, expert_cfg, cfg.mode, cfg.seed, origin)
-        placement = None
-        if ep:  # each rank keeps its own experts only, before anything is read
-            expert_parallel.check_model(net, base if base is not None else type(net).__name__)
-            placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
-            expert_parallel.localize(net, placement, place.rank)
-        spec, extra = lora.LoraSpec.of(cfg), {}
-        if spec is not None:  # before the data: a target the model lacks is named first
-            trainables, targets = lora.attach(net, resolved, spec, cfg.seed)
-            extra = lora.metadata(spec, targets)
-        notes = []  # shown once the data has passed its checks
-        if not isinstance(data, Mapping):
-            cfg, notes = _fit_context(cfg, net)
-        tensors, bos = _load_data(data, base, cfg, skip_bad)
-        fingerprint = fingerprint_of(base) if base is not None else None
-        train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
-        notes += _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
-                               place.world)
-        _check_data(net, tensors, train_idx, data, bos)
-        if place.world > 1:
-            notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
-        if auto_note is not None and place.main:
-            notes.append(auto_note)
-        for note in notes:
-            log.warning("%s", note)
-        if spec is None:
-            trainables = freeze(net, resolved)
-        on_disk = _base_tensors(base) if base is not None else {}
-        # before any sharding; under EP, of every rank's experts
-        adapter_layout = (expert_parallel.adapter_layout(net, trainables, on_disk, place, dev)
-                          if ep else lora.layout(net, trainables, on_disk) if spec
-                          else checkpoint_layout(net, trainables, on_disk))
-        if base is not None:
-            shapes = (lora.base_shapes(net, trainables, on_disk) if spec
-                      else checkpoint_shapes(net, trainables, on_disk))
-            _check_against_base(base, on_disk, shapes,
-                                fp8_ok=save_merged is None or requantize_fp8)
-        _prepare(net, trainables, dev, cfg, move=not fsdp and lazy is None)  # else read or
-        # moved shard by shard
-        if fsdp:
-            trainables = sharding.shard(net, trainables, place, dev,
-                                        prefetch=cfg.fsdp_prefetch)
-        if lazy is not None:
-            sharded_load.fill(net, model, dev)
-        if ep:
-            expert_parallel.install(net, place, dev)
-        identity = {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
-                    "data": _digest(tensors), "experts": resolved.to_json(),
-                    "config": cfg.identity(), "global_batch": global_batch_size(cfg, place.world)}
-        if resume and (out / ADAPTER).exists():
-            _refuse_finished(out, resume_from, identity)
-        aside = _set_aside(out) if place.main and replacing else None
-        created = place.main and not out.exists()
-        if place.main:
-            out.mkdir(parents=True, exist_ok=True)
-            if placement is not None:
-                from esft_rs.outputs import write_file
+    return config
 
-                write_file(out / expert_parallel.PLACEMENT,
-                           json.dumps(placement.describe(resolved.experts), indent=1) + "\n")
-        try:
-            place.barrier()
-            fit, adapter, merged = _fit_and_write(
-                Loop(net, trainables, tensors, train_idx, val_idx, cfg, out, device=dev,
-                     place=place, identity=identity),
-                resume_from, progress, on_step, net, trainables, on_disk, adapter_layout, place,
-                dev, resolved, fingerprint, cfg, base, save_merged, requantize_fp8, extra)
-        except BaseException:  # Ctrl-C in Loop's set-up too
-            if aside is not None:  # the earlier run comes back; the new one's files go
-                shutil.rmtree(out, ignore_errors=True)
-                aside.rename(out)
-            elif created:
-                _remove_if_nothing_to_resume(out)
-            raise
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        place.barrier()
-        return TrainResult(out, adapter, resolved, cfg, fit, net, merged)
+
+def _choose_parallelism(model: PathLike | torch.nn.Module, base: PathLike | None,
+                        experts: ExpertConfig | None, cfg: TrainConfig, place: Any,
+                        dev: torch.device) -> tuple[TrainConfig, bool, bool, str | None]:
+    """``cfg`` with ``parallelism: auto`` resolved (``parallelism.for_training``), whether
+    the run uses FSDP and EP, and the note that says what auto chose (shown with the
+    others, once the data has passed its checks)."""
+    import torch
+
+    from esft_rs.training import expert_parallel, sharding
+    from esft_rs.training.parallelism import for_training
+
+    chosen, auto_note = for_training(
+        base if not isinstance(model, torch.nn.Module) else None, experts, cfg, place, dev)
+    cfg = cfg.with_overrides({"parallelism": chosen}, "parallelism auto")
+    fsdp = sharding.uses_fsdp(cfg.parallelism, place.world)
+    ep = expert_parallel.uses_ep(cfg.parallelism, place.world)
+    return cfg, fsdp, ep, auto_note
+
+
+def _build_model(model: PathLike | torch.nn.Module, sharded: bool
+                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(the model, the same model when it is built on the meta device, else None): under
+    FSDP and EP a checkpoint is read shard by shard once the model is sharded
+    (``sharded_load.fill``), so that no rank holds it whole."""
+    import torch
+
+    from esft_rs.training import sharded_load
+
+    if sharded and not isinstance(model, torch.nn.Module):
+        lazy = sharded_load.meta_model(model)
+        return lazy, lazy
+    return _load_model(model), None
+
+
+def _select_experts(net: torch.nn.Module, experts: ExpertConfig | None, cfg: TrainConfig,
+                    origin: str, ep: bool, base: PathLike | None, place: Any
+                    ) -> tuple[ExpertConfig, Any]:
+    """The experts to train (``resolve_experts``: random mode draws them), and under EP
+    where each lives (``None`` otherwise): each rank keeps its own experts only, before
+    anything is read."""
+    from esft_rs.training import expert_parallel
+    from esft_rs.training.freeze import moe_layout, resolve_experts
+
+    layout = moe_layout((n, tuple(p.shape)) for n, p in net.named_parameters())
+    resolved = resolve_experts(layout, experts, cfg.mode, cfg.seed, origin)
+    placement = None
+    if ep:
+        expert_parallel.check_model(net, base if base is not None else type(net).__name__)
+        placement = expert_parallel.place_experts(layout, resolved.experts, place.world)
+        expert_parallel.localize(net, placement, place.rank)
+    return resolved, placement
+
+
+def _attach_lora(net: torch.nn.Module, resolved: ExpertConfig, cfg: TrainConfig
+                 ) -> tuple[Any, list[Trainable] | None, dict[str, str]]:
+    """ESFT-LoRA (``cfg.lora_rank``): the adapters attached, their trainables and the
+    adapter's metadata; (None, None, {}) without LoRA. Before the data, so that a target
+    the model lacks is named first."""
+    from esft_rs.training import lora
+
+    spec = lora.LoraSpec.of(cfg)
+    if spec is None:
+        return None, None, {}
+    trainables, targets = lora.attach(net, resolved, spec, cfg.seed)
+    return spec, trainables, lora.metadata(spec, targets)
+
+
+def _read_data(data: PathLike | Mapping[str, torch.Tensor], base: PathLike | None,
+               cfg: TrainConfig, skip_bad: bool, net: torch.nn.Module
+               ) -> tuple[TrainConfig, dict[str, torch.Tensor], int | None, list[str]]:
+    """The packed rows (``_load_data``) with ``cfg.seq_length`` cut to the model's context
+    for chat data, and the notes to show once the rows have passed their checks."""
+    notes: list[str] = []
+    if not isinstance(data, Mapping):
+        cfg, notes = _fit_context(cfg, net)
+    tensors, bos = _load_data(data, base, cfg, skip_bad)
+    return cfg, tensors, bos, notes
+
+
+def _check_rows(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor], bos: int | None,
+                data: object, cfg: TrainConfig, place: Any, notes: list[str],
+                auto_note: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation split, checked (rows to train on, token ids the model
+    knows, answer tokens to learn from); then the notes are shown, from the main process:
+    a run that fails says only what is wrong."""
+    from esft_rs.training.batches import split
+
+    train_idx, val_idx = split(len(tensors["input_ids"]), cfg.val_ratio, cfg.seed)
+    notes = notes + _check_enough(len(train_idx), tuple(tensors["input_ids"].shape), cfg,
+                                  place.world)
+    _check_data(net, tensors, train_idx, data, bos)
+    if place.world > 1:
+        notes.append(batch_note(cfg, place.world, int(tensors["input_ids"].shape[-1])))
+    if auto_note is not None and place.main:
+        notes.append(auto_note)
+    for note in notes:
+        log.warning("%s", note)
+    return train_idx, val_idx
+
+
+def _check_base(net: torch.nn.Module, trainables: list[Trainable], spec: Any,
+                base: PathLike | None, ep: bool, place: Any, dev: torch.device, *,
+                fp8_ok: bool) -> tuple[dict[str, TensorInfo], Layout]:
+    """The base checkpoint's tensors (headers) and the adapter's layout (name, dtype, shape
+    of each tensor it will hold), known before any sharding (under EP, of every rank's
+    experts); every trained tensor is checked against the base, so that the adapter
+    can be merged into it (``_check_against_base``)."""
+    from esft_rs.training import expert_parallel, lora
+    from esft_rs.training.freeze import checkpoint_layout, checkpoint_shapes
+
+    on_disk = _base_tensors(base) if base is not None else {}
+    layout = (expert_parallel.adapter_layout(net, trainables, on_disk, place, dev)
+              if ep else lora.layout(net, trainables, on_disk) if spec
+              else checkpoint_layout(net, trainables, on_disk))
+    if base is not None:
+        shapes = (lora.base_shapes(net, trainables, on_disk) if spec
+                  else checkpoint_shapes(net, trainables, on_disk))
+        _check_against_base(base, on_disk, shapes, fp8_ok=fp8_ok)
+    return on_disk, layout
+
+
+def _place_model(net: torch.nn.Module, trainables: list[Trainable],
+                 model: PathLike | torch.nn.Module, lazy: torch.nn.Module | None,
+                 cfg: TrainConfig, fsdp: bool, ep: bool, place: Any, dev: torch.device
+                 ) -> list[Trainable]:
+    """The model on its device(s): trained tensors as fp32 master weights (``_prepare``),
+    then sharded (FSDP: the trainables become the shards), read shard by shard into a meta
+    model, and the EP exchange installed. Returns the trainables to optimise."""
+    from esft_rs.training import expert_parallel, sharded_load, sharding
+
+    # Under FSDP, or for a meta model, the tensors are moved or read shard by shard.
+    _prepare(net, trainables, dev, cfg, move=not fsdp and lazy is None)
+    if fsdp:
+        trainables = sharding.shard(net, trainables, place, dev, prefetch=cfg.fsdp_prefetch)
+    if lazy is not None:
+        sharded_load.fill(net, model, dev)
+    if ep:
+        expert_parallel.install(net, place, dev)
+    return trainables
+
+
+def _identity(tensors: Mapping[str, torch.Tensor], fingerprint: str | None,
+              resolved: ExpertConfig, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint of this run records of its inputs: a resume from other inputs
+    is refused (``checkpoint.check_identity``)."""
+    from esft_rs.training.loop import global_batch_size
+
+    return {"base": fingerprint, "seq_length": int(tensors["input_ids"].shape[-1]),
+            "data": _digest(tensors), "experts": resolved.to_json(),
+            "config": cfg.identity(), "global_batch": global_batch_size(cfg, world)}
+
+
+def _open_run_dir(out: Path, place: Any, replacing: bool, placement: Any,
+                  resolved: ExpertConfig) -> tuple[Path | None, bool]:
+    """The run directory made (main process): an earlier run being replaced is set aside
+    first, and under EP the expert placement is written. Returns (the earlier run set
+    aside, whether this run created ``out``), for ``_restore_run_dir``."""
+    from esft_rs.training import expert_parallel
+
+    aside = _set_aside(out) if place.main and replacing else None
+    created = place.main and not out.exists()
+    if place.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if placement is not None:
+            from esft_rs.files.outputs import write_file
+
+            write_file(out / expert_parallel.PLACEMENT,
+                       json.dumps(placement.describe(resolved.experts), indent=1) + "\n")
+    return aside, created
+
+
+def _restore_run_dir(out: Path, aside: Path | None, created: bool) -> None:
+    """After a failed (or stopped) run: the earlier run comes back and the new one's files
+    go; a directory this run created goes if it holds nothing to resume."""
+    if aside is not None:
+        shutil.rmtree(out, ignore_errors=True)
+        aside.rename(out)
+    elif created:
+        _remove_if_nothing_to_resume(out)
 
 
 @contextlib.contextmanager
@@ -327,6 +448,10 @@ def _remove_if_nothing_to_resume(out: Path) -> None:
 
 
 def _config(config: PathLike | TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's settings: ``config`` (a file, a starter's name, a ``TrainConfig`` or the
+    defaults) with ``overrides`` applied; ``lora_targets`` may be a list in Python."""
+    if isinstance(overrides.get("lora_targets"), list | tuple):
+        overrides["lora_targets"] = ",".join(overrides["lora_targets"])
     if isinstance(config, TrainConfig):
         cfg = config
     elif config is None:
@@ -414,7 +539,7 @@ def _load_data(
             raise InvalidFileError("data: no training examples")
         return tensors, None
     from esft_rs.data import read_task_data
-    from esft_rs.tokenizer import load_tokenizer
+    from esft_rs.data.tokenizer import load_tokenizer
 
     if base is None:
         raise EsftError(f"{data}: chat JSONL needs the model directory, for its tokenizer")
@@ -434,7 +559,7 @@ def _check_data(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
     the BOS that starts each example (the official format labels it, so a row of fully
     masked conversations still held loss tokens, BOS mid-row, and "trained" on them)."""
     from esft_rs.data import IGNORE_INDEX
-    from esft_rs.preflight import check_answer_tokens, check_token_ids
+    from esft_rs.data.preflight import check_answer_tokens, check_token_ids
 
     origin = "data" if isinstance(data, Mapping) else os.fspath(data)  # type: ignore[arg-type]
     ids = tensors["input_ids"]
@@ -450,7 +575,7 @@ def _fit_context(cfg: TrainConfig, net: torch.nn.Module) -> tuple[TrainConfig, l
     that says so (returned)."""
     from dataclasses import replace
 
-    from esft_rs.preflight import context_length, fit_to_context
+    from esft_rs.data.preflight import context_length, fit_to_context
 
     seq_length, note = fit_to_context(cfg.seq_length, context_length(net))
     return replace(cfg, seq_length=seq_length), [] if note is None else [note]
@@ -493,7 +618,7 @@ def _check_enough(n_train: int, rows: tuple[int, ...], cfg: TrainConfig, world: 
 
 def _base_tensors(base: PathLike) -> dict[str, TensorInfo]:
     """The base checkpoint's tensors (headers only)."""
-    from esft_rs.inspection import inspect as inspect_checkpoint
+    from esft_rs.files.inspection import inspect as inspect_checkpoint
 
     return dict(inspect_checkpoint(base).tensors)
 
@@ -564,6 +689,6 @@ def _merge(base: PathLike | None, adapter: Path, out: Path, requantize_fp8: bool
     """The full fine-tuned model: the adapter merged into the base by the Rust streaming merge."""
     if base is None:
         raise EsftError("--save-merged needs the base checkpoint the model was loaded from")
-    from esft_rs.merging import merge
+    from esft_rs.files.merging import merge
 
     merge(base, adapter, out, requantize_fp8=requantize_fp8)

@@ -7,7 +7,7 @@ by eval loss so far and the AdamW state, each rank writing its own shards),
 counters and what the run was made from, checked on resume). DCP reshards on
 load, so a checkpoint written by N processes (FSDP or DDP) resumes in M. A
 checkpoint is built in a staging folder and put in place whole
-(``esft_rs.outputs``); only then is the previous one removed.
+(``esft_rs.files.outputs``); only then is the previous one removed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 
 from esft_rs.distributed import Dist, from_rank0
 from esft_rs.errors import EsftError, InvalidFileError, MismatchError
-from esft_rs.outputs import staged, write_file
+from esft_rs.files.outputs import staged, write_file
+from esft_rs.private_api import had_state, nested_keys
+from esft_rs.training import expert_parallel
 from esft_rs.training.freeze import Trainable
 
 CHECKPOINTS = "checkpoints"
@@ -105,8 +107,6 @@ def _state_dict(
     """What DCP saves and loads in place: tensors (DTensor shards under FSDP) by name;
     the optimizer state keyed by parameter names, so that any world size maps it back."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    from esft_rs.training import expert_parallel
 
     if expert_parallel.placement_of(model) is not None:
         return {"ep": expert_parallel.state_dict(trainables, optimizer, best, saving=True)}
@@ -207,8 +207,6 @@ def read(
     keeps its RNG state: training draws no random numbers after the data is split."""
     import torch.distributed.checkpoint as dcp
 
-    from esft_rs.training import expert_parallel
-
     state = read_state(path)
     try:
         if expert_parallel.placement_of(model) is not None:
@@ -230,9 +228,6 @@ def _read_ep(path: Path, trainables: list[Trainable], optimizer: torch.optim.Opt
     so a checkpoint of any world size or placement resumes (one written under FSDP, DDP or
     one process is keyed otherwise: refused in one line)."""
     import torch.distributed.checkpoint as dcp
-
-    from esft_rs.private_api import nested_keys
-    from esft_rs.training import expert_parallel
 
     saved = dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata
     keys = nested_keys(set(saved), "ep")
@@ -266,8 +261,6 @@ def _read_dcp(path: Path, model: torch.nn.Module, trainables: list[Trainable],
     loaded = _state_dict(model, trainables, optimizer, best)
     # get_optimizer_state_dict gives every parameter state to load into; one that had no
     # gradient yet had none when saved, and must have none again (AdamW counts its steps).
-    from esft_rs.private_api import had_state
-
     saved = set(dcp.FileSystemReader(path / DCP).read_metadata().state_dict_metadata)
     loaded["optimizer"]["state"] = {
         fqn: v for fqn, v in loaded["optimizer"]["state"].items()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from esft_rs.data import DEFAULT_SEED, MAX_SEED
 from esft_rs.errors import EsftFileNotFoundError, InvalidFileError
 
 MODES = ("esft", "full", "random")
@@ -29,12 +30,6 @@ IGNORED_KEYS = {
     "ep_size": "with parallelism: ep the experts are spread over all ranks (the official"
                " expert-parallel group size is the world size)",
 }
-
-#: The seed of data order and packing, in train and profile alike (the official base.yaml's).
-DEFAULT_SEED = 5934875
-
-#: Largest seed: torch's generators take 64-bit seeds.
-MAX_SEED = 2**63 - 1
 
 #: Longer than any model's context; a larger seq_length is a typo that would exhaust memory.
 MAX_SEQ_LENGTH = 1 << 24
@@ -233,7 +228,7 @@ def load_config(path: str | os.PathLike[str]) -> tuple[TrainConfig, list[str]]:
     """Read a YAML training config (an official ESFT one works unchanged): a file, or a
     starter config shipped with esft-rs by name (``base``: the official values; ``small``: a
     first run in minutes on a CPU)."""
-    from esft_rs.inputs import load_yaml
+    from esft_rs.files.inputs import load_yaml
 
     return from_mapping(load_yaml(config_path(path)), os.fspath(path))
 

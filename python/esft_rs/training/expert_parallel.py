@@ -16,7 +16,7 @@ The pieces, in the order a run uses them:
 - ``localize``: on the meta model, before loading, a rank drops the experts it does not
   own. The built-in model keeps per-expert modules (checkpoint names unchanged); a
   transformers family's fused ``[E, ...]`` tensors shrink to the owned rows, and
-  ``expert_rows`` tells the loader and the trainer which experts those rows are.
+  ``esft_rs.models.expert_rows`` tells the loader and the trainer which experts those rows are.
 - ``install``: the MoE layers' expert computation becomes ``Dispatch``: token rows go to
   their owners by all-to-all (``_AllToAll``, differentiable: its backward is the reverse
   all-to-all), the owner runs its experts (the family's own experts forward, any
@@ -38,7 +38,18 @@ import torch
 
 from esft_rs.distributed import Dist
 from esft_rs.errors import MismatchError
+from esft_rs.files.naming import classify
+from esft_rs.models import hf
+from esft_rs.models.expert_rows import hold_rows, placement_of, set_placement
+from esft_rs.models.reference import MoE
+from esft_rs.training.freeze import Trainable, checkpoint_tensors
 from esft_rs.training.placement import Placement, place_experts  # noqa: F401 (re-exported)
+from esft_rs.training.sharding import (
+    _checkpoint_tensors,
+    _input_needs_grad,
+    _reverted_slices,
+    decoder_layers,
+)
 
 PLACEMENT = "placement.json"
 
@@ -58,9 +69,6 @@ class _Absent(torch.nn.Module):
 
 def moe_blocks(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """Decoder layer -> its MoE block (the router's parent: ``mlp``), whatever the family."""
-    from esft_rs.models import hf
-    from esft_rs.models.reference import MoE
-
     if hf.is_hf(model):
         return {layer: model.get_submodule(_parent(model, router))
                 for layer, router in hf.routers(model).items()}
@@ -92,27 +100,8 @@ def localize(model: torch.nn.Module, placement: Placement, rank: int) -> None:
                 kept = p.detach().index_select(0, index.to(p.device))
                 setattr(experts, attr, torch.nn.Parameter(kept, requires_grad=p.requires_grad))
         experts.num_experts = len(mine)
-        experts._esft_rows = tuple(mine)
-        experts._esft_total = total
-    model._esft_placement = placement
-
-
-def placement_of(model: torch.nn.Module) -> Placement | None:
-    return getattr(model, "_esft_placement", None)
-
-
-def expert_rows(module: torch.nn.Module) -> tuple[int, ...] | None:
-    """The experts whose rows a localized fused experts module holds, in order (None:
-    not localized, row i is expert i)."""
-    return getattr(module, "_esft_rows", None)
-
-
-def rows_of(model: torch.nn.Module, name: str) -> tuple[tuple[int, ...], int] | None:
-    """For in-memory tensor ``name`` of a localized fused experts module: the experts its
-    rows are, and how many the checkpoint has; None for any other tensor."""
-    owner = model.get_submodule(name.rpartition(".")[0])
-    rows = expert_rows(owner)
-    return None if rows is None else (rows, int(owner._esft_total))
+        hold_rows(experts, tuple(mine), total)
+    set_placement(model, placement)
 
 
 def check_model(model: torch.nn.Module, origin: object) -> None:
@@ -205,8 +194,6 @@ def install(model: torch.nn.Module, place: Dist, device: torch.device) -> None:
             experts.forward = _routed_fused(dispatch, inner)
     # the first layer's input requires grad in training, so that every rank's backward
     # runs through every all-to-all, as its peers' do (see ``sharding._input_needs_grad``)
-    from esft_rs.training.sharding import _input_needs_grad, decoder_layers
-
     layers = decoder_layers(model)
     if layers:
         layers[0].register_forward_pre_hook(_input_needs_grad, with_kwargs=True)
@@ -260,8 +247,6 @@ def _routed_fused(dispatch: Dispatch, inner: Callable[..., torch.Tensor]
 def is_local(model: torch.nn.Module, t: Any) -> bool:
     """Whether trained tensor ``t`` is routed experts' (a per-expert tensor, or a fused
     one's rows), held by their owner alone; else it is replicated."""
-    from esft_rs.naming import classify
-
     return placement_of(model) is not None and (
         t.experts is not None or classify(t.name).kind == "routed_expert")
 
@@ -334,9 +319,6 @@ def adapter_tensors(model: torch.nn.Module, trainables: list[Any], on_disk: Any,
     rank 0 receives each remote expert's trained tensor from its owner, one at a time.
     Every rank must exhaust it. ``meta``: shapes and dtypes only, nothing sent."""
     import torch.distributed as dist
-
-    from esft_rs.training.freeze import Trainable, checkpoint_tensors
-    from esft_rs.training.sharding import _checkpoint_tensors, _reverted_slices
 
     mine = [(t.name, t.experts, is_local(model, t), _dtype_name(t.dtype),
              _dtype_name(t.param.dtype), tuple(t.param.shape)) for t in trainables]

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from esft_rs.errors import MismatchError
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify, fused_slice_name
 from esft_rs.models import gated_experts_problem, to_checkpoint
-from esft_rs.naming import classify, fused_slice_name
-from esft_rs.training.expert_parallel import expert_rows, placement_of
+from esft_rs.models.expert_rows import FusedSlices, expert_rows, placement_of
+from esft_rs.training import slice_grads
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
 
 log = logging.getLogger("esft_rs.training")
@@ -109,7 +110,7 @@ def _on_disk(
 ) -> dict[str, torch.Tensor] | None:
     """The checkpoint tensors ``t`` is saved as; None when the checkpoint stores it as it
     is in memory (``on_disk`` names it, or the model converts no name; fused slices are
-    then named as ``esft_rs.naming.fused_slice_name`` says). Of a fused tensor converted
+    then named as ``esft_rs.files.naming.fused_slice_name`` says). Of a fused tensor converted
     to per-expert tensors, only the trained experts' are kept."""
     if t.name in on_disk:
         return None
@@ -162,8 +163,6 @@ def split_weight_grads(module: torch.nn.Module) -> None:
     """Give ``module``'s backward weight gradients for its trained slices only
     (``esft_rs.training.slice_grads``) when it is fused experts the split knows;
     otherwise its slices take their rows of the whole fused tensor's gradient."""
-    from esft_rs.training import slice_grads
-
     params = module.parametrizations
     experts = {params[a][0].experts if a in params else None for a in slice_grads.PROJECTIONS}
     problem = (gated_experts_problem(module) if len(experts) == 1 and None not in experts
@@ -191,64 +190,3 @@ def whole_tensor(model: torch.nn.Module, t: Trainable, *, current: bool = True) 
     if current:
         parametrized[0].write(original)
     return original.detach()
-
-
-class FusedSlices(torch.nn.Module):
-    """The trained slices of a fused [E, ...] weight, over its frozen original.
-
-    Used as a parametrization: the module's attribute reads as the whole fused
-    tensor, while autograd and the optimizer see only ``slices`` (fp32 masters
-    where the original is bf16). A read writes the slices into the original's
-    rows in place and returns the original itself: no fused-size tensor is made
-    in the forward pass or saved for backward, with any experts implementation,
-    and the frozen rows are never written. With ``split`` the original is returned
-    detached and the experts' forward gives the slices their gradient
-    (``slice_grads``); without, the read is ``_SlicesInPlace``, whose backward
-    takes the slices' rows of the whole fused tensor's gradient.
-    """
-
-    def __init__(self, original: torch.Tensor, ids: list[int],
-                 experts: list[int] | None = None) -> None:
-        super().__init__()
-        # the experts of ``slices``' rows (kept for loading a meta model), and the rows of
-        # ``original`` they are: the same, unless expert parallelism holds some rows only
-        self.experts = tuple(ids if experts is None else experts)
-        self.rows = tuple(ids)
-        # set by ``slice_grads.install``: the module's forward gives the slices their
-        # gradient, so a read returns the original detached
-        self.split = False
-        index = torch.tensor(ids, dtype=torch.long, device=original.device)
-        self.register_buffer("ids", index, persistent=False)
-        self.slices = torch.nn.Parameter(original.index_select(0, index).clone())
-
-    def write(self, original: torch.Tensor) -> None:
-        """Copy the slices into their rows of ``original``; through ``.data``, so that
-        tensors autograd saved from ``original`` are not seen as modified: the rows
-        receive the same values on every read between two optimizer steps."""
-        with torch.no_grad():
-            original.data.index_copy_(0, self.ids, self.slices.detach().to(original.dtype))
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        if self.split:
-            self.write(original)
-            return original.detach()
-        return _SlicesInPlace.apply(original, self.slices, self)
-
-
-class _SlicesInPlace(torch.autograd.Function):
-    """original (with the slices written in) -> the same storage; grad -> grad[ids]."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, original: torch.Tensor,
-        slices: torch.Tensor, owner: FusedSlices,
-    ) -> torch.Tensor:
-        owner.write(original)
-        ctx.ids, ctx.dtype = owner.ids, slices.dtype  # a buffer: nothing new is saved
-        return original.view_as(original)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[None, torch.Tensor, None]:
-        return None, grad.index_select(0, ctx.ids).to(ctx.dtype), None

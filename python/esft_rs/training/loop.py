@@ -29,6 +29,7 @@ import torch
 
 from esft_rs.data import causal_lm_loss, loss_tokens
 from esft_rs.distributed import Dist, sum_over_batches
+from esft_rs.files.outputs import write_file
 from esft_rs.training import checkpoint, expert_parallel, sharding
 from esft_rs.training.batches import GlobalBatches, rank_part
 from esft_rs.training.config import TrainConfig
@@ -440,7 +441,7 @@ def _empty_window() -> dict[str, float]:
 class _Metrics:
     """``metrics.jsonl`` (records after the resumed step dropped) and TensorBoard if installed.
 
-    The file is replaced whole at each record (``esft_rs.outputs``): it never ends
+    The file is replaced whole at each record (``esft_rs.files.outputs``): it never ends
     in half a line, whatever stops the run."""
 
     def __init__(self, out_dir: Path, start: int, enabled: bool) -> None:
@@ -463,7 +464,6 @@ class _Metrics:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from esft_rs.outputs import write_file
 
         self.lines.append(json.dumps(record) + "\n")
         write_file(self.path, "".join(self.lines))

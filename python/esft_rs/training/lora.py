@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esft_rs.errors import MismatchError, option
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.naming import classify, fused_slice_name, projection
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify, fused_slice_name, projection
+from esft_rs.models import to_checkpoint
+from esft_rs.models.expert_rows import expert_rows
 from esft_rs.training.freeze import (
     FusedSlices,
     Trainable,
@@ -166,8 +168,6 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
     the checkpoint names them). Raises ``MismatchError`` (one line) for a target the
     model's experts do not have, or a fused layout that is not row blocks of its
     checkpoint tensors."""
-    from esft_rs.training.expert_parallel import expert_rows
-
     others = ExpertConfig({}, experts.shared_experts, experts.non_expert_modules)
     if others.shared_experts or others.non_expert_modules:
         trainables = freeze(model, others)
@@ -224,8 +224,6 @@ def attach(model: torch.nn.Module, experts: ExpertConfig, spec: LoraSpec, seed: 
 
 def _stored(model: torch.nn.Module, name: str, p: torch.Tensor) -> list[tuple[str, int, int]]:
     """A per-expert weight as the checkpoint stores it: (name, 0, out) of one tensor."""
-    from esft_rs.models import to_checkpoint
-
     stored = to_checkpoint(model, name, torch.empty(p.shape, device="meta"))
     if len(stored) != 1 or next(iter(stored.values())).shape != p.shape:
         raise MismatchError(f"ESFT-LoRA: {name} is not one checkpoint tensor of its shape")
@@ -237,8 +235,6 @@ def _fused_blocks(model: torch.nn.Module, name: str, p: torch.Tensor, experts: l
     """Per expert, the checkpoint tensors its rows of fused ``name`` [E, out, in] are
     stored as: (checkpoint name, first row, end row), found by saving a probe that holds
     each row's index (one column: no memory) through the model's own conversion."""
-    from esft_rs.models import to_checkpoint
-
     e_count, out = p.shape[0], p.shape[1]
     probe = torch.arange(e_count * out, dtype=torch.float64).view(e_count, out, 1)
     stored = to_checkpoint(model, name, probe)

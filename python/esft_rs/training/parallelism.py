@@ -1,5 +1,5 @@
 """``parallelism: auto``: the parallelism a torchrun job uses, decided from the checkpoint's
-headers (``esft_rs.plan``) and the memory of one device (every rank decides alike), and
+headers (``esft_rs.training.planner``) and the memory of one device (every rank decides alike), and
 said in one line once the inputs have passed their checks."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from esft_rs.distributed import Dist
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.expert_config import ExpertConfig
+    from esft_rs.files.expert_config import ExpertConfig
     from esft_rs.training.config import TrainConfig
 
 def device_memory(device: torch.device, place: Dist) -> int | None:
@@ -44,7 +44,7 @@ def for_training(model: str | os.PathLike[str] | None, experts: ExpertConfig | N
     if model is None:
         return "fsdp", _note("fsdp", "an in-memory model has no checkpoint to plan from")
     from esft_rs.errors import EsftError
-    from esft_rs.plan import plan
+    from esft_rs.training.planner import plan
 
     try:
         result = plan(model, experts, cfg.mode, nproc=place.world, parallelism="auto",
@@ -82,8 +82,8 @@ def for_inference(model: Path, parallelism: str, place: Dist, device: torch.devi
     fsdp."""
     if parallelism != "auto" or place.world == 1:
         return (parallelism if parallelism != "auto" else "ddp"), None
-    from esft_rs.inspection import inspect
-    from esft_rs.plan import memory_bytes
+    from esft_rs.files.inspection import inspect
+    from esft_rs.training.planner import memory_bytes
     from esft_rs.training.trained import moe_layout
 
     info = inspect(model)

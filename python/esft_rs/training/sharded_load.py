@@ -18,24 +18,27 @@ import torch
 
 from esft_rs.distributed import Dist
 from esft_rs.errors import InvalidFileError
+from esft_rs.files.inspection import inspect
+from esft_rs.models import hf, hf_shards, reference_files
+from esft_rs.models.config import MODEL_TYPE, ModelConfig
+from esft_rs.models.reference import skeleton
+from esft_rs.models.rows import Rows, local_rows
+from esft_rs.training import expert_parallel
+from esft_rs.training.sharding import shard
+from esft_rs.training.trained import moe_layout
 
 
 def meta_model(directory: str | os.PathLike[str]) -> torch.nn.Module:
     """The model of ``directory`` on the meta device, its tensors checked against the
     checkpoint: the built-in model as ``load_model`` checks it, a transformers family
     as ``hf.load`` would build it (``esft_rs.models.hf_shards``)."""
-    from esft_rs.inspection import inspect
-    from esft_rs.models import checkpoint, hf, hf_shards
-    from esft_rs.models.config import MODEL_TYPE, ModelConfig
-    from esft_rs.models.reference import skeleton
-
     root = Path(directory)
     if hf.model_type(root) not in (MODEL_TYPE, None):
         return hf_shards.meta(root)
     cfg = ModelConfig.load(root)
     model = skeleton(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    checkpoint._check(root, inspect(root).tensors, expected)
+    reference_files._check(root, inspect(root).tensors, expected)
     return model.to(getattr(torch, cfg.torch_dtype)).eval()
 
 
@@ -44,10 +47,6 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
     from the checkpoint in ``directory``; returns the bytes read. The built-in model's
     parameter names are its tensor names; a transformers family goes through its
     conversion (``esft_rs.models.hf_shards.fill``)."""
-    from esft_rs.inspection import inspect
-    from esft_rs.models import hf, hf_shards
-    from esft_rs.models.rows import Rows, local_rows
-
     root = Path(directory)
     if hf.is_hf(model):
         return hf_shards.fill(model, root, device)
@@ -63,13 +62,32 @@ def fill(model: torch.nn.Module, directory: str | os.PathLike[str], device: torc
         return rows.bytes
 
 
+def load_for_inference(
+    directory: str | os.PathLike[str], place: Dist, device: torch.device, parallelism: str
+) -> tuple[torch.nn.Module, str | None]:
+    """The model of ``directory`` for forward passes (profile, eval), frozen and in eval mode:
+    under torchrun sharded (``fsdp``) or split by experts (``ep``) as ``parallelism`` says
+    (``auto`` resolved by ``parallelism.for_inference``), else whole in this process; and
+    the note that says what auto chose, for the caller to show once the model has loaded
+    (no note before an error)."""
+    from esft_rs.models import load_model
+    from esft_rs.training.expert_parallel import uses_ep
+    from esft_rs.training.parallelism import for_inference
+    from esft_rs.training.sharding import uses_fsdp
+
+    parallelism, note = for_inference(Path(directory), parallelism, place, device)
+    if uses_fsdp(parallelism, place.world):
+        return load_sharded(directory, place, device), note
+    if uses_ep(parallelism, place.world):
+        return load_expert_parallel(directory, place, device), note
+    return load_model(directory, device=device).requires_grad_(False).eval(), note
+
+
 def load_sharded(
     directory: str | os.PathLike[str], place: Dist, device: torch.device
 ) -> torch.nn.Module:
     """The model of ``directory``, frozen and sharded over all ranks (for profiling and
     evaluation): built on the meta device, each rank reading only its own shards."""
-    from esft_rs.training.sharding import shard
-
     model = meta_model(directory)
     model.requires_grad_(False)
     shard(model, [], place, device)
@@ -83,9 +101,6 @@ def load_expert_parallel(
     """The model of ``directory``, frozen, each rank holding its share of every MoE layer's
     experts (``expert_parallel``; for profiling and evaluation) and the rest whole: each
     rank reads only its experts' bytes."""
-    from esft_rs.training import expert_parallel
-    from esft_rs.training.trained import moe_layout
-
     model = meta_model(directory)
     expert_parallel.check_model(model, directory)
     layout = moe_layout((n, tuple(p.shape)) for n, p in model.named_parameters())

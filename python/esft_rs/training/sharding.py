@@ -19,7 +19,12 @@ from typing import Any
 import torch
 
 from esft_rs.distributed import Dist
-from esft_rs.training.freeze import Trainable
+from esft_rs.files.naming import classify, fused_slice_name, fused_slice_parent
+from esft_rs.models import hf
+from esft_rs.models.expert_rows import FusedSlices
+from esft_rs.models.hf import _revert
+from esft_rs.training.freeze import Trainable, checkpoint_tensors
+from esft_rs.training.host_memory import return_freed_memory
 
 #: A decoder layer: ``...layers.<i>`` in a ModuleList (every family names them so).
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+$")
@@ -42,8 +47,6 @@ def shard(
     ``prefetch``: gather each layer one ahead, while the layer before it computes; off, a
     rank holds one gathered layer at a time instead of two, and each gather blocks it."""
     from torch.distributed.fsdp import fully_shard
-
-    from esft_rs.training.host_memory import return_freed_memory
 
     if device.type == "cpu":
         return_freed_memory()  # else glibc keeps the freed gathers of every layer resident
@@ -70,8 +73,6 @@ def _slices_on_dim_1(model: torch.nn.Module) -> Any:
     holds an equal share of them (and of their AdamW state) even when the ranks outnumber
     a layer's trained experts; everything else on dim 0."""
     from torch.distributed.tensor import Shard
-
-    from esft_rs.training.freeze import FusedSlices
 
     slices = {id(m.slices) for m in model.modules() if isinstance(m, FusedSlices)
               and m.slices.dim() >= 2}
@@ -147,8 +148,6 @@ def sync_fused_slices(model: torch.nn.Module) -> None:
     gathered tensor only, so without this the backward would compute with the base
     values in the trained rows, not the values the forward used. The all-gather is of
     the trained slices alone."""
-    from esft_rs.training.freeze import FusedSlices
-
     for module in model.modules():
         params = getattr(module, "parametrizations", None)
         if params is None:
@@ -195,8 +194,6 @@ def adapter_tensors(
     gathering only the trained tensors, one at a time: rank 0 gets them, one trained
     tensor's worth at a time, the others nothing. Every rank must exhaust it (each
     step gathers)."""
-    from esft_rs.models import hf
-
     for t in trainables:
         value = full(t.param.detach())
         if place.main:
@@ -211,8 +208,6 @@ def _checkpoint_tensors(
     model: torch.nn.Module, t: Trainable, value: torch.Tensor, on_disk: Collection[str]
 ) -> dict[str, torch.Tensor]:
     """``freeze.checkpoint_tensors`` of ``t`` with its whole ``value`` in place of its shard."""
-    from esft_rs.training.freeze import checkpoint_tensors
-
     sharded = t.param
     t.module.register_parameter(t.attr, torch.nn.Parameter(value, requires_grad=False))
     try:
@@ -226,9 +221,6 @@ def _reverted_slices(
 ) -> dict[str, torch.Tensor]:
     """transformers' save-time conversion of a fused tensor's trained slices [k, ...]: it
     names them experts 0..k-1, renamed here to the experts they are."""
-    from esft_rs.models.hf import _revert
-    from esft_rs.naming import classify, fused_slice_name, fused_slice_parent
-
     assert t.experts is not None
     out = {}
     for name, reverted in _revert(model, {t.name: value}).items():

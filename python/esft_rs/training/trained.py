@@ -1,6 +1,6 @@
 """Which checkpoint tensors train, from their names alone (no torch: ``esft-rs plan``
 and the trainer share it). Tensors are recognised only through
-``esft_rs.naming.classify``, the single source of truth for expert naming.
+``esft_rs.files.naming.classify``, the single source of truth for expert naming.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 
 from esft_rs.errors import MismatchError
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.naming import classify, moe_layout  # noqa: F401 (moe_layout: re-exported)
-from esft_rs.ranges import id_ranges
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.naming import classify, moe_layout  # noqa: F401 (moe_layout: re-exported)
+from esft_rs.formatting import id_ranges
 
 SHARED_KINDS = ("shared_expert", "shared_expert_gate")
 

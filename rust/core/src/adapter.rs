@@ -287,7 +287,7 @@ pub fn adapter_metadata(
     Ok(md)
 }
 
-/// What `esft_rs.adapter.read_adapter` shows: kind, config, fingerprint, names.
+/// What `esft_rs.read_adapter` shows: kind, config, fingerprint, names.
 #[derive(Serialize)]
 pub struct AdapterInfo {
     pub path: String,

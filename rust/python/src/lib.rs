@@ -79,7 +79,7 @@ use pyo3::types::PyDict;
 use esft_core::routing::count::{ExpertId, Records, Weight};
 use esft_core::routing::{self, RoutingStats};
 
-/// Routing stats as a dict of numpy arrays and scalars (`esft_rs.routing` wraps it).
+/// Routing stats as a dict of numpy arrays and scalars (`esft_rs.routing.stats` wraps it).
 fn stats_to_dict(py: Python<'_>, s: RoutingStats) -> PyResult<Bound<'_, PyDict>> {
     let (l, e) = (s.layers.len(), s.num_experts);
     let d = PyDict::new(py);

@@ -27,10 +27,10 @@ fn plain<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bound<
     py.import("json")?.call_method1("loads", (text,))
 }
 
-/// The official expert config JSON as an `esft_rs.expert_config.ExpertConfig`.
+/// The official expert config JSON as an `esft_rs.files.expert_config.ExpertConfig`.
 fn expert_config(py: Python<'_>, json: &str, origin: &Path) -> PyResult<Py<PyAny>> {
     let c = ExpertConfig::parse(json, origin).map_err(to_py)?;
-    let class = py.import("esft_rs.expert_config")?.getattr("ExpertConfig")?;
+    let class = py.import("esft_rs.files.expert_config")?.getattr("ExpertConfig")?;
     Ok(class.call1((c.experts, c.shared_experts, c.non_expert_modules))?.unbind())
 }
 

@@ -166,6 +166,10 @@ pub fn default_out(base: &Path) -> PathBuf {
         .unwrap_or_else(|| parent.join(format!("{stem}-merged{ext}")))
 }
 
+/// Merges `adapter_paths` into `base`, writing `out` (default: `default_out`):
+/// open the inputs, check the output, plan every replacement (all checks, before
+/// a byte is written), then write the output while the base's fingerprint is
+/// checked, and commit it.
 pub fn merge(
     base: &Path,
     adapter_paths: &[PathBuf],
@@ -173,33 +177,15 @@ pub fn merge(
     opts: &MergeOptions,
     ctl: &Control,
 ) -> Result<MergeReport> {
-    if adapter_paths.is_empty() {
-        return Err(Error::Usage("merge needs at least one adapter".into()));
-    }
-    let ckpt = Checkpoint::open(base)?;
-    let adapters = adapter_paths
-        .iter()
-        .map(|p| Adapter::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let out = out.map_or_else(|| default_out(base), Path::to_path_buf);
-    let mut inputs: Vec<&Path> = vec![base];
-    inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
-    staging::check_paths(&[&out], &inputs)?;
-    // A merged directory may hold whatever the base's directory holds (copied).
-    let keep = top_level_names(base);
-    let is_dir =
-        ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
-    if !opts.dry_run {
-        staging::check_target(&out, opts.overwrite, &keep)?;
-        staging::check_kind(&out, is_dir)?;
-    }
+    let (ckpt, adapters) = open_inputs(base, adapter_paths)?;
+    let out = check_output(base, adapter_paths, out, &ckpt, opts)?;
 
     // Warnings are shown only once the whole plan holds: a failing merge says one thing.
     let mut warnings = missing_fingerprints(&ckpt, &adapters);
     let (painted, requants, loras) = plan(&ckpt, &adapters, opts)?;
     warnings.extend(outside_configs(&adapters, opts.force)?);
     let replaced = describe(&ckpt, &adapters, &painted);
-    let others = if is_dir {
+    let others = if out.is_dir {
         other_files(&ckpt, &mut |w| warnings.push(w))?
     } else {
         Vec::new()
@@ -208,39 +194,18 @@ pub fn merge(
     if !need_fp {
         warnings.iter().for_each(|w| ctl.warn(w.clone()));
     }
-    let check_fp = |fp_ctl: &Control| -> Result<(Option<String>, Vec<String>)> {
-        if !need_fp {
-            return Ok((None, Vec::new()));
-        }
-        let fp = fingerprint::fingerprint(&ckpt, fp_ctl)?;
-        let forced = compare_fingerprints(&ckpt, &fp, &adapters, opts.force)?;
-        Ok((Some(fp), forced))
-    };
 
+    let job = Job {
+        ckpt: &ckpt,
+        adapters: &adapters,
+        painted: &painted,
+        requants: &requants,
+        loras: &loras,
+    };
     let (base_fingerprint, forced) = if opts.dry_run {
-        check_fp(ctl)?
+        check_fingerprints(&ckpt, &adapters, opts.force, ctl)?
     } else {
-        let staged = Staged::new(&out, is_dir)?;
-        // The fingerprint is checked while the output is written (it is staged,
-        // so a refused merge leaves nothing); a mismatch stops the writing.
-        let (checked, written) = rayon::join(
-            || check_fp(&Control::default()).inspect_err(|_| ctl.cancel()),
-            || {
-                let job = Job {
-                    ckpt: &ckpt,
-                    adapters: &adapters,
-                    painted: &painted,
-                    requants: &requants,
-                    loras: &loras,
-                };
-                write(&job, &staged, is_dir, &others, ctl)
-            },
-        );
-        let checked = checked?;
-        written?;
-        ctl.check()?;
-        staged.commit(opts.overwrite, &keep)?;
-        checked
+        write_checked(&job, &out, &others, opts, ctl)?
     };
     if need_fp {
         warnings.extend(forced);
@@ -249,19 +214,10 @@ pub fn merge(
 
     Ok(MergeReport {
         base: base.display().to_string(),
-        out: out.display().to_string(),
+        out: out.path.display().to_string(),
         dry_run: opts.dry_run,
         base_fingerprint,
-        adapters: adapters
-            .iter()
-            .map(|a| AdapterSummary {
-                path: a.path.display().to_string(),
-                kind: a.kind,
-                base_fingerprint: a.fingerprint.clone(),
-                tensors: a.tensors().count(),
-                bytes: a.ckpt.total_bytes(),
-            })
-            .collect(),
+        adapters: adapters.iter().map(summary).collect(),
         replaced_bytes: replaced.iter().map(|r| r.bytes).sum(),
         requantized: requants
             .iter()
@@ -277,6 +233,103 @@ pub fn merge(
         copied_files: others.iter().map(|(n, _)| n.clone()).collect(),
         warnings,
     })
+}
+
+/// The base checkpoint and the adapters (headers only), each checked as it opens.
+fn open_inputs(base: &Path, adapter_paths: &[PathBuf]) -> Result<(Checkpoint, Vec<Adapter>)> {
+    if adapter_paths.is_empty() {
+        return Err(Error::Usage("merge needs at least one adapter".into()));
+    }
+    let ckpt = Checkpoint::open(base)?;
+    let adapters = adapter_paths
+        .iter()
+        .map(|p| Adapter::open(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((ckpt, adapters))
+}
+
+/// Where the merge goes, and what it may replace there.
+struct Output {
+    path: PathBuf,
+    /// A model directory (the base is one), else one safetensors file.
+    is_dir: bool,
+    /// Names an earlier output may hold: whatever the base's directory holds (copied).
+    keep: Vec<String>,
+}
+
+/// The output may not be or lie inside an input; unless this is a dry run, it must
+/// be new (or, with `overwrite`, an earlier merge) and of the base's kind.
+fn check_output(
+    base: &Path,
+    adapter_paths: &[PathBuf],
+    out: Option<&Path>,
+    ckpt: &Checkpoint,
+    opts: &MergeOptions,
+) -> Result<Output> {
+    let path = out.map_or_else(|| default_out(base), Path::to_path_buf);
+    let mut inputs: Vec<&Path> = vec![base];
+    inputs.extend(adapter_paths.iter().map(PathBuf::as_path));
+    staging::check_paths(&[&path], &inputs)?;
+    let keep = top_level_names(base);
+    let is_dir =
+        ckpt.index.is_some() || fs::metadata(base).map_err(|e| Error::io(base, e))?.is_dir();
+    if !opts.dry_run {
+        staging::check_target(&path, opts.overwrite, &keep)?;
+        staging::check_kind(&path, is_dir)?;
+    }
+    Ok(Output { path, is_dir, keep })
+}
+
+/// The base's fingerprint and the warnings of a forced mismatch, when some adapter
+/// records the fingerprint of the base it was trained from (else nothing to check).
+fn check_fingerprints(
+    ckpt: &Checkpoint,
+    adapters: &[Adapter],
+    force: bool,
+    ctl: &Control,
+) -> Result<(Option<String>, Vec<String>)> {
+    if !adapters.iter().any(|a| a.fingerprint.is_some()) {
+        return Ok((None, Vec::new()));
+    }
+    let fp = fingerprint::fingerprint(ckpt, ctl)?;
+    let forced = compare_fingerprints(ckpt, &fp, adapters, force)?;
+    Ok((Some(fp), forced))
+}
+
+/// Writes the merge into a staged output and commits it; the fingerprint is checked
+/// meanwhile (the output is staged, so a refused merge leaves nothing), and a
+/// mismatch stops the writing.
+fn write_checked(
+    job: &Job,
+    out: &Output,
+    others: &[(String, PathBuf)],
+    opts: &MergeOptions,
+    ctl: &Control,
+) -> Result<(Option<String>, Vec<String>)> {
+    let staged = Staged::new(&out.path, out.is_dir)?;
+    let (checked, written) = rayon::join(
+        || {
+            check_fingerprints(job.ckpt, job.adapters, opts.force, &Control::default())
+                .inspect_err(|_| ctl.cancel())
+        },
+        || write(job, &staged, out.is_dir, others, ctl),
+    );
+    let checked = checked?;
+    written?;
+    ctl.check()?;
+    staged.commit(opts.overwrite, &out.keep)?;
+    Ok(checked)
+}
+
+/// The report's line for one adapter.
+fn summary(a: &Adapter) -> AdapterSummary {
+    AdapterSummary {
+        path: a.path.display().to_string(),
+        kind: a.kind,
+        base_fingerprint: a.fingerprint.clone(),
+        tensors: a.tensors().count(),
+        bytes: a.ckpt.total_bytes(),
+    }
 }
 
 /// Refuses (or with `force`, warns about) an adapter holding tensors that its own

@@ -6,142 +6,237 @@
 //! slice) under the conflict policy. A tensor aimed at a block-FP8 slot goes
 //! through `super::requant`; a LoRA pair becomes a `LoraJob` (`super::low_rank`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use super::job::{LoraJob, Painted, Requant, Source};
 use super::requant::{self, is_fp8_slot, requant_slot};
 use super::{MergeOptions, OnConflict, Replacement};
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, AdapterTensor};
 use crate::error::{Error, Result};
-use crate::fp8;
+use crate::fp8::{self, BlockSize};
 use crate::lora;
 use crate::naming::{self, Role};
 use crate::safetensors::{expert_units, Checkpoint, Dtype};
 
 
+/// Base tensors by name: (shard, index in its header).
+type Index<'a> = HashMap<&'a str, (usize, usize)>;
 
+/// The plan of a merge: which bytes of which base tensor each adapter replaces
+/// (`Painted`), the block-FP8 slots quantised on the way, and the LoRA products.
+/// Each adapter is resolved in turn, whole tensors before LoRA pairs, so that the
+/// conflict policy sees them in the order given.
 pub(super) fn plan(
     ckpt: &Checkpoint,
     adapters: &[Adapter],
     opts: &MergeOptions,
 ) -> Result<(Painted, Vec<Requant>, Vec<LoraJob>)> {
-    let on_conflict = opts.on_conflict;
-    let block = if ckpt.tensors().any(|(_, t)| t.dtype == Dtype::F8_E4M3) {
-        Some(fp8::block_size(&ckpt.path)?)
-    } else {
-        None
-    };
-    let mut requants: Vec<Requant> = Vec::new();
-    let mut loras: Vec<LoraJob> = Vec::new();
-    let mut index: HashMap<&str, (usize, usize)> = HashMap::new();
-    for (si, s) in ckpt.shards.iter().enumerate() {
-        for (ti, t) in s.file.header.tensors.iter().enumerate() {
-            index.insert(&t.name, (si, ti));
-        }
-    }
-    let base_tensor = |(si, ti): (usize, usize)| &ckpt.shards[si].file.header.tensors[ti];
-    let mut painted: Painted = BTreeMap::new();
+    let block = fp8_block(ckpt)?;
+    let index = base_index(ckpt);
+    let mut plan = Plan::default();
     for (ai, a) in adapters.iter().enumerate() {
         for at in a.tensors() {
-            let (shard, tensor) = (at.shard, at.index);
-            let src_off = at.file.offset_of(at.info);
-            let mismatch = |what: String| {
-                Error::Mismatch(format!(
-                    "{}: tensor {:?} {what}",
-                    a.path.display(),
-                    at.info.name
-                ))
-            };
-            let found = index
-                .get(at.name.as_str())
-                .or_else(|| index.get(naming::canonical(&at.name).as_ref()));
-            let mut requant = None;
-            let (key, units): ((usize, usize), Vec<(u32, u64)>) = if let Some(&key) = found {
-                let bt = base_tensor(key);
-                if let (Some(block), true) = (&block, is_fp8_slot(bt, at.info)) {
-                    let q = requant_slot(ckpt, &index, key, (ai, &a.path), &at, block, opts)?;
-                    requant = Some(requants.len());
-                    requants.push(q);
-                }
-                if requant.is_none() && (bt.dtype != at.info.dtype || bt.shape != at.info.shape) {
-                    return Err(mismatch(format!(
-                        "is {} {:?} but the base's {:?} is {} {:?}",
-                        at.info.dtype, at.info.shape, bt.name, bt.dtype, bt.shape
-                    )));
-                }
-                let (n, len) = expert_units(bt);
-                (
-                    key,
-                    (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect(),
-                )
-            } else if let Some((parent, e)) =
-                naming::fused_slice_parent(&naming::canonical(&at.name))
-            {
-                let Some(&key) = index.get(parent.as_str()) else {
-                    return Err(mismatch(format!(
-                        "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
-                        ckpt.path.display()
-                    )));
-                };
-                let bt = base_tensor(key);
-                let (n, len) = expert_units(bt);
-                let e_total = bt.shape.first().copied().unwrap_or(0);
-                if u64::from(e) >= e_total {
-                    return Err(mismatch(format!(
-                        "is expert {e}'s slice of {parent:?}, which has {e_total} experts"
-                    )));
-                }
-                if u64::from(n) != e_total {
-                    return Err(mismatch(format!(
-                        "is a slice of {parent:?}, whose {} {:?} does not split into byte-aligned expert slices",
-                        bt.dtype, bt.shape
-                    )));
-                }
-                if bt.dtype != at.info.dtype || bt.shape[1..] != at.info.shape[..] {
-                    return Err(mismatch(format!(
-                        "is {} {:?} but one expert's slice of {parent:?} ({} {:?}) is {} {:?}",
-                        at.info.dtype,
-                        at.info.shape,
-                        bt.dtype,
-                        bt.shape,
-                        bt.dtype,
-                        &bt.shape[1..]
-                    )));
-                }
-                debug_assert_eq!(len, at.info.nbytes());
-                (key, vec![(e, src_off)])
-            } else {
-                return Err(mismatch(format!(
-                    "is not in the base {}",
-                    ckpt.path.display()
-                )));
-            };
-            let mut targets = vec![(key, units)];
-            if let Some(q) = requant {
-                targets.push((requants[q].scale, vec![(0, src_off)]));
-            }
-            for (key, units) in targets {
-                let src = Source { adapter: ai, shard, tensor, offset: 0, requant, lora: None };
-                paint(&mut painted, ckpt, adapters, on_conflict, key, units, src)?;
-            }
+            let target = resolve(ckpt, &index, (ai, a), &at, block.as_ref(), opts)?;
+            plan.paint_tensor(ckpt, adapters, opts.on_conflict, ai, &at, target)?;
         }
+        plan.paint_lora(ckpt, &index, adapters, opts.on_conflict, ai)?;
+    }
+    let (painted, requants) = requant::settle(plan.painted, plan.requants, ckpt, adapters)?;
+    Ok((painted, requants, plan.loras))
+}
+
+/// A plan while it is built.
+#[derive(Default)]
+struct Plan {
+    painted: Painted,
+    requants: Vec<Requant>,
+    loras: Vec<LoraJob>,
+}
+
+/// The base's FP8 block size, read only when it stores some F8_E4M3 tensor (a
+/// checkpoint without one need not say).
+fn fp8_block(ckpt: &Checkpoint) -> Result<Option<BlockSize>> {
+    if ckpt.tensors().any(|(_, t)| t.dtype == Dtype::F8_E4M3) {
+        Ok(Some(fp8::block_size(&ckpt.path)?))
+    } else {
+        Ok(None)
+    }
+}
+
+fn base_index(ckpt: &Checkpoint) -> Index<'_> {
+    let mut index = HashMap::new();
+    for (si, s) in ckpt.shards.iter().enumerate() {
+        for (ti, t) in s.file.header.tensors.iter().enumerate() {
+            index.insert(t.name.as_str(), (si, ti));
+        }
+    }
+    index
+}
+
+/// Where one adapter tensor goes: base tensor `key`, its `units` ((unit, source
+/// offset)), and the block-FP8 quantisation it needs on the way, if any.
+struct Target {
+    key: (usize, usize),
+    units: Vec<(u32, u64)>,
+    requant: Option<Requant>,
+}
+
+/// Resolves adapter tensor `at` (of adapter `ai`) to the base tensor of its name
+/// (legacy names mapped) or to one expert's slice of a fused base tensor; dtype
+/// and shape checked.
+fn resolve(
+    ckpt: &Checkpoint,
+    index: &Index,
+    (ai, a): (usize, &Adapter),
+    at: &AdapterTensor,
+    block: Option<&BlockSize>,
+    opts: &MergeOptions,
+) -> Result<Target> {
+    let found = index
+        .get(at.name.as_str())
+        .or_else(|| index.get(naming::canonical(&at.name).as_ref()));
+    if let Some(&key) = found {
+        return whole_tensor(ckpt, index, key, (ai, a), at, block, opts);
+    }
+    if let Some((parent, e)) = naming::fused_slice_parent(&naming::canonical(&at.name)) {
+        return expert_slice(ckpt, index, &parent, e, a, at);
+    }
+    Err(mismatch(a, at, format!("is not in the base {}", ckpt.path.display())))
+}
+
+/// `at`'s adapter holds it, but it does not fit the base.
+fn mismatch(a: &Adapter, at: &AdapterTensor, what: String) -> Error {
+    Error::Mismatch(format!("{}: tensor {:?} {what}", a.path.display(), at.info.name))
+}
+
+/// `at` replaces base tensor `key` whole, unit by unit (a fused tensor's expert
+/// slices are units too, so that adapters can share it); into a block-FP8 slot it
+/// is quantised, which `opts` must allow.
+fn whole_tensor(
+    ckpt: &Checkpoint,
+    index: &Index,
+    key: (usize, usize),
+    (ai, a): (usize, &Adapter),
+    at: &AdapterTensor,
+    block: Option<&BlockSize>,
+    opts: &MergeOptions,
+) -> Result<Target> {
+    let bt = &ckpt.shards[key.0].file.header.tensors[key.1];
+    let requant = match block {
+        Some(block) if is_fp8_slot(bt, at.info) => {
+            Some(requant_slot(ckpt, index, key, (ai, &a.path), at, block, opts)?)
+        }
+        _ => None,
+    };
+    if requant.is_none() && (bt.dtype != at.info.dtype || bt.shape != at.info.shape) {
+        return Err(mismatch(a, at, format!(
+            "is {} {:?} but the base's {:?} is {} {:?}",
+            at.info.dtype, at.info.shape, bt.name, bt.dtype, bt.shape
+        )));
+    }
+    let src_off = at.file.offset_of(at.info);
+    let (n, len) = expert_units(bt);
+    let units = (0..n).map(|u| (u, src_off + u64::from(u) * len)).collect();
+    Ok(Target { key, units, requant })
+}
+
+/// `at` is expert `e`'s slice of the fused base tensor `parent`: one unit of it,
+/// which must exist and split into byte-aligned expert slices of `at`'s dtype and shape.
+fn expert_slice(
+    ckpt: &Checkpoint,
+    index: &Index,
+    parent: &str,
+    e: u32,
+    a: &Adapter,
+    at: &AdapterTensor,
+) -> Result<Target> {
+    let Some(&key) = index.get(parent) else {
+        return Err(mismatch(a, at, format!(
+            "is not in the base {} (nor is the fused tensor {parent:?} it would be a slice of)",
+            ckpt.path.display()
+        )));
+    };
+    let bt = &ckpt.shards[key.0].file.header.tensors[key.1];
+    let (n, len) = expert_units(bt);
+    let e_total = bt.shape.first().copied().unwrap_or(0);
+    if u64::from(e) >= e_total {
+        return Err(mismatch(a, at, format!(
+            "is expert {e}'s slice of {parent:?}, which has {e_total} experts"
+        )));
+    }
+    if u64::from(n) != e_total {
+        return Err(mismatch(a, at, format!(
+            "is a slice of {parent:?}, whose {} {:?} does not split into byte-aligned expert slices",
+            bt.dtype, bt.shape
+        )));
+    }
+    if bt.dtype != at.info.dtype || bt.shape[1..] != at.info.shape[..] {
+        return Err(mismatch(a, at, format!(
+            "is {} {:?} but one expert's slice of {parent:?} ({} {:?}) is {} {:?}",
+            at.info.dtype,
+            at.info.shape,
+            bt.dtype,
+            bt.shape,
+            bt.dtype,
+            &bt.shape[1..]
+        )));
+    }
+    debug_assert_eq!(len, at.info.nbytes());
+    Ok(Target { key, units: vec![(e, at.file.offset_of(at.info))], requant: None })
+}
+
+impl Plan {
+    /// Paints `target` with adapter tensor `at` of adapter `ai`; a quantised slot
+    /// paints its `weight_scale_inv` too, from the same source.
+    fn paint_tensor(
+        &mut self,
+        ckpt: &Checkpoint,
+        adapters: &[Adapter],
+        on_conflict: OnConflict,
+        ai: usize,
+        at: &AdapterTensor,
+        target: Target,
+    ) -> Result<()> {
+        let Target { key, units, requant } = target;
+        let mut targets = vec![(key, units)];
+        let requant = requant.map(|q| {
+            targets.push((q.scale, vec![(0, at.file.offset_of(at.info))]));
+            self.requants.push(q);
+            self.requants.len() - 1
+        });
+        for (key, units) in targets {
+            let src = Source { adapter: ai, shard: at.shard, tensor: at.index, offset: 0, requant, lora: None };
+            paint(&mut self.painted, ckpt, adapters, on_conflict, key, units, src)?;
+        }
+        Ok(())
+    }
+
+    /// Paints the units each LoRA pair of adapter `ai` changes, one `LoraJob` each.
+    fn paint_lora(
+        &mut self,
+        ckpt: &Checkpoint,
+        index: &Index,
+        adapters: &[Adapter],
+        on_conflict: OnConflict,
+        ai: usize,
+    ) -> Result<()> {
+        let a = &adapters[ai];
         for (pi, pair) in a.lora.iter().enumerate() {
-            for (key, unit, job) in lora_targets(ckpt, &index, (ai, pi), a)? {
+            for (key, unit, job) in lora_targets(ckpt, index, (ai, pi), a)? {
                 let src = Source {
                     adapter: ai,
                     shard: pair.a.0,
                     tensor: pair.a.1,
                     offset: 0,
                     requant: None,
-                    lora: Some(loras.len()),
+                    lora: Some(self.loras.len()),
                 };
-                loras.push(job);
-                paint(&mut painted, ckpt, adapters, on_conflict, key, vec![(unit, 0)], src)?;
+                self.loras.push(job);
+                paint(&mut self.painted, ckpt, adapters, on_conflict, key, vec![(unit, 0)], src)?;
             }
         }
+        Ok(())
     }
-    let (painted, requants) = requant::settle(painted, requants, ckpt, adapters)?;
-    Ok((painted, requants, loras))
 }
 
 /// Paints `units` ((unit, source offset)) of base tensor `key` with `src`,
@@ -198,7 +293,7 @@ type LoraTarget = ((usize, usize), u32, LoraJob);
 /// each, `naming::unfused_parts`); shapes and dtype checked.
 fn lora_targets(
     ckpt: &Checkpoint,
-    index: &HashMap<&str, (usize, usize)>,
+    index: &Index,
     (ai, pi): (usize, usize),
     a: &Adapter,
 ) -> Result<Vec<LoraTarget>> {

@@ -2,7 +2,7 @@
 //! routing records (`count`), read from the official ESFT text logs
 //! (`official_log`), and stored as one safetensors file (`stats_file`).
 //!
-//! Scores and selection are not here: they live in `esft_rs.scoring`.
+//! Scores and selection are not here: they live in `esft_rs.routing.scoring`.
 
 pub mod count;
 pub mod official_log;

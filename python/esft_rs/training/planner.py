@@ -1,5 +1,5 @@
-"""``esft_rs.plan``: the memory a training run needs per rank, from ``config.json`` and the
-safetensors headers alone (no torch: ``esft-rs plan`` is a byte-level command).
+"""``esft-rs plan``: the memory a training run needs per rank, from ``config.json`` and
+the safetensors headers alone (no torch: ``esft-rs plan`` is a byte-level command).
 
 The layout is the trainer's (``esft_rs.training``), tensor by tensor:
 
@@ -38,19 +38,19 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esft_rs.dtypes import itemsize
 from esft_rs.errors import InvalidFileError
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.inputs import load_json
-from esft_rs.naming import classify, projection
+from esft_rs.files.dtypes import itemsize
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.inputs import load_json
+from esft_rs.files.naming import classify, projection
+from esft_rs.formatting import byte_unit, human_bytes
 from esft_rs.training.placement import Placement, place_experts
 from esft_rs.training.trained import moe_layout, resolve_experts, tensor_plan
-from esft_rs.units import byte_unit, human_bytes
 
 #: block-FP8 tensors are dequantised to bf16 in memory (2 bytes per element)
 DEQUANTISED = {"F8_E4M3": 2}
@@ -74,7 +74,7 @@ class _Tensor:
     """One in-memory parameter: ``rows`` along dim 0, ``row`` elements each."""
 
     layer: int | None
-    kind: str  # esft_rs.naming's role of the tensor
+    kind: str  # esft_rs.files.naming's role of the tensor
     rows: int
     row: int
     nbytes: int  # per element, in memory
@@ -169,8 +169,8 @@ def plan(
     (the largest rank's), and the bytes a rank communicates per optimizer step. Rows longer
     than the model's context are cut to it, as train cuts them (``notes`` says so).
     ``lora_rank``: ESFT-LoRA of that rank on ``lora_targets`` (empty: every projection)."""
-    from esft_rs.inspection import inspect
-    from esft_rs.preflight import fit_to_context
+    from esft_rs.data.preflight import fit_to_context
+    from esft_rs.files.inspection import inspect
 
     if parallelism not in (*PARALLELISMS, "auto"):
         raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)} or auto,"
@@ -214,30 +214,16 @@ def plan(
                                     traffic)
         return _whole(tensors, traffic if nproc > 1 else None)
 
-    options: dict[str, dict[str, Any]] = {}
-    if nproc > 1:
-        for how in PARALLELISMS if lora is None else ("ddp",):
-            f = figures(how)
-            total = f.total(activations)
-            options[how] = {"total_bytes": total, "comm_bytes": f.comm,
-                            "fits": None if gpu_memory is None else total <= gpu_memory}
+    options = _options(figures, PARALLELISMS if lora is None else ("ddp",), activations, nproc,
+                       gpu_memory)
     chosen = choose(options) if parallelism == "auto" else parallelism
     f = figures(chosen)
     sharded = nproc > 1 and chosen == "fsdp"
-    trained = sum(t.trained_rows * t.row for t in tensors)
-    frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
+    trained, frozen_params, adapter = _parameter_counts(tensors, lora)
     total = f.total(activations)
-    adapter = sum(t.trained_rows * t.row * t.nbytes for t in tensors)
-    if lora is not None:
-        trained += lora.params
-        adapter += lora.params * MASTER  # the factors are stored in fp32
     fits = None if gpu_memory is None else total <= gpu_memory
-    advice = [] if gpu_memory is None or fits else _advice(
-        total, gpu_memory, f.frozen + 2 * f.masters + f.optimizer, activations, nproc,
-        gradient_checkpointing, sharded)
-    if advice and sharded and fsdp_prefetch and total - f.gather // 2 <= gpu_memory:
-        advice.insert(0, "gather one layer at a time (--no-fsdp-prefetch): slower, one"
-                         " gathered layer less")
+    advice = [] if gpu_memory is None or fits else _advice_to_fit(
+        f, total, gpu_memory, activations, nproc, gradient_checkpointing, sharded, fsdp_prefetch)
     return MemoryPlan(
         model=str(root), mode=mode, nproc=nproc, parallelism=chosen, seq_length=seq_length,
         per_device_batch_size=per_device_batch_size,
@@ -250,6 +236,44 @@ def plan(
         gradient_accumulation_steps=gradient_accumulation_steps, options=options,
         advice=advice, notes=[] if note is None else [note],
     )
+
+
+def _options(figures: Callable[[str], _Figures], hows: Sequence[str], activations: int,
+             nproc: int, gpu_memory: int | None) -> dict[str, dict[str, Any]]:
+    """Each parallelism's memory per rank and bytes communicated a step, and whether it fits
+    (none on one process: nothing to choose)."""
+    options: dict[str, dict[str, Any]] = {}
+    if nproc > 1:
+        for how in hows:
+            f = figures(how)
+            total = f.total(activations)
+            options[how] = {"total_bytes": total, "comm_bytes": f.comm,
+                            "fits": None if gpu_memory is None else total <= gpu_memory}
+    return options
+
+
+def _parameter_counts(tensors: Sequence[_Tensor], lora: _Lora | None) -> tuple[int, int, int]:
+    """(trained parameters, parameters of tensors not wholly trained, adapter bytes)."""
+    trained = sum(t.trained_rows * t.row for t in tensors)
+    frozen_params = sum(t.rows * t.row for t in tensors if t.trained_rows < t.rows)
+    adapter = sum(t.trained_rows * t.row * t.nbytes for t in tensors)
+    if lora is not None:
+        trained += lora.params
+        adapter += lora.params * MASTER  # the factors are stored in fp32
+    return trained, frozen_params, adapter
+
+
+def _advice_to_fit(f: _Figures, total: int, gpu_memory: int, activations: int, nproc: int,
+                   gradient_checkpointing: bool, sharded: bool, fsdp_prefetch: bool
+                   ) -> list[str]:
+    """What would make a run that does not fit ``gpu_memory`` fit (``_advice``); under FSDP
+    with prefetch, first gathering one layer at a time where that is enough."""
+    advice = _advice(total, gpu_memory, f.frozen + 2 * f.masters + f.optimizer, activations,
+                     nproc, gradient_checkpointing, sharded)
+    if advice and sharded and fsdp_prefetch and total - f.gather // 2 <= gpu_memory:
+        advice.insert(0, "gather one layer at a time (--no-fsdp-prefetch): slower, one"
+                         " gathered layer less")
+    return advice
 
 
 def choose(options: dict[str, dict[str, Any]]) -> str:

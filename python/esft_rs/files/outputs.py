@@ -122,7 +122,7 @@ def read_by(load: Callable[[Path], object]) -> Callable[[Path], bool]:
 def _json_keys(exact: set[str] | None = None, least: set[str] = frozenset()) -> Callable[
         [Path], bool]:
     def recognises(path: Path) -> bool:
-        from esft_rs.inputs import load_json
+        from esft_rs.files.inputs import load_json
 
         try:
             data = load_json(path)
@@ -140,7 +140,7 @@ def _plot(path: Path) -> bool:
         return False
 
 
-#: What esft-rs writes into the plots it saves (``esft_rs.plot.save_figure``).
+#: What esft-rs writes into the plots it saves (``esft_rs.routing.plot.save_figure``).
 PLOT_MARK = b"esft-rs"
 SUMMARY = Kind("a summary.json of scores", _json_keys(exact={"token_scores", "gate_scores"}))
 EVAL = Kind("eval figures (JSON)", _json_keys(least={"conversations", "label_tokens", "loss"}))

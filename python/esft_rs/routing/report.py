@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from esft_rs import scoring
-from esft_rs.routing import RoutingStats
-from esft_rs.selection import Selection
+from esft_rs.routing import scoring
+from esft_rs.routing.selection import Selection
+from esft_rs.routing.stats import RoutingStats
 
 #: Shares of the token selections whose coverage the report gives.
 COVERAGE = (0.5, 0.9)

@@ -14,10 +14,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from esft_rs import _core, scoring
+from esft_rs import _core
 from esft_rs.errors import EsftValueError, MismatchError
-from esft_rs.outputs import Kind, read_by
-from esft_rs.scoring import OFFICIAL_TOP_K
+from esft_rs.files.outputs import Kind, read_by
+from esft_rs.routing import scoring
+from esft_rs.routing.scoring import OFFICIAL_TOP_K
 
 #: What ``aggregate`` sums: stats objects, routing-stats files, official log folders.
 Source = Union["RoutingStats", str, os.PathLike]
@@ -142,7 +143,7 @@ class RoutingStats:
         return cls(**d)
 
 
-#: Metadata key of the profiled model's fingerprint (``esft_rs.adapter.fingerprint``).
+#: Metadata key of the profiled model's fingerprint (``esft_rs.files.adapter.fingerprint``).
 MODEL_FINGERPRINT = "model_fingerprint"
 
 
@@ -274,5 +275,5 @@ def load_source(
     return RoutingStats.load(path)
 
 
-#: A routing-stats file as an output (``esft_rs.outputs.check_target``).
+#: A routing-stats file as an output (``esft_rs.files.outputs.check_target``).
 OUTPUT_KIND = Kind("a routing-stats file", read_by(RoutingStats.load))

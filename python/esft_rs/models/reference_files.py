@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-from esft_rs.dtypes import FLOAT
 from esft_rs.errors import InvalidFileError
-from esft_rs.inspection import inspect
+from esft_rs.files.dtypes import FLOAT
+from esft_rs.files.inspection import inspect
+from esft_rs.files.outputs import staged
+from esft_rs.files.tensor_stream import write_tensors
 from esft_rs.models.config import CONFIG_NAME, ModelConfig
 from esft_rs.models.reference import ReferenceMoE, skeleton
+from esft_rs.models.rows import Rows
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -25,13 +28,10 @@ def save_model(
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (DeepSeek-V2 tensor names).
 
-    The directory is built aside and put in place whole (``esft_rs.outputs``): an
+    The directory is built aside and put in place whole (``esft_rs.files.outputs``): an
     existing one is replaced only with ``overwrite``, and only if it holds a
     checkpoint, so no file of an earlier model (an index, shards) stays beside the new.
     """
-    from esft_rs.outputs import staged
-    from esft_rs.tensor_stream import write_tensors
-
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -54,8 +54,6 @@ def load_model(
     Tensors are cast to ``dtype`` (default: config.json's ``torch_dtype``). Raises
     ``InvalidFileError`` naming the file and tensors when they do not fit config.json.
     """
-    from esft_rs.models.rows import Rows
-
     root = Path(directory)
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a model directory")

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from esft_rs.errors import EsftError
+from esft_rs.files.outputs import PLOT_MARK, staged
 
 if TYPE_CHECKING:
-    from esft_rs.selection import Selection
+    from esft_rs.routing.selection import Selection
 
 MISSING = "plotting needs matplotlib: pip install 'esft-rs[plot]'"
 
@@ -77,16 +78,12 @@ def heatmap(selection: Selection, path: str | os.PathLike[str], *, format: str |
 
 def _marked(fmt: str | None) -> dict[str, Any]:
     """The mark by which a later esft-rs run knows this plot as its own (``outputs``)."""
-    from esft_rs.outputs import PLOT_MARK
-
     key = {"png": "Software", "pdf": "Creator", "svg": "Creator"}.get(fmt or "png")
     return {"metadata": {key: PLOT_MARK.decode()}} if key else {}
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], format: str | None = None) -> None:
     """``fig.savefig`` into ``path`` (format from its suffix by default), whole or not at all."""
-    from esft_rs.outputs import staged
-
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
     fmt = format or suffix or None
     with staged(path) as tmp, open(tmp, "wb") as f:

@@ -6,7 +6,7 @@ all: rank 0 of a sharded run writes the adapter from tensors gathered one by one
 in ``--mode full`` they are the whole model. The layout is the one
 ``safetensors.torch.save_file`` gives the same tensors (``tests/test_tensor_stream.py``);
 ``__metadata__`` keys are sorted. The file is staged under a hidden name and takes its
-own only when every tensor was written (``esft_rs.outputs``' rules, in the core).
+own only when every tensor was written (``esft_rs.files.outputs``' rules, in the core).
 
 - ``tensor_stream(path, layout, metadata)``: a context manager; ``add`` each tensor.
 - ``write_tensors(path, tensors, metadata)``: a dict of tensors held in memory.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from esft_rs import _core
-from esft_rs.dtypes import from_torch
+from esft_rs.files.dtypes import from_torch
 
 if TYPE_CHECKING:
     import numpy as np

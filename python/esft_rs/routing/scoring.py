@@ -22,7 +22,7 @@ from esft_rs.errors import EsftValueError, InvalidFileError
 if TYPE_CHECKING:
     import numpy as np
 
-    from esft_rs.routing import RoutingStats
+    from esft_rs.routing.stats import RoutingStats
 
 Score = Literal["token", "gate"]
 Average = Literal["tokens", "samples"]

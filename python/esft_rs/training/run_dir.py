@@ -1,7 +1,7 @@
 """What a finished run leaves in OUT_DIR: the adapter, its expert config and the run's config.
 
 The adapter format (tensor names as in the base, ``__metadata__`` with the
-expert config and base fingerprint) belongs to ``esft_rs.adapter``; this module
+expert config and base fingerprint) belongs to ``esft_rs.files.adapter``; this module
 only gathers what goes into it.
 """
 
@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esft_rs.expert_config import ExpertConfig
+from esft_rs.files.expert_config import ExpertConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.tensor_stream import Layout
+    from esft_rs.files.tensor_stream import Layout
 
 ADAPTER = "adapter.safetensors"
 # With expert_cfg.json beside the adapter, OUT_DIR also reads as an official adapter folder.
@@ -38,11 +38,11 @@ def write_outputs(
     """Write ``expert_cfg.json``, ``train_config.yaml`` and, last, the adapter (whose
     presence marks a finished run) from (name, tensor) pairs taken one at a time, of the
     ``layout`` (name, dtype, shape) declared before; ``extra``: more ``esft.*`` metadata
-    (ESFT-LoRA's ``esft.lora``); each file appears whole (``esft_rs.outputs``)."""
+    (ESFT-LoRA's ``esft.lora``); each file appears whole (``esft_rs.files.outputs``)."""
     import yaml
 
-    from esft_rs.adapter import stream_adapter
-    from esft_rs.outputs import write_file
+    from esft_rs.files.adapter import stream_adapter
+    from esft_rs.files.outputs import write_file
 
     experts.save(out_dir / EXPERT_CFG)
     write_file(out_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))

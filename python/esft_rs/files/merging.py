@@ -104,8 +104,8 @@ def split(
     ``overwrite`` replaces an adapter, never another kind of file.
     """
     if overwrite and not dry_run:
-        from esft_rs.adapter import OUTPUT_KIND as ADAPTER
-        from esft_rs.outputs import check_outputs, check_target
+        from esft_rs.files.adapter import OUTPUT_KIND as ADAPTER
+        from esft_rs.files.outputs import check_outputs, check_target
 
         # the guard first: an output that is or holds an input is refused as such
         check_outputs([output], [p for p in (model, experts, base) if p is not None])

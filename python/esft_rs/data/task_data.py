@@ -9,7 +9,7 @@ datasets on the Hugging Face Hub take)::
                   {"role": "assistant", "content": "...", "mask": 0}]}
 
 ``encode_conversation`` turns a conversation into ids and labels: with the
-tokenizer's chat template (``esft_rs.chat_template``; labels on the assistant tokens
+tokenizer's chat template (``esft_rs.data.chat_template``; labels on the assistant tokens
 only), or in the official ESFT format. The official formatting and the packing
 follow the official code, so the same tokenizer and seed give the same sequences:
 
@@ -43,16 +43,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from esft_rs.data.tokenizer import Tokenizer
 from esft_rs.errors import EsftError, EsftValueError, InvalidFileError, MismatchError
-from esft_rs.inputs import json_problem, read_bytes
-from esft_rs.tokenizer import Tokenizer
-from esft_rs.training.config import DEFAULT_SEED
+from esft_rs.files.inputs import json_problem, read_bytes
 
 if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
+
+#: The seed of data order and packing, in train and profile alike (the official base.yaml's).
+DEFAULT_SEED = 5934875
+
+#: Largest seed: torch's generators take 64-bit seeds.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -217,10 +222,10 @@ def encode_conversation(
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one conversation, for training, profiling and evaluation.
 
-    ``tokenizer``: what ``esft_rs.tokenizer.load_tokenizer`` returns. ``messages``:
+    ``tokenizer``: what ``esft_rs.data.load_tokenizer`` returns. ``messages``:
     ``Message``s or the data's ``{"role", "content"[, "mask"]}`` dicts. With the
     tokenizer's chat template, the ids are transformers' ``apply_chat_template``
-    ids and only assistant tokens carry labels (``esft_rs.chat_template``);
+    ids and only assistant tokens carry labels (``esft_rs.data.chat_template``);
     without one, the official ESFT format (``format_conversation``). Labels are
     -100 where there is nothing to learn; a message with ``mask`` teaches nothing.
     """
@@ -231,7 +236,7 @@ def encode_conversation(
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         return format_conversation(conv, tokenizer)
-    from esft_rs.chat_template import encode
+    from esft_rs.data.chat_template import encode
 
     return encode(tokenizer, template, conv, IGNORE_INDEX)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from esft_rs import _core
 from esft_rs.errors import EsftValueError, InvalidFileError
-from esft_rs.inputs import describe_text_problem, read_text
-from esft_rs.outputs import Kind, read_by, write_file
+from esft_rs.files.inputs import describe_text_problem, read_text
+from esft_rs.files.outputs import Kind, read_by, write_file
 
 
 @dataclass(frozen=True)
@@ -51,5 +51,5 @@ class ExpertConfig:
         return sum(len(v) for v in self.experts.values())
 
 
-#: An expert config as an output (``esft_rs.outputs.check_target``).
+#: An expert config as an output (``esft_rs.files.outputs.check_target``).
 OUTPUT_KIND = Kind("an expert config", read_by(ExpertConfig.load))

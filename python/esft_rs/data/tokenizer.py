@@ -2,7 +2,7 @@
 
 Both meet ``Tokenizer``: ``encode`` adds no special tokens (the data formatting
 places BOS and EOS itself, as the official ESFT code does). ``chat_template`` is
-the Jinja chat template conversations are rendered with (``esft_rs.chat_template``),
+the Jinja chat template conversations are rendered with (``esft_rs.data.chat_template``),
 or None for the official ESFT format; ``load_tokenizer`` picks it.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from esft_rs.errors import InvalidFileError
-from esft_rs.inputs import check_file, load_json, read_text
+from esft_rs.files.inputs import check_file, load_json, read_text
 
 
 @runtime_checkable
@@ -138,7 +138,7 @@ def load_tokenizer(model_dir: str | os.PathLike[str], chat_template: str = "auto
     elif chat_template == "official":
         chosen = None
     else:
-        from esft_rs.chat_template import read_template
+        from esft_rs.data.chat_template import read_template
 
         chosen = read_template(chat_template)
     if chosen is not None and not isinstance(tok, HFTokenizer):
@@ -163,7 +163,7 @@ def _no_special(root: Path, missing: list[str], why: str = "") -> InvalidFileErr
 
 def _special_tokens(tok_cfg: dict[str, Any]) -> dict[str, str]:
     """The named special tokens' text (``bos_token``: ``"<s>"``, ...) as templates see them."""
-    from esft_rs.chat_template import SPECIAL_TOKENS
+    from esft_rs.data.chat_template import SPECIAL_TOKENS
 
     out = {}
     for name in SPECIAL_TOKENS:
@@ -178,7 +178,7 @@ def _special_tokens(tok_cfg: dict[str, Any]) -> dict[str, str]:
 def _model_template(root: Path, tok_cfg: dict[str, Any]) -> str | None:
     """The directory's chat template: ``chat_template.jinja`` (transformers 5 writes it),
     else ``tokenizer_config.json``'s ``chat_template``."""
-    from esft_rs.chat_template import read_template, template_of
+    from esft_rs.data.chat_template import read_template, template_of
 
     if os.path.lexists(root / "chat_template.jinja"):  # a pipe or folder is named, not skipped
         return read_template(root / "chat_template.jinja")

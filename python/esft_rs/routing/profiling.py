@@ -16,20 +16,37 @@ rank returns the same totals.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from esft_rs.errors import EsftValueError, MismatchError
-from esft_rs.routing import RoutingStats
+from esft_rs.errors import EsftError, EsftValueError, MismatchError
+from esft_rs.routing.stats import RoutingStats
+from esft_rs.training.config import DEFAULT_SEED, TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
+    from esft_rs.data import Packed, TaskData
+    from esft_rs.data.tokenizer import Tokenizer
+    from esft_rs.distributed import Dist
     from esft_rs.models.interface import MoEModel
+
+log = logging.getLogger("esft_rs.routing.profiling")
+
+PathLike = str | os.PathLike[str]
+
+#: What the official ESFT scripts profile (``--n_sample_tokens=131072``).
+DEFAULT_TOKENS = 131072
+#: Packed row length when the model allows it: training's default.
+DEFAULT_SEQ_LEN = TrainConfig.seq_length
 
 #: Accumulator planes, each [layers, experts]: selections, routing weight, and the
 #: per-sample token and gate scores summed over samples.
@@ -227,7 +244,7 @@ def profile(
         if kept.world > 1:  # each rank puts its own folder in place
             folder.mkdir(parents=True, exist_ok=True)
             folder = folder / f"rank_{kept.rank}"
-        from esft_rs.outputs import staged
+        from esft_rs.files.outputs import staged
 
         folder.parent.mkdir(parents=True, exist_ok=True)
         with staged(folder, directory=True) as tmp:
@@ -338,3 +355,192 @@ def _any_rank(busy: bool, device: torch.device) -> bool:
     flag = torch.tensor([int(busy)], device=device if dist.get_backend() != "gloo" else "cpu")
     dist.all_reduce(flag)
     return bool(flag.item())
+
+
+@dataclass
+class TaskProfile:
+    """What ``profile_task`` wrote, and of what."""
+
+    output: Path
+    stats: RoutingStats
+    tokens: int  # real tokens profiled
+    available: int  # real tokens the packed data holds
+    seq_length: int
+    world: int
+    device: torch.device
+    main: bool  # this process wrote the outputs (rank 0)
+    seconds: float  # from the model's load to the outputs written
+
+
+def profile_task(
+    model: PathLike,
+    data: PathLike | Sequence[PathLike],
+    output: PathLike,
+    *,
+    records: PathLike | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    batch_size: int = 4,
+    seq_length: int | None = None,
+    device: str | torch.device | None = "auto",
+    parallelism: str = "auto",
+    skip_bad: bool = False,
+    seed: int = DEFAULT_SEED,
+    chat_template: str = "auto",
+    progress: bool = True,
+) -> TaskProfile:
+    """Routing statistics of the model in directory ``model`` on chat data files ``data``,
+    written to ``output`` (a routing-stats safetensors file; ``records``: also every real
+    token's top-K ids and weights, as ``profile`` writes them).
+
+    The data is encoded (``chat_template``) and packed into rows of ``seq_length`` tokens
+    (default 4096), cut to the model's context as ``train`` cuts them, with a note
+    (``preflight.fit_to_context``); rows are taken in order until they hold ``tokens``
+    real tokens, ``batch_size`` rows a forward pass. Under torchrun every process calls
+    this: each profiles a disjoint share of the rows (the model spread as ``parallelism``
+    says), and rank 0 writes the outputs. Notes and skipped lines (``skip_bad``) are
+    logged to ``esft_rs.routing.profiling``.
+    """
+    from esft_rs.distributed import device_for, process_group
+    from esft_rs.models import as_moe_model
+    from esft_rs.training.sharded_load import load_for_inference
+
+    model, output = Path(model), Path(output)
+    files = [Path(data)] if isinstance(data, str | os.PathLike) else [Path(d) for d in data]
+    records = Path(records) if records is not None else None
+    _check_outputs(model, files, output, records)
+    dev = device if not isinstance(device, str | None) else device_for(device)
+    tokenizer, task = _read_inputs(model, files, chat_template, skip_bad)
+    with process_group(dev) as place:
+        t0 = time.perf_counter()
+        net, note = load_for_inference(model, place, dev, parallelism)
+        if note is not None and place.main:  # once the model has loaded: no note before an error
+            log.warning("%s", note)
+        moe = as_moe_model(net)
+        seq_length = _row_length(seq_length, moe)
+        packed = task.pack(tokenizer, seq_length=seq_length, seed=seed)
+        batches, profiled = _take_rows(packed, moe, files, tokens, batch_size)
+        metadata = {"model": str(model), "data": ",".join(map(str, files)),
+                    "tokens": str(profiled), "seq_len": str(seq_length), "seed": str(seed),
+                    **_fingerprint(model)}
+        stats, kept = _run(moe, batches, records is not None, metadata, progress, place)
+        _write(output, stats, records, kept, place)
+        return TaskProfile(output, stats, profiled, int(packed.attention_mask.sum()),
+                           seq_length, place.world, dev, place.main,
+                           time.perf_counter() - t0)
+
+
+def _check_outputs(model: Path, data: list[Path], output: Path, records: Path | None) -> None:
+    """The outputs are no input nor inside one, and may be written (before anything loads)."""
+    from esft_rs.files.outputs import check_outputs, check_target
+    from esft_rs.routing.stats import OUTPUT_KIND as ROUTING
+
+    check_outputs([output, records], [model, *data])
+    check_target(output, kind=ROUTING)
+    if records is not None and records.parent.is_dir():  # else made (with parents) at the end
+        check_target(records)
+
+
+def _read_inputs(model: Path, data: list[Path], chat_template: str, skip_bad: bool
+                 ) -> tuple[Tokenizer, TaskData]:
+    """The tokenizer and the task data: everything that can be wrong with the inputs fails
+    here, before the model loads. Each skipped line is logged."""
+    from esft_rs.data import read_task_data
+    from esft_rs.data.tokenizer import load_tokenizer
+    from esft_rs.errors import InvalidFileError
+    from esft_rs.files.inputs import check_file
+
+    if not (model / "config.json").exists():
+        raise InvalidFileError(f"{model}: no config.json (not a model directory)")
+    check_file(model / "config.json")
+    tokenizer = load_tokenizer(model, chat_template)
+    task = read_task_data(data, skip_bad=skip_bad)
+    for line in task.skipped:
+        log.warning("skipped %s", line, extra={"skipped": True})
+    return tokenizer, task
+
+
+def _row_length(seq_length: int | None, model: MoEModel) -> int:
+    """The packed row length: ``seq_length`` cut to the model's context with a note, as
+    train and plan cut it; unset, 4096 or the context if shorter (no note: nothing asked
+    was changed)."""
+    from esft_rs.data.preflight import context_length, fit_to_context
+
+    limit = context_length(model)
+    if seq_length is None:
+        return fit_to_context(DEFAULT_SEQ_LEN, limit)[0]
+    seq_length, note = fit_to_context(seq_length, limit)
+    if note is not None:
+        log.warning("%s", note)
+    return seq_length
+
+
+def _take_rows(packed: Packed, model: MoEModel, data: list[Path], tokens: int,
+               batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The batches to profile: packed rows in order until they hold ``tokens`` real tokens
+    (the row that reaches it stays), their ids checked against the model's vocabulary;
+    and the real tokens they hold."""
+    from esft_rs.data.preflight import check_token_ids
+
+    ids, mask = packed.input_ids, packed.attention_mask
+    check_token_ids(int(ids.min()), int(ids.max()), model, ",".join(map(str, data)))
+    real = mask.sum(dim=1)
+    rows = min(int((real.cumsum(0) < tokens).sum()) + 1, len(real))
+    ids, mask = ids[:rows], mask[:rows]
+    batches = [(ids[i:i + batch_size], mask[i:i + batch_size])
+               for i in range(0, rows, batch_size)]
+    return batches, int(real[:rows].sum())
+
+
+def _run(model: MoEModel, batches: list[tuple[torch.Tensor, torch.Tensor]], keep_records: bool,
+         metadata: dict[str, str], progress: bool, place: Dist
+         ) -> tuple[RoutingStats, Records | None]:
+    """``profile_model`` over ``batches``, with a bar in tokens on rank 0 (its total: the
+    real tokens of the batches that rank runs)."""
+    bar = None
+    if progress and place.rank == 0:
+        from tqdm import tqdm
+
+        mine = sum(int(m.sum()) for _, m in batches[::place.world])
+        bar = tqdm(total=mine, unit="tok", unit_scale=True, desc="profile", dynamic_ncols=True)
+    try:
+        return profile_model(model, batches, keep_records=keep_records, metadata=metadata,
+                             progress=bar.update if bar is not None else False)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _write(output: Path, stats: RoutingStats, records: Path | None, kept: Records | None,
+           place: Dist) -> None:
+    """The stats file and the records folder, committed together by rank 0 (every rank
+    calls): a failure leaves neither, and an earlier pair as it was."""
+    from esft_rs.distributed import from_rank0
+    from esft_rs.files.outputs import staged_together
+
+    with ExitStack() as stack:
+        tmp: dict[Path | None, Path] = {}
+        if place.main:
+            if records is not None:
+                records.parent.mkdir(parents=True, exist_ok=True)
+            targets = {p: p == records for p in (output, records) if p is not None}
+            tmp = stack.enter_context(staged_together(targets))
+            stats.save(tmp[output])
+        if kept is not None:
+            folder = from_rank0(tmp.get(records))
+            if place.world > 1:  # rank_<r>/ folders, as profile() writes them
+                folder = folder / f"rank_{place.rank}"
+                folder.mkdir()
+            kept.write(folder)
+        place.barrier()  # every rank's records are in; rank 0 commits as the block ends
+
+
+def _fingerprint(model: Path) -> dict[str, str]:
+    """The model's fingerprint for the stats metadata, so that select and routing-report
+    can refuse statistics of different models; none for a model without safetensors."""
+    from esft_rs.files.adapter import fingerprint
+    from esft_rs.routing.stats import MODEL_FINGERPRINT
+
+    try:
+        return {MODEL_FINGERPRINT: fingerprint(model)}
+    except EsftError:
+        return {}

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from esft_rs import scoring
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.routing import OFFICIAL_TOP_K, RoutingStats, Source, aggregate
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.outputs import write_file
+from esft_rs.routing import scoring
+from esft_rs.routing.stats import OFFICIAL_TOP_K, RoutingStats, Source, aggregate
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,4 @@ def summary_json(stats: RoutingStats) -> str:
 
 
 def write_summary(stats: RoutingStats, path: str | os.PathLike[str]) -> None:
-    from esft_rs.outputs import write_file
-
     write_file(path, summary_json(stats))

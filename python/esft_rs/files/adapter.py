@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from esft_rs import _core
 from esft_rs._core import AdapterInfo
-from esft_rs.expert_config import ExpertConfig
-from esft_rs.outputs import Kind, read_by
+from esft_rs.files.expert_config import ExpertConfig
+from esft_rs.files.outputs import Kind, read_by
 
 if TYPE_CHECKING:
     import torch
 
-    from esft_rs.tensor_stream import Layout
+    from esft_rs.files.tensor_stream import Layout
 
 ADAPTER_KEYS: dict[str, str] = dict(_core.ADAPTER_KEYS)
 KEY_EXPERT_CONFIG = ADAPTER_KEYS["expert_config"]
@@ -76,9 +76,9 @@ def save_adapter(
     its content as a dict (``{"experts": {"<layer>": [ids]}, ...}``). The base
     fingerprint is taken from ``base_fingerprint``, or computed from the ``base``
     checkpoint. The file is written under a temporary name and renamed into place
-    (``esft_rs.outputs``), so ``path`` never holds a partial adapter.
+    (``esft_rs.files.outputs``), so ``path`` never holds a partial adapter.
     """
-    from esft_rs.tensor_stream import write_tensors
+    from esft_rs.files.tensor_stream import write_tensors
 
     tensors = _tensor_dict(tensors)
     expert_config = _expert_config(expert_config)
@@ -98,9 +98,9 @@ def stream_adapter(
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """``save_adapter`` of (name, tensor) pairs that arrive one at a time, none of them
-    kept once written (``esft_rs.tensor_stream``): a trainer's gathered tensors.
+    kept once written (``esft_rs.files.tensor_stream``): a trainer's gathered tensors.
     ``layout``: (name, dtype, shape) of every tensor, known before the first arrives."""
-    from esft_rs.tensor_stream import tensor_stream
+    from esft_rs.files.tensor_stream import tensor_stream
 
     metadata = adapter_metadata(expert_config, base_fingerprint, extra_metadata)
     with tensor_stream(path, layout, metadata) as out:
@@ -149,5 +149,5 @@ def _ours(path: Path) -> None:
         raise ValueError(f"{path}: not an esft-rs adapter")
 
 
-#: An adapter as an output (``esft_rs.outputs.check_target``).
+#: An adapter as an output (``esft_rs.files.outputs.check_target``).
 OUTPUT_KIND = Kind("an adapter", read_by(_ours))

@@ -253,7 +253,7 @@ def spans_to_tokens(char_to_token: Any, n_tokens: int, span: Span) -> range | No
 def read_template(path: str | os.PathLike[str]) -> str:
     """A chat template file: Jinja text, or a ``tokenizer_config.json``-style JSON object
     with ``chat_template``."""
-    from esft_rs.inputs import parse_json, read_text
+    from esft_rs.files.inputs import parse_json, read_text
 
     p = Path(path)
     text = read_text(p)  # strict UTF-8; a pipe or directory is refused, not waited on
@@ -283,7 +283,7 @@ def encode(tokenizer: Any, source: str, messages: Sequence[Any],
            ignore_index: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of ``esft_rs.data.Message``s rendered with ``source``.
 
-    ``tokenizer`` is an ``esft_rs.tokenizer.HFTokenizer``. The ids are those of
+    ``tokenizer`` is an ``esft_rs.data.tokenizer.HFTokenizer``. The ids are those of
     transformers' ``apply_chat_template(messages, tokenize=True)``; labels are the ids
     of assistant tokens (module docstring) and ``ignore_index`` elsewhere, and of none
     of a turn with ``mask``.
