@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import cli_runner
+import rank_pool
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
@@ -23,10 +25,8 @@ CLI = [sys.executable, "-m", "esft_rs"]
 
 
 def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the real ``esft-rs`` entry point in a subprocess."""
-    proc = subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=600
-    )
+    """Run the real ``esft-rs`` entry point in a process of its own (``cli_runner``)."""
+    proc = cli_runner.run(list(map(str, args)))
     if check and proc.returncode != 0:
         raise AssertionError(f"esft-rs {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -38,6 +38,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pytest_sessionfinish() -> None:
+    rank_pool.POOL.close()
 
 
 @pytest.fixture

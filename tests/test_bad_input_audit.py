@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import esft_rs
+import rank_pool
 from conftest import CLI, free_port, run_cli
 from esft_rs.errors import InvalidFileError
 from esft_rs.models import init_model, load_model, save_model
@@ -343,7 +344,6 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
     """4 steps of FakeMoE training the one expert per layer that a sequence of token 5 never
     reaches, on 8 rows of which the first ``reaching_rows`` are varied (global batch 4:
     1 row per process and micro-step at 2 processes); the metrics of each step."""
-    import torch
 
     from esft_rs.files.expert_config import ExpertConfig
     from train_fakes import FakeMoE, constant_routes, ddp_rank, fake_data
@@ -363,7 +363,7 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
         esft_rs.train(*args, progress=False, **kw)
     else:
         port = free_port()
-        torch.multiprocessing.spawn(ddp_rank, args=(world, port, args, kw), nprocs=world)
+        rank_pool.spawn(ddp_rank, args=(world, port, args, kw), nprocs=world)
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

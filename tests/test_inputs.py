@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cli_runner
 import esft_rs
-from conftest import CLI
 from esft_rs.data import read_task_data
 from esft_rs.errors import InvalidFileError, MismatchError
 from esft_rs.files.adapter import save_adapter
@@ -90,7 +89,7 @@ def refused(args: list[str | bytes | Path], names: str, root: Path,
             out: Path | None = None) -> str:
     """Runs the CLI: exit 2, one ``esft-rs: error:`` line naming ``names``, inputs unchanged."""
     before = digest(root)
-    proc = subprocess.run([*CLI, *map(os.fsencode, args)], capture_output=True, timeout=120)
+    proc = cli_runner.run(list(map(os.fsencode, args)), timeout=120, text=False)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2, err
     lines = err.strip().splitlines()

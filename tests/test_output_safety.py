@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import cli_runner
 from conftest import CLI
 from esft_rs import _core
 from esft_rs.files.outputs import staged
@@ -47,8 +48,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def cli(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None
         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return cli_runner.run(list(map(str, args)), env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def hidden(parent: Path) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import esft_rs
+import rank_pool
 from conftest import free_port, run_cli
 from esft_rs.data import causal_lm_loss
 from esft_rs.files.expert_config import ExpertConfig
@@ -271,10 +272,14 @@ def _rank_figures(rank: int, world: int, port: int, model: str, mode: str, paral
         return forward(*args)
 
     loop.loss_sum = measured
-    result = esft_rs.train(
-        model, fake_data(n=8, seq=64, vocab=256), Path(out) / "run", EXPERTS, progress=False,
-        device="cpu", mode=mode, parallelism=parallelism, steps=1, per_device_batch_size=1,
-        gradient_accumulation_steps=2, val_ratio=0.0, gradient_checkpointing=False)
+    try:
+        result = esft_rs.train(
+            model, fake_data(n=8, seq=64, vocab=256), Path(out) / "run", EXPERTS,
+            progress=False, device="cpu", mode=mode, parallelism=parallelism, steps=1,
+            per_device_batch_size=1, gradient_accumulation_steps=2, val_ratio=0.0,
+            gradient_checkpointing=False)
+    finally:
+        loop.loss_sum = forward  # a pooled rank runs other tests' jobs next
     fit, params = result.fit, list(result.model.parameters())
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
         "trained_params": fit.trainable_params,
@@ -300,12 +305,11 @@ def test_per_rank_figures_equal_what_2_ranks_hold(models: dict[str, Path], tmp_p
     the plan says, to the byte: rank 0's exactly (it holds the most: FSDP splits dim 0 as
     torch.chunk does), the other's no more. Under EP the plan's are those of the rank that
     holds the most (its experts)."""
-    import torch.multiprocessing as mp
 
     model = bf16_copy(models[family], tmp_path / "bf16")
     port = free_port()
-    mp.spawn(_rank_figures, args=(2, port, str(model), mode, parallelism, str(tmp_path)),
-             nprocs=2)
+    rank_pool.spawn(_rank_figures, args=(2, port, str(model), mode, parallelism, str(tmp_path)),
+                    nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     want = plan(model, EXPERTS, mode, nproc=2, parallelism=parallelism, device="cpu").to_dict()
     frozen = [] if mode == "full" else ["False:torch.bfloat16"]

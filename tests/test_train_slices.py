@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import rank_pool
 from conftest import free_port
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models.expert_rows import FusedSlices
@@ -254,10 +255,9 @@ def _fsdp_rank(rank: int, world: int, port: int) -> None:
 def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
     """FSDP2 wraps the re-parametrised experts as they are: the slices are sharded like
     any parameter, ``Trainable.param`` follows them, and gradients equal the reference."""
-    import torch.multiprocessing as mp
 
     port = free_port()
-    mp.spawn(_fsdp_rank, args=(2, port), nprocs=2, join=True)
+    rank_pool.spawn(_fsdp_rank, args=(2, port), nprocs=2)
 
 
 def whole_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
