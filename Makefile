@@ -36,11 +36,11 @@ test: setup
 	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests benches docs
+	$(VENV)/bin/ruff check python tests benches docs .github
 	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
 	$(VENV)/bin/lint-imports
 	@$(MAKE) --no-print-directory test-floor
-	$(PY) -m pytest  # last, so that its summary closes the output
+	$(PY) -m pytest --durations=15  # last, so that its summary closes the output
 
 # The edit loop: the Rust unit tests and pytest without the tests that start several
 # ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
