@@ -46,7 +46,7 @@ test: setup
 # ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
 test-fast: setup
 	cargo test --workspace --quiet
-	$(PY) -m pytest -m "not multiprocess and not demo"
+	$(PY) -m pytest -n 2 -m "not multiprocess and not demo"
 
 # The oldest torch and transformers that pyproject.toml allows (the lock holds the
 # newest), in one venv: the transformers tests, and one test per torch API that changed
