@@ -1,29 +1,17 @@
 """Run the ``esft-rs`` CLI in a process of its own, forked from a server that has already
-imported torch, transformers and esft_rs (multiprocessing's forkserver): a command's process,
+imported torch, transformers and esft_rs (``forkserver``): a command's process,
 exit code, stdout and stderr as ``python -m esft_rs`` gives them, without paying seconds of
 imports per command. Where forkserver is missing (Windows), a plain subprocess."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 
-#: what every command's process would import; the server imports it once
-PRELOAD = ["torch", "numpy", "safetensors", "click", "esft_rs.cli", "esft_rs.training.api",
-           "esft_rs.routing.profiling", "esft_rs.evaluation", "transformers"]
-_CTX = None
-
-
-def _context():
-    global _CTX
-    if _CTX is None and "forkserver" in mp.get_all_start_methods():
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(PRELOAD)
-    return _CTX
+import forkserver
 
 
 def _command(argv: list[str], env: dict[str, str], cwd: str, umask: int, out: str,
@@ -49,7 +37,7 @@ def run(args: Sequence[str | bytes], *, env: dict[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None, timeout: float = 600,
         text: bool = True) -> subprocess.CompletedProcess:
     """``subprocess.run([sys.executable, "-m", "esft_rs", *args], capture_output=True)``."""
-    ctx = _context()
+    ctx = forkserver.context()
     argv = [a if isinstance(a, str) else os.fsdecode(a) for a in args]
     if ctx is None:
         return subprocess.run([sys.executable, "-m", "esft_rs", *argv], capture_output=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import cli_runner
-import rank_pool
+import forked_ranks
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
@@ -40,8 +40,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pytest_sessionfinish() -> None:
-    rank_pool.POOL.close()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Over several workers (pytest-xdist ``--dist loadgroup``), the multi-process tests
+    run on one worker, one job of ranks at a time as in a single pytest, beside the
+    single-process tests on the others: two jobs at once would oversubscribe the cores
+    their ranks share."""
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.xdist_group("ranks"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import esft_rs
-import rank_pool
+import forked_ranks
 from conftest import CLI, free_port, run_cli
 from esft_rs.errors import InvalidFileError
 from esft_rs.models import init_model, load_model, save_model
@@ -363,7 +363,7 @@ def fake_run(out: Path, world: int, parallelism: str, reaching_rows: int) -> lis
         esft_rs.train(*args, progress=False, **kw)
     else:
         port = free_port()
-        rank_pool.spawn(ddp_rank, args=(world, port, args, kw), nprocs=world)
+        forked_ranks.spawn(ddp_rank, args=(world, port, args, kw), nprocs=world)
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

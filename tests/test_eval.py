@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rank_pool
+import forked_ranks
 from conftest import free_port, run_cli
 from esft_rs.data import Message, TaskData, causal_lm_loss, format_conversation, loss_tokens
 from esft_rs.data.tokenizer import ByteTokenizer
@@ -206,7 +206,7 @@ def test_evaluate_on_a_sharded_model_in_a_torchrun_job(tmp_path: Path) -> None:
     one = evaluate(load_model(model).eval(), model, data, batch_size=3)
     assert (one.correct, one.answered) == (4, 7)
     port = free_port()
-    rank_pool.spawn(_evaluate_sharded,
+    forked_ranks.spawn(_evaluate_sharded,
                                 args=(2, port, str(model), str(data), str(tmp_path)), nprocs=2)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rank_pool
+import forked_ranks
 from conftest import BUILTIN_EXPERTS, free_port
 from esft_rs.distributed import exit_process, leave_process_group
 from esft_rs.models import init_model, save_model
@@ -50,7 +50,7 @@ def gather_worker(rank: int, world: int, port: int) -> None:
 
 @pytest.mark.multiprocess
 def test_pieces_gather_what_one_all_gather_does() -> None:
-    rank_pool.spawn(gather_worker, args=(3, free_port()), nprocs=3)
+    forked_ranks.spawn(gather_worker, args=(3, free_port()), nprocs=3)
 
 
 def in_place_worker(rank: int, world: int, port: int) -> None:
@@ -88,7 +88,7 @@ def in_place_worker(rank: int, world: int, port: int) -> None:
 def test_in_place_gather_gives_each_parameter_its_values() -> None:
     """Unevenly sharded parameters (padded shards), mixed dtypes (gathered as bytes) and
     pieces that span parameters: each unsharded parameter is the one process's."""
-    rank_pool.spawn(in_place_worker, args=(3, free_port()), nprocs=3)
+    forked_ranks.spawn(in_place_worker, args=(3, free_port()), nprocs=3)
 
 
 def small_pieces_worker(rank: int, world: int, port: int, args: tuple, kwargs: dict) -> None:
@@ -107,7 +107,7 @@ def test_fsdp_with_many_pieces_equals_one_process(tmp_path: Path) -> None:
     many = tmp_path / "many"
     args = (tmp_path / "base", tmp_path / "task.jsonl", many, tmp_path / "experts.json")
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4}
-    rank_pool.spawn(small_pieces_worker, args=(2, free_port(), args, kwargs), nprocs=2)
+    forked_ranks.spawn(small_pieces_worker, args=(2, free_port(), args, kwargs), nprocs=2)
     assert_same_adapter(one, many)
 
 
@@ -170,7 +170,7 @@ def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
             tmp_path / "experts.json")
     kwargs = {**RUN, "per_device_batch_size": GLOBAL // 4, "eval_steps": 10**6,
               "save_steps": 10**6, "fsdp_prefetch": prefetch}
-    rank_pool.spawn(gathered_worker, nprocs=2,
+    forked_ranks.spawn(gathered_worker, nprocs=2,
                                 args=(2, free_port(), args, kwargs, str(tmp_path)))
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

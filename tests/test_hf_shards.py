@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import esft_rs
-import rank_pool
+import forked_ranks
 from conftest import free_port
 from esft_rs.errors import InvalidFileError
 from esft_rs.testing import dequantize_fp8_blocks
@@ -85,7 +85,7 @@ def test_each_rank_holds_and_reads_only_its_shards(
     ``shard_worker``). The bytes read from disk add up over the ranks to the checkpoint
     exactly once (plus the buffers every rank keeps whole): no rank read another's rows."""
     pairs = [(str(a), str(b)) for a, b in cases.values()]
-    rank_pool.spawn(check_shards, args=(WORLD, free_port(), pairs, str(tmp_path)),
+    forked_ranks.spawn(check_shards, args=(WORLD, free_port(), pairs, str(tmp_path)),
                                 nprocs=WORLD)
     reads = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(WORLD)]
     for name, (ckpt, reference) in cases.items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import esft_rs
-import rank_pool
+import forked_ranks
 from conftest import free_port, run_cli
 from esft_rs.data import causal_lm_loss
 from esft_rs.files.expert_config import ExpertConfig
@@ -308,7 +308,7 @@ def test_per_rank_figures_equal_what_2_ranks_hold(models: dict[str, Path], tmp_p
 
     model = bf16_copy(models[family], tmp_path / "bf16")
     port = free_port()
-    rank_pool.spawn(_rank_figures, args=(2, port, str(model), mode, parallelism, str(tmp_path)),
+    forked_ranks.spawn(_rank_figures, args=(2, port, str(model), mode, parallelism, str(tmp_path)),
                     nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     want = plan(model, EXPERTS, mode, nproc=2, parallelism=parallelism, device="cpu").to_dict()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rank_pool
+import forked_ranks
 from conftest import BUILTIN_EXPERTS, free_port
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
@@ -212,7 +212,7 @@ def test_a_rank_whose_experts_get_no_token(tmp_path: Path) -> None:
     """Rank 1 owns expert 2 and no token is routed to it: both ranks' forward and backward
     complete (rank 1's all-to-alls send and receive nothing) and give one process's
     outputs and gradients."""
-    rank_pool.spawn(_dispatch_worker, args=(2, free_port(), str(tmp_path / "r")),
+    forked_ranks.spawn(_dispatch_worker, args=(2, free_port(), str(tmp_path / "r")),
                                 nprocs=2)
     weights = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
     w_grad = torch.zeros_like(weights)

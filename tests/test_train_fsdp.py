@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import esft_rs
-import rank_pool
+import forked_ranks
 from conftest import free_port
 from esft_rs.files.expert_config import ExpertConfig
 from train_fakes import (
@@ -39,7 +39,7 @@ HF_EXPERTS = ExpertConfig({1: [1, 5], 2: [0, 6, 7]}, False, False)
 
 def spawn(world: int, args: tuple, kwargs: dict) -> None:
     port = free_port()
-    rank_pool.spawn(ddp_rank, args=(world, port, args, kwargs), nprocs=world)
+    forked_ranks.spawn(ddp_rank, args=(world, port, args, kwargs), nprocs=world)
 
 
 def train(root: Path, out: Path, world: int, **kw: object) -> Path:
@@ -173,7 +173,7 @@ def test_fsdp_rank_whose_tokens_reach_no_trained_expert(tmp_path: Path, hide: st
     experts = {layer: [e] for layer, e in missed.items()}
     port = free_port()
     out = tmp_path / "grads.pt"
-    rank_pool.spawn(fsdp_grads_worker, args=(2, port, experts, str(out)), nprocs=2)
+    forked_ranks.spawn(fsdp_grads_worker, args=(2, port, experts, str(out)), nprocs=2)
     model = FakeMoE()
     trainables = freeze(model, ExpertConfig(experts))
     a, b = uneven_batches()

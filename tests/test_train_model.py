@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import esft_rs
-import rank_pool
+import forked_ranks
 from conftest import free_port, run_cli
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, load_model, save_model
@@ -147,7 +147,7 @@ def test_two_processes_equal_one(files: dict[str, Path], tmp_path: Path) -> None
     one = esft_rs.train(*args, tmp_path / "one", per_device_batch_size=4, progress=False, **kw)
     port = free_port()
     two = tmp_path / "two"
-    rank_pool.spawn(
+    forked_ranks.spawn(
         ddp_rank, args=(2, port, (*args, two), dict(per_device_batch_size=2, **kw)), nprocs=2)
     a, b = load_file(one.adapter), load_file(two / "adapter.safetensors")
     assert set(a) == set(b) == expert_tensors(EXPERTS)

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import rank_pool
+import forked_ranks
 from conftest import free_port
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models.expert_rows import FusedSlices
@@ -257,7 +257,7 @@ def test_fsdp2_shards_the_slices_and_their_gradients_match() -> None:
     any parameter, ``Trainable.param`` follows them, and gradients equal the reference."""
 
     port = free_port()
-    rank_pool.spawn(_fsdp_rank, args=(2, port), nprocs=2)
+    forked_ranks.spawn(_fsdp_rank, args=(2, port), nprocs=2)
 
 
 def whole_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,23 @@
+"""The test session's forkserver (multiprocessing's): a server that has imported torch,
+transformers and esft_rs once, from which CLI commands (``cli_runner``) and the ranks of
+multi-process tests (``forked_ranks``) are forked, each a fresh process without seconds of
+imports. ``None`` where the platform has no forkserver (Windows): callers spawn instead."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from multiprocessing.context import ForkServerContext
+
+#: what a command's or a rank's process would import; the server imports it once
+PRELOAD = ["torch", "numpy", "safetensors", "click", "esft_rs.cli", "esft_rs.training.api",
+           "esft_rs.routing.profiling", "esft_rs.evaluation", "transformers",
+           "torch.distributed.fsdp", "torch.distributed.checkpoint"]
+_CTX: ForkServerContext | None = None
+
+
+def context() -> ForkServerContext | None:
+    global _CTX
+    if _CTX is None and "forkserver" in mp.get_all_start_methods():
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
