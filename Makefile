@@ -29,9 +29,13 @@ $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(RUST_SRC) pyproject.toml
 requirements.lock: pyproject.toml
 	$(UV) pip compile pyproject.toml --extra test --universal --python-version 3.10 -q -o $@
 
-# cargo test includes the fuzz targets (rust/core/src/fuzzing.rs), 1000 cases each.
+# cargo test includes the fuzz targets (rust/core/src/fuzzing.rs), 1000 cases each; the
+# binding crate has no tests of its own (pytest tests it), clippy checks it.
+# pytest runs over 2 workers (pytest-xdist): the multi-process tests' ranks leave a core
+# idle much of the time (they wait on each other), so the other worker's tests use it.
+PYTEST_N := -n 2 --dist loadgroup
 test: setup
-	cargo test --workspace --quiet
+	cargo test -p esft-core --quiet
 	@# The core stays pure: no Python types in its dependency tree.
 	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
@@ -40,13 +44,13 @@ test: setup
 	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
 	$(VENV)/bin/lint-imports
 	@$(MAKE) --no-print-directory test-floor
-	$(PY) -m pytest --durations=15  # last, so that its summary closes the output
+	$(PY) -m pytest $(PYTEST_N) --durations=15  # last, so that its summary closes the output
 
 # The edit loop: the Rust unit tests and pytest without the tests that start several
 # ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
 test-fast: setup
-	cargo test --workspace --quiet
-	$(PY) -m pytest -n 2 -m "not multiprocess and not demo"
+	cargo test -p esft-core --quiet
+	$(PY) -m pytest $(PYTEST_N) -m "not multiprocess and not demo"
 
 # The oldest torch and transformers that pyproject.toml allows (the lock holds the
 # newest), in one venv: the transformers tests, and one test per torch API that changed
@@ -70,7 +74,7 @@ FLOOR_TESTS := tests/test_hf_families.py tests/test_hf_shards.py tests/test_eval
 	tests/test_chat_template.py tests/test_private_api.py tests/test_train_fsdp.py \
 	tests/test_train_ep.py
 test-floor: setup $(FLOOR_VENV)/.stamp
-	PYTHONPATH=python $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider \
+	PYTHONPATH=python $(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_N) \
 		-m "floor or not multiprocess" $(FLOOR_TESTS)
 
 test-hf-floor: test-floor  # the former name

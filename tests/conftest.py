@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 import cli_runner
-import forked_ranks
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
@@ -41,13 +40,11 @@ def free_port() -> int:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Over several workers (pytest-xdist ``--dist loadgroup``), the multi-process tests
-    run on one worker, one job of ranks at a time as in a single pytest, beside the
-    single-process tests on the others: two jobs at once would oversubscribe the cores
-    their ranks share."""
+    """Over several workers (pytest-xdist ``--dist loadgroup``), the demo's tests share one
+    worker, and so the module's one run of the demo."""
     for item in items:
-        if item.get_closest_marker("multiprocess"):
-            item.add_marker(pytest.mark.xdist_group("ranks"))
+        if item.get_closest_marker("demo"):
+            item.add_marker(pytest.mark.xdist_group("demo"))
 
 
 @pytest.fixture
