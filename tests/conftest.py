@@ -9,6 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test may reach the Hugging Face Hub: tiny models are built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import random
 import socket
 import subprocess
 import sys
@@ -33,10 +34,22 @@ def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess[s
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now: the rendezvous (``MASTER_PORT``) of a job whose
-    ranks a test spawns. The one copy of this snippet."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    ranks a test starts. The one copy of this snippet.
+
+    Drawn below the ephemeral ports (32768 up on Linux, 49152 up on macOS and Windows): one
+    the OS hands out for port 0 may be taken, before rank 0 binds it, as the local port of
+    any outgoing connection, such as the gloo connections of a job on the other pytest
+    worker. Each worker draws from a band of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = 20000 + 2000 * (int(worker) % 6 if worker.isdigit() else 0)
+    for port in random.SystemRandom().sample(range(low, low + 2000), 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {low}-{low + 1999}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -203,8 +203,11 @@ def test_load_holds_the_weights_once(tmp_path: Path, family: str, dtype: str) ->
                           check=True)
     r = json.loads(proc.stdout.splitlines()[-1])
     assert r["weights"] >= 40 * 2**20, r  # large enough to tell 1x from 1.5x
-    # the weights, a tensor's bytes read before a cast, and allocator slack
-    assert r["peak"] <= 1.05 * r["weights"] + r["largest"] + 8 * 2**20, r
+    # the weights, a tensor's bytes read before a cast, allocator slack, and the pages of
+    # code and files loading touched that stay resident (in the peak too: 3 MiB from a fresh
+    # clone, whose modules were compiled on first import; a map of the checkpoint would stay
+    # in the peak only, and fail this)
+    assert r["peak"] <= 1.05 * r["weights"] + r["largest"] + r["file"] + 8 * 2**20, r
     assert r["file"] <= 4 * 2**20, r  # no page of the checkpoint stays mapped
 
 
