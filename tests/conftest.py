@@ -52,6 +52,7 @@ def free_port() -> int:
     raise RuntimeError(f"no free TCP port in {low}-{low + 1999}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Over several workers (pytest-xdist ``--dist loadgroup``), the demo's tests share one
     worker, and so the module's one run of the demo."""
