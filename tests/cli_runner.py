@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 
 import forkserver
 
@@ -62,3 +64,59 @@ def run(args: Sequence[str | bytes], *, env: dict[str, str] | None = None,
         return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
                                            stderr.decode())
     return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout, stderr)
+
+
+def run_ranks(args: Sequence[str], envs: list[dict[str, str]], *,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """The processes of ``torchrun -m esft_rs *args``: one command per environment (each a
+    rank's, as torchrun sets it), all at once. stdout and stderr are the ranks' in rank
+    order; the exit code is the first failing rank's, and the others are then killed, as
+    torchrun kills them. Where forkserver is missing, torchrun itself."""
+    ctx = forkserver.context()
+    argv = list(args)
+    if ctx is None:
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc-per-node={len(envs)}", "-m", "esft_rs", *argv],
+            capture_output=True, text=True, timeout=timeout, env=envs[0])
+    umask = os.umask(0)
+    os.umask(umask)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [(os.path.join(tmp, f"out{r}"), os.path.join(tmp, f"err{r}"))
+                 for r in range(len(envs))]
+        procs = [ctx.Process(target=_command, args=(argv, env, os.getcwd(), umask, *p))
+                 for env, p in zip(envs, paths, strict=True)]
+        for proc in procs:
+            proc.start()
+        code = _wait_all(procs, timeout)
+        outs = []
+        for out, err in paths:
+            with open(out) as f, open(err) as g:
+                outs.append((f.read(), g.read()))
+    if code is None:
+        raise subprocess.TimeoutExpired(["esft-rs", *argv], timeout)
+    return subprocess.CompletedProcess(["esft-rs", *argv], code, "".join(o for o, _ in outs),
+                                       "".join(e for _, e in outs))
+
+
+def _wait_all(procs: list, timeout: float) -> int | None:
+    """Wait for every process; the first non-zero exit code (0 when none), the others
+    killed once one fails; None past ``timeout`` (every process killed)."""
+    deadline = time.monotonic() + timeout
+    code = 0
+    try:
+        while any(p.exitcode is None for p in procs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            wait([p.sentinel for p in procs if p.exitcode is None], left)
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed and not code:
+                code = failed[0]
+                break
+        return code
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join()

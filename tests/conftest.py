@@ -24,12 +24,29 @@ from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 CLI = [sys.executable, "-m", "esft_rs"]
 
 
-def run_cli(*args: object, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: object, check: bool = False, env: dict[str, str] | None = None,
+            cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real ``esft-rs`` entry point in a process of its own (``cli_runner``)."""
-    proc = cli_runner.run(list(map(str, args)))
+    proc = cli_runner.run(list(map(str, args)), env=env, cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"esft-rs {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def run_torchrun(*args: object, nproc: int, env: dict[str, str] | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node {nproc} -m esft_rs *args``, its workers forked
+    (``cli_runner.run_ranks``), each with the environment torchrun gives it. Tests of
+    torchrun itself (its launcher's exit code and report) start the real one."""
+    base = dict(os.environ if env is None else env)
+    base.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers
+    world, port = str(nproc), str(free_port())
+    envs = [{**base, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0",
+             "ROLE_RANK": str(r), "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world,
+             "ROLE_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+             "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0",
+             "TORCHELASTIC_MAX_RESTARTS": "0"} for r in range(nproc)]
+    return cli_runner.run_ranks(list(map(str, args)), envs, timeout=timeout)
 
 
 def free_port() -> int:

@@ -11,7 +11,13 @@ from multiprocessing.context import ForkServerContext
 #: what a command's or a rank's process would import; the server imports it once
 PRELOAD = ["torch", "numpy", "safetensors", "click", "esft_rs.cli", "esft_rs.training.api",
            "esft_rs.routing.profiling", "esft_rs.evaluation", "transformers",
-           "torch.distributed.fsdp", "torch.distributed.checkpoint"]
+           "torch.distributed.fsdp", "torch.distributed.checkpoint",
+           # imported on first use, not by the modules above; without them each rank or
+           # command that trains, or loads a transformers model, pays 1-2 s of CPU:
+           # FSDP2's first call imports torch._dynamo (torch.compiler.disable)
+           "torch._dynamo", "transformers.modeling_utils", "esft_rs.training.loop",
+           "esft_rs.training.sharded_load", "esft_rs.training.parallelism",
+           "esft_rs.models.hf_shards"]
 _CTX: ForkServerContext | None = None
 
 

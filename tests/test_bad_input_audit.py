@@ -101,8 +101,7 @@ def test_plan_reads_config_json_strictly(ws: Path, tmp_path: Path, bad: str) -> 
     else:  # a duplicate key was silently resolved to its last value
         config.write_text(config.read_text().replace('"vocab_size": 259,',
                                                       '"vocab_size": 259, "vocab_size": 3,'))
-    proc = subprocess.run([*CLI, "plan", str(model), "-e", str(ws / "cfg.json")],
-                          capture_output=True, text=True, timeout=60)  # a hang fails, not blocks
+    proc = run_cli("plan", model, "-e", ws / "cfg.json", timeout=60)  # a hang fails, not blocks
     one_error(proc, config, "named pipe" if bad == "fifo" else "duplicate key 'vocab_size'")
 
 
@@ -325,8 +324,7 @@ def test_profile_outputs_commit_together_keeping_earlier_ones(ws: Path, tmp_path
         args = ["profile", ws / "base", ws / "task.jsonl", "--device", "cpu", "--seq-length", "32",
                 "--tokens", str(tokens), "-o", tmp_path / "r.safetensors",
                 "--records", tmp_path / "rec"]
-        return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **(env or {})})
+        return run_cli(*args, timeout=300, env={**os.environ, **(env or {})})
 
     assert profile(32).returncode == 0
     before = listing(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import forked_ranks
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, run_torchrun
 from esft_rs.data import Message, TaskData, causal_lm_loss, format_conversation, loss_tokens
 from esft_rs.data.tokenizer import ByteTokenizer
 from esft_rs.demo.tasks import DOWNSTREAM, examples
@@ -149,10 +149,6 @@ def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path
     """2 CPU ranks (gloo) share the batches; under FSDP every rank runs every forward (7
     conversations in batches of 2: rank 1 runs a spare fourth). Rank 0 writes the figures
     of one process: counts exactly, the loss up to the order of float additions."""
-    import os
-    import subprocess
-    import sys
-
     from esft_rs.models import init_model, save_model
 
     src = mixtral if family == "mixtral" else save_model(init_model("tiny", seed=1),
@@ -162,11 +158,8 @@ def test_torchrun_gives_the_figures_of_one_process(mixtral: Path, tmp_path: Path
                       ["a", "aa", "a", "b", "aaa", "a", "a"])
     args = ["eval", model, data, "--device", "cpu", "--batch-size", "2"]
     run_cli(*args, "-o", tmp_path / "one.json", check=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "esft_rs", *map(str, args), "-o", str(tmp_path / "two.json"),
-         "--parallelism", parallelism],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_torchrun(*args, "-o", tmp_path / "two.json", "--parallelism", parallelism,
+                        nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("loss ") == 1  # rank 0 alone prints
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

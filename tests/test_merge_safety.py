@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import esft_rs
-from conftest import CLI
+from conftest import run_cli
 from esft_rs.files.adapter import save_adapter
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, moe_tensor_shapes, write_checkpoint
@@ -37,8 +36,7 @@ def interrupt(base: Path, ad: Path, out: Path, sig: str) -> tuple[int, str]:
     """A CLI merge that signals itself once its output is complete in staging, just
     before the commit (deterministic: no race with a timer). Returns (status, stderr)."""
     env = {**os.environ, "ESFT_RS_TEST_INTERRUPT": f"{sig}@commit:{out.name}"}
-    proc = subprocess.run([*CLI, "merge", base, ad, "-o", out], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = run_cli("merge", base, ad, "-o", out, env=env)
     return proc.returncode, proc.stderr
 
 

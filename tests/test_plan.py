@@ -247,7 +247,9 @@ def _gradient_bytes() -> int:
 
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.nn.Parameter) and obj.grad is not None:
+        # torch.Tensor's check first: Parameter's is Python code, and the objects are many
+        if isinstance(obj, torch.Tensor) and isinstance(obj, torch.nn.Parameter) \
+                and obj.grad is not None:
             storage = local(obj.grad).untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import esft_rs
+from conftest import run_torchrun
 from esft_rs import RoutingStats, aggregate
 from esft_rs.cli import run
 from esft_rs.data import read_task_data
@@ -219,12 +218,8 @@ def test_torchrun_gives_the_counts_of_one_process(tmp_path, capsys, model_dir, d
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     args = ["profile", model_dir, data, "--seq-length", SEQ, "--batch-size", 2]
     assert cli(capsys, *args, "-o", one)[0] == 0
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={world}", "-m", "esft_rs", *map(str, args), "-o", two,
-         "--parallelism", parallelism],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(*args, "-o", two, "--parallelism", parallelism, nproc=world,
+                        timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{world} processes" in proc.stdout
     assert_same(RoutingStats.load(two), RoutingStats.load(one))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import forked_ranks
-from conftest import BUILTIN_EXPERTS, free_port
+from conftest import BUILTIN_EXPERTS, free_port, run_torchrun
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
 from test_train_fsdp import adam_state, assert_same_adapter, hf_run, train
@@ -237,9 +237,6 @@ def test_a_rank_whose_experts_get_no_token(tmp_path: Path) -> None:
 def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -> None:
     """The default under torchrun: the plan's choice for this host (CPU: its memory shared by
     the ranks), said in one line and recorded in train_config.yaml."""
-    import subprocess
-    import sys
-
     import yaml
 
     from esft_rs.distributed import Dist
@@ -249,11 +246,9 @@ def test_auto_under_torchrun_says_what_it_chose(builtin: Path, tmp_path: Path) -
     flags = ["--seq-length", "48", "--per-device-batch-size", "2",
              "--gradient-accumulation-steps", "2", "--steps", "1", "--device", "cpu",
              "--no-gradient-checkpointing"]
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "esft_rs", "train", str(builtin / "base"), str(builtin / "task.jsonl"),
-         "-e", str(builtin / "experts.json"), "-o", str(tmp_path / "run"), *flags],
-        capture_output=True, text=True, timeout=300)
+    r = run_torchrun("train", builtin / "base", builtin / "task.jsonl", "-e",
+                     builtin / "experts.json", "-o", tmp_path / "run", *flags, nproc=2,
+                     timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     notes = [line for line in r.stderr.splitlines() if "parallelism auto:" in line]
     assert len(notes) == 1, r.stderr[-3000:]  # rank 0 alone says it

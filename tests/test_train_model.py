@@ -83,13 +83,8 @@ def test_quickstart_on_a_short_context_model(tmp_path: Path) -> None:
 
 def test_cli_starter_config_by_name(files: dict[str, Path], tmp_path: Path) -> None:
     """``-c small`` is the config shipped in the package, from a directory without configs/."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "esft_rs", "train", str(files["base"]), str(files["data"]), "-e",
-         str(files["experts"]), "-o", "run", "-c", "small", "--steps", "1", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = run_cli("train", files["base"], files["data"], "-e", files["experts"], "-o", "run",
+                   "-c", "small", "--steps", "1", "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     from safetensors import safe_open
 
