@@ -206,8 +206,9 @@ def test_load_holds_the_weights_once(tmp_path: Path, family: str, dtype: str) ->
     # the weights, a tensor's bytes read before a cast, allocator slack, and the pages of
     # code and files loading touched that stay resident (in the peak too: 3 MiB from a fresh
     # clone, whose modules were compiled on first import; a map of the checkpoint would stay
-    # in the peak only, and fail this)
-    assert r["peak"] <= 1.05 * r["weights"] + r["largest"] + r["file"] + 8 * 2**20, r
+    # in the peak only, and fail this). The slack varies from run to run: Qwen3-MoE fp32
+    # peaked at 119-127 MB for 102 MB of weights; a second copy would add 50 MB or more.
+    assert r["peak"] <= 1.05 * r["weights"] + r["largest"] + r["file"] + 16 * 2**20, r
     assert r["file"] <= 4 * 2**20, r  # no page of the checkpoint stays mapped
 
 
