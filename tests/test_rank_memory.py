@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import esft_rs
+import forked_ranks
 from conftest import free_port
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
@@ -46,8 +47,7 @@ def measure(root: Path, out: Path, world: int) -> list[dict[str, int]]:
                   gradient_accumulation_steps=1, eval_steps=10**6, save_steps=10**6,
                   val_ratio=0.0, gradient_checkpointing=False, device="cpu", parallelism="fsdp")
     out.mkdir()
-    torch.multiprocessing.spawn(train_measured, args=(world, port, args, kwargs, str(out)),
-                                nprocs=world)
+    forked_ranks.spawn(train_measured, args=(world, port, args, kwargs, str(out)), nprocs=world)
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(world)]
 
 
