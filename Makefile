@@ -10,7 +10,7 @@ UV_VERSION := 0.13.9
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo.lock
 
-.PHONY: setup test test-rust test-python test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
+.PHONY: setup test test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -34,21 +34,12 @@ requirements.lock: pyproject.toml
 # pytest runs over 2 workers (pytest-xdist): the multi-process tests' ranks leave a core
 # idle much of the time (they wait on each other), so the other worker's tests use it.
 PYTEST_N := -n 2 --dist loadgroup
-# The Rust checks compile while the Python ones run: the tests leave a core idle much of
-# the time (ranks waiting on each other). Lines of the two are kept whole where make can
-# (GNU make 4; macOS's 3.81 interleaves them).
-SYNC := $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=line)
 test: setup
-	@$(MAKE) --no-print-directory -j2 $(SYNC) test-rust test-python
-
-test-rust:
 	cargo test -p esft-core --quiet
 	@# The core stays pure: no Python types in its dependency tree.
 	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
 		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
-
-test-python: setup
 	$(VENV)/bin/ruff check python tests benches docs .github
 	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
 	$(VENV)/bin/lint-imports
