@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import wait
+from typing import Any
 
 import forkserver
 
@@ -44,22 +45,8 @@ def run(args: Sequence[str | bytes], *, env: dict[str, str] | None = None,
     if ctx is None:
         return subprocess.run([sys.executable, "-m", "esft_rs", *argv], capture_output=True,
                               text=text, timeout=timeout, env=env, cwd=cwd)
-    umask = os.umask(0)
-    os.umask(umask)
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-        proc = ctx.Process(target=_command, args=(
-            argv, dict(os.environ if env is None else env), os.fspath(cwd or os.getcwd()),
-            umask, out, err))
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(["esft-rs", *argv], timeout)
-        with open(out, "rb") as f, open(err, "rb") as g:
-            stdout, stderr = f.read(), g.read()
-    code = proc.exitcode if proc.exitcode is not None else -1
+    code, stdout, stderr = _forked(ctx, argv, [dict(os.environ if env is None else env)],
+                                   os.fspath(cwd or os.getcwd()), timeout)
     if text:
         return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
                                            stderr.decode())
@@ -79,24 +66,32 @@ def run_ranks(args: Sequence[str], envs: list[dict[str, str]], *,
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
              f"--nproc-per-node={len(envs)}", "-m", "esft_rs", *argv],
             capture_output=True, text=True, timeout=timeout, env=envs[0])
+    code, stdout, stderr = _forked(ctx, argv, envs, os.getcwd(), timeout)
+    return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
+                                       stderr.decode())
+
+
+def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
+            timeout: float) -> tuple[int, bytes, bytes]:
+    """The command forked once per environment, all at once, with the caller's umask:
+    (exit code, stdout, stderr), the streams in the order of ``envs``."""
     umask = os.umask(0)
     os.umask(umask)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [(os.path.join(tmp, f"out{r}"), os.path.join(tmp, f"err{r}"))
                  for r in range(len(envs))]
-        procs = [ctx.Process(target=_command, args=(argv, env, os.getcwd(), umask, *p))
+        procs = [ctx.Process(target=_command, args=(argv, env, cwd, umask, *p))
                  for env, p in zip(envs, paths, strict=True)]
         for proc in procs:
             proc.start()
         code = _wait_all(procs, timeout)
-        outs = []
+        if code is None:
+            raise subprocess.TimeoutExpired(["esft-rs", *argv], timeout)
+        streams = []
         for out, err in paths:
-            with open(out) as f, open(err) as g:
-                outs.append((f.read(), g.read()))
-    if code is None:
-        raise subprocess.TimeoutExpired(["esft-rs", *argv], timeout)
-    return subprocess.CompletedProcess(["esft-rs", *argv], code, "".join(o for o, _ in outs),
-                                       "".join(e for _, e in outs))
+            with open(out, "rb") as f, open(err, "rb") as g:
+                streams.append((f.read(), g.read()))
+    return code, b"".join(o for o, _ in streams), b"".join(e for _, e in streams)
 
 
 def _wait_all(procs: list, timeout: float) -> int | None:
