@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -18,9 +18,9 @@ import forkserver
 
 
 def _command(argv: list[str], env: dict[str, str], cwd: str, umask: int, out: str,
-             err: str) -> None:
+             err: str, preexec: Callable[[], None] | None) -> None:
     """In the forked process: the descriptors, environment, directory and umask of the
-    caller, then the entry point (its SystemExit is the process's exit code)."""
+    caller, ``preexec``, then the entry point (its SystemExit is the process's exit code)."""
     for fd, path in ((1, out), (2, err)):
         with open(path, "wb") as f:
             os.dup2(f.fileno(), fd)
@@ -30,6 +30,8 @@ def _command(argv: list[str], env: dict[str, str], cwd: str, umask: int, out: st
     os.environ.update(env)
     os.chdir(cwd)
     os.umask(umask)
+    if preexec is not None:
+        preexec()
     sys.argv = ["esft-rs", *argv]
     from esft_rs.cli import run
 
@@ -37,16 +39,19 @@ def _command(argv: list[str], env: dict[str, str], cwd: str, umask: int, out: st
 
 
 def run(args: Sequence[str | bytes], *, env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None, timeout: float = 600,
-        text: bool = True) -> subprocess.CompletedProcess:
-    """``subprocess.run([sys.executable, "-m", "esft_rs", *args], capture_output=True)``."""
+        cwd: str | os.PathLike[str] | None = None, timeout: float = 600, text: bool = True,
+        preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run([sys.executable, "-m", "esft_rs", *args], capture_output=True,
+    preexec_fn=preexec)``; ``preexec`` is pickled (a module's function, or a partial of
+    one), as are the ranks' functions."""
     ctx = forkserver.context()
     argv = [a if isinstance(a, str) else os.fsdecode(a) for a in args]
     if ctx is None:
         return subprocess.run([sys.executable, "-m", "esft_rs", *argv], capture_output=True,
-                              text=text, timeout=timeout, env=env, cwd=cwd)
+                              text=text, timeout=timeout, env=env, cwd=cwd,
+                              preexec_fn=preexec)
     code, stdout, stderr = _forked(ctx, argv, [dict(os.environ if env is None else env)],
-                                   os.fspath(cwd or os.getcwd()), timeout)
+                                   os.fspath(cwd or os.getcwd()), timeout, preexec)
     if text:
         return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
                                            stderr.decode())
@@ -72,7 +77,8 @@ def run_ranks(args: Sequence[str], envs: list[dict[str, str]], *,
 
 
 def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
-            timeout: float) -> tuple[int, bytes, bytes]:
+            timeout: float, preexec: Callable[[], None] | None = None
+            ) -> tuple[int, bytes, bytes]:
     """The command forked once per environment, all at once, with the caller's umask:
     (exit code, stdout, stderr), the streams in the order of ``envs``."""
     umask = os.umask(0)
@@ -80,7 +86,7 @@ def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
     with tempfile.TemporaryDirectory() as tmp:
         paths = [(os.path.join(tmp, f"out{r}"), os.path.join(tmp, f"err{r}"))
                  for r in range(len(envs))]
-        procs = [ctx.Process(target=_command, args=(argv, env, cwd, umask, *p))
+        procs = [ctx.Process(target=_command, args=(argv, env, cwd, umask, *p, preexec))
                  for env, p in zip(envs, paths, strict=True)]
         for proc in procs:
             proc.start()
@@ -92,6 +98,24 @@ def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
             with open(out, "rb") as f, open(err, "rb") as g:
                 streams.append((f.read(), g.read()))
     return code, b"".join(o for o, _ in streams), b"".join(e for _, e in streams)
+
+
+def file_size_limit(nbytes: int) -> None:
+    """A ``preexec``: files of at most ``nbytes`` (``ulimit -f``, a "disk" that fills up); a
+    write past it fails with EFBIG (Python ignores SIGXFSZ, which would kill the process)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+
+def nobody() -> None:
+    """A ``preexec`` for root: the user ``nobody`` (65534, no groups), whom file modes bind
+    (a read-only folder), as ``setpriv --reuid=65534 --regid=65534 --clear-groups``."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
 
 
 def _wait_all(procs: list, timeout: float) -> int | None:

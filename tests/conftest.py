@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,12 @@ CLI = [sys.executable, "-m", "esft_rs"]
 
 
 def run_cli(*args: object, check: bool = False, env: dict[str, str] | None = None,
-            cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the real ``esft-rs`` entry point in a process of its own (``cli_runner``)."""
-    proc = cli_runner.run(list(map(str, args)), env=env, cwd=cwd, timeout=timeout)
+            cwd: Path | None = None, timeout: float = 600,
+            preexec: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``esft-rs`` entry point in a process of its own (``cli_runner``), after
+    ``preexec`` there (``cli_runner.file_size_limit``, ``cli_runner.nobody``)."""
+    proc = cli_runner.run(list(map(str, args)), env=env, cwd=cwd, timeout=timeout,
+                          preexec=preexec)
     if check and proc.returncode != 0:
         raise AssertionError(f"esft-rs {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -1,22 +1,22 @@
-"""Trains the tiny reference model and sends itself SIGINT at chosen moments.
+"""Trains the tiny reference model and sends itself SIGINT at chosen moments, in a process
+of its own (a test forks it: ``cli_runner``, ``forked_ranks``).
 
 SIGINT arrives as the CALL-th forward call of decoder layer 1 starts (1-based). With
 gradient checkpointing every second call is the recomputation inside ``backward``,
 where an interrupt used to crash the process (a pre-hook: torch stops a recomputation
 early, before post-hooks run).
 
-- ``python interrupt_worker.py cli CALL ARGS...`` runs ``esft-rs train ARGS`` and exits
-  as the CLI does.
-- ``python interrupt_worker.py api N BASE DATA EXPERTS ROOT`` runs ``esft_rs.train`` N
-  times, interrupted at calls 1..N, in ROOT/run-CALL; prints the last checkpoint of each.
-  A crash ends the process, so every interrupt is tried in this one process.
+- ``interrupt_at(CALL)``, a ``preexec`` of ``cli_runner.run``: ``esft-rs train`` is then
+  interrupted at call CALL, and exits as the CLI does.
+- ``interrupt_each_call(rank, N, BASE, DATA, EXPERTS, ROOT)`` runs ``esft_rs.train`` N times,
+  interrupted at calls 1..N, in ROOT/run-CALL; writes the last checkpoint of each to
+  ROOT/interrupts.txt. A crash ends the process, so every interrupt is tried in this one.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -41,31 +41,26 @@ def _prepare_and_hook(model: torch.nn.Module, *args: object, **kw: object) -> No
     model.model.layers[1].register_forward_pre_hook(hook)
 
 
-def main() -> None:
+def interrupt_at(call: int) -> None:
+    """From now on, training in this process is interrupted at forward call ``call``."""
     global _at
+    _at = call
     api._prepare = _prepare_and_hook
-    mode, n, *rest = sys.argv[1:]
-    if mode == "cli":
-        from esft_rs.cli import run
 
-        _at = int(n)
-        sys.argv = ["esft-rs", "train", *rest]
-        run()
-        return
-    base, data, experts, root = rest
-    for call in range(1, int(n) + 1):
-        _at = call
-        out = Path(root, f"run-{call}")
+
+def interrupt_each_call(rank: int, n: int, base: Path, data: Path, experts: Path,
+                        root: Path) -> None:
+    lines = []
+    for call in range(1, n + 1):
+        interrupt_at(call)
+        out = root / f"run-{call}"
         try:
-            esft_rs.train(base, data, out, experts, steps=int(n), seq_length=64,
+            esft_rs.train(base, data, out, experts, steps=n, seq_length=64,
                           per_device_batch_size=2, gradient_accumulation_steps=1, save_steps=1,
                           gradient_checkpointing=True, device="cpu", progress=False)
         except KeyboardInterrupt:
             last = checkpoint.latest(out)
-            print(call, last.name if last is not None else None, flush=True)
+            lines.append(f"{call} {last.name if last is not None else None}\n")
         else:
-            print(call, "finished", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+            lines.append(f"{call} finished\n")
+    (root / "interrupts.txt").write_text("".join(lines))

@@ -22,6 +22,19 @@ def status() -> dict[str, int]:
     return out
 
 
+def mapped(directory: str) -> int:
+    """Resident bytes of this process's maps of files under ``directory`` (``smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not line.endswith("kB\n"):  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5].startswith(directory.rstrip("/") + "/")
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
 def reset_peak() -> None:
     """Start the kernel's high-water mark (``VmHWM``) again from the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
@@ -73,10 +86,11 @@ def train_measured(rank: int, world: int, port: int, args: tuple, kwargs: dict,
     exit_process(0)  # past the interpreter's teardown, where gloo may abort a rank
 
 
-def load_measured(directory: str, dtype: str) -> None:
-    """Load the model of ``directory`` in ``dtype`` in this (fresh) process; print its
-    weight bytes and what loading added: the peak resident set, and the file-backed
-    pages still resident after."""
+def load_measured(rank: int, directory: str, dtype: str, out: str) -> None:
+    """Load the model of ``directory`` in ``dtype`` in this (fresh) process; write to ``out``
+    its weight bytes and what loading added: the peak resident set, the file-backed pages
+    still resident after (code touched for the first time too), and those of the checkpoint's
+    own files."""
     from esft_rs.models import load_model
     from esft_rs.training.sharded_load import meta_model
 
@@ -85,9 +99,10 @@ def load_measured(directory: str, dtype: str) -> None:
     reset_peak()
     model = load_model(directory, dtype=getattr(torch, dtype))
     after = status()
-    print(json.dumps({
+    Path(out).write_text(json.dumps({
         "weights": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         "largest": max(t.numel() * 4 for t in model.state_dict().values()),
         "peak": after["VmHWM"] - before["VmRSS"],
         "file": after["RssFile"] - before["RssFile"],
+        "checkpoint": mapped(directory),
     }))

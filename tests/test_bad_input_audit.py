@@ -3,6 +3,7 @@ naming the file, exit code 2, and leaves the inputs and the output folder as the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -10,14 +11,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cli_runner
 import esft_rs
 import forked_ranks
-from conftest import CLI, free_port, run_cli
+from conftest import free_port, run_cli
 from esft_rs.errors import InvalidFileError
 from esft_rs.models import init_model, load_model, save_model
 from train_fakes import plus_chat
@@ -185,18 +188,15 @@ def test_commands_without_overwrite_never_replace_a_model(ws: Path, tmp_path: Pa
     assert listing(tmp_path) == before
 
 
-def as_unprivileged() -> list[str]:
-    """A prefix that runs a command as a user a read-only folder applies to (root ignores it)."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: no way to meet a read-only folder")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+def as_unprivileged() -> Callable[[], None] | None:
+    """A ``preexec`` that runs a command as a user a read-only folder applies to (root
+    ignores it)."""
+    return cli_runner.nobody if os.geteuid() == 0 else None
 
 
 @pytest.mark.parametrize("command", ["select", "split"])
 def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str) -> None:
-    prefix = as_unprivileged()
+    preexec = as_unprivileged()
     root = Path(tempfile.mkdtemp())
     try:
         root.chmod(0o755)
@@ -209,20 +209,13 @@ def test_read_only_output_folder_is_named_before_any_work(ws: Path, command: str
         (root / "ro").chmod(0o555)
         args = {"select": ["select", "routing.safetensors", "-o", "ro/x.json"],
                 "split": ["split", "base", "--experts", "cfg.json", "-o", "ro/a.safetensors"]}
-        proc = subprocess.run([*prefix, *CLI, *args[command]], capture_output=True, text=True,
-                              timeout=300, cwd=root)
+        proc = run_cli(*args[command], timeout=300, cwd=root, preexec=preexec)
         # was: the selection table, then a hidden staging name (.x.json.esft-staging...)
         assert proc.stdout == ""
         line = one_error(proc, "ro: Permission denied")
         assert "staging" not in line
     finally:
         shutil.rmtree(root)
-
-
-def small_file_limit() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # a "disk" full after 1 KiB
 
 
 @pytest.mark.parametrize("command", ["init-model", "profile-records", "train"])
@@ -241,8 +234,8 @@ def test_a_full_disk_is_one_line_naming_the_output(ws: Path, tmp_path: Path,
                    "--per-device-batch-size", "1", "--gradient-accumulation-steps", "1",
                    "--val-ratio", "0", "--device", "cpu"],
     }[command]
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_file_limit)
+    # a "disk" full after 1 KiB
+    proc = run_cli(*args, timeout=300, preexec=functools.partial(cli_runner.file_size_limit, 1024))
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"esft-rs: error: {tmp_path}/") and "staging" not in line, line
@@ -550,32 +543,34 @@ TRAIN_SHORT = ["--steps", "2", "--seq-length", "32", "--per-device-batch-size", 
                "--gradient-accumulation-steps", "1", "--val-ratio", "0", "--device", "cpu"]
 
 
+def train_refused(rank: int, root: str, out: str, preexec: Callable[[], None] | None) -> None:
+    """In a process of its own, as ``preexec`` makes it: ``esft_rs.train`` into ``out``
+    raises an EsftValueError that names it."""
+    from esft_rs.errors import EsftValueError
+
+    os.chdir(root)
+    if preexec is not None:
+        preexec()
+    with pytest.raises(EsftValueError, match=rf"^{out}: cannot be written"):
+        esft_rs.train("base", "task.jsonl", out, "cfg.json", steps=2, seq_length=32,
+                      per_device_batch_size=1, gradient_accumulation_steps=1, val_ratio=0.0,
+                      device="cpu", progress=False)
+
+
 @pytest.mark.parametrize("out", ["ro", "ro/run"])
 def test_train_into_a_read_only_folder_is_refused_before_any_work(ws: Path, out: str) -> None:
     # was: trained every step, then failed writing the first checkpoint or the adapter
-    prefix = as_unprivileged()
+    preexec = as_unprivileged()
     root = unprivileged_workspace(ws)
     try:
-        proc = subprocess.run(
-            [*prefix, *CLI, "train", "base", "task.jsonl", "-e", "cfg.json", "-o", out,
-             *TRAIN_SHORT], capture_output=True, text=True, timeout=300, cwd=root)
+        proc = run_cli("train", "base", "task.jsonl", "-e", "cfg.json", "-o", out, *TRAIN_SHORT,
+                       timeout=300, cwd=root, preexec=preexec)
         assert proc.stdout == ""
         line = one_error(proc, f"{out}: cannot be written")
         assert "Permission denied" in line and "staging" not in line
         assert list((root / "ro").iterdir()) == []
         # the Python API raises a ValueError subclass, before any work too
-        script = ("import esft_rs, sys\n"
-                  "from esft_rs.errors import EsftValueError\n"
-                  "try:\n"
-                  f"    esft_rs.train('base', 'task.jsonl', {out!r}, 'cfg.json', steps=2,"
-                  " seq_length=32, per_device_batch_size=1, gradient_accumulation_steps=1,"
-                  " val_ratio=0.0, device='cpu', progress=False)\n"
-                  "except EsftValueError as e:\n"
-                  "    print(e)\n")
-        proc = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True,
-                              text=True, timeout=300, cwd=root)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith(f"{out}: cannot be written"), proc.stdout
+        forked_ranks.spawn(train_refused, args=(str(root), out, preexec))
     finally:
         (root / "ro").chmod(0o755)
         shutil.rmtree(root)

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import cli_runner
 import esft_rs
+import forked_ranks
+import interrupt_worker
+from conftest import run_cli
 from esft_rs.errors import EsftError
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.models import init_model, save_model
@@ -22,8 +25,6 @@ from esft_rs.training import checkpoint
 from train_fakes import FakeMoE, checkpoint_weights, fake_data, plus_chat
 
 EXPERTS = ExpertConfig({1: [0, 2], 2: [1]})
-WORKER = Path(__file__).with_name("interrupt_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_nan_loss_stops_before_the_update(tmp_path: Path) -> None:
@@ -64,12 +65,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # backward, two per step; an interrupt at call c stops after step (c + 1) // 2.
 def test_ctrl_c_stops_between_steps(files: dict[str, Path], tmp_path: Path) -> None:
     """20 interrupts, one in each phase of steps 1-10 of 20, in one process (a crash ends it)."""
-    proc = subprocess.run(
-        [sys.executable, WORKER, "api", "20", files["base"], files["data"], files["experts"],
-         tmp_path], capture_output=True, text=True, timeout=600, env=ENV, cwd=WORKER.parent)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    got = [line.split() for line in proc.stdout.splitlines()]
-    assert got == [[str(c), f"step-{(c + 1) // 2}"] for c in range(1, 21)], proc.stdout
+    forked_ranks.spawn(interrupt_worker.interrupt_each_call,
+                       args=(20, files["base"], files["data"], files["experts"], tmp_path))
+    got = [line.split() for line in (tmp_path / "interrupts.txt").read_text().splitlines()]
+    assert got == [[str(c), f"step-{(c + 1) // 2}"] for c in range(1, 21)], got
     for c in range(1, 21):
         out = tmp_path / f"run-{c}"
         last = checkpoint.latest(out)
@@ -87,9 +86,8 @@ def test_ctrl_c_in_the_cli(files: dict[str, Path], tmp_path: Path, call: int) ->
             "--seq-length", "64", "--per-device-batch-size", "2",
             "--gradient-accumulation-steps", "1", "--save-steps", "1", "--device", "cpu",
             "--gradient-checkpointing"]
-    proc = subprocess.run([sys.executable, WORKER, "cli", str(call), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env=ENV,
-                          cwd=WORKER.parent)
+    proc = run_cli("train", *args, timeout=300,
+                   preexec=functools.partial(interrupt_worker.interrupt_at, call))
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     lines = [x for x in proc.stderr.replace("\r", "\n").splitlines()
              if x.strip() and not x.startswith("train:")]  # the progress bar aside
@@ -113,19 +111,12 @@ def test_checkpoint_over_a_file_size_limit_is_one_line(files: dict[str, Path],
                                                        tmp_path: Path) -> None:
     """`ulimit -f` (or a full disk) while a checkpoint is written: one line naming the
     checkpoint, exit 2, no traceback, and no partial checkpoint."""
-    import resource
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esft_rs", "train", files["base"], files["data"], "-e",
-         files["experts"], "-o", out, "--steps", "2", "--save-steps", "1", "--seq-length", "64",
-         "--per-device-batch-size", "2", "--gradient-accumulation-steps", "1", "--device",
-         "cpu", "--no-gradient-checkpointing"],
-        capture_output=True, text=True, timeout=600, env=ENV, preexec_fn=limit)
+    proc = run_cli(
+        "train", files["base"], files["data"], "-e", files["experts"], "-o", out, "--steps", "2",
+        "--save-steps", "1", "--seq-length", "64", "--per-device-batch-size", "2",
+        "--gradient-accumulation-steps", "1", "--device", "cpu", "--no-gradient-checkpointing",
+        preexec=functools.partial(cli_runner.file_size_limit, 40_000))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("esft-rs:")]
