@@ -50,8 +50,8 @@ def run(args: Sequence[str | bytes], *, env: dict[str, str] | None = None,
         return subprocess.run([sys.executable, "-m", "esft_rs", *argv], capture_output=True,
                               text=text, timeout=timeout, env=env, cwd=cwd,
                               preexec_fn=preexec)
-    code, stdout, stderr = _forked(ctx, argv, [dict(os.environ if env is None else env)],
-                                   os.fspath(cwd or os.getcwd()), timeout, preexec)
+    code, _, [(stdout, stderr)] = _forked(ctx, argv, [dict(os.environ if env is None else env)],
+                                       os.fspath(cwd or os.getcwd()), timeout, preexec)
     if text:
         return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
                                            stderr.decode())
@@ -71,16 +71,37 @@ def run_ranks(args: Sequence[str], envs: list[dict[str, str]], *,
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
              f"--nproc-per-node={len(envs)}", "-m", "esft_rs", *argv],
             capture_output=True, text=True, timeout=timeout, env=envs[0])
-    code, stdout, stderr = _forked(ctx, argv, envs, os.getcwd(), timeout)
-    return subprocess.CompletedProcess(["esft-rs", *argv], code, stdout.decode(),
-                                       stderr.decode())
+    code, _, streams = _forked(ctx, argv, envs, os.getcwd(), timeout)
+    return subprocess.CompletedProcess(["esft-rs", *argv], code,
+                                       b"".join(o for o, _ in streams).decode(),
+                                       b"".join(e for _, e in streams).decode())
+
+
+def run_each(args: Sequence[str], envs: list[dict[str, str]], *,
+             timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """One command per environment, all at once, each left to finish (none killed for
+    another's failure): each process's result, in the order of ``envs``. For ranks that
+    each fail on their own, before any collective."""
+    argv = list(args)
+    ctx = forkserver.context()
+    if ctx is None:
+        procs = [subprocess.Popen([sys.executable, "-m", "esft_rs", *argv], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for env in envs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *p.communicate(timeout=timeout))
+                for p in procs]
+    _, codes, streams = _forked(ctx, argv, envs, os.getcwd(), timeout, together=False)
+    return [subprocess.CompletedProcess(["esft-rs", *argv], code, out.decode(), err.decode())
+            for code, (out, err) in zip(codes, streams, strict=True)]
 
 
 def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
-            timeout: float, preexec: Callable[[], None] | None = None
-            ) -> tuple[int, bytes, bytes]:
-    """The command forked once per environment, all at once, with the caller's umask:
-    (exit code, stdout, stderr), the streams in the order of ``envs``."""
+            timeout: float, preexec: Callable[[], None] | None = None, together: bool = True
+            ) -> tuple[int, list[int], list[tuple[bytes, bytes]]]:
+    """The command forked once per environment, all at once, with the caller's umask: the
+    first non-zero exit code (0 when none), then each process's exit code and (stdout,
+    stderr), in the order of ``envs``. ``together``: one failing kills the others (torchrun's
+    way)."""
     umask = os.umask(0)
     os.umask(umask)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,14 +111,14 @@ def _forked(ctx: Any, argv: list[str], envs: list[dict[str, str]], cwd: str,
                  for env, p in zip(envs, paths, strict=True)]
         for proc in procs:
             proc.start()
-        code = _wait_all(procs, timeout)
+        code = _wait_all(procs, timeout, together)
         if code is None:
             raise subprocess.TimeoutExpired(["esft-rs", *argv], timeout)
         streams = []
         for out, err in paths:
             with open(out, "rb") as f, open(err, "rb") as g:
                 streams.append((f.read(), g.read()))
-    return code, b"".join(o for o, _ in streams), b"".join(e for _, e in streams)
+    return code, [p.exitcode for p in procs], streams
 
 
 def file_size_limit(nbytes: int) -> None:
@@ -118,9 +139,9 @@ def nobody() -> None:
     os.setuid(65534)
 
 
-def _wait_all(procs: list, timeout: float) -> int | None:
+def _wait_all(procs: list, timeout: float, together: bool) -> int | None:
     """Wait for every process; the first non-zero exit code (0 when none), the others
-    killed once one fails; None past ``timeout`` (every process killed)."""
+    killed once one fails when ``together``; None past ``timeout`` (every process killed)."""
     deadline = time.monotonic() + timeout
     code = 0
     try:
@@ -132,7 +153,8 @@ def _wait_all(procs: list, timeout: float) -> int | None:
             failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
             if failed and not code:
                 code = failed[0]
-                break
+                if together:
+                    break
         return code
     finally:
         for p in procs:

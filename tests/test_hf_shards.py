@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli_runner
 import esft_rs
 import forked_ranks
 from conftest import free_port
@@ -187,18 +186,15 @@ def test_cli_under_torchrun_refuses_in_one_line(cases: dict[str, tuple[Path, Pat
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
                                              {"role": "assistant", "content": "b"}]}) + "\n")
     port = free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "esft_rs", "profile", str(bad), str(data), "-o",
-         str(tmp_path / "r.safetensors"), "--parallelism", "fsdp"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-             "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD)})
-        for r in range(WORLD)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, err
-        assert err.strip().count("\n") == 0, err
-        assert f"{bad}: the checkpoint has no tensor model.layers.1.mlp.gate.weight" in err
+    envs = [{**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+             "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD)}
+            for r in range(WORLD)]
+    for p in cli_runner.run_each(["profile", str(bad), str(data), "-o",
+                                  str(tmp_path / "r.safetensors"), "--parallelism", "fsdp"],
+                                 envs, timeout=300):
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().count("\n") == 0, p.stderr
+        assert f"{bad}: the checkpoint has no tensor model.layers.1.mlp.gate.weight" in p.stderr
     assert not (tmp_path / "r.safetensors").exists()
 
 

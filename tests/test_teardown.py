@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
+import forked_ranks
 from conftest import free_port
 
 pytestmark = pytest.mark.multiprocess
@@ -44,6 +44,6 @@ def test_rank_0_destroys_its_group_last(tmp_path: Path) -> None:
     the peer in about 1 of 40 runs ("terminate called without an active exception").
     Now the others acknowledge after their own teardown, and rank 0 waits for them."""
     world = 3
-    torch.multiprocessing.spawn(_leave, args=(world, free_port(), str(tmp_path)), nprocs=world)
+    forked_ranks.spawn(_leave, args=(world, free_port(), str(tmp_path)), nprocs=world)
     order = {r: int((tmp_path / f"rank{r}").read_text()) for r in range(world)}
     assert order[0] == world, order
