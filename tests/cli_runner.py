@@ -21,6 +21,7 @@ def _command(argv: list[str], env: dict[str, str], cwd: str, umask: int, out: st
              err: str, preexec: Callable[[], None] | None) -> None:
     """In the forked process: the descriptors, environment, directory and umask of the
     caller, ``preexec``, then the entry point (its SystemExit is the process's exit code)."""
+    forkserver.child()
     for fd, path in ((1, out), (2, err)):
         with open(path, "wb") as f:
             os.dup2(f.fileno(), fd)

@@ -36,6 +36,7 @@ def _rank(fn: Callable[..., Any], rank: int, args: tuple, env: dict[str, str], o
           conn: Connection) -> None:
     """In the forked process: the caller's environment, a fresh probe of the private APIs,
     then ``fn``; the traceback of what it raised goes back on ``conn``."""
+    forkserver.child()
     with open(out, "wb") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)

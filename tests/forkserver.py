@@ -6,6 +6,7 @@ imports. ``None`` where the platform has no forkserver (Windows): callers spawn 
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from multiprocessing.context import ForkServerContext
 
 #: what a command's or a rank's process would import; the server imports it once
@@ -27,3 +28,12 @@ def context() -> ForkServerContext | None:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(PRELOAD)
     return _CTX
+
+
+def child() -> None:
+    """First thing in a forked process: it writes no ``.pyc``. A command may run under a
+    file-size limit (``cli_runner.file_size_limit``): a ``.pyc`` it wrote was cut short at
+    the limit and still moved into place (CPython does not check the length written), and
+    every later import of that module failed ("EOFError: marshal data too short"). The
+    server's imports, which are most of a child's, write theirs."""
+    sys.dont_write_bytecode = True

@@ -1,0 +1,26 @@
+"""The processes tests fork (``forkserver``, ``forked_ranks``, ``cli_runner``) leave the
+interpreter's files as they found them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cli_runner
+import forked_ranks
+
+
+def _import_under_a_file_size_limit(rank: int, root: str) -> None:
+    cli_runner.file_size_limit(1024)
+    sys.path.insert(0, root)
+    import large_module  # noqa: F401
+
+
+def test_a_file_size_limit_cuts_no_bytecode_short(tmp_path: Path) -> None:
+    """A forked process under ``ulimit -f 1`` imports a module compiled to more than 1 KiB:
+    it used to leave a ``.pyc`` of 1024 bytes, and the next import failed ("EOFError:
+    marshal data too short"), in every test that imported the module after it."""
+    (tmp_path / "large_module.py").write_text("".join(f"x{i} = {i}\n" for i in range(500)))
+    for _ in range(2):  # the second reads what the first left
+        forked_ranks.spawn(_import_under_a_file_size_limit, args=(str(tmp_path),))
+    assert not (tmp_path / "__pycache__").exists()
