@@ -65,6 +65,7 @@ def run_ranks(args: Sequence[str], envs: list[dict[str, str]], *,
     rank's, as torchrun sets it), all at once. stdout and stderr are the ranks' in rank
     order; the exit code is the first failing rank's, and the others are then killed, as
     torchrun kills them. Where forkserver is missing, torchrun itself."""
+    forkserver.check_ranks(len(envs))
     ctx = forkserver.context()
     argv = list(args)
     if ctx is None:
@@ -83,6 +84,7 @@ def run_each(args: Sequence[str], envs: list[dict[str, str]], *,
     """One command per environment, all at once, each left to finish (none killed for
     another's failure): each process's result, in the order of ``envs``. For ranks that
     each fail on their own, before any collective."""
+    forkserver.check_ranks(len(envs))
     argv = list(args)
     ctx = forkserver.context()
     if ctx is None:

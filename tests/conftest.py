@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import cli_runner
+import forkserver
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.testing import MoEShape, random_tensors, write_checkpoint
 
@@ -71,6 +72,17 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free TCP port in {low}-{low + 1999}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> object:
+    """While a test and its fixtures run: whether it may start several ranks
+    (``forkserver.check_ranks``)."""
+    forkserver.unmarked_test = None if item.get_closest_marker("multiprocess") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        forkserver.unmarked_test = None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups

@@ -57,6 +57,7 @@ def _rank(fn: Callable[..., Any], rank: int, args: tuple, env: dict[str, str], o
 
 
 def spawn(fn: Callable[..., Any], args: tuple = (), nprocs: int = 1) -> None:
+    forkserver.check_ranks(nprocs)
     ctx = forkserver.context()
     if ctx is None:
         torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs)

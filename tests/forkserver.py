@@ -20,6 +20,8 @@ PRELOAD = ["torch", "numpy", "safetensors", "click", "esft_rs.cli", "esft_rs.tra
            "esft_rs.training.sharded_load", "esft_rs.training.parallelism",
            "esft_rs.models.hf_shards"]
 _CTX: ForkServerContext | None = None
+#: the running test's name when it is not marked ``multiprocess`` (conftest sets it)
+unmarked_test: str | None = None
 
 
 def context() -> ForkServerContext | None:
@@ -37,3 +39,10 @@ def child() -> None:
     every later import of that module failed ("EOFError: marshal data too short"). The
     server's imports, which are most of a child's, write theirs."""
     sys.dont_write_bytecode = True
+
+
+def check_ranks(n: int) -> None:
+    """A test that starts several ranks is marked ``multiprocess``, so that ``make
+    test-fast`` leaves it out: it fails here if not."""
+    if n > 1 and unmarked_test is not None:
+        raise AssertionError(f"{unmarked_test} starts {n} ranks: mark it multiprocess")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 import cli_runner
 import forked_ranks
 
@@ -24,3 +26,13 @@ def test_a_file_size_limit_cuts_no_bytecode_short(tmp_path: Path) -> None:
     for _ in range(2):  # the second reads what the first left
         forked_ranks.spawn(_import_under_a_file_size_limit, args=(str(tmp_path),))
     assert not (tmp_path / "__pycache__").exists()
+
+
+def test_a_test_not_marked_multiprocess_starts_no_ranks() -> None:
+    """``make test-fast`` leaves out the tests marked ``multiprocess``: one that starts
+    several ranks without the mark fails, before any starts (three such tests ran there)."""
+    with pytest.raises(AssertionError, match="starts 2 ranks: mark it multiprocess"):
+        forked_ranks.spawn(print, nprocs=2)
+    with pytest.raises(AssertionError, match="starts 2 ranks: mark it multiprocess"):
+        cli_runner.run_ranks(["--help"], [{}, {}])
+    forked_ranks.spawn(print, nprocs=1)  # one process is no job of several ranks

@@ -222,6 +222,7 @@ def test_gathered_layers_at_once(tmp_path: Path, prefetch: bool) -> None:
         assert got["most"] == root + (2 if prefetch else 1) * layer, (got, root, layer)
 
 
+@pytest.mark.multiprocess
 def test_full_mode_eval_then_checkpoint_under_fsdp(tmp_path: Path) -> None:
     """A forward without backward (eval) leaves FSDP's root and last layer gathered; in
     full mode their trained tensors are in the checkpoint written next, which needs them

@@ -220,6 +220,8 @@ def test_a_conversion_that_cannot_run_per_shard_reads_whole_tensors(
                       for p in ("gate_up_proj", "down_proj")}
 
 
+@pytest.mark.multiprocess
+@pytest.mark.floor  # ran on the floor before it was marked multiprocess
 def test_fsdp_training_on_experts_fused_on_disk(
     cases: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
@@ -236,6 +238,8 @@ def test_fsdp_training_on_experts_fused_on_disk(
     assert_same_adapter(train(root, tmp_path / "one", 1), train(root, tmp_path / "two", 2))
 
 
+@pytest.mark.multiprocess
+@pytest.mark.floor  # ran on the floor before it was marked multiprocess
 def test_fsdp_training_on_a_block_fp8_base(
     cases: dict[str, tuple[Path, Path]], tmp_path: Path
 ) -> None:
