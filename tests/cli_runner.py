@@ -144,21 +144,20 @@ def nobody() -> None:
 
 def _wait_all(procs: list, timeout: float, together: bool) -> int | None:
     """Wait for every process; the first non-zero exit code (0 when none), the others
-    killed once one fails when ``together``; None past ``timeout`` (every process killed)."""
+    killed once one fails when ``together``; None past ``timeout`` (every process killed).
+    Exit codes are read before each wait: one that had ended before the first was
+    counted as a success (a command refused at once exited 2, and the test saw 0)."""
     deadline = time.monotonic() + timeout
-    code = 0
     try:
-        while any(p.exitcode is None for p in procs):
+        while True:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            running = [p.sentinel for p in procs if p.exitcode is None]
+            if not running or (failed and together):
+                return failed[0] if failed else 0
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            wait([p.sentinel for p in procs if p.exitcode is None], left)
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if failed and not code:
-                code = failed[0]
-                if together:
-                    break
-        return code
+            wait(running, left)
     finally:
         for p in procs:
             if p.exitcode is None:

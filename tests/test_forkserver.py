@@ -36,3 +36,18 @@ def test_a_test_not_marked_multiprocess_starts_no_ranks() -> None:
     with pytest.raises(AssertionError, match="starts 2 ranks: mark it multiprocess"):
         cli_runner.run_ranks(["--help"], [{}, {}])
     forked_ranks.spawn(print, nprocs=1)  # one process is no job of several ranks
+
+
+def test_a_command_that_ends_before_the_wait_keeps_its_exit_code(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command refused at once can end before the runner starts waiting for it: its exit
+    code was then lost, and the test saw 0 (``test_bad_yaml`` once failed so)."""
+    wait_all = cli_runner._wait_all
+
+    def late(procs: list, *args: object) -> int | None:
+        for p in procs:
+            p.join()  # every process has ended before the wait starts
+        return wait_all(procs, *args)
+
+    monkeypatch.setattr(cli_runner, "_wait_all", late)
+    assert cli_runner.run(["no-such-command"]).returncode == 2  # click's usage error
