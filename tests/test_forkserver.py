@@ -1,5 +1,6 @@
-"""The processes tests fork (``forkserver``, ``forked_ranks``, ``cli_runner``) leave the
-interpreter's files as they found them."""
+"""The harness that forks a test's processes (``forkserver``, ``forked_ranks``,
+``cli_runner``): its processes leave the interpreter's files as they found them, only tests
+marked ``multiprocess`` start several ranks, and a command's exit code is never lost."""
 
 from __future__ import annotations
 
