@@ -8,6 +8,9 @@ early, before post-hooks run).
 
 - ``interrupt_at(CALL)``, a ``preexec`` of ``cli_runner.run``: ``esft-rs train`` is then
   interrupted at call CALL, and exits as the CLI does.
+- Either way SIGINT first gets Python's own handler, as in a terminal's foreground job:
+  a test run started in the background (``make test &`` from a script) ignores SIGINT,
+  which the trainer then leaves ignored, and the interrupts would do nothing.
 - ``interrupt_each_call(rank, N, BASE, DATA, EXPERTS, ROOT)`` runs ``esft_rs.train`` N times,
   interrupted at calls 1..N, in ROOT/run-CALL; writes the last checkpoint of each to
   ROOT/interrupts.txt. A crash ends the process, so every interrupt is tried in this one.
@@ -44,6 +47,7 @@ def _prepare_and_hook(model: torch.nn.Module, *args: object, **kw: object) -> No
 def interrupt_at(call: int) -> None:
     """From now on, training in this process is interrupted at forward call ``call``."""
     global _at
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _at = call
     api._prepare = _prepare_and_hook
 

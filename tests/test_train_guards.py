@@ -86,8 +86,7 @@ def test_ctrl_c_in_the_cli(files: dict[str, Path], tmp_path: Path, call: int) ->
             "--seq-length", "64", "--per-device-batch-size", "2",
             "--gradient-accumulation-steps", "1", "--save-steps", "1", "--device", "cpu",
             "--gradient-checkpointing"]
-    proc = run_cli("train", *args, timeout=300,
-                   preexec=functools.partial(interrupt_worker.interrupt_at, call))
+    proc = run_cli("train", *args, timeout=300, preexec=functools.partial(_ignored_then, call))
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     lines = [x for x in proc.stderr.replace("\r", "\n").splitlines()
              if x.strip() and not x.startswith("train:")]  # the progress bar aside
@@ -96,15 +95,31 @@ def test_ctrl_c_in_the_cli(files: dict[str, Path], tmp_path: Path, call: int) ->
     assert checkpoint.latest(out) == out / "checkpoints" / "step-2"
 
 
-def test_stop_request_restores_the_handler() -> None:
+def _ignored_then(call: int) -> None:
+    """As under a test run started in the background, whose SIGINT is ignored: the
+    interrupts still arrive (``interrupt_worker``); they did nothing, and these tests failed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupt_worker.interrupt_at(call)
+
+
+@pytest.mark.parametrize("start", [signal.default_int_handler, signal.SIG_IGN])
+def test_stop_request_restores_the_handler(start: object) -> None:
+    """Python's handler is replaced while training and restored; an ignored SIGINT (a
+    background job, nohup) stays ignored. Either, whatever SIGINT pytest started with."""
     from esft_rs.training.guards import StopRequest
 
-    before = signal.getsignal(signal.SIGINT)
-    stop = StopRequest()
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop() and signal.getsignal(signal.SIGINT) is before  # a second Ctrl-C: at once
-    stop.close()
-    assert signal.getsignal(signal.SIGINT) is before
+    outside = signal.signal(signal.SIGINT, start)
+    try:
+        stop = StopRequest()
+        if start is signal.SIG_IGN:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        # a second Ctrl-C: at once
+        assert stop() is (start is not signal.SIG_IGN) and signal.getsignal(signal.SIGINT) is start
+        stop.close()
+        assert signal.getsignal(signal.SIGINT) is start
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def test_checkpoint_over_a_file_size_limit_is_one_line(files: dict[str, Path],
