@@ -76,7 +76,7 @@ fn dump_expert_config(
 use numpy::{Element, PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::types::PyDict;
 
-use esft_core::routing::count::{ExpertId, Records, Weight};
+use esft_core::routing::count::{count_any, AnyIds, AnyWeights};
 use esft_core::routing::{self, RoutingStats};
 
 /// Routing stats as a dict of numpy arrays and scalars (`esft_rs.routing.stats` wraps it).
@@ -132,48 +132,40 @@ struct CountArgs {
     layers: Option<Vec<u32>>,
 }
 
-fn count_typed<I: ExpertId + Element, W: Weight + Element>(
-    py: Python<'_>,
-    ids: &PyReadonlyArrayDyn<'_, I>,
-    weights: Option<&PyReadonlyArrayDyn<'_, W>>,
-    args: CountArgs,
-) -> PyResult<RoutingStats> {
-    let not_contiguous = |what: &str| value_error(py, format!("{what} must be C-contiguous"));
-    let shape = ids.shape().to_vec();
-    let ids = ids.as_slice().map_err(|_| not_contiguous("expert ids"))?;
-    let weights = match weights {
-        Some(w) if w.shape() != shape.as_slice() => {
-            return Err(value_error(py, format!(
-                "weights have shape {:?} but expert ids have shape {shape:?}",
-                w.shape()
-            )))
-        }
-        Some(w) => Some(w.as_slice().map_err(|_| not_contiguous("weights"))?),
-        None => None,
-    };
-    let rec = Records { ids, weights, shape: &shape };
-    py.detach(|| routing::count::count(&rec, args.num_experts, args.lengths.as_deref(), args.layers))
-        .map_err(to_py)
+fn not_contiguous(py: Python<'_>, what: &str) -> PyErr {
+    value_error(py, format!("{what} must be C-contiguous"))
 }
 
-fn count_ids<I: ExpertId + Element>(
+/// Counts `ids` with `weights` of whichever float dtype they hold, GIL released.
+fn count_weighted(
     py: Python<'_>,
-    ids: &PyReadonlyArrayDyn<'_, I>,
+    ids: AnyIds<'_>,
+    shape: &[usize],
     weights: Option<&Bound<'_, PyAny>>,
     args: CountArgs,
 ) -> PyResult<RoutingStats> {
-    let Some(w) = weights else {
-        return count_typed::<I, f32>(py, ids, None, args);
+    let run = |weights: Option<AnyWeights<'_>>| {
+        py.detach(|| count_any(ids, weights, shape, args.num_experts, args.lengths.as_deref(), args.layers))
+            .map_err(to_py)
     };
-    if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, f32>>() {
-        count_typed(py, ids, Some(&w), args)
-    } else if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, f64>>() {
-        count_typed(py, ids, Some(&w), args)
-    } else if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, half::f16>>() {
-        count_typed(py, ids, Some(&w), args)
-    } else {
-        Err(PyTypeError::new_err("weights must be a float16, float32 or float64 numpy array"))
+    let Some(w) = weights else {
+        return run(None);
+    };
+    macro_rules! try_weights {
+        ($($t:ty => $v:ident),*) => {$(
+            if let Ok(w) = w.extract::<PyReadonlyArrayDyn<'_, $t>>() {
+                if w.shape() != shape {
+                    return Err(value_error(py, format!(
+                        "weights have shape {:?} but expert ids have shape {shape:?}",
+                        w.shape()
+                    )));
+                }
+                return run(Some(AnyWeights::$v(w.as_slice().map_err(|_| not_contiguous(py, "weights"))?)));
+            }
+        )*};
     }
+    try_weights!(f32 => F32, f64 => F64, half::f16 => F16);
+    Err(PyTypeError::new_err("weights must be a float16, float32 or float64 numpy array"))
 }
 
 /// Counts per-token routing records ([tokens, K] or [layers, tokens, K]
@@ -190,13 +182,14 @@ fn count_routing<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let args = CountArgs { num_experts, lengths, layers };
     macro_rules! try_ids {
-        ($($t:ty),*) => {$(
+        ($($t:ty => $v:ident),*) => {$(
             if let Ok(a) = ids.extract::<PyReadonlyArrayDyn<'_, $t>>() {
-                return stats_to_dict(py, count_ids(py, &a, weights, args)?);
+                let slice = a.as_slice().map_err(|_| not_contiguous(py, "expert ids"))?;
+                return stats_to_dict(py, count_weighted(py, AnyIds::$v(slice), a.shape(), weights, args)?);
             }
         )*};
     }
-    try_ids!(i32, i64, i16, i8, u8, u16, u32, u64);
+    try_ids!(i32 => I32, i64 => I64, i16 => I16, i8 => I8, u8 => U8, u16 => U16, u32 => U32, u64 => U64);
     Err(PyTypeError::new_err("expert ids must be a numpy array of an integer dtype"))
 }
 

@@ -114,6 +114,58 @@ pub struct Records<'a, I, W> {
     pub shape: &'a [usize],
 }
 
+/// Expert ids of any supported dtype, as the caller holds them.
+pub enum AnyIds<'a> {
+    I8(&'a [i8]),
+    I16(&'a [i16]),
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+    U32(&'a [u32]),
+    U64(&'a [u64]),
+}
+
+/// Routing weights of any supported dtype.
+pub enum AnyWeights<'a> {
+    F16(&'a [half::f16]),
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// [`count`] for ids and weights of any dtype. The dispatch lives here so that every
+/// instantiation of the counting loops is compiled, and optimised, in this crate: the
+/// binding crate is built without optimisation for tests (`profile.local`, Cargo.toml).
+pub fn count_any(
+    ids: AnyIds<'_>,
+    weights: Option<AnyWeights<'_>>,
+    shape: &[usize],
+    num_experts: Option<usize>,
+    lengths: Option<&[u64]>,
+    layers: Option<Vec<u32>>,
+) -> Result<RoutingStats> {
+    macro_rules! weighted {
+        ($ids:expr) => {
+            match weights {
+                None => count::<_, f32>(&Records { ids: $ids, weights: None, shape }, num_experts, lengths, layers),
+                Some(AnyWeights::F16(w)) => count(&Records { ids: $ids, weights: Some(w), shape }, num_experts, lengths, layers),
+                Some(AnyWeights::F32(w)) => count(&Records { ids: $ids, weights: Some(w), shape }, num_experts, lengths, layers),
+                Some(AnyWeights::F64(w)) => count(&Records { ids: $ids, weights: Some(w), shape }, num_experts, lengths, layers),
+            }
+        };
+    }
+    match ids {
+        AnyIds::I8(ids) => weighted!(ids),
+        AnyIds::I16(ids) => weighted!(ids),
+        AnyIds::I32(ids) => weighted!(ids),
+        AnyIds::I64(ids) => weighted!(ids),
+        AnyIds::U8(ids) => weighted!(ids),
+        AnyIds::U16(ids) => weighted!(ids),
+        AnyIds::U32(ids) => weighted!(ids),
+        AnyIds::U64(ids) => weighted!(ids),
+    }
+}
+
 /// One task's slice of the work: a range of tokens of one layer.
 struct Task {
     row: usize,
@@ -530,6 +582,18 @@ mod tests {
         let ok = [0, 1, 2, 3, 0, 1];
         let err = count(&rec(&ok, Some(&w), &[3, 2]), Some(4), None, None).unwrap_err();
         assert_eq!(err.to_string(), "routing weight NaN at [0, 1] is not a finite value >= 0");
+    }
+
+    #[test]
+    fn any_dtype_counts_as_its_own() {
+        let ids = [0u8, 2, 1, 2, 2, 3];
+        let w = [0.5f64, 0.25, 1.0, 0.5, 0.125, 0.0];
+        let want = count(&Records { ids: &ids, weights: Some(&w), shape: &[3, 2] }, Some(4), None, None).unwrap();
+        let wide: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let got = count_any(AnyIds::I64(&wide), Some(AnyWeights::F64(&w)), &[3, 2], Some(4), None, None).unwrap();
+        assert_eq!((got.counts, got.gate_sum), (want.counts, want.gate_sum));
+        let unweighted = count_any(AnyIds::U8(&ids), None, &[3, 2], None, None, None).unwrap();
+        assert_eq!((unweighted.counts, unweighted.gate_sum), (vec![1, 1, 3, 1], vec![0.0; 4]));
     }
 
     #[test]
