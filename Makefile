@@ -67,12 +67,13 @@ test-hf-floor: test-floor  # the former name
 # idle much of the time (they wait on each other), so the other worker's tests use it.
 PYTEST_N := -n 2 --dist loadgroup
 # The Rust builds leave part of a core idle (build steps wait on each other): the bytecode
-# that pytest imports is compiled meanwhile, once (tests/precompile.py).
+# that pytest imports is compiled there, once and at the lowest priority, rather than by
+# both pytest workers at once (tests/precompile.py).
 test: setup $(FLOOR_VENV)/.stamp
-	@$(MAKE) --no-print-directory bytecode & warm=$$!; \
-		$(MAKE) --no-print-directory checks; status=$$?; wait $$warm; exit $$status
-	@$(MAKE) --no-print-directory test-floor
-	$(PY) -m pytest $(PYTEST_N) --durations=15  # last, so that its summary closes the output
+	@nice -n 19 $(MAKE) --no-print-directory bytecode & warm=$$!; \
+		$(MAKE) --no-print-directory checks test-floor \
+		&& $(PY) -m pytest $(PYTEST_N) --durations=15; \
+		status=$$?; wait $$warm; exit $$status
 
 checks: setup
 	cargo test -p esft-core --quiet
@@ -84,10 +85,10 @@ checks: setup
 	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
 	$(VENV)/bin/lint-imports
 
-bytecode: setup $(FLOOR_VENV)/.stamp
-	@$(PY) tests/precompile.py >/dev/null 2>&1 || true
+bytecode: setup $(FLOOR_VENV)/.stamp  # the floor's first: it runs first
 	@PYTHONPATH=python $(FLOOR_VENV)/bin/python tests/precompile.py $(FLOOR_TESTS) \
 		>/dev/null 2>&1 || true
+	@$(PY) tests/precompile.py >/dev/null 2>&1 || true
 
 # The edit loop: the Rust unit tests and pytest without the tests that start several
 # ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
