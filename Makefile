@@ -15,7 +15,7 @@ RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo
 # again (the floor venv's most of all).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test checks bytecode test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
+.PHONY: setup test checks test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -66,14 +66,14 @@ test-hf-floor: test-floor  # the former name
 # pytest runs over 2 workers (pytest-xdist): the multi-process tests' ranks leave a core
 # idle much of the time (they wait on each other), so the other worker's tests use it.
 PYTEST_N := -n 2 --dist loadgroup
-# The Rust builds leave part of a core idle (build steps wait on each other): the bytecode
-# that pytest imports is compiled there, once and at the lowest priority, rather than by
-# both pytest workers at once (tests/precompile.py).
+# The Rust checks leave part of a core idle (build steps wait on each other): the floor
+# venv's bytecode is compiled there, once and at the lowest priority, rather than by both
+# of its pytest workers at once (tests/precompile.py).
 test: setup $(FLOOR_VENV)/.stamp
-	@nice -n 19 $(MAKE) --no-print-directory bytecode & warm=$$!; \
-		$(MAKE) --no-print-directory checks test-floor \
-		&& $(PY) -m pytest $(PYTEST_N) --durations=15; \
-		status=$$?; wait $$warm; exit $$status
+	@nice -n 19 $(MAKE) --no-print-directory $(FLOOR_VENV)/.bytecode & warm=$$!; \
+		$(MAKE) --no-print-directory checks; status=$$?; wait $$warm; exit $$status
+	@$(MAKE) --no-print-directory test-floor
+	$(PY) -m pytest $(PYTEST_N) --durations=15  # last, so that its summary closes the output
 
 checks: setup
 	cargo test -p esft-core --quiet
@@ -85,16 +85,15 @@ checks: setup
 	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
 	$(VENV)/bin/lint-imports
 
-bytecode: setup $(FLOOR_VENV)/.stamp  # the floor's first: it runs first
+$(FLOOR_VENV)/.bytecode: $(FLOOR_VENV)/.stamp
 	@PYTHONPATH=python $(FLOOR_VENV)/bin/python tests/precompile.py $(FLOOR_TESTS) \
 		>/dev/null 2>&1 || true
-	@$(PY) tests/precompile.py >/dev/null 2>&1 || true
+	@touch $@
 
 # The edit loop: the Rust unit tests and pytest without the tests that start several
 # ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
 test-fast: setup
-	@$(PY) tests/precompile.py >/dev/null 2>&1 & warm=$$!; \
-		cargo test -p esft-core --quiet; status=$$?; wait $$warm; exit $$status
+	cargo test -p esft-core --quiet
 	$(PY) -m pytest $(PYTEST_N) -m "not multiprocess and not demo"
 
 # A longer fuzz run on the stable toolchain: the header, index, official-log and
