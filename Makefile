@@ -15,7 +15,7 @@ RUST_SRC := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml Cargo
 # again (the floor venv's most of all).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup test test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
+.PHONY: setup test checks test-fast test-floor test-hf-floor demo docs wheel-check bench fuzz clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -33,29 +33,6 @@ $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(RUST_SRC) pyproject.toml
 
 requirements.lock: pyproject.toml
 	$(UV) pip compile pyproject.toml --extra test --universal --python-version 3.10 -q -o $@
-
-# cargo test includes the fuzz targets (rust/core/src/fuzzing.rs), 1000 cases each; the
-# binding crate has no tests of its own (pytest tests it), clippy checks it.
-# pytest runs over 2 workers (pytest-xdist): the multi-process tests' ranks leave a core
-# idle much of the time (they wait on each other), so the other worker's tests use it.
-PYTEST_N := -n 2 --dist loadgroup
-test: setup
-	cargo test -p esft-core --quiet
-	@# The core stays pure: no Python types in its dependency tree.
-	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
-		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
-	cargo clippy --workspace --all-targets --quiet -- -D warnings
-	$(VENV)/bin/ruff check python tests benches docs .github
-	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
-	$(VENV)/bin/lint-imports
-	@$(MAKE) --no-print-directory test-floor
-	$(PY) -m pytest $(PYTEST_N) --durations=15  # last, so that its summary closes the output
-
-# The edit loop: the Rust unit tests and pytest without the tests that start several
-# ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
-test-fast: setup
-	cargo test -p esft-core --quiet
-	$(PY) -m pytest $(PYTEST_N) -m "not multiprocess and not demo"
 
 # The oldest torch and transformers that pyproject.toml allows (the lock holds the
 # newest), in one venv: the transformers tests, and one test per torch API that changed
@@ -83,6 +60,41 @@ test-floor: setup $(FLOOR_VENV)/.stamp
 		-m "floor or not multiprocess" $(FLOOR_TESTS)
 
 test-hf-floor: test-floor  # the former name
+
+# cargo test includes the fuzz targets (rust/core/src/fuzzing.rs), 1000 cases each; the
+# binding crate has no tests of its own (pytest tests it), clippy checks it.
+# pytest runs over 2 workers (pytest-xdist): the multi-process tests' ranks leave a core
+# idle much of the time (they wait on each other), so the other worker's tests use it.
+PYTEST_N := -n 2 --dist loadgroup
+# The Rust checks leave part of a core idle (build steps wait on each other): the floor
+# venv's bytecode is compiled there, once and at the lowest priority, rather than by both
+# of its pytest workers at once (tests/precompile.py).
+test: setup $(FLOOR_VENV)/.stamp
+	@nice -n 19 $(MAKE) --no-print-directory $(FLOOR_VENV)/.bytecode & warm=$$!; \
+		$(MAKE) --no-print-directory checks; status=$$?; wait $$warm; exit $$status
+	@$(MAKE) --no-print-directory test-floor
+	$(PY) -m pytest $(PYTEST_N) --durations=15  # last, so that its summary closes the output
+
+checks: setup
+	cargo test -p esft-core --quiet
+	@# The core stays pure: no Python types in its dependency tree.
+	@if cargo tree -p esft-core --prefix none | grep -qE '^(pyo3|numpy) '; then \
+		echo 'esft-core depends on pyo3/numpy'; exit 1; fi
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests benches docs .github
+	@# The package's layers and no import cycle ([tool.importlinter] in pyproject.toml).
+	$(VENV)/bin/lint-imports
+
+$(FLOOR_VENV)/.bytecode: $(FLOOR_VENV)/.stamp
+	@PYTHONPATH=python $(FLOOR_VENV)/bin/python tests/precompile.py $(FLOOR_TESTS) \
+		>/dev/null 2>&1 || true
+	@touch $@
+
+# The edit loop: the Rust unit tests and pytest without the tests that start several
+# ranks or run the demo (pytest markers `multiprocess` and `demo`, pyproject.toml).
+test-fast: setup
+	cargo test -p esft-core --quiet
+	$(PY) -m pytest $(PYTEST_N) -m "not multiprocess and not demo"
 
 # A longer fuzz run on the stable toolchain: the header, index, official-log and
 # expert-config parsers on mutations of fuzz/corpus/<target>/ (make test runs 1000 cases).
