@@ -15,7 +15,14 @@ import forked_ranks
 from conftest import BUILTIN_EXPERTS, free_port, run_torchrun
 from esft_rs.files.expert_config import ExpertConfig
 from esft_rs.training.expert_parallel import place_experts
-from test_train_fsdp import adam_state, assert_same_adapter, hf_run, train
+from test_train_fsdp import (
+    MOMENTS_TOL,
+    WEIGHTS_ATOL,
+    adam_state,
+    assert_same_adapter,
+    hf_run,
+    train,
+)
 from train_fakes import plus_chat, stop_after_2
 
 
@@ -50,7 +57,7 @@ def assert_same_state(want: dict[str, dict[str, torch.Tensor]],
     for name, s in want.items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got[name][k], s[k], rtol=0,
-                                       atol=1e-5 * float(s[k].abs().max()), msg=name)
+                                       atol=MOMENTS_TOL * float(s[k].abs().max()), msg=name)
 
 
 def ep_adam_state(out: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -99,7 +106,7 @@ def test_ep_full_mode_steps_what_one_process_steps(builtin: Path, tmp_path: Path
     x, y = load_file(one / "adapter.safetensors"), load_file(many / "adapter.safetensors")
     assert list(x) == list(y)
     for k in x:
-        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=WEIGHTS_ATOL, msg=k)
 
 
 @pytest.mark.floor
