@@ -408,16 +408,28 @@ def test_heatmap_has_a_legend_and_names_the_task(tmp_path: Path) -> None:
 
 def test_a_failed_run_leaves_no_staging_folder(tmp_path: Path) -> None:
     """A run that fails (a full disk) fails the demo; the others stop before its staging
-    folder is removed, so none of them writes into it again (one was left behind)."""
+    folder is removed, so none of them writes into it again (one was left behind): every
+    worker process has ended when the demo fails."""
     import errno
-    import time
 
     from demo_fakes import DiskFullFineTune
     from esft_rs.demo.runs import fine_tune
     from esft_rs.files.outputs import staged
 
+    pids = tmp_path / "pids"
+    pids.mkdir()
     with pytest.raises(OSError) as info, staged(tmp_path / "demo-out", directory=True) as tmp:
-        fine_tune(DiskFullFineTune(tmp / "runs"), [0, 1], jobs=2, progress=False)
+        fine_tune(DiskFullFineTune(tmp / "runs", pids), [0, 1], jobs=2, progress=False)
     assert info.value.errno == errno.ENOSPC
-    time.sleep(3)  # longer than a late run takes to write
-    assert list(tmp_path.iterdir()) == []
+    workers = [int(p.name) for p in pids.iterdir()]
+    assert len(workers) == 2, workers  # FFT's and the late writer's
+    assert not [pid for pid in workers if _alive(pid)], workers
+    assert list(tmp_path.iterdir()) == [pids]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
