@@ -431,18 +431,14 @@ mod tests {
         // Widths around the column block, and the plain loop's order: k ascending, then
         // scaled and added. The dispatched path (AVX2 here when the CPU has it) and the
         // baseline give the same bits.
-        let mut x = 0x2545_f491_u32;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x as f32 / u32::MAX as f32 - 0.5) * 0.1
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * 7919 + seed) % 1009) as f32 / 10_090.0 - 0.05).collect()
         };
         for cols in [1, 63, 64, 65, 130, 200] {
             let (rows, r) = (3, 5);
-            let w: Vec<f32> = (0..rows * cols).map(|_| next() * 10.0).collect();
-            let a: Vec<f32> = (0..r * cols).map(|_| next()).collect();
-            let b: Vec<f32> = (0..rows * r).map(|_| next()).collect();
+            let w: Vec<f32> = values(rows * cols, 1).iter().map(|x| x * 10.0).collect();
+            let a = values(r * cols, 2);
+            let b = values(rows * r, 3);
             let mut want = w.clone();
             for o in 0..rows {
                 for i in 0..cols {
